@@ -1,0 +1,22 @@
+"""Options of the synchronization strategies (the `sync` section of a run config).
+
+Owned here so `compression` is configurable without `elastic`; `elastic.config` composes it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class SyncConfig:
+    name: str = "dense"            # dense | demo | diloco
+    # dense baseline: AdamW on all-reduced gradients
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    # demo: decoupled momentum, chunked DCT, top-k per chunk, error feedback, sign update
+    topk: int = 4                  # coefficients sent per chunk
+    chunk: int = 64                # chunk side (64 -> 64x64 tiles for matrices, runs of 64 for vectors)
+    decay: float = 0.999           # momentum decay
+    value_bits: int = 1            # 1 (sign) or 16 (bf16)
+    delayed_apply: bool = False    # apply the consensus one step late (overlap comm with compute)
+    validate_payloads: bool = True

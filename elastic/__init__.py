@@ -1,0 +1,1 @@
+"""raydistro's elastic trainer: coordinator and worker actors, membership, checkpoints, model, CLI."""

@@ -1,0 +1,91 @@
+"""Fault injection as a feature: the `chaos` config section turned into events at given steps.
+
+Users rehearse failures on their own cluster with it; the tests use the same path. The schedule is
+pure (which event, at which step, which victim); the coordinator carries events out with real
+actions: `ray.kill` mid-step, a worker that stops answering, a real garbage payload on the wire.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("kill", "add", "drain", "hang", "corrupt_payload", "remove_node", "add_node")
+
+
+@dataclass(frozen=True)
+class ChaosEvent:
+    step: int
+    kind: str
+
+
+class ChaosSchedule:
+    def __init__(self, chaos_cfg):
+        self.events: list[ChaosEvent] = []
+        for kind in KINDS:
+            for step in getattr(chaos_cfg, f"{kind}_at"):
+                self.events.append(ChaosEvent(int(step), kind))
+        self.events.sort(key=lambda e: (e.step, KINDS.index(e.kind)))
+        self.rng = random.Random(chaos_cfg.seed)
+        self.done: set[ChaosEvent] = set()
+
+    def due(self, step: int) -> list[ChaosEvent]:
+        """Events for `step` not yet carried out (each fires once, even if the step is retried)."""
+        return [e for e in self.events if e.step == step and e not in self.done]
+
+    def mark_done(self, event: ChaosEvent) -> None:
+        self.done.add(event)
+
+    def pick_victim(self, world_size: int, avoid_rank0: bool = True) -> int:
+        """A victim rank; rank 0 is spared when possible so the oldest replica keeps serving joiners."""
+        if world_size <= 1 or not avoid_rank0:
+            return self.rng.randrange(world_size)
+        return self.rng.randrange(1, world_size)
+
+    def state_dict(self) -> dict:
+        return {"done": [[e.step, e.kind] for e in self.done]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.done = {ChaosEvent(int(s), k) for s, k in sd.get("done", [])}
+
+
+class CorruptingCommunicator:
+    """Wraps a Communicator; when armed, the next all-gather sends garbage instead of our payload.
+
+    The bytes on the wire really are corrupt, so the receivers' validation is what gets exercised.
+    """
+
+    def __init__(self, inner, seed: int = 0):
+        self.inner = inner
+        self.armed = False
+        self.seed = seed
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    @property
+    def rank(self) -> int:
+        return self.inner.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.inner.world_size
+
+    def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        if self.armed:
+            self.armed = False
+            g = torch.Generator().manual_seed(self.seed)
+            noise = torch.randint(0, 256, (t.numel() * t.element_size(),), generator=g, dtype=torch.uint8)
+            bad = noise.view(t.dtype).view(t.shape).to(t.device) if t.dtype != torch.uint8 else noise.view(t.shape).to(t.device)
+            return self.inner.allgather(bad)
+        return self.inner.allgather(t)
+
+    def allreduce_(self, t: torch.Tensor) -> None:
+        if self.armed:
+            self.armed = False
+            t.fill_(float("nan"))
+        self.inner.allreduce_(t)
+
+    def broadcast_(self, t: torch.Tensor, src: int) -> None:
+        self.inner.broadcast_(t, src)

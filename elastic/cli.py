@@ -1,0 +1,226 @@
+"""`python -m elastic`: train, show-config, scale, bench-converge.
+
+The driver is deliberately thin: it resolves the config, connects to (or starts) Ray, starts the
+coordinator actor, shows progress, and turns SIGTERM/SIGINT (`ray job stop`, Ctrl-C) into
+"checkpoint, then exit" so a resubmitted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_config, preset_names, run_dir, to_yaml
+
+log = logging.getLogger("raydistro")
+
+
+def _options_epilog() -> str:
+    lines = ["options (key=value overrides, dotted; defaults shown):"]
+    for key, typ, default in describe_options():
+        lines.append(f"  {key:<38} {typ:<22} {default}")
+    lines.append("")
+    lines.append(f"presets (--config): {', '.join(preset_names())}, or a path to a YAML file")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m elastic", description="raydistro: elastic LLM training on Ray")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+    t = sub.add_parser("train", help="train (resumes runs/<run.name> if it has a checkpoint)",
+                       epilog=_options_epilog(), formatter_class=fmt)
+    t.add_argument("--config", default=DEFAULT_PRESET, help="preset name or YAML path (default: %(default)s)")
+    t.add_argument("--json", action="store_true", help="print summary.json to stdout at the end")
+    t.add_argument("overrides", nargs="*", help="key=value, e.g. train.steps=50 sync.name=demo")
+    s = sub.add_parser("show-config", help="print the resolved config", epilog=_options_epilog(), formatter_class=fmt)
+    s.add_argument("--config", default=DEFAULT_PRESET)
+    s.add_argument("overrides", nargs="*")
+    sc = sub.add_parser("scale", help="ask a running run for N workers")
+    sc.add_argument("run")
+    sc.add_argument("workers", type=int)
+    sc.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
+    sc.add_argument("--namespace", default="raydistro")
+    b = sub.add_parser("bench-converge", help="train dense and demo on the same data; compare val loss and bytes",
+                       epilog=_options_epilog(), formatter_class=fmt)
+    b.add_argument("--config", default=DEFAULT_PRESET)
+    b.add_argument("--json", action="store_true")
+    b.add_argument("--syncs", default="dense,demo")
+    b.add_argument("overrides", nargs="*")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        stream=sys.stderr)
+    try:
+        if args.command == "show-config":
+            print(to_yaml(load_config(args.config, args.overrides)), end="")
+            return 0
+        if args.command == "train":
+            cfg = load_config(args.config, args.overrides)
+            summary = train(cfg)
+            if args.json:
+                print(json.dumps(summary, indent=1, default=str))
+            return 0 if summary.get("state") in ("FINISHED", "STOPPED") else 1
+        if args.command == "scale":
+            return scale(args.run, args.workers, args.address, args.namespace)
+        if args.command == "bench-converge":
+            from elastic.bench import bench_converge
+
+            result = bench_converge(args.config, args.overrides, args.syncs.split(","))
+            print(json.dumps(result, indent=1))
+            return 0
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 2
+
+
+def scale(run: str, workers: int, address: str, namespace: str) -> int:
+    import ray
+
+    ray.init(address=address, namespace=namespace, log_to_driver=False)
+    try:
+        coord = ray.get_actor(f"raydistro/{run}/coordinator", namespace=namespace)
+    except ValueError:
+        print(f"error: no running run named '{run}' in namespace '{namespace}' at {address}", file=sys.stderr)
+        return 1
+    target = ray.get(coord.scale.remote(workers))
+    print(f"run {run}: target workers {target}")
+    return 0
+
+
+class RayRuntime:
+    """Connects to RAY_ADDRESS / cluster.address, or starts Ray here (optionally simulating nodes)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.cluster = None
+        self.sim_nodes: list = []
+        self.started_here = False
+
+    def __enter__(self):
+        import ray
+
+        c = self.cfg.cluster
+        address = c.address or os.environ.get("RAY_ADDRESS", "")
+        # the repo root must be importable by workers on every node (ray job submit sets it via working_dir)
+        if c.simulate:
+            from ray.cluster_utils import Cluster
+
+            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+            for acc in c.simulate:
+                self.add_sim_node(acc)
+            ray.init(address=self.cluster.address, namespace=c.namespace, log_to_driver=True)
+            self.started_here = True
+        elif address:
+            ray.init(address=address, namespace=c.namespace, log_to_driver=True)
+        else:
+            ncpu = c.num_cpus if c.num_cpus is not None else max(os.cpu_count() or 2, self.cfg.train.workers)
+            ray.init(num_cpus=ncpu, namespace=c.namespace, include_dashboard=False, log_to_driver=True)
+            self.started_here = True
+        return self
+
+    def add_sim_node(self, acc: str):
+        node = self.cluster.add_node(num_cpus=self.cfg.cluster.simulate_node_cpus, num_gpus=1,
+                                     resources={f"accelerator_type:{acc}": 1})
+        self.sim_nodes.append(node)
+        return node
+
+    def remove_sim_node(self, index: int = -1):
+        if self.sim_nodes:
+            node = self.sim_nodes.pop(index)
+            self.cluster.remove_node(node, allow_graceful=False)
+
+    def __exit__(self, *exc):
+        import ray
+
+        ray.shutdown()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+
+
+def _node_chaos(runtime: RayRuntime, coord, cfg, stop: threading.Event) -> None:
+    """remove_node_at / add_node_at act on nodes this driver simulates (it owns the Cluster)."""
+    import ray
+
+    todo = sorted([(s, "remove") for s in cfg.chaos.remove_node_at] + [(s, "add") for s in cfg.chaos.add_node_at])
+    while todo and not stop.is_set():
+        try:
+            step = ray.get(coord.progress.remote(), timeout=10).get("step", 0)
+        except Exception:
+            return
+        while todo and step >= todo[0][0]:
+            _, kind = todo.pop(0)
+            if kind == "remove" and len(runtime.sim_nodes) > 0:
+                log.warning("chaos: removing a simulated node at step %d", step)
+                runtime.remove_sim_node(-1)
+            elif kind == "add":
+                acc = cfg.cluster.simulate[len(runtime.sim_nodes) % len(cfg.cluster.simulate)]
+                log.warning("chaos: adding a simulated %s node at step %d", acc, step)
+                runtime.add_sim_node(acc)
+        time.sleep(0.1)
+
+
+def train(cfg) -> dict:
+    """Run (or resume) a training run to completion; returns summary.json's content."""
+    import ray
+
+    from elastic.coordinator import CoordinatorActor
+    from elastic.progress import ProgressView
+
+    out = run_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    with RayRuntime(cfg) as runtime:
+        coord = CoordinatorActor.options(
+            name=f"raydistro/{cfg.run.name}/coordinator", namespace=cfg.cluster.namespace,
+        ).remote(cfg)
+        run_ref = coord.run.remote()
+        stop = threading.Event()
+        stopping = {"n": 0}
+
+        def on_signal(signum, frame):
+            stopping["n"] += 1
+            if stopping["n"] == 1:
+                log.warning("signal %d: asking the run to checkpoint and stop (again to abort)", signum)
+                coord.stop.remote()
+            else:
+                raise KeyboardInterrupt
+
+        old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        chaos_thread = None
+        if cfg.chaos.remove_node_at or cfg.chaos.add_node_at:
+            chaos_thread = threading.Thread(target=_node_chaos, args=(runtime, coord, cfg, stop), daemon=True)
+            chaos_thread.start()
+        view = ProgressView(cfg)
+        try:
+            with view:
+                while True:
+                    ready, _ = ray.wait([run_ref], timeout=0.5)
+                    try:
+                        view.update(ray.get(coord.progress.remote(), timeout=10))
+                    except Exception:
+                        pass
+                    if ready:
+                        break
+            try:
+                summary = ray.get(run_ref)
+            except ray.exceptions.RayTaskError as e:
+                log.error("run failed: %s", str(e.cause if hasattr(e, "cause") else e).splitlines()[0])
+                summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() \
+                    else {"state": "ERRORED", "error": str(e)}
+        finally:
+            stop.set()
+            for s, h in old.items():
+                signal.signal(s, h)
+    view.final(summary, out)
+    return summary

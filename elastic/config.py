@@ -1,0 +1,313 @@
+"""The one typed configuration of a run: every option, its default and its validation.
+
+`RunConfig` composes the sections owned by the packages they configure (`compression.SyncConfig`,
+`datasets.DataConfig`) with the sections `elastic` owns. Presets in `elastic/configs/*.yaml` only
+override defaults; `load_config` merges preset < file < dotlist overrides and validates, turning every
+mistake into one `ConfigError` line that names the key and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    ConfigTypeError,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from compression.config import SyncConfig
+from datasets.config import DataConfig
+
+PRESET_DIR = Path(__file__).parent / "configs"
+DEFAULT_PRESET = "tiny"
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, phrased as one line naming the key and the fix."""
+
+
+@dataclass
+class RunSection:
+    name: str = "default"            # runs/<name>/ holds checkpoints and summary.json
+    dir: str = "runs"                # parent of run directories (local path)
+    seed: int = 0
+
+
+@dataclass
+class TrainSection:
+    steps: int = 100                 # total optimizer steps (a resumed run continues up to this)
+    workers: int = 2                 # workers to start with
+    min_workers: int = 1             # below this the run pauses (checkpointed) until capacity returns
+    max_workers: int = 0             # 0 = same as workers; above `workers` the group grows onto new capacity
+    seq_len: int = 128
+    batch_tokens: int = 2048         # global tokens per step, split across workers by share
+    micro_batch_tokens: int = 8192   # tokens per forward/backward inside a worker (memory bound)
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1        # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 10
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0           # per-worker gradient norm clip before the exchange; 0 disables
+    device: str = "auto"             # auto | cpu | cuda
+    dtype: str = "float32"           # float32 | bfloat16 (autocast on cuda)
+    threads_per_worker: int = 1      # torch CPU threads in each worker
+    worker_cpus: float = 1.0
+    worker_gpus: float = -1.0        # -1 = 1 if the cluster has GPUs, else 0
+    balance: str = "auto"            # auto | equal | throughput: how per-worker shares are set
+    batch_tokens_by_accelerator: dict[str, int] = field(default_factory=dict)  # pin e.g. {A100: 4096}
+    eval_every: int = 0              # 0 = only at the end
+    eval_tokens: int = 16384         # held-out tokens scored for val_loss
+    step_timeout_s: float = 60.0     # watchdog floor; also the first steps' limit
+    hang_factor: float = 8.0         # watchdog = max(floor, factor * median recent step time)
+    pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
+    log_every: int = 10              # plain log line cadence when not on a terminal
+
+
+@dataclass
+class ModelSection:
+    n_layer: int = 2
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    vocab_size: int = 0              # 0 = tokenizer's vocabulary padded to a multiple of 64
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+
+
+@dataclass
+class CheckpointSection:
+    dir: str = ""                    # "" = runs/<name>/checkpoints; local path or s3://bucket/prefix
+    every: int = 50                  # also written at every membership change and at the end
+    keep: int = 3
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChaosSection:
+    """Fault injection at given steps, so users can rehearse failures on their own cluster."""
+    kill_at: list[int] = field(default_factory=list)             # kill a worker mid-step
+    add_at: list[int] = field(default_factory=list)              # start one more worker
+    drain_at: list[int] = field(default_factory=list)            # a worker gets a drain notice
+    hang_at: list[int] = field(default_factory=list)             # a worker stops answering mid-step
+    corrupt_payload_at: list[int] = field(default_factory=list)  # a worker sends a garbage payload
+    remove_node_at: list[int] = field(default_factory=list)      # remove a simulated node (needs cluster.simulate)
+    add_node_at: list[int] = field(default_factory=list)         # add a simulated node (needs cluster.simulate)
+    seed: int = 0                                                # picks the victim ranks
+
+
+@dataclass
+class ClusterSection:
+    address: str = ""                # "" = RAY_ADDRESS, else a running local cluster, else start one
+    num_cpus: Optional[int] = None   # for a Ray started here
+    # simulate a multi-node cluster on this machine (ray.cluster_utils.Cluster), e.g. ["A100", "L4"]:
+    # one node per entry with a logical GPU and an accelerator_type:<entry> resource
+    simulate: list[str] = field(default_factory=list)
+    simulate_node_cpus: int = 1
+    gloo_socket_ifname: str = ""     # network interface gloo binds to (multi-NIC hosts)
+    namespace: str = "raydistro"
+
+
+@dataclass
+class RunConfig:
+    run: RunSection = field(default_factory=RunSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataConfig = field(default_factory=DataConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    chaos: ChaosSection = field(default_factory=ChaosSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
+
+
+SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.IGNORECASE)
+_SAFE_KEYS = {"text_column", "tokenizer"}
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        return path
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.exists():
+        return candidate
+    raise ConfigError(
+        f"--config {name_or_path}: no such preset or YAML file; presets: {', '.join(preset_names())}"
+    )
+
+
+def _describe_type(cfg: DictConfig, dotted: str) -> str:
+    parent_key, _, leaf = dotted.rpartition(".")
+    node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    try:
+        ref = node._get_node(leaf)  # type: ignore[union-attr]
+        return getattr(ref, "_metadata").ref_type.__name__  # type: ignore[union-attr]
+    except Exception:
+        return "a value of the documented type"
+
+
+def _allowed_keys(cfg: DictConfig, dotted: str) -> str:
+    parent_key = dotted.rpartition(".")[0]
+    node = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+    if isinstance(node, DictConfig):
+        return ", ".join(str(k) for k in node.keys())
+    return "(none)"
+
+
+def _merge(base: DictConfig, other: Any, origin: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, other)  # type: ignore[return-value]
+    except (ConfigKeyError, ConfigAttributeError) as e:
+        key = e.full_key or str(e.key)
+        prefix = f"{key.rpartition('.')[0]}." if "." in key else ""
+        raise ConfigError(
+            f"{origin}: unknown key '{key}'; allowed under '{prefix or '<root>'}': "
+            f"{_allowed_keys(base, key)}"
+        ) from None
+    except (ValidationError, ConfigTypeError) as e:
+        key = e.full_key or str(e.key)
+        got = getattr(e, "msg", str(e)).split("\n")[0]
+        raise ConfigError(f"{origin}: {key} expects {_describe_type(base, key)}; {got}") from None
+
+
+def load_config(preset: str = DEFAULT_PRESET, overrides: list[str] | None = None) -> RunConfig:
+    """Build a validated RunConfig from a preset name or YAML path and `key=value` overrides."""
+    schema = OmegaConf.structured(RunConfig)
+    path = _resolve_preset(preset)
+    try:
+        file_cfg = OmegaConf.load(path)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except Exception as e:  # yaml.YAMLError and friends
+        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    cfg = _merge(schema, file_cfg, str(path))
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}': expected key=value, e.g. train.steps=50")
+        key = item.split("=", 1)[0].strip()
+        try:
+            dot_cfg = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"override '{item}': {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, dot_cfg, f"override {key}")
+    obj: RunConfig = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(obj)
+    return obj
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise ConfigError(message)
+
+
+def validate(cfg: RunConfig) -> None:
+    """Semantic checks the type system cannot express."""
+    t, m, s = cfg.train, cfg.model, cfg.sync
+    _check(bool(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.run.name)),
+           f"run.name: '{cfg.run.name}' must use letters, digits, '_', '-', '.' only")
+    _check(t.steps >= 1, f"train.steps: {t.steps} must be >= 1")
+    _check(t.workers >= 1, f"train.workers: {t.workers} must be >= 1")
+    _check(1 <= t.min_workers, f"train.min_workers: {t.min_workers} must be >= 1")
+    _check(t.min_workers <= t.workers,
+           f"train.min_workers: {t.min_workers} must be <= train.workers ({t.workers})")
+    _check(t.max_workers == 0 or t.max_workers >= t.workers,
+           f"train.max_workers: {t.max_workers} must be 0 (= workers) or >= train.workers ({t.workers})")
+    _check(t.seq_len >= 8, f"train.seq_len: {t.seq_len} must be >= 8")
+    _check(t.seq_len <= m.block_size,
+           f"train.seq_len: {t.seq_len} exceeds model.block_size ({m.block_size}); lower it or raise block_size")
+    _check(t.batch_tokens >= t.seq_len,
+           f"train.batch_tokens: {t.batch_tokens} must be >= train.seq_len ({t.seq_len})")
+    _check(t.lr > 0, f"train.lr: {t.lr} must be > 0")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio: {t.min_lr_ratio} must be in [0, 1]")
+    _check(t.device in ("auto", "cpu", "cuda"), f"train.device: '{t.device}' must be auto, cpu or cuda")
+    _check(t.dtype in ("float32", "bfloat16"), f"train.dtype: '{t.dtype}' must be float32 or bfloat16")
+    _check(t.balance in ("auto", "equal", "throughput"),
+           f"train.balance: '{t.balance}' must be auto, equal or throughput")
+    _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0")
+    _check(m.n_embd % m.n_head == 0,
+           f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head})")
+    _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,
+           f"model.vocab_size: {m.vocab_size} must be 0 (auto) or a multiple of 64 (DCT chunks)")
+    _check(s.name in ("dense", "demo", "diloco"), f"sync.name: '{s.name}' must be dense or demo")
+    _check(s.value_bits in (1, 16), f"sync.value_bits: {s.value_bits} must be 1 or 16")
+    _check(s.topk >= 1, f"sync.topk: {s.topk} must be >= 1")
+    _check(s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2")
+    _check(0 < s.decay <= 1, f"sync.decay: {s.decay} must be in (0, 1]")
+    _check(cfg.checkpoint.every >= 0, f"checkpoint.every: {cfg.checkpoint.every} must be >= 0")
+    _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: {cfg.checkpoint.keep} must be >= 1")
+    _check(cfg.data.tokenizer in ("gpt2", "bytes"),
+           f"data.tokenizer: '{cfg.data.tokenizer}' must be gpt2 or bytes")
+    needs_sim = cfg.chaos.remove_node_at or cfg.chaos.add_node_at
+    _check(not needs_sim or bool(cfg.cluster.simulate),
+           "chaos.remove_node_at/add_node_at: need a simulated cluster (cluster.simulate=[A100,L4]); "
+           "on a real cluster remove nodes with your provider or `ray drain-node`")
+
+
+def max_workers(cfg: RunConfig) -> int:
+    return cfg.train.max_workers or cfg.train.workers
+
+
+def to_yaml(cfg: RunConfig, redact: bool = True) -> str:
+    data = to_dict(cfg, redact=redact)
+    return OmegaConf.to_yaml(OmegaConf.create(data))
+
+
+def to_dict(cfg: RunConfig, redact: bool = True) -> dict:
+    data = dataclasses.asdict(cfg)
+    return redact_secrets(data) if redact else data
+
+
+def redact_secrets(data: Any) -> Any:
+    """Replace the values of credential-like keys (storage options, tokens) so they are never saved."""
+    if isinstance(data, dict):
+        out = {}
+        for k, v in data.items():
+            if isinstance(k, str) and SECRET_KEYS.search(k) and k not in _SAFE_KEYS and v not in (None, "", {}):
+                out[k] = "***"
+            else:
+                out[k] = redact_secrets(v)
+        return out
+    if isinstance(data, list):
+        return [redact_secrets(v) for v in data]
+    return copy.copy(data)
+
+
+def describe_options() -> list[tuple[str, str, str]]:
+    """(key, type, default) for every option, in schema order; used by `train --help`."""
+    rows: list[tuple[str, str, str]] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(value):
+                walk(value, key + ".")
+            else:
+                tname = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+                rows.append((key, str(tname), repr(value)))
+
+    walk(RunConfig(), "")
+    return rows
+
+
+def run_dir(cfg: RunConfig) -> Path:
+    return Path(cfg.run.dir).expanduser().resolve() / cfg.run.name
+
+
+def checkpoint_uri(cfg: RunConfig) -> str:
+    return cfg.checkpoint.dir or str(run_dir(cfg) / "checkpoints")
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")

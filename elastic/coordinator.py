@@ -1,0 +1,663 @@
+"""The coordinator: owns time (steps), membership generations, the data cursor and checkpoints.
+
+States: FORMING -> RUNNING -> (RESIZING -> RUNNING)* -> FINISHED | PAUSED | STOPPED | ERRORED.
+
+One step of generation g (see docs/DESIGN.md): assign rows, every worker computes and exchanges,
+then the step commits on every worker only if every rank reported ok; otherwise survivors abort it
+(parameters untouched), the step's rows return to the plan, the group re-forms without the failed
+members, a checkpoint is written, and the same step is retried. So every survivor applies a step or
+none does, and every document is delivered exactly once.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from datasets import DataPlan, discover
+from elastic.chaos import ChaosSchedule
+from elastic.checkpoint import CheckpointStore, to_bytes
+from elastic.config import RunConfig, checkpoint_uri, max_workers, run_dir, to_dict
+from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
+from elastic.schedule import lr_at
+from elastic.summary import RunSummary
+from elastic.worker import Worker
+
+log = logging.getLogger("raydistro.coordinator")
+
+GLOO_KV_KEY = "collective_group_master_address_default"
+
+
+class WorkerHandle:
+    def __init__(self, worker_id: str, actor, info: dict | None = None):
+        self.worker_id = worker_id
+        self.actor = actor
+        self.info = info or {}
+        self.ready_ref = actor.info.remote()
+        self.tokens_per_s = 0.0
+
+
+class Coordinator:
+    """Plain class driven by the actor shell `CoordinatorActor`; every Ray call it makes is here."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.state = "FORMING"
+        self.lock = threading.Lock()
+        self.stop_requested = False
+        self.target_workers = cfg.train.workers
+        self.next_worker_num = 0
+        self.members: list[WorkerHandle] = []
+        self.pending: list[WorkerHandle] = []
+        self.generation = MembershipGeneration(-1)
+        self.step = 0
+        self.chaos = ChaosSchedule(cfg.chaos)
+        self.recent_step_s: list[float] = []
+        self.summary = RunSummary(cfg)
+        self.progress_info: dict[str, Any] = {}
+        self.store = CheckpointStore(checkpoint_uri(cfg), cfg.checkpoint.keep, cfg.checkpoint.storage_options)
+        self.backend = "gloo"
+        self.draining: set[str] = set()
+        self.open_change: dict | None = None
+        self.node_first_seen: dict[str, float] = {}
+        self.started_at = time.time()
+        from elastic.metrics import RunMetrics
+
+        self.metrics = RunMetrics(cfg.run.name)
+
+    # ---- setup -----------------------------------------------------------------------------
+    def _load_data(self) -> None:
+        d = self.cfg.data
+        self.shards = discover(d.source, d.storage_options)
+        self.plan = DataPlan(self.shards, seed=d.seed, epoch=0)
+        self.val_shards = discover(d.val_source, d.storage_options) if d.val_source else []
+
+    def _worker_options(self) -> dict:
+        t = self.cfg.train
+        gpus = t.worker_gpus
+        if gpus < 0:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        if gpus > 0:
+            self.backend = "nccl" if t.device in ("auto", "cuda") and self._cuda_cluster() else "gloo"
+        return {"num_cpus": t.worker_cpus, "num_gpus": gpus}
+
+    def _cuda_cluster(self) -> bool:
+        # Simulated GPU nodes advertise logical GPUs; real CUDA is decided by the device config.
+        return self.cfg.train.device == "cuda"
+
+    def _free_nodes(self, opts: dict) -> list[dict]:
+        """Alive nodes that can host one more worker right now, with their accelerator type."""
+        from ray._private import state as ray_state
+
+        avail = ray_state.available_resources_per_node()
+        out = []
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            nid = node["NodeID"]
+            free = avail.get(nid, {})
+            if free.get("CPU", 0) + 1e-9 < opts["num_cpus"] or free.get("GPU", 0) + 1e-9 < opts["num_gpus"]:
+                continue
+            acc = next((k.split(":", 1)[1] for k in node.get("Resources", {}) if k.startswith("accelerator_type:")),
+                       "GPU" if node.get("Resources", {}).get("GPU") else "CPU")
+            out.append({"node_id": nid, "accelerator": acc, "free": free})
+        return out
+
+    def spawn_worker(self, node: dict | None = None) -> WorkerHandle:
+        opts = self._worker_options()
+        self.next_worker_num += 1
+        wid = f"w{self.next_worker_num}"
+        label = node["accelerator"] if node else "any"
+        name = f"raydistro/{self.cfg.run.name}/worker-{self.next_worker_num}[{label}]"
+        extra: dict[str, Any] = {}
+        if node is not None:
+            extra["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["node_id"], soft=False)
+        if self.cfg.cluster.gloo_socket_ifname:  # gloo must bind the interface peers can reach
+            extra["runtime_env"] = {"env_vars": {"GLOO_SOCKET_IFNAME": self.cfg.cluster.gloo_socket_ifname}}
+        actor = Worker.options(
+            name=name, namespace=self.cfg.cluster.namespace, max_concurrency=1, max_restarts=0,
+            **opts, **extra,
+        ).remote(self.cfg, wid, self.shards, self.cfg.run.seed)
+        handle = WorkerHandle(wid, actor)
+        handle.info["name"] = name
+        handle.info["spawned_at"] = time.time()
+        if node is not None:
+            handle.info["node_seen_at"] = self.node_first_seen.get(node["node_id"], time.time())
+        return handle
+
+    def _spawn_up_to(self, n: int) -> None:
+        """Ask for workers until members + pending reach n; free nodes first, then plain demand."""
+        want = n - len(self.members) - len(self.pending)
+        if want <= 0:
+            return
+        opts = self._worker_options()
+        free = self._free_nodes(opts)
+        used_nodes = {h.info.get("node_id") for h in self.members}
+        free.sort(key=lambda f: (f["node_id"] in used_nodes, f["accelerator"]))
+        for i in range(want):
+            node = free[i] if i < len(free) else None
+            self.pending.append(self.spawn_worker(node))
+
+    def _ready_pending(self, timeout: float = 0.0) -> list[WorkerHandle]:
+        if not self.pending:
+            return []
+        refs = [h.ready_ref for h in self.pending]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        out = []
+        for h in list(self.pending):
+            if h.ready_ref in ready:
+                self.pending.remove(h)
+                try:
+                    h.info.update(ray.get(h.ready_ref))
+                    h.info["ready_at"] = time.time()
+                    out.append(h)
+                except RayActorError as e:
+                    log.warning("worker %s failed to start: %s", h.worker_id, e)
+        return out
+
+    # ---- membership changes ----------------------------------------------------------------
+    def _form_group(self, joiners: list[WorkerHandle], source: WorkerHandle | None,
+                    ckpt=None) -> None:
+        """Re-form the collective group over members (+joiners); give joiners state from `source`."""
+        self.members = self.members + joiners
+        self.generation = MembershipGeneration(
+            self.generation.generation + 1,
+            [Member(h.worker_id, h.info.get("accelerator", "CPU"), h.info.get("node_id", ""),
+                    h.info.get("device", "cpu"), h.tokens_per_s) for h in self.members],
+        )
+        g = self.generation.generation
+        group = "default" if self.backend == "gloo" else f"raydistro-{self.cfg.run.name}-g{g}"
+        try:  # a rank 0 that died during a previous rendezvous can leave its address behind
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_del(GLOO_KV_KEY)
+        except Exception:
+            pass
+        world = len(self.members)
+        refs = [h.actor.join_group.remote(world, r, g, self.backend, group) for r, h in enumerate(self.members)]
+        ray.get(refs, timeout=max(60.0, self.cfg.train.step_timeout_s))
+        if ckpt is not None:
+            model = ckpt.tensor_file("model.pt")
+            model_ref = ray.put(model)
+            loads = []
+            for r, h in enumerate(self.members):
+                name = f"sync-rank{r}.pt"
+                sync = ckpt.tensor_file(name) if name in ckpt.files else (
+                    ckpt.tensor_file("sync-rank0.pt") if self._replicated_sync() and "sync-rank0.pt" in ckpt.files
+                    else None)
+                loads.append(h.actor.load_state.remote(model_ref, sync, self.step))
+            prints = ray.get(loads)
+            self._check_agree(prints, "after loading the checkpoint")
+        elif joiners and source is not None:
+            # joiners get parameters (and replicated optimizer state) from a live peer via the object store
+            model_ref = source.actor.model_state.remote()
+            sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
+            loads = [h.actor.load_state.remote(model_ref, sync_ref, self.step) for h in joiners]
+            ray.get(loads)
+            prints = ray.get([h.actor.fingerprint.remote() for h in self.members])
+            self._check_agree(prints, "after a join")
+        self.summary.world_size(self.step, world, g, [m.accelerator for m in self.generation.members])
+        self.metrics.world_size.set(world)
+        self.metrics.generation.set(g)
+
+    def _replicated_sync(self) -> bool:
+        # dense AdamW moments are identical on every replica; DeMo momentum is each rank's own residual
+        return self.cfg.sync.name == "dense"
+
+    def _check_agree(self, prints: list[str], when: str) -> bool:
+        agree = len(set(prints)) == 1
+        if not agree:
+            self.summary.replicas_disagree(self.step, when, prints)
+            log.error("replica fingerprints disagree %s at step %d: %s", when, self.step, prints)
+        return agree
+
+    def _remove(self, handles: list[WorkerHandle], kill: bool) -> None:
+        for h in handles:
+            if h in self.members:
+                self.members.remove(h)
+            if kill:
+                try:
+                    ray.kill(h.actor, no_restart=True)
+                except Exception:
+                    pass
+
+    def membership_change(self, kind: str, leaving: list[WorkerHandle], joiners: list[WorkerHandle],
+                          detected_at: float) -> None:
+        self.state = "RESIZING"
+        survivors = [h for h in self.members if h not in leaving]
+        self._remove(leaving, kill=True)
+        source = survivors[0] if survivors else None
+        self.metrics.membership_changes.inc()
+        if len(survivors) + len(joiners) < self.cfg.train.min_workers:
+            self._pause(kind, joiners, detected_at)
+            return
+        if source is not None:
+            self.checkpoint(reason=kind)
+            self._form_group(joiners, source)
+        else:  # everyone left: rebuild from the checkpoint just written before (or the latest)
+            self.members = []
+            ckpt = self.store.load_latest()
+            self._form_group(joiners, None, ckpt)
+        self.open_change = {"step": self.step, "kind": kind, "detected_at": detected_at,
+                            "world_size": len(self.members)}
+        self.state = "RUNNING"
+
+    def _pause(self, kind: str, joiners: list[WorkerHandle], detected_at: float) -> None:
+        """Below train.min_workers: checkpoint what survives, wait for capacity, then resume."""
+        self.state = "PAUSED"
+        if self.members:
+            self.checkpoint(reason=f"{kind}-pause")
+        log.warning("only %d workers (< train.min_workers=%d): paused, waiting for capacity",
+                    len(self.members) + len(joiners), self.cfg.train.min_workers)
+        deadline = time.time() + self.cfg.train.pause_timeout_s
+        while len(self.members) + len(joiners) < self.cfg.train.min_workers:
+            if time.time() > deadline or self.stop_requested:
+                raise PausedTooLong(
+                    f"paused for {self.cfg.train.pause_timeout_s:.0f}s below train.min_workers="
+                    f"{self.cfg.train.min_workers}; the run is checkpointed, resubmit to resume")
+            self._spawn_up_to(self.cfg.train.min_workers)
+            joiners += self._ready_pending(timeout=1.0)
+        ckpt = None if self.members else self.store.load_latest()
+        source = self.members[0] if self.members else None
+        if source is not None:
+            self._form_group(joiners, source)
+        else:
+            self._form_group(joiners, None, ckpt)
+        self.open_change = {"step": self.step, "kind": f"{kind}-resume", "detected_at": detected_at,
+                            "world_size": len(self.members)}
+        self.state = "RUNNING"
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self, reason: str) -> str | None:
+        if not self.members:
+            return None
+        t0 = time.time()
+        model_ref = self.members[0].actor.model_state.remote()
+        sync_refs = [h.actor.sync_state.remote() for h in self.members]
+        try:
+            model = ray.get(model_ref, timeout=120)
+            syncs = ray.get(sync_refs, timeout=120)
+        except (RayActorError, GetTimeoutError) as e:
+            log.warning("checkpoint at step %d skipped: a worker did not answer (%s)", self.step, e)
+            return None
+        files = {"model.pt": to_bytes(model)}
+        for r, s in enumerate(syncs):
+            files[f"sync-rank{r}.pt"] = to_bytes(s)
+        meta = {
+            "step": self.step, "reason": reason, "generation": self.generation.generation,
+            "members": [asdict(m) for m in self.generation.members],
+            "plan": self.plan.state_dict(), "chaos": self.chaos.state_dict(),
+            "summary": self.summary.state_dict(), "config": to_dict(self.cfg, redact=True),
+            "next_worker_num": self.next_worker_num,
+        }
+        uri = self.store.write(self.step, meta, files)
+        self.summary.checkpoint(uri, self.step, reason, time.time() - t0)
+        log.info("checkpoint %s (%s) in %.2fs", uri, reason, time.time() - t0)
+        return uri
+
+    def restore(self):
+        ckpt = self.store.load_latest()
+        if ckpt is None:
+            return None
+        meta = ckpt.meta
+        self.step = int(meta["step"])
+        self.plan.load_state_dict(meta["plan"])
+        self.chaos.load_state_dict(meta.get("chaos", {}))
+        self.summary.load_state_dict(meta.get("summary", {}))
+        self.next_worker_num = int(meta.get("next_worker_num", 0))
+        log.info("resuming from %s at step %d", ckpt.uri, self.step)
+        self.summary.resumed_from(ckpt.uri, self.step)
+        return ckpt
+
+    # ---- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        t_start = time.time()
+        self._watch_nodes()
+        self.started_at = time.time()
+        self._load_data()
+        ckpt = self.restore()
+        self._spawn_up_to(self.cfg.train.workers)
+        joiners = []
+        deadline = time.time() + max(120.0, self.cfg.train.step_timeout_s * 4)
+        while len(joiners) < self.cfg.train.min_workers or (self.pending and time.time() < deadline - 100):
+            joiners += self._ready_pending(timeout=1.0)
+            if time.time() > deadline and len(joiners) >= self.cfg.train.min_workers:
+                break
+            if time.time() > deadline + self.cfg.train.pause_timeout_s:
+                raise PausedTooLong("no capacity for train.min_workers workers; check the cluster's resources")
+            if len(joiners) >= self.cfg.train.workers:
+                break
+        # initial replicas are built from the same seed; a checkpoint overrides them
+        self._form_group(joiners, None, ckpt)
+        if ckpt is None:
+            prints = ray.get([h.actor.fingerprint.remote() for h in self.members])
+            self._check_agree(prints, "at start")
+        self.state = "RUNNING"
+        self.summary.started(self.step)
+        try:
+            while self.step < self.cfg.train.steps and not self.stop_requested:
+                self._one_step()
+            self.state = "STOPPED" if self.stop_requested else "FINISHING"
+            self.checkpoint(reason="stop" if self.stop_requested else "end")
+            if not self.stop_requested or self.step >= self.cfg.train.steps:
+                self._final_eval()
+            self.state = "STOPPED" if self.stop_requested else "FINISHED"
+        except Exception as e:
+            self.state = "ERRORED"
+            self.summary.error(f"{type(e).__name__}: {e}")
+            try:
+                self.checkpoint(reason="error")
+            except Exception:
+                log.exception("could not checkpoint after the error")
+            self._finish(t_start)
+            raise
+        return self._finish(t_start)
+
+    def _finish(self, t_start: float) -> dict:
+        self.summary.finish(self.step, self.plan.accounting(), time.time() - t_start, self.state)
+        path = self.summary.write(run_dir(self.cfg))
+        self.progress_info["summary_path"] = str(path)
+        self.progress_info["state"] = self.state
+        for h in self.members + self.pending:
+            try:
+                ray.kill(h.actor, no_restart=True)
+            except Exception:
+                pass
+        return self.summary.data
+
+    def _final_eval(self) -> None:
+        if not self.val_shards or not self.members:
+            return
+        val_plan = DataPlan(self.val_shards, seed=self.cfg.data.seed, epoch=0)
+        ranges = val_plan.assign(0, {0: self.cfg.train.eval_tokens})[0]
+        result = ray.get(self.members[0].actor.evaluate.remote(ranges))
+        self.summary.val(self.step, result["val_loss"], result["val_tokens"])
+        self.metrics.val_loss.set(result["val_loss"])
+
+    def _control(self) -> list[WorkerHandle]:
+        """Between steps: scale requests, chaos joins, drains, new capacity. Returns ready joiners."""
+        self._watch_nodes()
+        due = self.chaos.due(self.step)
+        for e in due:
+            if e.kind == "add":
+                self.chaos.mark_done(e)
+                self.target_workers += 1
+                self.summary.event(self.step, "chaos-add")
+            elif e.kind == "drain" and len(self.members) > 1:
+                self.chaos.mark_done(e)
+                victim = self.members[self.chaos.pick_victim(len(self.members))]
+                self.draining.add(victim.worker_id)
+                self.summary.event(self.step, f"chaos-drain {victim.worker_id}")
+        # real drain notices from the GCS (node drain, preemption): leave gracefully, before the deadline
+        try:
+            draining_nodes = ray._private.state.state.get_draining_nodes()
+        except Exception:
+            draining_nodes = {}
+        for h in self.members:
+            if h.info.get("node_id") in draining_nodes and h.worker_id not in self.draining:
+                self.draining.add(h.worker_id)
+                self.summary.event(self.step, f"node-drain {h.worker_id}")
+        if self.draining:
+            leaving = [h for h in self.members if h.worker_id in self.draining]
+            self.draining.clear()
+            # drained workers leave after their last committed step; the target shrinks with them
+            self.target_workers = max(self.cfg.train.min_workers, self.target_workers - len(leaving))
+            self.membership_change("drain", leaving, [], time.time())
+        # keep demand for up to train.max_workers outstanding: an autoscaler sees it and adds nodes
+        mx = max_workers(self.cfg)
+        want = max(self.target_workers, mx) if mx > self.cfg.train.workers else self.target_workers
+        self._spawn_up_to(want)
+        return self._ready_pending(timeout=0.0)
+
+    def _one_step(self) -> None:
+        joiners = self._control()
+        if joiners:
+            self.membership_change("join", [], joiners, min(self._join_time(j) for j in joiners))
+        step = self.step
+        members = list(self.members)
+        gen = self.generation
+        for m, h in zip(gen.members, members):
+            m.tokens_per_s = h.tokens_per_s
+        shares = compute_shares(gen.members, self.cfg.train.batch_tokens, self.cfg.train.balance,
+                                self.cfg.train.batch_tokens_by_accelerator, self.cfg.train.seq_len)
+        assignment = self.plan.assign(step, {r: s for r, s in enumerate(shares)})
+        lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
+                   self.cfg.train.min_lr_ratio)
+        due = self.chaos.due(step)
+        flags: dict[int, dict] = {r: {} for r in range(len(members))}
+        kill_victim = None
+        for e in due:
+            if e.kind in ("hang", "corrupt_payload") and len(members) > 1:
+                flags[self.chaos.pick_victim(len(members))][e.kind] = True
+                self.chaos.mark_done(e)
+            elif e.kind == "kill" and len(members) > 1:
+                kill_victim = members[self.chaos.pick_victim(len(members))]
+                self.chaos.mark_done(e)
+        t0 = time.time()
+        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r]): h for r, h in enumerate(members)}
+        if kill_victim is not None:
+            time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
+            self.summary.event(step, f"chaos-kill {kill_victim.worker_id}")
+            ray.kill(kill_victim.actor, no_restart=True)
+        reports, dead, hung = self._collect(refs, t0)
+        failed = dead or hung or any(not r.get("ok") for r in reports.values())
+        if not failed:
+            self._commit(step, members, reports, time.time() - t0)
+            return
+        # ---- the step failed: nobody applies it; find who must leave; retry the step -----------
+        detected = time.time()
+        bad_senders = {r.get("bad_sender") for r in reports.values() if r.get("bad_sender") is not None}
+        leaving = set(dead) | set(hung)
+        for rank in bad_senders:
+            if rank is not None and 0 <= rank < len(members):
+                leaving.add(members[rank])
+        survivors = [h for h in members if h not in leaving]
+        aborts = [h.actor.abort.remote(step) for h in survivors]
+        try:
+            ray.get(aborts, timeout=30)
+        except Exception as e:  # a survivor that cannot even abort leaves too
+            log.warning("abort failed on a survivor: %s", e)
+            for h, ref in zip(survivors, aborts):
+                try:
+                    ray.get(ref, timeout=0)
+                except Exception:
+                    leaving.add(h)
+        self.plan.abort(step)
+        errors = {h.worker_id: reports.get(h.worker_id, {}).get("error") for h in members
+                  if not reports.get(h.worker_id, {}).get("ok")}
+        kind = ("corrupt_payload" if bad_senders else "hang" if hung else "death" if dead else "step_failed")
+        log.warning("step %d failed (%s): leaving=%s errors=%s", step, kind,
+                    [h.worker_id for h in leaving], errors)
+        self.summary.event(step, f"step-aborted {kind} leaving={[h.worker_id for h in leaving]}")
+        if not leaving:
+            # nobody to blame (e.g. a non-finite dense all-reduce): drop the step and retry it
+            self.summary.rejected_step(step, errors)
+            return
+        self.membership_change(kind, list(leaving), [], detected)
+
+    def _join_time(self, h: WorkerHandle) -> float:
+        """When the capacity a joiner uses appeared: its node's first sighting, else its spawn."""
+        node_seen = self.node_first_seen.get(h.info.get("node_id", ""), None)
+        if node_seen is not None and node_seen <= self.started_at:
+            node_seen = None  # the node was there from the start: the join began at the spawn
+        return min(t for t in (node_seen, h.info.get("spawned_at"), h.info.get("ready_at", time.time()))
+                   if t is not None)
+
+    def _watch_nodes(self) -> None:
+        now = time.time()
+        for node in ray.nodes():
+            if node.get("Alive") and node["NodeID"] not in self.node_first_seen:
+                self.node_first_seen[node["NodeID"]] = now
+
+    def _collect(self, refs: dict, t0: float) -> tuple[dict, list, list]:
+        """Wait for every report under the watchdog; classify dead and hung workers."""
+        timeout = watchdog_timeout(self.recent_step_s, self.cfg.train.step_timeout_s, self.cfg.train.hang_factor)
+        pending = list(refs)
+        reports: dict[str, dict] = {}
+        dead: list[WorkerHandle] = []
+        hung: list[WorkerHandle] = []
+        deadline = t0 + timeout
+        first_failure_at = None
+        while pending:
+            # once one worker failed, the others fail fast (gloo reports closed peers in ~30 ms)
+            limit = deadline if first_failure_at is None else min(deadline, first_failure_at + 10.0)
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, limit - time.time()))
+            if not ready:
+                break
+            for ref in ready:
+                h = refs[ref]
+                try:
+                    rep = ray.get(ref)
+                    reports[h.worker_id] = rep
+                    if not rep.get("ok"):
+                        first_failure_at = first_failure_at or time.time()
+                except RayActorError:
+                    dead.append(h)
+                    first_failure_at = first_failure_at or time.time()
+        if pending:
+            # stragglers: alive but silent is a hang; a worker that does not answer a ping is gone
+            for ref in pending:
+                h = refs[ref]
+                try:
+                    phase = ray.get(h.actor.ping.remote(), timeout=5)
+                except Exception:
+                    dead.append(h)
+                    continue
+                if phase in ("hung", "compute"):
+                    hung.append(h)
+            if not hung and not dead:  # all stuck in the exchange: nobody to blame but everybody waits
+                hung = [refs[r] for r in pending]
+            for h in hung:
+                ray.kill(h.actor, no_restart=True)
+            # the others were waiting for the hung peer; they now fail fast, collect them
+            rest = [r for r in pending if refs[r] not in hung and refs[r] not in dead]
+            if rest:
+                ready, still = ray.wait(rest, num_returns=len(rest), timeout=15)
+                for ref in ready:
+                    try:
+                        reports[refs[ref].worker_id] = ray.get(ref)
+                    except RayActorError:
+                        dead.append(refs[ref])
+                for ref in still:
+                    hung.append(refs[ref])
+                    ray.kill(refs[ref].actor, no_restart=True)
+        return reports, dead, hung
+
+    def _commit(self, step: int, members: list[WorkerHandle], reports: dict, wall: float) -> None:
+        try:
+            prints = ray.get([h.actor.commit.remote(step) for h in members], timeout=60)
+        except Exception as e:
+            # a worker died after the exchange succeeded everywhere: the others committed; it leaves
+            log.warning("commit of step %d: %s", step, e)
+            prints = []
+            leaving = []
+            for h in members:
+                try:
+                    prints.append(ray.get(h.actor.fingerprint.remote(), timeout=10))
+                except Exception:
+                    leaving.append(h)
+            self._finish_commit(step, members, reports, wall, prints)
+            if leaving:
+                self.membership_change("death", leaving, [], time.time())
+            return
+        self._finish_commit(step, members, reports, wall, prints)
+
+    def _finish_commit(self, step, members, reports, wall, prints) -> None:
+        agree = self._check_agree(prints, f"after step {step}") if prints else True
+        self.plan.commit(step)
+        self.step = step + 1
+        self.recent_step_s.append(wall)
+        self.recent_step_s = self.recent_step_s[-50:]
+        for h in members:
+            rep = reports.get(h.worker_id)
+            if rep and rep.get("ok"):
+                h.tokens_per_s = rep.get("tokens", 0) / max(1e-9, rep.get("compute_s", 1e-9))
+        ok_reports = [r for r in reports.values() if r.get("ok")]
+        tokens = sum(r["tokens"] for r in ok_reports)
+        loss = sum(r["loss"] * r["tokens"] for r in ok_reports) / max(1, tokens)
+        self.summary.step(step, loss, tokens, ok_reports, agree, wall)
+        if self.open_change is not None:
+            c = self.open_change
+            self.summary.membership_change(c["step"], c["kind"], time.time() - c["detected_at"], c["world_size"])
+            self.open_change = None
+        sent = statistics.mean(r.get("bytes_sent", 0) for r in ok_reports) if ok_reports else 0
+        dense = statistics.mean(r.get("dense_equivalent_bytes", 0) for r in ok_reports) if ok_reports else 0
+        self.metrics.loss.set(loss)
+        self.metrics.step.set(self.step)
+        self.metrics.tokens_per_s.set(tokens / max(1e-9, wall))
+        if sent:
+            self.metrics.compression_ratio.set(dense / sent)
+        self.metrics.data_lag_s.set(max((r["compute_s"] for r in ok_reports), default=0.0) -
+                                    min((r["compute_s"] for r in ok_reports), default=0.0))
+        with self.lock:
+            self.progress_info.update(
+                step=self.step, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens / max(1e-9, wall),
+                bytes_sent=sent, dense_bytes=dense, world_size=len(members),
+                generation=self.generation.generation, state=self.state,
+                accelerators=[m.accelerator for m in self.generation.members],
+                changes=len(self.summary.data["membership_changes"]),
+            )
+        every = self.cfg.checkpoint.every
+        if every and self.step % every == 0 and self.step < self.cfg.train.steps:
+            self.checkpoint(reason="periodic")
+
+    # ---- control from outside ---------------------------------------------------------------
+    def progress(self) -> dict:
+        with self.lock:
+            info = dict(self.progress_info)
+        info.setdefault("step", self.step)
+        info.setdefault("total", self.cfg.train.steps)
+        info["state"] = self.state
+        info["recent_events"] = self.summary.data["events"][-5:]
+        return info
+
+    def request_scale(self, n: int) -> int:
+        self.target_workers = max(self.cfg.train.min_workers, int(n))
+        if self.target_workers < len(self.members):
+            extra = len(self.members) - self.target_workers
+            for h in self.members[-extra:]:
+                self.draining.add(h.worker_id)
+        self.summary.event(self.step, f"scale-request {n}")
+        return self.target_workers
+
+    def request_stop(self) -> None:
+        self.stop_requested = True
+
+
+class PausedTooLong(RuntimeError):
+    pass
+
+
+@ray.remote(num_cpus=0, max_concurrency=8)
+class CoordinatorActor:
+    """Actor shell (named raydistro/<run>/coordinator); `run` blocks, the rest answer meanwhile."""
+
+    def __init__(self, cfg: RunConfig):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        self.c = Coordinator(cfg)
+
+    def __repr__(self) -> str:
+        p = self.c.progress_info
+        return (f"Coordinator({self.c.cfg.run.name} {self.c.state} gen={self.c.generation.generation} "
+                f"step={self.c.step}/{self.c.cfg.train.steps} world={len(self.c.members)} "
+                f"tok/s={p.get('tokens_per_s', 0):.0f})")
+
+    def run(self) -> dict:
+        return self.c.run()
+
+    def progress(self) -> dict:
+        return self.c.progress()
+
+    def scale(self, n: int) -> int:
+        return self.c.request_scale(n)
+
+    def stop(self) -> None:
+        self.c.request_stop()

@@ -1,0 +1,95 @@
+"""What the person at the terminal sees: a live rich table on a TTY, plain log lines elsewhere.
+
+Plain lines (no control codes) when stdout is not a terminal, so the Ray dashboard's log viewer and
+`ray job logs` read well.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+class ProgressView:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.tty = sys.stdout.isatty()
+        self.console = Console(force_terminal=self.tty, no_color=not self.tty, highlight=False)
+        self.live = None
+        self.last_logged = -1
+        self.last = {}
+
+    def __enter__(self):
+        if self.tty:
+            self.live = Live(self._table({}), console=self.console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        else:
+            print(f"raydistro: run {self.cfg.run.name}: starting {self.cfg.train.workers} workers, "
+                  f"sync={self.cfg.sync.name}, {self.cfg.train.steps} steps", flush=True)
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+
+    def _table(self, p: dict) -> Table:
+        t = Table(title=f"raydistro · {self.cfg.run.name} · sync={self.cfg.sync.name}", expand=False)
+        for col in ("step", "loss", "tokens/s", "sent/step", "vs dense", "world", "gen", "state"):
+            t.add_column(col, justify="right")
+        if p:
+            ratio = (p.get("dense_bytes", 0) / p["bytes_sent"]) if p.get("bytes_sent") else 0
+            t.add_row(
+                f"{p.get('step', 0)}/{p.get('total', self.cfg.train.steps)}",
+                f"{p['loss']:.4f}" if "loss" in p else "-",
+                f"{p.get('tokens_per_s', 0):,.0f}",
+                _bytes(p.get("bytes_sent", 0)),
+                f"{ratio:,.0f}x" if ratio else "-",
+                f"{p.get('world_size', 0)} {','.join(sorted(set(p.get('accelerators', []))))}",
+                str(p.get("generation", "-")),
+                p.get("state", ""),
+            )
+        return t
+
+    def update(self, p: dict) -> None:
+        self.last = p
+        if self.live is not None:
+            self.live.update(self._table(p))
+            return
+        step = p.get("step", 0)
+        every = max(1, self.cfg.train.log_every)
+        if "loss" in p and step != self.last_logged and (step % every == 0 or step == p.get("total")):
+            self.last_logged = step
+            ratio = (p.get("dense_bytes", 0) / p["bytes_sent"]) if p.get("bytes_sent") else 0
+            print(f"step {step}/{p.get('total')} loss {p['loss']:.4f} tokens/s {p.get('tokens_per_s', 0):.0f} "
+                  f"sent/step {_bytes(p.get('bytes_sent', 0))} ({ratio:.0f}x less than dense) "
+                  f"world {p.get('world_size')} gen {p.get('generation')} {p.get('state', '')}", flush=True)
+
+    def final(self, summary: dict, out: Path) -> None:
+        lines = [
+            f"run {summary.get('run_name')} {summary.get('state')}: {summary.get('steps')} steps, "
+            f"{summary.get('tokens', 0):,} tokens",
+        ]
+        if summary.get("initial_loss") is not None:
+            lines.append(f"loss {summary['initial_loss']:.4f} -> {summary['final_loss']:.4f}"
+                         + (f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") else ""))
+        if summary.get("compression_ratio"):
+            lines.append(f"bytes sent per worker per step {_bytes(summary['bytes_sent_per_step_mean'])} "
+                         f"({summary['compression_ratio']:.0f}x less than dense bf16)")
+        if summary.get("membership_changes"):
+            lines.append(f"membership changes: {len(summary['membership_changes'])}")
+        if summary.get("error"):
+            lines.append(f"error: {summary['error']}")
+        lines.append(f"run directory: {out}")
+        for line in lines:
+            print(line, flush=True)

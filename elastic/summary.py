@@ -1,0 +1,145 @@
+"""The run's record: what `summary.json` says, accumulated step by step and saved in checkpoints.
+
+Every figure in it is computed from what workers reported (bytes handed to the collective, tokens
+counted from real targets, fingerprints of real parameters), never from configuration.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+from elastic.config import RunConfig
+
+
+class RunSummary:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.data: dict = {
+            "run_name": cfg.run.name,
+            "sync": cfg.sync.name,
+            "model": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head},
+            "steps": 0,
+            "tokens": 0,
+            "initial_loss": None,
+            "final_loss": None,
+            "val_loss": None,
+            "val_tokens": 0,
+            "world_size_history": [],
+            "bytes_sent_per_worker_total": {},
+            "bytes_received_per_worker_total": {},
+            "bytes_sent_per_step_mean": 0.0,
+            "dense_equivalent_bytes": 0,
+            "dense_equivalent_bytes_per_step": 0,
+            "compression_ratio": None,
+            "codec_ms_median": None,
+            "membership_changes": [],
+            "checkpoints": [],
+            "replica_hashes_agree": True,
+            "replica_disagreements": [],
+            "rejected_steps": [],
+            "events": [],
+            "loss_history": [],
+            "resumed_from": [],
+            "data": {},
+            "wall_s": 0.0,
+            "state": "RUNNING",
+            "error": None,
+        }
+        self._codec_ms: list[float] = []
+        self._sent_per_step: list[float] = []
+
+    # ---- recording --------------------------------------------------------------------------
+    def started(self, step: int) -> None:
+        self.data["events"].append({"step": step, "what": "started", "t": time.time()})
+
+    def step(self, step: int, loss: float, tokens: int, reports: list[dict], agree: bool, wall: float) -> None:
+        d = self.data
+        if d["initial_loss"] is None:
+            d["initial_loss"] = loss
+        d["final_loss"] = loss
+        d["steps"] = step + 1
+        d["tokens"] += tokens
+        d["loss_history"].append([step, round(loss, 5), d["tokens"]])
+        d["replica_hashes_agree"] = d["replica_hashes_agree"] and agree
+        for r in reports:
+            w = r["worker_id"]
+            d["bytes_sent_per_worker_total"][w] = d["bytes_sent_per_worker_total"].get(w, 0) + r.get("bytes_sent", 0)
+            d["bytes_received_per_worker_total"][w] = (
+                d["bytes_received_per_worker_total"].get(w, 0) + r.get("bytes_received", 0))
+            self._codec_ms.append(r.get("codec_ms", 0.0))
+        if reports:
+            dense = reports[0].get("dense_equivalent_bytes", 0)
+            sent = statistics.mean(r.get("bytes_sent", 0) for r in reports)
+            d["dense_equivalent_bytes_per_step"] = dense
+            d["dense_equivalent_bytes"] += dense
+            self._sent_per_step.append(sent)
+
+    def world_size(self, step: int, world: int, generation: int, accelerators: list[str]) -> None:
+        self.data["world_size_history"].append(
+            {"step": step, "world_size": world, "generation": generation, "accelerators": accelerators})
+
+    def membership_change(self, step: int, kind: str, seconds: float, world: int) -> None:
+        self.data["membership_changes"].append(
+            {"step": step, "kind": kind, "seconds_to_resume": round(seconds, 3), "world_size": world})
+
+    def checkpoint(self, uri: str, step: int, reason: str, seconds: float) -> None:
+        self.data["checkpoints"].append(uri)
+        self.event(step, f"checkpoint {reason} {seconds:.2f}s")
+
+    def replicas_disagree(self, step: int, when: str, prints: list[str]) -> None:
+        self.data["replica_hashes_agree"] = False
+        self.data["replica_disagreements"].append({"step": step, "when": when, "fingerprints": prints})
+
+    def rejected_step(self, step: int, errors: dict) -> None:
+        self.data["rejected_steps"].append({"step": step, "errors": errors})
+
+    def event(self, step: int, what: str) -> None:
+        self.data["events"].append({"step": step, "what": what, "t": round(time.time(), 3)})
+
+    def val(self, step: int, loss: float, tokens: int) -> None:
+        self.data["val_loss"] = loss
+        self.data["val_tokens"] = tokens
+
+    def resumed_from(self, uri: str, step: int) -> None:
+        self.data["resumed_from"].append({"uri": uri, "step": step})
+
+    def error(self, message: str) -> None:
+        self.data["error"] = message
+
+    def finish(self, step: int, accounting: dict, wall: float, state: str) -> None:
+        d = self.data
+        d["steps"] = step
+        d["data"] = accounting
+        d["wall_s"] = round(d.get("wall_s", 0.0) + wall, 3)
+        d["state"] = state
+        if self._sent_per_step:
+            d["bytes_sent_per_step_mean"] = statistics.mean(self._sent_per_step)
+            if d["bytes_sent_per_step_mean"] > 0:
+                d["compression_ratio"] = d["dense_equivalent_bytes_per_step"] / d["bytes_sent_per_step_mean"]
+        if self._codec_ms:
+            d["codec_ms_median"] = statistics.median(self._codec_ms)
+
+    # ---- persistence ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"data": self.data, "codec_ms": self._codec_ms[-1000:], "sent": self._sent_per_step[-1000:]}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if not sd:
+            return
+        keep_name = self.data["run_name"]
+        self.data.update(sd.get("data", {}))
+        self.data["run_name"] = keep_name
+        self.data["error"] = None
+        self._codec_ms = list(sd.get("codec_ms", []))
+        self._sent_per_step = list(sd.get("sent", []))
+
+    def write(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "summary.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str))
+        os.replace(tmp, path)
+        return path

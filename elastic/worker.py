@@ -1,0 +1,283 @@
+"""The worker actor: one model replica, its sync state, and a data reader.
+
+Thin by design: the math is in `compression`, the data in `datasets`, decisions in the coordinator.
+A step is two-phase (`step` computes and exchanges, `commit`/`abort` applies or drops), so the
+coordinator can make every survivor apply a step or none. Control calls (`ping`, `info`, `phase`) run
+in their own concurrency group so they answer even while the compute thread is stuck in a collective.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import traceback
+from typing import Any
+
+import ray
+import torch
+
+from compression import PayloadError, RayCollectiveCommunicator, build_sync
+from datasets import DocRange, ShardReader, get_tokenizer, pack
+from elastic.chaos import CorruptingCommunicator
+from elastic.config import RunConfig
+from elastic.fingerprint import params_fingerprint
+from elastic.model import build_model
+
+log = logging.getLogger("raydistro.worker")
+
+
+def detect_accelerator(device: str) -> str:
+    """The accelerator type Ray advertises for this node (accelerator_type:X), else the CUDA name."""
+    try:
+        node_id = ray.get_runtime_context().get_node_id()
+        for node in ray.nodes():
+            if node.get("NodeID") == node_id:
+                for key in node.get("Resources", {}):
+                    if key.startswith("accelerator_type:"):
+                        return key.split(":", 1)[1]
+    except Exception:  # outside Ray (unit tests): fall through
+        pass
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name()
+        for short in ("H200", "H100", "A100", "A10G", "L40S", "L4", "T4", "V100"):
+            if short in name:
+                return short
+        return name.replace(" ", "_")
+    return "CPU"
+
+
+class WorkerReplica:
+    """Everything a worker does, without Ray: usable in one process for tests."""
+
+    def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int):
+        self.cfg = cfg
+        self.worker_id = worker_id
+        torch.set_num_threads(max(1, cfg.train.threads_per_worker))
+        want = cfg.train.device
+        if want == "auto":
+            want = "cuda" if torch.cuda.is_available() else "cpu"
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but this worker sees no CUDA device; use train.device=auto")
+        self.device = torch.device("cuda", 0) if want == "cuda" else torch.device("cpu")
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer)
+        self.model = build_model(cfg.model, self.tokenizer.vocab_size, seed).to(self.device)
+        self.params = [p for p in self.model.parameters()]
+        self.reader = ShardReader(shards, cfg.data, self.tokenizer)
+        self.sync = None
+        self.comm = None
+        self.rank = -1
+        self.world_size = 0
+        self.generation = -1
+        self.step_count = 0  # committed steps applied to these parameters
+        self.phase = "idle"
+        self.pending_step: int | None = None
+        self.last_fingerprint = ""
+        self.tokens_per_s = 0.0
+
+    # ---- membership ----------------------------------------------------------------------
+    def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
+        import ray.util.collective as col
+
+        t0 = time.time()
+        for name in {group_name, "default"}:
+            if col.is_group_initialized(name):
+                col.destroy_collective_group(name)
+        col.init_collective_group(world_size, rank, backend=backend, group_name=group_name)
+        comm = CorruptingCommunicator(RayCollectiveCommunicator(group_name), seed=generation * 131 + rank)
+        if self.sync is None:
+            self.sync = build_sync(self.cfg.sync, self.params, comm)
+        else:
+            self.sync.rebind(comm)
+        self.comm = comm
+        self.rank, self.world_size, self.generation = rank, world_size, generation
+        self.phase = "idle"
+        log.info("%s joined generation %d as rank %d/%d in %.2fs", self.worker_id, generation, rank,
+                 world_size, time.time() - t0)
+
+    # ---- one step ------------------------------------------------------------------------
+    def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any]) -> dict:
+        t0 = time.time()
+        self.phase = "compute"
+        self.pending_step = step
+        docs = self.reader.read(ranges)
+        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
+        inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
+        tokens = int((targets >= 0).sum())
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        loss_sum = 0.0
+        use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
+        for i in range(0, inputs.size(0), micro):
+            x = inputs[i:i + micro].to(self.device, non_blocking=True)
+            y = targets[i:i + micro].to(self.device, non_blocking=True)
+            n = int((y >= 0).sum())
+            if n == 0:
+                continue
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                _, loss = self.model(x, y)
+            (loss * (n / max(1, tokens))).backward()
+            loss_sum += float(loss.detach()) * n
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        compute_s = time.time() - t0
+        if chaos.get("hang"):
+            self.phase = "hung"
+            log.warning("%s: chaos hang at step %d (stops answering until killed)", self.worker_id, step)
+            while True:
+                time.sleep(3600)
+        if chaos.get("corrupt_payload"):
+            log.warning("%s: chaos corrupt payload at step %d", self.worker_id, step)
+            self.comm.armed = True
+        self.phase = "exchange"
+        report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
+                  "tokens": tokens, "docs": len(docs), "loss": loss_sum / max(1, tokens),
+                  "compute_s": compute_s}
+        try:
+            stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay)
+        except PayloadError as e:
+            self.phase = "failed"
+            report.update(ok=False, error=f"payload: {e}", bad_sender=e.sender_rank)
+            return report
+        except Exception as e:  # a peer died mid-collective: gloo raises "Connection closed by peer"
+            self.phase = "failed"
+            report.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return report
+        self.phase = "exchanged"
+        step_s = time.time() - t0
+        report.update(
+            bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
+            dense_equivalent_bytes=stats.dense_equivalent_bytes, codec_ms=stats.codec_ms,
+            comm_ms=stats.comm_ms, step_s=step_s,
+        )
+        return report
+
+    def commit(self, step: int) -> str:
+        assert self.pending_step == step, f"commit of step {step} but pending is {self.pending_step}"
+        self.sync.commit()
+        self.pending_step = None
+        self.step_count = step + 1
+        self.phase = "idle"
+        self.last_fingerprint = params_fingerprint(self.params)
+        return self.last_fingerprint
+
+    def abort(self, step: int) -> str:
+        if self.pending_step is not None and self.sync is not None:
+            try:
+                self.sync.abort()
+            except Exception:
+                log.exception("abort failed")
+        self.pending_step = None
+        self.phase = "idle"
+        return params_fingerprint(self.params)
+
+    # ---- state ----------------------------------------------------------------------------
+    def model_state(self) -> dict:
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+
+    def sync_state(self) -> dict:
+        return self.sync.state_dict() if self.sync is not None else {}
+
+    def load_model_state(self, state: dict) -> None:
+        self.model.load_state_dict(state)
+
+    def load_sync_state(self, state: dict) -> None:
+        if state:
+            self.sync.load_state_dict(state)
+
+    def evaluate(self, ranges: list[DocRange]) -> dict:
+        """Mean loss over the held-out documents `ranges` (every token scored once)."""
+        self.model.eval()
+        docs = self.reader.read(ranges)
+        inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
+        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, inputs.size(0), micro):
+                x = inputs[i:i + micro].to(self.device)
+                y = targets[i:i + micro].to(self.device)
+                n = int((y >= 0).sum())
+                if n == 0:
+                    continue
+                _, loss = self.model(x, y)
+                total += float(loss) * n
+                count += n
+        self.model.train()
+        return {"val_loss": total / max(1, count), "val_tokens": count}
+
+
+@ray.remote(concurrency_groups={"control": 4})
+class Worker:
+    """Ray actor shell around WorkerReplica (named raydistro/<run>/worker-<n>[<accelerator>])."""
+
+    def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int):
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if cfg.cluster.gloo_socket_ifname:
+            os.environ["GLOO_SOCKET_IFNAME"] = cfg.cluster.gloo_socket_ifname
+        self.r = WorkerReplica(cfg, worker_id, shards, seed)
+        self.accelerator = detect_accelerator(str(self.r.device))
+        from elastic.metrics import WorkerMetrics
+
+        self.metrics = WorkerMetrics(cfg.run.name, worker_id, self.accelerator)
+
+    def __repr__(self) -> str:
+        r = self.r
+        return (f"Worker({r.worker_id}[{getattr(self, 'accelerator', '?')}] gen={r.generation} "
+                f"rank={r.rank}/{r.world_size} step={r.step_count} tok/s={r.tokens_per_s:.0f})")
+
+    @ray.method(concurrency_group="control")
+    def info(self) -> dict:
+        return {"worker_id": self.r.worker_id, "accelerator": self.accelerator,
+                "node_id": ray.get_runtime_context().get_node_id(), "device": str(self.r.device),
+                "pid": os.getpid(), "host": socket.gethostname()}
+
+    @ray.method(concurrency_group="control")
+    def ping(self) -> str:
+        return self.r.phase
+
+    def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> bool:
+        self.r.join_group(world_size, rank, generation, backend, group_name)
+        return True
+
+    def step(self, step: int, ranges: list, lr: float, chaos: dict) -> dict:
+        try:
+            report = self.r.step(step, ranges, lr, chaos)
+        except Exception as e:
+            self.r.phase = "failed"
+            return {"worker_id": self.r.worker_id, "rank": self.r.rank, "step": step, "ok": False,
+                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+        if report.get("ok"):
+            self.r.tokens_per_s = report["tokens"] / max(1e-9, report["compute_s"])
+            self.metrics.record_step(report)
+        return report
+
+    def commit(self, step: int) -> str:
+        return self.r.commit(step)
+
+    def abort(self, step: int) -> str:
+        return self.r.abort(step)
+
+    def model_state(self) -> dict:
+        return self.r.model_state()
+
+    def sync_state(self) -> dict:
+        return self.r.sync_state()
+
+    def load_state(self, model_state: dict, sync_state: dict | None, step_count: int) -> str:
+        self.r.load_model_state(model_state)
+        if sync_state:
+            self.r.load_sync_state(sync_state)
+        self.r.step_count = step_count
+        return params_fingerprint(self.r.params)
+
+    def fingerprint(self) -> str:
+        return params_fingerprint(self.r.params)
+
+    def evaluate(self, ranges: list) -> dict:
+        return self.r.evaluate(ranges)
+
+    def prefetch(self, ranges: list) -> None:
+        self.r.reader.prefetch(ranges)
