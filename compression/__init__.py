@@ -1,0 +1,16 @@
+"""raydistro.compression: how replicas agree on an update (dense AdamW all-reduce, DeMo compressed sync).
+
+Knows torch and a Communicator; nothing of Ray actors or data. See docs/compression.md.
+"""
+from compression.codec import PayloadError, WireFormat
+from compression.communicator import (Communicator, RayCollectiveCommunicator, ThreadCommunicator,
+                                      TorchDistributedCommunicator, run_threads)
+from compression.config import SyncConfig
+from compression.dense import DenseSync
+from compression.demo import DemoSync
+from compression.optim import DeMo
+from compression.sync import ExchangeStats, Sync, build_sync
+
+__all__ = ["build_sync", "Sync", "ExchangeStats", "PayloadError", "WireFormat", "SyncConfig", "DeMo",
+           "DenseSync", "DemoSync", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",
+           "ThreadCommunicator", "run_threads"]

@@ -1,0 +1,216 @@
+"""The DeMo wire format: bit packing, one payload per worker per step, validation of received payloads.
+
+Owns: `WireFormat` (layout, `encode`, `decode`), `pack_bits`/`unpack_bits`, `PayloadError`. Promises:
+- a payload's size depends only on the model's chunk groups, `topk` and `value_bits` (so it goes through
+  an all-gather of fixed-size uint8 buffers);
+- `decode` never returns data from a payload that fails a check: it raises `PayloadError(sender_rank,
+  reason)` naming the lowest bad rank, and every replica (same bytes) raises the same error;
+- everything runs on the payload's device; validation costs one device->host copy of a few flags.
+
+Layout (little endian), header then one section per chunk group in plan order:
+    magic  b"DMO1" | sender rank u32 | step i64 | weight f64 | total length u32 | checksum u32   (32 bytes)
+    per group: indices (N*k values of `index_bits` = ceil(log2(h*w)) bits, bit-packed)
+               [1-bit only] per-chunk count of nonzero picks (ceil(log2(k+1)) bits): picks past it are ignored,
+                            so an all-zero chunk is never sent as +-1
+               values: N*k sign bits (1 = negative) or N*k bfloat16
+The checksum is sum_i (byte_i + 1) * (i mod 65521 + 1) mod 2^32 over every byte but the checksum field
+(position weighted, so flips and swaps are caught; computed with integer ops on device, not cryptographic).
+"""
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+
+MAGIC = b"DMO1"
+HEADER_BYTES = 32
+_HEADER = struct.Struct("<4sIqdII")
+assert _HEADER.size == HEADER_BYTES
+
+
+class PayloadError(RuntimeError):
+    """A received payload failed validation; it was not applied. `sender_rank` -1 means 'not attributable'."""
+
+    def __init__(self, sender_rank: int, reason: str):
+        super().__init__(f"payload from rank {sender_rank} rejected: {reason}")
+        self.sender_rank = sender_rank
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across Ray
+        return (PayloadError, (self.sender_rank, self.reason))
+
+
+def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative ints `x` (any shape, each < 2**bits) -> uint8, little-endian bit order, zero padded."""
+    shifts = torch.arange(bits, device=x.device, dtype=torch.int32)
+    b = ((x.reshape(-1, 1).to(torch.int32) >> shifts) & 1).to(torch.uint8).reshape(-1)
+    pad = (-b.numel()) % 8
+    if pad:
+        b = torch.cat([b, b.new_zeros(pad)])
+    weights = (1 << torch.arange(8, device=x.device, dtype=torch.int32)).to(torch.uint8)
+    return (b.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_bits(u8: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of `pack_bits` over the last dim: `[..., nbytes]` uint8 -> `[..., count]` int64."""
+    lead = u8.shape[:-1]
+    shifts = torch.arange(8, device=u8.device, dtype=torch.int32)
+    b = ((u8.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)[..., :count * bits]
+    weights = 1 << torch.arange(bits, device=u8.device, dtype=torch.int64)
+    return (b.reshape(*lead, count, bits).to(torch.int64) * weights).sum(-1)
+
+
+def _u32_from_bytes(rows: torch.Tensor) -> torch.Tensor:
+    """[W, 4] uint8 -> [W] int64 (little endian), without reinterpreting memory (alignment/endianness safe)."""
+    shifts = torch.tensor([0, 8, 16, 24], device=rows.device, dtype=torch.int64)
+    return (rows.to(torch.int64) << shifts).sum(-1)
+
+
+def _u32_to_bytes(v: torch.Tensor) -> torch.Tensor:
+    shifts = torch.tensor([0, 8, 16, 24], device=v.device, dtype=torch.int64)
+    return ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8).reshape(-1)
+
+
+@dataclass(frozen=True)
+class GroupSpec:
+    """Wire layout of one chunk group: N chunks of `numel` coefficients, k picks per chunk."""
+    n_chunks: int
+    numel: int
+    k: int
+    value_bits: int
+
+    @property
+    def index_bits(self) -> int:
+        return max(1, math.ceil(math.log2(self.numel)))
+
+    @property
+    def count_bits(self) -> int:
+        return self.k.bit_length() if self.value_bits == 1 else 0
+
+    @property
+    def index_bytes(self) -> int:
+        return math.ceil(self.n_chunks * self.k * self.index_bits / 8)
+
+    @property
+    def count_bytes(self) -> int:
+        return math.ceil(self.n_chunks * self.count_bits / 8)
+
+    @property
+    def value_bytes(self) -> int:
+        return math.ceil(self.n_chunks * self.k / 8) if self.value_bits == 1 else self.n_chunks * self.k * 2
+
+    @property
+    def nbytes(self) -> int:
+        return self.index_bytes + self.count_bytes + self.value_bytes
+
+
+class WireFormat:
+    """Fixed layout of one worker's payload for a given model, topk and value_bits."""
+
+    def __init__(self, groups: list[GroupSpec]):
+        if any(g.value_bits not in (1, 16) for g in groups):
+            raise ValueError("value_bits must be 1 or 16")
+        self.groups = groups
+        self.nbytes = HEADER_BYTES + sum(g.nbytes for g in groups)
+        if self.nbytes >= 2**32:
+            raise ValueError(f"payload of {self.nbytes} bytes does not fit the u32 length field")
+        self._pos_weights: dict[str, torch.Tensor] = {}
+
+    # ---- checksum --------------------------------------------------------------------------------
+    def _weights(self, device) -> torch.Tensor:
+        key = str(device)
+        if key not in self._pos_weights:
+            w = torch.arange(self.nbytes, dtype=torch.int64) % 65521 + 1
+            w[28:32] = 0  # the checksum field itself
+            self._pos_weights[key] = w.to(device)
+        return self._pos_weights[key]
+
+    def checksum(self, bufs: torch.Tensor) -> torch.Tensor:
+        """[W, nbytes] uint8 -> [W] int64 checksums (exact integer arithmetic: same on every device)."""
+        return ((bufs.to(torch.int64) + 1) * self._weights(bufs.device)).sum(-1) & 0xFFFFFFFF
+
+    # ---- encode ----------------------------------------------------------------------------------
+    def encode(self, indices: list[torch.Tensor], values: list[torch.Tensor], rank: int, step: int,
+               weight: float | torch.Tensor) -> torch.Tensor:
+        """Per-group picks (`[N, k]` indices, `[N, k]` values sorted by |value| descending) -> uint8 payload.
+
+        `weight` may be a 0-d float64 device tensor (e.g. NaN to poison a payload without a host sync).
+        """
+        device = indices[0].device if indices else torch.device("cpu")
+        head = torch.frombuffer(bytearray(_HEADER.pack(MAGIC, rank, step, 0.0, self.nbytes, 0)), dtype=torch.uint8)
+        head = head.to(device)
+        w = torch.as_tensor(weight, dtype=torch.float64, device=device).reshape(1)
+        head[16:24] = w.view(torch.uint8)
+        parts = [head]
+        for spec, idx, val in zip(self.groups, indices, values):
+            parts.append(pack_bits(idx, spec.index_bits))
+            if spec.value_bits == 1:
+                parts.append(pack_bits((val != 0).sum(1), spec.count_bits))
+                parts.append(pack_bits(val < 0, 1))
+            else:
+                parts.append(val.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1))
+        buf = torch.cat(parts)
+        buf[28:32] = _u32_to_bytes(self.checksum(buf.unsqueeze(0)))
+        return buf
+
+    # ---- decode + validate -----------------------------------------------------------------------
+    def decode(self, gathered: torch.Tensor, validate: bool = True):
+        """`[W, nbytes]` payloads in rank order -> (weights [W] f32, per group (indices [W,N,k], values [W,N,k])).
+
+        Values of picks past a chunk's nonzero count are 0 and their weight mask is 0 (`masks` per group).
+        """
+        if gathered.dim() != 2 or gathered.shape[1] != self.nbytes:
+            raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
+                                   f"expected [world_size, {self.nbytes}]")
+        W, dev = gathered.shape[0], gathered.device
+        weights64 = gathered[:, 16:24].contiguous().view(torch.float64).reshape(W)
+        checks: list[tuple[str, torch.Tensor]] = []
+        if validate:
+            magic = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).to(dev)
+            checks += [
+                ("bad magic (not a DeMo payload)", (gathered[:, :4] == magic).all(1)),
+                ("sender rank field does not match its position in the all-gather",
+                 _u32_from_bytes(gathered[:, 4:8]) == torch.arange(W, device=dev)),
+                (f"length field differs from the expected {self.nbytes} bytes",
+                 _u32_from_bytes(gathered[:, 24:28]) == self.nbytes),
+                ("checksum mismatch", _u32_from_bytes(gathered[:, 28:32]) == self.checksum(gathered)),
+                ("weight is not finite or negative", torch.isfinite(weights64) & (weights64 >= 0)),
+            ]
+        out, off = [], HEADER_BYTES
+        for gi, spec in enumerate(self.groups):
+            N, k = spec.n_chunks, spec.k
+            sec = gathered[:, off:off + spec.index_bytes]
+            off += spec.index_bytes
+            idx = unpack_bits(sec, spec.index_bits, N * k).view(W, N, k)
+            if spec.value_bits == 1:
+                counts = unpack_bits(gathered[:, off:off + spec.count_bytes], spec.count_bits, N).view(W, N, 1)
+                off += spec.count_bytes
+                signs = unpack_bits(gathered[:, off:off + spec.value_bytes], 1, N * k).view(W, N, k)
+                off += spec.value_bytes
+                mask = torch.arange(k, device=dev) < counts
+                vals = (1.0 - 2.0 * signs.to(torch.float32)) * mask
+                if validate:
+                    checks.append((f"group {gi}: nonzero count above topk={k}", (counts <= k).flatten(1).all(1)))
+            else:
+                raw = gathered[:, off:off + spec.value_bytes].contiguous()
+                off += spec.value_bytes
+                vals = raw.view(torch.bfloat16).view(W, N, k).to(torch.float32)
+                mask = torch.ones_like(vals)
+                if validate:
+                    checks.append((f"group {gi}: non-finite value", torch.isfinite(vals).flatten(1).all(1)))
+            if validate:
+                srt = idx.sort(-1).values
+                checks.append((f"group {gi}: index out of range (chunk has {spec.numel} coefficients)",
+                               (idx < spec.numel).flatten(1).all(1)))
+                checks.append((f"group {gi}: duplicate index within a chunk",
+                               (srt[..., 1:] != srt[..., :-1]).flatten(1).all(1)))
+            out.append((idx, vals, mask))
+        if validate:
+            ok = torch.stack([c for _, c in checks], 1).cpu()  # the one host sync of validation
+            if not bool(ok.all()):
+                bad_rank = int((~ok).any(1).nonzero()[0, 0])
+                bad_check = int((~ok[bad_rank]).nonzero()[0, 0])
+                raise PayloadError(bad_rank, checks[bad_check][0])
+        return weights64.to(torch.float32), out

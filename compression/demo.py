@@ -1,0 +1,145 @@
+"""DeMo-style decoupled momentum sync (Peng, Quesnelle, Kingma 2024, arXiv 2411.19870), batched and deterministic.
+
+Per step, with lr passed by the caller (the caller owns the schedule):
+    m <- decay * m + lr * grad                       (lr folded into the momentum, as in the reference)
+    X  = C_h @ m_chunk @ C_w^T                       (orthonormal DCT-II on every chunk, one bmm per chunk shape)
+    top-k |X| per chunk -> (index, value)            -> one packed uint8 payload (compression.codec)
+    m <- m - idct(own top-k, unquantized)            (error feedback: what was not sent stays in momentum)
+    all-gather payloads, validate, decode: per coefficient, the weight-weighted mean over the ranks that
+    picked it; update = sign(idct(mean));  p <- p * (1 - lr * wd) - lr * update
+Promises (besides the `Sync` contract):
+- replicas that start equal stay bitwise equal: the update is computed only from the gathered bytes
+  (own payload included, never local floats), summed rank by rank in rank order with scatter_add over
+  indices validated to be unique within a chunk (so no two adds race), on the same kind of device;
+- no per-tensor compute loop: one foreach copy in, one transform per chunk shape, one foreach add out;
+- `delayed_apply`: the consensus of step N is applied at step N+1 (Psyche-style; the first commit applies
+  only weight decay). With a blocking Communicator this changes semantics only; it is what lets an
+  asynchronous collective overlap the next forward/backward.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from compression.codec import GroupSpec, WireFormat
+from compression.communicator import Communicator
+from compression.config import SyncConfig
+from compression.dct import ChunkPlan, dct2, dct_basis, idct2
+from compression.sync import ExchangeStats, Sync
+
+
+class DemoSync(Sync):
+    def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
+        if cfg.value_bits not in (1, 16):
+            raise ValueError(f"sync.value_bits: {cfg.value_bits} must be 1 or 16")
+        if cfg.topk < 1 or cfg.chunk < 2 or not 0 < cfg.decay <= 1:
+            raise ValueError(f"sync: topk={cfg.topk}, chunk={cfg.chunk}, decay={cfg.decay} out of range")
+        if any(not p.is_contiguous() for p in params):
+            raise ValueError("demo sync needs contiguous parameters (updates are applied through views)")
+        self.cfg, self.params, self.comm = cfg, params, comm
+        self.device = params[0].device
+        self.plan = ChunkPlan([tuple(p.shape) for p in params], cfg.chunk)
+        self.ks = [min(cfg.topk, g.numel) for g in self.plan.groups]
+        self.wire = WireFormat([GroupSpec(g.n_chunks, g.numel, k, cfg.value_bits)
+                                for g, k in zip(self.plan.groups, self.ks)])
+        self.bases = [(dct_basis(g.h, self.device), dct_basis(g.w, self.device)) for g in self.plan.groups]
+        self.momentum = [torch.zeros(g.n_chunks, g.h, g.w, device=self.device) for g in self.plan.groups]
+        self.held: list[torch.Tensor] | None = None  # delayed_apply: consensus waiting for the next commit
+        self.step_count = 0
+        self._pending = None
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.wire.nbytes
+
+    # ---- the two phases -----------------------------------------------------------------------------
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0) -> ExchangeStats:
+        self._pending = None
+        t0 = time.perf_counter()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        g_chunks = self.plan.gather(grads, self.device)
+        new_m, picks_i, picks_v = [], [], []
+        for m, g, (ch, cw), k in zip(self.momentum, g_chunks, self.bases, self.ks):
+            m2 = torch.add(m * self.cfg.decay, g, alpha=lr)
+            coef = dct2(m2, ch, cw).reshape(m2.shape[0], -1)
+            idx = coef.abs().topk(k, dim=1, sorted=True).indices  # sorted: zero picks (if any) come last
+            val = coef.gather(1, idx)
+            sent = torch.zeros_like(coef).scatter_(1, idx, val).view_as(m2)
+            m2 -= idct2(sent, ch, cw)  # error feedback with the unquantized picks
+            new_m.append(m2)
+            picks_i.append(idx)
+            picks_v.append(val)
+        # a non-finite momentum poisons our payload's weight (NaN) instead of raising here: every rank,
+        # us included, then rejects it in validation, so nobody is left waiting in the collective
+        finite = torch.stack([torch.isfinite(v).all() for v in picks_v]).all()
+        w = torch.where(finite, torch.tensor(float(weight), dtype=torch.float64, device=self.device),
+                        torch.tensor(float("nan"), dtype=torch.float64, device=self.device))
+        payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w)
+        self._sync_device(self.device)
+        t1 = time.perf_counter()
+        gathered = self.comm.allgather(payload)
+        self._sync_device(self.device)
+        t2 = time.perf_counter()
+        weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
+        update = [self._consensus(weights, idx, vals, mask, gi) for gi, (idx, vals, mask) in enumerate(groups)]
+        self._sync_device(self.device)
+        t3 = time.perf_counter()
+        self._pending = (new_m, update, float(lr), float(weight_decay))
+        W, nb = gathered.shape[0], self.wire.nbytes
+        return ExchangeStats(bytes_sent=nb, bytes_received=(W - 1) * nb, dense_equivalent_bytes=self.plan.numel * 2,
+                             codec_ms=((t1 - t0) + (t3 - t2)) * 1e3, comm_ms=(t2 - t1) * 1e3,
+                             collective_input_bytes=nb)
+
+    def _consensus(self, weights, idx, vals, mask, gi) -> torch.Tensor:
+        """sign(idct(weighted mean over the ranks that picked each coefficient)) as int8 `[N, h, w]`."""
+        g, (ch, cw) = self.plan.groups[gi], self.bases[gi]
+        num = torch.zeros(g.n_chunks, g.numel, device=self.device)
+        den = torch.zeros_like(num)
+        for r in range(idx.shape[0]):  # fixed rank order; indices unique per chunk -> no racing adds
+            num.scatter_add_(1, idx[r], vals[r] * weights[r])
+            den.scatter_add_(1, idx[r], mask[r] * weights[r])
+        mean = torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), torch.zeros_like(num))
+        return torch.sign(idct2(mean.view(g.n_chunks, g.h, g.w), ch, cw)).to(torch.int8)
+
+    def commit(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("commit() without a successful exchange()")
+        new_m, update, lr, wd = self._pending
+        if self.cfg.delayed_apply:
+            update, self.held = self.held, update
+        with torch.no_grad():
+            if wd:
+                torch._foreach_mul_(self.params, 1.0 - lr * wd)
+            if update is not None:
+                tiles = self.plan.param_tiles(self.params)
+                ups = self.plan.all_group_views(update)
+                torch._foreach_add_(tiles, [u.to(t.dtype) for u, t in zip(ups, tiles)], alpha=-lr)
+        self.momentum = new_m
+        self.step_count += 1
+        self._pending = None
+
+    def abort(self) -> None:
+        self._pending = None
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = {"strategy": "demo", "step_count": self.step_count,
+              "momentum": [t.detach().cpu() for t in self.plan.scatter(self.momentum)]}
+        if self.held is not None:
+            sd["held_update"] = [t.cpu() for t in self.plan.scatter(self.held)]
+        return sd
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("strategy") != "demo":
+            raise ValueError(f"load_state_dict: state of strategy '{sd.get('strategy')}' given to demo")
+        mom = sd["momentum"]
+        shapes = [tuple(t.shape) for t in mom]
+        if shapes != self.plan.shapes:
+            raise ValueError(f"load_state_dict: momentum shapes {shapes[:3]}... do not match parameters")
+        self.momentum = self.plan.gather([t.to(self.device) for t in mom], self.device)
+        held = sd.get("held_update")
+        self.held = (None if held is None else
+                     [b.to(torch.int8) for b in self.plan.gather([t.to(self.device) for t in held], self.device)])
+        self.step_count = int(sd["step_count"])
+        self._pending = None

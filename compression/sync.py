@@ -1,0 +1,74 @@
+"""The strategy interface every synchronization scheme implements, and `build_sync`, the one place they are built.
+
+Promises of every `Sync` (this is what lets the elastic coordinator guarantee "all apply step s or none"):
+- `exchange(lr, weight, weight_decay)` reads `p.grad`, runs this step's collective(s), validates what peers
+  sent and computes the pending update. It modifies neither the parameters nor the committed state; on a
+  bad peer payload it raises `PayloadError(sender_rank, reason)` and nothing is pending.
+- `commit()` applies the pending update to the parameters and the strategy state, and advances `step_count`.
+- `abort()` drops the pending update: parameters and state stay exactly (bitwise) as before `exchange`.
+- `state_dict()` holds this rank's state with tensors on CPU; `load_state_dict` restores it.
+- `rebind(comm)` switches to a new group after a membership change; local state is kept.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compression.communicator import Communicator
+from compression.config import SyncConfig
+
+
+@dataclass
+class ExchangeStats:
+    bytes_sent: int                 # bytes this worker hands to the network in this step (see docs for all-reduce)
+    bytes_received: int             # bytes this worker receives from peers in this step
+    dense_equivalent_bytes: int     # numel * 2: the same update sent dense in bf16
+    codec_ms: float                 # local compute of the exchange (encode + decode + validation), no comm
+    comm_ms: float                  # time inside the collective(s)
+    collective_input_bytes: int = 0  # size of the tensor handed to the collective by this worker
+
+
+class Sync:
+    """Base class of the strategies; see the module docstring for the contract."""
+
+    step_count: int = 0
+
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0) -> ExchangeStats:
+        raise NotImplementedError
+
+    def commit(self) -> None:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, sd: dict) -> None:
+        raise NotImplementedError
+
+    def rebind(self, comm: Communicator) -> None:
+        self.comm = comm
+
+    # shared helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _sync_device(device: torch.device) -> None:
+        # timings on CUDA need the queued kernels to finish; the cost is one sync per timed phase
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+
+def build_sync(cfg: SyncConfig, params, comm: Communicator) -> Sync:
+    """The strategy named by `cfg.name` over `params` (an iterable of tensors requiring grad)."""
+    params = [p for p in params]
+    if not params:
+        raise ValueError("build_sync: no parameters given")
+    if cfg.name == "dense":
+        from compression.dense import DenseSync
+        return DenseSync(cfg, params, comm)
+    if cfg.name == "demo":
+        from compression.demo import DemoSync
+        return DemoSync(cfg, params, comm)
+    raise ValueError(f"sync.name: '{cfg.name}' is not a strategy (dense | demo)")
