@@ -170,12 +170,14 @@ def filesystem_for(url: str, storage_options: Optional[Mapping[str, Any]]):
         cfg.setdefault("read_timeout", 60)
         cfg.setdefault("retries", {"max_attempts": 1})
         so["config_kwargs"] = cfg
-        so.setdefault("retries", 1)       # s3fs's own retry loop; ours wraps it
     try:
-        return fsspec.core.url_to_fs(url, **so)
+        fs, path = fsspec.core.url_to_fs(url, **so)
     except (ImportError, ValueError, TypeError) as e:
         raise DataSourceError(redact(f"data.source {url}: cannot open filesystem ({type(e).__name__}: {e}); "
                                      "check data.storage_options", so)) from None
+    if protocol in ("s3", "s3a") and hasattr(fs, "retries"):
+        fs.retries = 1                    # s3fs's own retry loop; call_with_retries wraps it
+    return fs, path
 
 
 _GLOB_CHARS = "*?["
