@@ -1,0 +1,139 @@
+"""`python -m clusters local up|status|down` on a real fake_multinode head.
+
+Pins: demand for an ``accelerator_type:A100`` actor makes the autoscaler add an ``a100`` node; ``down``
+stops every process ``up`` started (head, autoscaler, simulated nodes, workers) and nothing else, not
+even same-user processes that look like Ray by name.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusters import local
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cli(env, *args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "clusters", "local", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+
+
+@pytest.fixture
+def cluster_env(tmp_path, monkeypatch):
+    """Env for the CLI with a private state dir; tears the cluster down however the test ends."""
+    monkeypatch.setenv("RAYDISTRO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    env = dict(os.environ)
+    try:
+        yield env
+    finally:
+        try:
+            import ray
+
+            ray.shutdown()
+        finally:
+            state = local.load_state()
+            if state is not None:
+                local.down(state)
+
+
+@pytest.fixture
+def start_bystander():
+    """Starts a same-user process, in its own session, whose name looks like Ray's (`raylet`).
+
+    Started after `up`, so only the session/RAY_TMPDIR test (never the name) keeps `down` off it.
+    """
+    procs = []
+
+    def start():
+        procs.append(subprocess.Popen(["bash", "-c", "exec -a raylet sleep 600"], start_new_session=True))
+        return procs[-1]
+
+    try:
+        yield start
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(300)
+def test_a100_demand_adds_a_node_and_down_stops_exactly_our_processes(cluster_env, start_bystander):
+    import ray
+
+    res = _cli(cluster_env, "up")
+    assert res.returncode == 0, res.stdout + res.stderr
+    state = json.loads(Path(cluster_env["RAYDISTRO_CACHE"], "local-cluster.json").read_text())
+    assert f"RAY_ADDRESS={state['address']}" in res.stdout
+    assert "http://127.0.0.1:" in res.stdout
+    assert state["tmpdir"].startswith("/tmp/rd-")
+    bystander = start_bystander()
+
+    ray.init(address=state["address"], log_to_driver=False)
+
+    @ray.remote(num_cpus=1, resources={"accelerator_type:A100": 1})
+    class OnA100:
+        def node(self):
+            return ray.get_runtime_context().get_node_id()
+
+    head = ray.get_runtime_context().get_node_id()
+    actor = OnA100.remote()
+    node = ray.get(actor.node.remote(), timeout=120)
+    assert node != head
+    a100_nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("accelerator_type:A100")]
+    assert [n["NodeID"] for n in a100_nodes] == [node]
+
+    status = _cli(cluster_env, "status")
+    assert status.returncode == 0, status.stderr
+    assert "a100" in status.stdout and "ray.head.default" in status.stdout
+    assert "accelerator_type" in status.stdout or "GPU" in status.stdout
+
+    ray.kill(actor)
+    ray.shutdown()
+
+    cluster = local.load_state()
+    ours_before_down = set(local._our_processes(cluster))
+    assert cluster.leader_pid in ours_before_down
+    assert len(ours_before_down) > 10  # head processes + the simulated a100 node's raylet and agents
+
+    res = _cli(cluster_env, "down")
+    assert res.returncode == 0, res.stdout + res.stderr
+    stopped = set(json.loads(res.stdout.split(": ", 1)[1])) if ": [" in res.stdout else set()
+    assert ours_before_down <= stopped
+
+    time.sleep(0.5)
+    assert [p for p in stopped if _alive(p)] == []
+    assert not Path(cluster.tmpdir).exists()
+    assert local.load_state() is None
+    assert _alive(bystander.pid), "down touched a process it did not start"
+    # Every PID down stopped was started after `up` began: nothing older was ever a candidate.
+    assert os.getpid() not in stopped and bystander.pid not in stopped
+
+
+def test_down_without_a_cluster_is_a_no_op(cluster_env):
+    res = _cli(cluster_env, "down")
+    assert res.returncode == 0
+    assert "no local cluster" in res.stdout
+
+
+def test_up_rejects_a_cloud_yaml(cluster_env):
+    res = _cli(cluster_env, "up", str(REPO / "clusters" / "aws-mixed-gpu.yaml"))
+    assert res.returncode == 1
+    assert "is not fake_multinode" in res.stderr
+    assert local.load_state() is None

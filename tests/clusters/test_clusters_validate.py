@@ -1,0 +1,192 @@
+"""`python -m clusters validate`: shipped files pass; each rule fails naming the file and the key."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from clusters import GRAFANA_DASHBOARD, SHIPPED_FILES
+from clusters.validate import validate_file
+
+REPO = Path(__file__).resolve().parents[2]
+AWS = REPO / "clusters" / "aws-mixed-gpu.yaml"
+GCP = REPO / "clusters" / "gcp-mixed-gpu.yaml"
+LOCAL = REPO / "clusters" / "local.yaml"
+KUBE = REPO / "clusters" / "kuberay" / "raycluster.yaml"
+
+
+def _broken_copy(tmp_path, src, edit, text_edit=None):
+    """A copy of `src` in tmp_path with `edit(doc)` applied (or a textual replacement)."""
+    dst = tmp_path / src.name
+    if text_edit:
+        old, new = text_edit
+        text = src.read_text()
+        assert old in text
+        dst.write_text(text.replace(old, new))
+    else:
+        doc = yaml.safe_load(src.read_text())
+        edit(doc)
+        dst.write_text(yaml.safe_dump(doc))
+    return dst
+
+
+def _messages(path):
+    return [str(p) for p in validate_file(path)]
+
+
+@pytest.mark.parametrize("path", SHIPPED_FILES, ids=lambda p: p.name)
+def test_every_shipped_cluster_file_passes(path):
+    assert validate_file(path) == []
+
+
+def test_cli_validates_all_shipped_files_with_exit_zero():
+    res = subprocess.run([sys.executable, "-m", "clusters", "validate", *map(str, SHIPPED_FILES)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count(": ok") == len(SHIPPED_FILES)
+
+
+def test_cli_exits_nonzero_and_names_file_and_key(tmp_path):
+    bad = _broken_copy(tmp_path, AWS, lambda d: d["available_node_types"]["l4"]["resources"].update(GPU=0.5))
+    res = subprocess.run([sys.executable, "-m", "clusters", "validate", str(bad), str(AWS)],
+                         cwd=REPO, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert (f"{bad}: available_node_types.l4.resources.GPU: 0.5 is not an integer; "
+            "cluster YAML resources must be whole numbers") in res.stderr
+    assert f"{AWS}: ok" in res.stdout
+
+
+def test_fractional_resource_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, LOCAL, lambda d: d["available_node_types"]["a100"]["resources"].update(CPU=1.5))
+    msgs = _messages(bad)
+    assert [m for m in msgs if m.startswith(
+        f"{bad}: available_node_types.a100.resources.CPU: 1.5 is not an integer")], msgs
+    # Ray's schema says the same thing; only our clearer message is kept.
+    assert len([m for m in msgs if "resources.CPU" in m]) == 1
+
+
+def test_gpu_node_type_without_accelerator_type_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, GCP,
+                       lambda d: d["available_node_types"]["l4"]["resources"].pop("accelerator_type:L4"))
+    msgs = _messages(bad)
+    assert any(m.startswith(f"{bad}: available_node_types.l4.resources: has GPU: 1 but no "
+                            "\"accelerator_type:*\" resource") for m in msgs), msgs
+
+
+def test_min_workers_above_max_workers_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, AWS, lambda d: d["available_node_types"]["a100"].update(min_workers=5))
+    msgs = _messages(bad)
+    assert any(m.startswith(f"{bad}: available_node_types.a100.min_workers: 5 is greater than "
+                            "max_workers (4)") for m in msgs), msgs
+
+
+def test_sum_of_min_workers_above_cluster_max_is_rejected(tmp_path):
+    def edit(d):
+        d["max_workers"] = 1
+        d["available_node_types"]["l4"]["min_workers"] = 2
+    bad = _broken_copy(tmp_path, AWS, edit)
+    assert any(m.startswith(f"{bad}: max_workers: 1 is below the sum of min_workers")
+               for m in _messages(bad))
+
+
+def test_cloud_yaml_without_token_auth_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, AWS, None, text_edit=("export RAY_AUTH_MODE=token;", ""))
+    msgs = _messages(bad)
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert any(m.startswith(f"{bad}: {key}: does not turn on token auth for provider 'aws'")
+                   for m in msgs), msgs
+
+
+def test_local_yaml_needs_no_token_auth():
+    assert "RAY_AUTH_MODE" not in LOCAL.read_text().split("provider:")[1]
+    assert validate_file(LOCAL) == []
+
+
+def test_dashboard_open_to_the_world_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, GCP, None,
+                       text_edit=("--dashboard-host=127.0.0.1", "--dashboard-host=0.0.0.0"))
+    msgs = _messages(bad)
+    assert any(m.startswith(f"{bad}: head_start_ray_commands[1]: binds the dashboard to 0.0.0.0")
+               for m in msgs), msgs
+
+
+def test_local_yaml_missing_a_top_level_key_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, LOCAL, lambda d: d.pop("rsync_filter"))
+    assert any(m.startswith(f"{bad}: rsync_filter: is missing; the local autoscaler")
+               for m in _messages(bad))
+
+
+def test_ray_schema_errors_name_the_key(tmp_path):
+    bad = _broken_copy(tmp_path, AWS, lambda d: d["available_node_types"]["h100"].update(max_wokers=3))
+    msgs = _messages(bad)
+    assert any(m.startswith(f"{bad}: available_node_types.h100: ") and "max_wokers" in m
+               and "Ray cluster schema" in m for m in msgs), msgs
+
+
+def test_not_yaml_is_reported(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("cluster_name: [unclosed\n")
+    assert _messages(bad)[0].startswith(f"{bad}: is not valid YAML")
+
+
+# --- KubeRay RayCluster ----------------------------------------------------------------------
+
+
+def _group(doc, name):
+    return next(g for g in doc["spec"]["workerGroupSpecs"] if g["groupName"] == name)
+
+
+def test_kuberay_min_replicas_above_max_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, KUBE, lambda d: _group(d, "a100").update(minReplicas=9))
+    assert any(m.startswith(f"{bad}: spec.workerGroupSpecs[1].minReplicas: 9 is greater than "
+                            "maxReplicas (8)") for m in _messages(bad))
+
+
+def test_kuberay_gpu_group_without_accelerator_type_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, KUBE, lambda d: _group(d, "l4")["rayStartParams"].pop("resources"))
+    assert any(m.startswith(f"{bad}: spec.workerGroupSpecs[2].rayStartParams.resources: group has GPUs")
+               for m in _messages(bad))
+
+
+def test_kuberay_fractional_custom_resource_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, KUBE, None, text_edit=(
+        '\'"{\\"accelerator_type:L4\\": 1}"\'', '\'"{\\"accelerator_type:L4\\": 0.5}"\''))
+    assert any(m.startswith(f"{bad}: spec.workerGroupSpecs[2].rayStartParams.resources."
+                            "accelerator_type:L4: 0.5 is not an integer") for m in _messages(bad))
+
+
+def test_kuberay_without_token_auth_is_rejected(tmp_path):
+    def edit(d):
+        d["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"] = []
+    bad = _broken_copy(tmp_path, KUBE, edit)
+    assert any(m.startswith(f"{bad}: spec.headGroupSpec.template.spec.containers[0].env: does not set "
+                            "RAY_AUTH_MODE=token") for m in _messages(bad))
+
+
+def test_kuberay_open_dashboard_is_rejected(tmp_path):
+    bad = _broken_copy(tmp_path, KUBE,
+                       lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"dashboard-host": "0.0.0.0"}))
+    assert any(m.startswith(f"{bad}: spec.headGroupSpec.rayStartParams.dashboard-host: is 0.0.0.0")
+               for m in _messages(bad))
+
+
+def test_kuberay_shipped_cr_autoscales_one_group_per_gpu_type():
+    doc = yaml.safe_load(KUBE.read_text())
+    assert doc["spec"]["enableInTreeAutoscaling"] is True
+    assert [g["groupName"] for g in doc["spec"]["workerGroupSpecs"]] == ["h100", "a100", "l4"]
+
+
+# --- Grafana dashboard -----------------------------------------------------------------------
+
+
+def test_grafana_dashboard_covers_every_trainer_metric():
+    dash = json.loads(GRAFANA_DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for p in dash["panels"] for t in p["targets"])
+    for metric in ("loss", "tokens_per_s", "step_seconds", "bytes_sent", "compression_ratio",
+                   "generation", "data_lag_s", "world_size"):
+        assert f"ray_raydistro_{metric}" in exprs, metric
+    assert "by (worker)" in exprs
+    assert "rate(" in exprs  # bytes_sent is a counter
