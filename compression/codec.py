@@ -62,6 +62,14 @@ def unpack_bits(u8: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (b.reshape(*lead, count, bits).to(torch.int64) * weights).sum(-1)
 
 
+def _fresh(rows: torch.Tensor) -> torch.Tensor:
+    """A packed copy (row stride = row length), so the bytes can be reinterpreted as wider dtypes.
+
+    `.contiguous()` is not enough: a [1, n] slice counts as contiguous while keeping the parent's stride.
+    """
+    return torch.empty(rows.shape, dtype=rows.dtype, device=rows.device).copy_(rows)
+
+
 def _u32_from_bytes(rows: torch.Tensor) -> torch.Tensor:
     """[W, 4] uint8 -> [W] int64 (little endian), without reinterpreting memory (alignment/endianness safe)."""
     shifts = torch.tensor([0, 8, 16, 24], device=rows.device, dtype=torch.int64)
@@ -151,7 +159,10 @@ class WireFormat:
                 parts.append(pack_bits(val < 0, 1))
             else:
                 parts.append(val.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1))
-        buf = torch.cat(parts)
+        return self.seal(torch.cat(parts))
+
+    def seal(self, buf: torch.Tensor) -> torch.Tensor:
+        """Write the checksum of a (possibly edited) payload into its header, in place; returns it."""
         buf[28:32] = _u32_to_bytes(self.checksum(buf.unsqueeze(0)))
         return buf
 
@@ -165,7 +176,7 @@ class WireFormat:
             raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
                                    f"expected [world_size, {self.nbytes}]")
         W, dev = gathered.shape[0], gathered.device
-        weights64 = gathered[:, 16:24].contiguous().view(torch.float64).reshape(W)
+        weights64 = _fresh(gathered[:, 16:24]).view(torch.float64).reshape(W)
         checks: list[tuple[str, torch.Tensor]] = []
         if validate:
             magic = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).to(dev)
@@ -194,7 +205,7 @@ class WireFormat:
                 if validate:
                     checks.append((f"group {gi}: nonzero count above topk={k}", (counts <= k).flatten(1).all(1)))
             else:
-                raw = gathered[:, off:off + spec.value_bytes].contiguous()
+                raw = _fresh(gathered[:, off:off + spec.value_bytes])
                 off += spec.value_bytes
                 vals = raw.view(torch.bfloat16).view(W, N, k).to(torch.float32)
                 mask = torch.ones_like(vals)

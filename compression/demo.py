@@ -29,6 +29,23 @@ from compression.dct import ChunkPlan, dct2, dct_basis, idct2
 from compression.sync import ExchangeStats, Sync
 
 
+def encode_chunks(m: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, k: int):
+    """Top-k DCT coefficients of every chunk of `m` ([N, h, w]) and the error-feedback residual.
+
+    Returns (indices [N, k], values [N, k] sorted by |value| descending, residual = m - idct(picks)).
+    """
+    coef = dct2(m, ch, cw).reshape(m.shape[0], -1)
+    idx = coef.abs().topk(k, dim=1, sorted=True).indices  # sorted: zero picks (if any) come last
+    val = coef.gather(1, idx)
+    sent = torch.zeros_like(coef).scatter_(1, idx, val).view_as(m)
+    return idx, val, m - idct2(sent, ch, cw)  # subtract the unquantized picks: the rest stays local
+
+
+def demo_wire_format(plan: ChunkPlan, topk: int, value_bits: int) -> WireFormat:
+    """The payload layout for a chunk plan (k is capped at the chunk size for tiny chunks)."""
+    return WireFormat([GroupSpec(g.n_chunks, g.numel, min(topk, g.numel), value_bits) for g in plan.groups])
+
+
 class DemoSync(Sync):
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
         if cfg.value_bits not in (1, 16):
@@ -40,9 +57,8 @@ class DemoSync(Sync):
         self.cfg, self.params, self.comm = cfg, params, comm
         self.device = params[0].device
         self.plan = ChunkPlan([tuple(p.shape) for p in params], cfg.chunk)
-        self.ks = [min(cfg.topk, g.numel) for g in self.plan.groups]
-        self.wire = WireFormat([GroupSpec(g.n_chunks, g.numel, k, cfg.value_bits)
-                                for g, k in zip(self.plan.groups, self.ks)])
+        self.wire = demo_wire_format(self.plan, cfg.topk, cfg.value_bits)
+        self.ks = [spec.k for spec in self.wire.groups]
         self.bases = [(dct_basis(g.h, self.device), dct_basis(g.w, self.device)) for g in self.plan.groups]
         self.momentum = [torch.zeros(g.n_chunks, g.h, g.w, device=self.device) for g in self.plan.groups]
         self.held: list[torch.Tensor] | None = None  # delayed_apply: consensus waiting for the next commit
@@ -61,13 +77,8 @@ class DemoSync(Sync):
         g_chunks = self.plan.gather(grads, self.device)
         new_m, picks_i, picks_v = [], [], []
         for m, g, (ch, cw), k in zip(self.momentum, g_chunks, self.bases, self.ks):
-            m2 = torch.add(m * self.cfg.decay, g, alpha=lr)
-            coef = dct2(m2, ch, cw).reshape(m2.shape[0], -1)
-            idx = coef.abs().topk(k, dim=1, sorted=True).indices  # sorted: zero picks (if any) come last
-            val = coef.gather(1, idx)
-            sent = torch.zeros_like(coef).scatter_(1, idx, val).view_as(m2)
-            m2 -= idct2(sent, ch, cw)  # error feedback with the unquantized picks
-            new_m.append(m2)
+            idx, val, residual = encode_chunks(torch.add(m * self.cfg.decay, g, alpha=lr), ch, cw, k)
+            new_m.append(residual)
             picks_i.append(idx)
             picks_v.append(val)
         # a non-finite momentum poisons our payload's weight (NaN) instead of raising here: every rank,

@@ -1,0 +1,72 @@
+"""Shared fixtures-as-functions for the compression tests: small models, grads, hashes, tampering comms."""
+from __future__ import annotations
+
+import copy
+import hashlib
+
+import torch
+import torch.nn as nn
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    """Matrices with 64x64 and thin chunks, vectors with runs of 64 and of a non power of two (48)."""
+    g = torch.Generator().manual_seed(seed)
+    m = nn.Sequential(nn.Linear(128, 192), nn.LayerNorm(192), nn.Linear(192, 48), nn.Linear(48, 10))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return m
+
+
+def replicas(model: nn.Module, n: int) -> list[nn.Module]:
+    return [copy.deepcopy(model) for _ in range(n)]
+
+
+def set_random_grads(params, gen: torch.Generator, scale: float = 1.0) -> None:
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen) * scale
+
+
+def digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def state_digest(sd) -> str:
+    """Hash of every tensor in a (nested) state dict, in a stable order."""
+    out = []
+
+    def walk(x):
+        if torch.is_tensor(x):
+            out.append(x)
+        elif isinstance(x, dict):
+            for k in sorted(x, key=str):
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                walk(v)
+    walk(sd)
+    return digest(out)
+
+
+class TamperingCommunicator:
+    """Wraps a communicator; `edit(row) -> row` rewrites the victim's gathered payload on every receiver."""
+
+    def __init__(self, inner, victim: int, edit):
+        self.inner, self.victim, self.edit = inner, victim, edit
+        self.rank, self.world_size = inner.rank, inner.world_size
+        self.armed = True
+
+    def allgather(self, t):
+        out = self.inner.allgather(t)
+        if self.armed:
+            out[self.victim] = self.edit(out[self.victim].clone())
+        return out
+
+    def allreduce_(self, t):
+        self.inner.allreduce_(t)
+
+    def broadcast_(self, t, src):
+        self.inner.broadcast_(t, src)
