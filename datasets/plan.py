@@ -255,23 +255,31 @@ class DataPlan:
         self._pending[step] = drawn
         return {rank: [r for _, r in got] for rank, got in drawn.items()}
 
-    def commit(self, step: int, filtered: int = 0, unusable: int = 0) -> None:
+    def commit(self, step: int, dropped: Iterable = ()) -> None:
         """Step `step` trained and synced everywhere: its documents are delivered.
 
-        `filtered` / `unusable` are the readers' counts of documents of this step dropped by the data filters
-        or found null/empty/corrupt; they are consumed (never served again) but not counted as delivered."""
-        drawn = self._pop(step, "commit")
-        per_epoch: dict[int, int] = collections.Counter()
-        for got in drawn.values():
-            for epoch, r in got:
-                self._records[epoch].mark(r)
-                per_epoch[epoch] += len(r)
-        # attribute the drop counts to the epochs of this step, oldest first (a step spans 2 at most)
-        for attr, count in (("filtered", filtered), ("unusable", unusable)):
-            for epoch in sorted(per_epoch):
-                n = min(count, per_epoch[epoch])
-                setattr(self._records[epoch], attr, getattr(self._records[epoch], attr) + n)
-                count -= n
+        `dropped`: the readers' report of rows of this step that were consumed but not trained on, as
+        (DocRange, reason) pairs (or [shard, row_group, start, stop, reason] lists from JSON), reason
+        "filtered" (data filters) or "unusable" (null/empty/corrupt). They are never served again and are
+        counted as filtered/unusable, not delivered, in the epoch they were drawn in."""
+        drawn = self._pending.get(step)
+        if drawn is None:
+            self._pop(step, "commit")
+        drops = [_as_drop(d) for d in dropped]
+        spans = [(e, r) for got in drawn.values() for e, r in got]
+        attributed = []
+        for r, reason in drops:
+            home = next((e for e, d in spans if d.shard == r.shard and d.row_group == r.row_group
+                         and d.start <= r.start and r.stop <= d.stop), None)
+            if home is None:
+                raise PlanError(f"commit(step={step}): dropped rows {r} are not part of this step")
+            attributed.append((home, r, reason))
+        self._pending.pop(step)
+        for epoch, r in spans:
+            self._records[epoch].mark(r)
+        for epoch, r, reason in attributed:
+            rec = self._records[epoch]
+            setattr(rec, reason, getattr(rec, reason) + len(r))
         self._finish_epochs()
 
     def abort(self, step: int) -> list[DocRange]:
@@ -378,6 +386,18 @@ class DataPlan:
         self._records = {int(e): _EpochRecord.from_json(d) for e, d in sd["records"].items()}
         self._records.setdefault(self.epoch, _EpochRecord())
         self._finished = {int(e): dict(acc) for e, acc in sd["finished_epochs"].items()}
+
+
+def _as_drop(d) -> tuple[DocRange, str]:
+    if isinstance(d, (list, tuple)) and len(d) == 2 and isinstance(d[0], DocRange):
+        r, reason = d
+    elif isinstance(d, (list, tuple)) and len(d) == 5:
+        r, reason = DocRange.from_list(d[:4]), d[4]
+    else:
+        raise PlanError(f"commit: dropped entries are (DocRange, reason) or [shard, rg, start, stop, reason], got {d!r}")
+    if reason not in ("filtered", "unusable"):
+        raise PlanError(f"commit: drop reason must be 'filtered' or 'unusable', got {reason!r}")
+    return r, reason
 
 
 def ranges_rows(ranges: Iterable[DocRange]) -> int:

@@ -21,7 +21,7 @@ import collections
 import concurrent.futures
 import logging
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import pyarrow as pa
@@ -71,6 +71,23 @@ class ReadStats:
 class DocBatch:
     docs: list[list[int]]
     stats: ReadStats
+    # rows consumed but not returned, as (DocRange, "filtered" | "unusable"): what DataPlan.commit takes
+    dropped: list[tuple[DocRange, str]] = field(default_factory=list)
+
+    def dropped_json(self) -> list[list]:
+        return [r.to_list() + [reason] for r, reason in self.dropped]
+
+
+def _merge_drops(drops: list[tuple[DocRange, str]]) -> list[tuple[DocRange, str]]:
+    out: list[tuple[DocRange, str]] = []
+    for r, reason in drops:
+        if out:
+            p, pr = out[-1]
+            if pr == reason and p.shard == r.shard and p.row_group == r.row_group and p.stop == r.start:
+                out[-1] = (DocRange(p.shard, p.row_group, p.start, r.stop), reason)
+                continue
+        out.append((r, reason))
+    return out
 
 
 _CORRUPT = object()   # cache marker: this row group cannot be decoded
@@ -162,7 +179,8 @@ class ShardReader:
             self._future(key)
 
     # ------------------------------------------------------------------ documents
-    def _texts(self, s: int, g: int, table: pa.Table, r: DocRange, st: ReadStats) -> list[str]:
+    def _texts(self, s: int, g: int, table: pa.Table, r: DocRange, st: ReadStats,
+               drops: list[tuple[DocRange, str]]) -> list[str]:
         """Texts of rows [r.start, r.stop) that pass the filters, with bad rows counted."""
         sl = table.slice(r.start, len(r))
         keep = None
@@ -177,11 +195,14 @@ class ShardReader:
         out: list[str] = []
         path = self.shards[s].path
         for i, b in enumerate(raw):
+            row = DocRange(s, g, r.start + i, r.start + i + 1)
             if mask is not None and not mask[i]:
                 st.filtered += 1
+                drops.append((row, "filtered"))
                 continue
             if b is None:
                 st.empty += 1
+                drops.append((row, "unusable"))
                 continue
             try:
                 text = b.decode("utf-8")
@@ -192,6 +213,7 @@ class ShardReader:
                             path, g, r.start + i)
             if not text.strip():
                 st.empty += 1
+                drops.append((row, "unusable"))
                 continue
             out.append(text)
         return out
@@ -218,6 +240,7 @@ class ShardReader:
         self.prefetch(ranges)
         keep = frozenset((r.shard, r.row_group) for r in ranges)
         texts: list[str] = []
+        drops: list[tuple[DocRange, str]] = []
         for r in ranges:
             sh = self.shards[r.shard]
             if not (0 <= r.row_group < sh.num_row_groups and 0 <= r.start <= r.stop <= sh.row_group_rows[r.row_group]):
@@ -226,8 +249,9 @@ class ShardReader:
             table = self._future((r.shard, r.row_group), keep).result()
             if table is _CORRUPT:
                 st.corrupt += len(r)
+                drops.append((r, "unusable"))
                 continue
-            texts.extend(self._texts(r.shard, r.row_group, table, r, st))
+            texts.extend(self._texts(r.shard, r.row_group, table, r, st, drops))
         docs = self._tokenize(texts, st) if texts else []
         st.returned = len(docs)
         st.tokens = sum(len(d) for d in docs)
@@ -235,7 +259,7 @@ class ShardReader:
             log.warning("read: %d empty and %d corrupt documents skipped (counted)", st.empty, st.corrupt)
         with self._lock:
             self.stats.add(st)
-        return DocBatch(docs=docs, stats=st)
+        return DocBatch(docs=docs, stats=st, dropped=_merge_drops(drops))
 
     def read(self, ranges: Sequence[DocRange]) -> list[list[int]]:
         """Token lists of the usable documents of `ranges` (no EOT; `pack` adds the separators)."""

@@ -242,7 +242,11 @@ def test_filtered_and_unusable_are_not_counted_as_delivered():
     plan = DataPlan(make_shards(), seed=1)
     a = plan.assign(0, {0: 10000})
     n = sum(len(r) for r in a[0])
-    plan.commit(0, filtered=2, unusable=1)
+    r0 = a[0][0]
+    with pytest.raises(PlanError, match="not part of this step"):
+        plan.commit(0, dropped=[(DocRange(r0.shard, r0.row_group, r0.stop, r0.stop + 1), "filtered")])
+    plan.commit(0, dropped=[(DocRange(r0.shard, r0.row_group, r0.start, r0.start + 2), "filtered"),
+                            [r0.shard, r0.row_group, r0.start + 2, r0.start + 3, "unusable"]])
     acc = plan.accounting()
     assert acc["filtered"] == 2 and acc["unusable"] == 1 and acc["delivered_once"] == n - 3
 
