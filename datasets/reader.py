@@ -180,7 +180,7 @@ class ShardReader:
 
     # ------------------------------------------------------------------ documents
     def _texts(self, s: int, g: int, table: pa.Table, r: DocRange, st: ReadStats,
-               drops: list[tuple[DocRange, str]]) -> list[str]:
+               drops: list[tuple[DocRange, str]], origins: list[DocRange]) -> list[str]:
         """Texts of rows [r.start, r.stop) that pass the filters, with bad rows counted."""
         sl = table.slice(r.start, len(r))
         keep = None
@@ -216,9 +216,10 @@ class ShardReader:
                 drops.append((row, "unusable"))
                 continue
             out.append(text)
+            origins.append(row)
         return out
 
-    def _tokenize(self, texts: list[str], st: ReadStats) -> list[list[int]]:
+    def _tokenize(self, texts: list[str], origins: list[DocRange], st: ReadStats) -> list[list[int]]:
         limit = int(self.cfg.max_doc_tokens)
         cap = limit * _CHARS_PER_TOKEN_CAP
         heads = [t if len(t) <= cap else t[:cap] for t in texts]
@@ -227,11 +228,12 @@ class ShardReader:
             if head is not text and len(docs[i]) <= limit + _TRUNCATION_MARGIN:
                 docs[i] = self.tokenizer.encode(text)       # the cut was too short to decide: do it whole
             if len(docs[i]) > limit:
+                o = origins[i]
+                log.warning("%s row group %d row %d: %d+ tokens, truncated to data.max_doc_tokens=%d",
+                            self.shards[o.shard].path, o.row_group, o.start, len(docs[i]), limit)
                 docs[i] = docs[i][:limit]
                 st.truncated += 1
             st.text_chars += len(text)
-        if st.truncated:
-            log.warning("%d documents longer than data.max_doc_tokens=%d were truncated", st.truncated, limit)
         return docs
 
     def read_batch(self, ranges: Sequence[DocRange]) -> DocBatch:
@@ -241,6 +243,7 @@ class ShardReader:
         keep = frozenset((r.shard, r.row_group) for r in ranges)
         texts: list[str] = []
         drops: list[tuple[DocRange, str]] = []
+        origins: list[DocRange] = []
         for r in ranges:
             sh = self.shards[r.shard]
             if not (0 <= r.row_group < sh.num_row_groups and 0 <= r.start <= r.stop <= sh.row_group_rows[r.row_group]):
@@ -251,8 +254,8 @@ class ShardReader:
                 st.corrupt += len(r)
                 drops.append((r, "unusable"))
                 continue
-            texts.extend(self._texts(r.shard, r.row_group, table, r, st, drops))
-        docs = self._tokenize(texts, st) if texts else []
+            texts.extend(self._texts(r.shard, r.row_group, table, r, st, drops, origins))
+        docs = self._tokenize(texts, origins, st) if texts else []
         st.returned = len(docs)
         st.tokens = sum(len(d) for d in docs)
         if st.empty or st.corrupt:
