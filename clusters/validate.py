@@ -221,8 +221,11 @@ def _validate_raycluster(doc: dict, file: str) -> list[Problem]:
             problems += _replica_rules(group, base, file)
             groups.append((base, group))
 
+    # KubeRay's own token auth (spec.authOptions.mode: token, newer operators) covers every container.
+    auth = spec.get("authOptions")
+    native_token = isinstance(auth, dict) and auth.get("mode", "token") == "token"
     for base, group in groups:
-        problems += _group_rules(group, base, file)
+        problems += _group_rules(group, base, file, token_from_operator=native_token)
     return problems
 
 
@@ -243,7 +246,7 @@ def _replica_rules(group: dict, base: str, file: str) -> list[Problem]:
     return problems
 
 
-def _group_rules(group: dict, base: str, file: str) -> list[Problem]:
+def _group_rules(group: dict, base: str, file: str, token_from_operator: bool = False) -> list[Problem]:
     problems: list[Problem] = []
     params = group.get("rayStartParams", {})
     if not isinstance(params, dict):
@@ -295,11 +298,12 @@ def _group_rules(group: dict, base: str, file: str) -> list[Problem]:
     env = ray_container.get("env") or []
     token = any(isinstance(e, dict) and e.get("name") == "RAY_AUTH_MODE" and e.get("value") == "token"
                 for e in env)
-    if not token:
+    if not token and not token_from_operator:
         problems.append(Problem(
             file, f"{cpath}.env",
             "does not set RAY_AUTH_MODE=token; add {name: RAY_AUTH_MODE, value: token} and the token "
-            "as RAY_AUTH_TOKEN from a Secret"))
+            "as RAY_AUTH_TOKEN from a Secret (or spec.authOptions.mode: token on KubeRay versions "
+            "that support it)"))
     return problems
 
 

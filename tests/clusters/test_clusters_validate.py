@@ -166,6 +166,14 @@ def test_kuberay_without_token_auth_is_rejected(tmp_path):
                             "RAY_AUTH_MODE=token") for m in _messages(bad))
 
 
+def test_kuberay_operator_token_auth_is_accepted(tmp_path):
+    def edit(d):
+        for g in [d["spec"]["headGroupSpec"], *d["spec"]["workerGroupSpecs"]]:
+            g["template"]["spec"]["containers"][0]["env"] = []
+        d["spec"]["authOptions"] = {"mode": "token"}
+    assert validate_file(_broken_copy(tmp_path, KUBE, edit)) == []
+
+
 def test_kuberay_open_dashboard_is_rejected(tmp_path):
     bad = _broken_copy(tmp_path, KUBE,
                        lambda d: d["spec"]["headGroupSpec"]["rayStartParams"].update({"dashboard-host": "0.0.0.0"}))
