@@ -76,10 +76,11 @@ class TorchDistributedCommunicator:
         self._dist.all_reduce(t, group=self.group)
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous()
-        out = t.new_empty((self.world_size, *t.shape))
-        self._dist.all_gather_into_tensor(out, t, group=self.group)
-        return out
+        # the flat [W * n] output layout is the one every backend accepts (gloo rejects [W, n])
+        flat = t.contiguous().reshape(-1)
+        out = flat.new_empty(self.world_size * flat.numel())
+        self._dist.all_gather_into_tensor(out, flat, group=self.group)
+        return out.view(self.world_size, *t.shape)
 
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         self._dist.broadcast(t, src=src, group=self.group)

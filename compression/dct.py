@@ -48,6 +48,18 @@ def idct2(y: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
     return torch.matmul(ch.T, x)
 
 
+def sparse_idct2(idx: torch.Tensor, val: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor) -> torch.Tensor:
+    """idct2 of chunks that are zero except `val` at flat positions `idx` (both `[N, E]`) -> `[N, h, w]`.
+
+    X = sum_e val_e * outer(C_h[row_e], C_w[col_e]): one bmm with an inner dimension of E (e.g. k = 4)
+    instead of two 64-wide matmuls, ~30x fewer flops for the error feedback and the decode.
+    """
+    w = cw.shape[0]
+    rows = ch[idx // w] * val.unsqueeze(-1)   # [N, E, h]
+    cols = cw[idx % w]                        # [N, E, w]
+    return torch.bmm(rows.transpose(1, 2), cols)
+
+
 def largest_divisor_at_most(n: int, limit: int) -> int:
     for d in range(min(n, limit), 0, -1):
         if n % d == 0:

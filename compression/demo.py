@@ -25,7 +25,7 @@ import torch
 from compression.codec import GroupSpec, WireFormat
 from compression.communicator import Communicator
 from compression.config import SyncConfig
-from compression.dct import ChunkPlan, dct2, dct_basis, idct2
+from compression.dct import ChunkPlan, dct2, dct_basis, sparse_idct2
 from compression.sync import ExchangeStats, Sync
 
 
@@ -37,8 +37,7 @@ def encode_chunks(m: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, k: int):
     coef = dct2(m, ch, cw).reshape(m.shape[0], -1)
     idx = coef.abs().topk(k, dim=1, sorted=True).indices  # sorted: zero picks (if any) come last
     val = coef.gather(1, idx)
-    sent = torch.zeros_like(coef).scatter_(1, idx, val).view_as(m)
-    return idx, val, m - idct2(sent, ch, cw)  # subtract the unquantized picks: the rest stays local
+    return idx, val, m - sparse_idct2(idx, val, ch, cw)  # subtract the unquantized picks: the rest stays local
 
 
 def demo_wire_format(plan: ChunkPlan, topk: int, value_bits: int) -> WireFormat:
@@ -60,6 +59,8 @@ class DemoSync(Sync):
         self.wire = demo_wire_format(self.plan, cfg.topk, cfg.value_bits)
         self.ks = [spec.k for spec in self.wire.groups]
         self.bases = [(dct_basis(g.h, self.device), dct_basis(g.w, self.device)) for g in self.plan.groups]
+        # sign updates are exact in any float dtype; the params' dtype saves a conversion at commit
+        self.update_dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float32
         self.momentum = [torch.zeros(g.n_chunks, g.h, g.w, device=self.device) for g in self.plan.groups]
         self.held: list[torch.Tensor] | None = None  # delayed_apply: consensus waiting for the next commit
         self.step_count = 0
@@ -103,15 +104,23 @@ class DemoSync(Sync):
                              collective_input_bytes=nb)
 
     def _consensus(self, weights, idx, vals, mask, gi) -> torch.Tensor:
-        """sign(idct(weighted mean over the ranks that picked each coefficient)) as int8 `[N, h, w]`."""
+        """sign(idct(weighted mean over the ranks that picked each coefficient)) as `[N, h, w]`."""
         g, (ch, cw) = self.plan.groups[gi], self.bases[gi]
+        W = idx.shape[0]
         num = torch.zeros(g.n_chunks, g.numel, device=self.device)
         den = torch.zeros_like(num)
-        for r in range(idx.shape[0]):  # fixed rank order; indices unique per chunk -> no racing adds
+        for r in range(W):  # fixed rank order; indices unique per chunk -> no racing adds
             num.scatter_add_(1, idx[r], vals[r] * weights[r])
             den.scatter_add_(1, idx[r], mask[r] * weights[r])
-        mean = torch.where(den > 0, num / den.clamp_min(torch.finfo(num.dtype).tiny), torch.zeros_like(num))
-        return torch.sign(idct2(mean.view(g.n_chunks, g.h, g.w), ch, cw)).to(torch.int8)
+        num.div_(den.clamp_min_(torch.finfo(num.dtype).tiny))  # mean where picked, 0 elsewhere (num is 0)
+        # the mean is nonzero only where some rank picked: read it back at each rank's picks, zeroing it as
+        # it is read so a coefficient picked by several ranks counts once, then one sparse inverse DCT
+        coef = []
+        for r in range(W):
+            coef.append(num.gather(1, idx[r]))
+            num.scatter_(1, idx[r], 0.0)
+        x = sparse_idct2(idx.permute(1, 0, 2).reshape(g.n_chunks, -1), torch.stack(coef, 1).view(g.n_chunks, -1), ch, cw)
+        return torch.sign(x).to(self.update_dtype)
 
     def commit(self) -> None:
         if self._pending is None:
@@ -125,7 +134,7 @@ class DemoSync(Sync):
             if update is not None:
                 tiles = self.plan.param_tiles(self.params)
                 ups = self.plan.all_group_views(update)
-                torch._foreach_add_(tiles, [u.to(t.dtype) for u, t in zip(ups, tiles)], alpha=-lr)
+                torch._foreach_add_(tiles, [u if u.dtype == t.dtype else u.to(t.dtype) for u, t in zip(ups, tiles)], alpha=-lr)
         self.momentum = new_m
         self.step_count += 1
         self._pending = None
@@ -151,6 +160,6 @@ class DemoSync(Sync):
         self.momentum = self.plan.gather([t.to(self.device) for t in mom], self.device)
         held = sd.get("held_update")
         self.held = (None if held is None else
-                     [b.to(torch.int8) for b in self.plan.gather([t.to(self.device) for t in held], self.device)])
+                     self.plan.gather([t.to(self.device) for t in held], self.device, dtype=self.update_dtype))
         self.step_count = int(sd["step_count"])
         self._pending = None
