@@ -40,6 +40,44 @@ def encode_chunks(m: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, k: int):
     return idx, val, m - sparse_idct2(idx, val, ch, cw)  # subtract the unquantized picks: the rest stays local
 
 
+PAIRWISE_MAX_PICKS = 64  # W*k up to this: compare picks pairwise (E^2 <= 4096); above: a dense coefficient grid
+
+
+def pairwise_mean(idx: torch.Tensor, wval: torch.Tensor, wmask: torch.Tensor) -> torch.Tensor:
+    """Weighted mean per picked coefficient, from `[W, N, k]` picks -> `[N, W*k]` (0 for repeats of a pick).
+
+    For every pick e: sum over the picks e' of the same chunk with the same index (all ranks, fixed order)
+    of weight*value, divided by the sum of weights. A coefficient picked by several ranks keeps its mean
+    at its first occurrence (rank order) and 0 at the others, so the inverse DCT counts it once.
+    Plain tensor reductions, no atomics: bitwise reproducible.
+    """
+    W, N, k = idx.shape
+    flat = lambda t: t.permute(1, 0, 2).reshape(N, W * k)  # noqa: E731
+    i, v, m = flat(idx), flat(wval), flat(wmask)
+    same = i.unsqueeze(2) == i.unsqueeze(1)                                   # [N, E, E]
+    num = (same * v.unsqueeze(1)).sum(-1)
+    den = (same * m.unsqueeze(1)).sum(-1)
+    earlier = torch.ones(W * k, W * k, dtype=torch.bool, device=idx.device).tril(-1)
+    first = ~(same & earlier).any(-1)
+    return torch.where(first & (den > 0), num / den.clamp_min(torch.finfo(num.dtype).tiny), torch.zeros_like(num))
+
+
+def grid_mean(idx: torch.Tensor, wval: torch.Tensor, wmask: torch.Tensor, numel: int) -> torch.Tensor:
+    """Same result layout as `pairwise_mean`, through a dense `[N, numel]` grid (for many ranks x picks)."""
+    W, N, k = idx.shape
+    num = torch.zeros(N, numel, device=idx.device)
+    den = torch.zeros_like(num)
+    for r in range(W):  # fixed rank order; indices unique per chunk (validated) -> no racing adds
+        num.scatter_add_(1, idx[r], wval[r])
+        den.scatter_add_(1, idx[r], wmask[r])
+    num.div_(den.clamp_min_(torch.finfo(num.dtype).tiny))
+    coef = []
+    for r in range(W):  # read the mean at each rank's picks, zeroing it so repeats count once
+        coef.append(num.gather(1, idx[r]))
+        num.scatter_(1, idx[r], 0.0)
+    return torch.stack(coef, 1).view(N, W * k)
+
+
 def demo_wire_format(plan: ChunkPlan, topk: int, value_bits: int) -> WireFormat:
     """The payload layout for a chunk plan (k is capped at the chunk size for tiny chunks)."""
     return WireFormat([GroupSpec(g.n_chunks, g.numel, min(topk, g.numel), value_bits) for g in plan.groups])
@@ -78,7 +116,8 @@ class DemoSync(Sync):
         g_chunks = self.plan.gather(grads, self.device)
         new_m, picks_i, picks_v = [], [], []
         for m, g, (ch, cw), k in zip(self.momentum, g_chunks, self.bases, self.ks):
-            idx, val, residual = encode_chunks(torch.add(m * self.cfg.decay, g, alpha=lr), ch, cw, k)
+            g.mul_(lr).add_(m, alpha=self.cfg.decay)  # in the gathered buffer: m is committed state
+            idx, val, residual = encode_chunks(g, ch, cw, k)
             new_m.append(residual)
             picks_i.append(idx)
             picks_v.append(val)
@@ -106,20 +145,12 @@ class DemoSync(Sync):
     def _consensus(self, weights, idx, vals, mask, gi) -> torch.Tensor:
         """sign(idct(weighted mean over the ranks that picked each coefficient)) as `[N, h, w]`."""
         g, (ch, cw) = self.plan.groups[gi], self.bases[gi]
-        W = idx.shape[0]
-        num = torch.zeros(g.n_chunks, g.numel, device=self.device)
-        den = torch.zeros_like(num)
-        for r in range(W):  # fixed rank order; indices unique per chunk -> no racing adds
-            num.scatter_add_(1, idx[r], vals[r] * weights[r])
-            den.scatter_add_(1, idx[r], mask[r] * weights[r])
-        num.div_(den.clamp_min_(torch.finfo(num.dtype).tiny))  # mean where picked, 0 elsewhere (num is 0)
-        # the mean is nonzero only where some rank picked: read it back at each rank's picks, zeroing it as
-        # it is read so a coefficient picked by several ranks counts once, then one sparse inverse DCT
-        coef = []
-        for r in range(W):
-            coef.append(num.gather(1, idx[r]))
-            num.scatter_(1, idx[r], 0.0)
-        x = sparse_idct2(idx.permute(1, 0, 2).reshape(g.n_chunks, -1), torch.stack(coef, 1).view(g.n_chunks, -1), ch, cw)
+        W, N, k = idx.shape
+        if W * k <= PAIRWISE_MAX_PICKS:
+            coef = pairwise_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1))
+        else:
+            coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
+        x = sparse_idct2(idx.permute(1, 0, 2).reshape(N, W * k), coef, ch, cw)
         return torch.sign(x).to(self.update_dtype)
 
     def commit(self) -> None:

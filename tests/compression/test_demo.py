@@ -24,9 +24,12 @@ def _train(comm, steps, cfg, weights=(3.0, 1.0, 2.0), lr=1e-3, wd=0.1):
     return model, sync
 
 
-@pytest.mark.parametrize("world,value_bits,delayed", [(2, 1, False), (3, 1, False), (3, 16, False), (2, 1, True)])
-def test_replicas_stay_bit_identical(world, value_bits, delayed):
-    cfg = SyncConfig(name="demo", value_bits=value_bits, delayed_apply=delayed)
+@pytest.mark.parametrize("world,value_bits,delayed,topk", [
+    (2, 1, False, 4), (3, 1, False, 4), (3, 16, False, 4), (2, 1, True, 4),
+    (3, 1, False, 32),  # W*k = 96: the dense-grid decode path
+])
+def test_replicas_stay_bit_identical(world, value_bits, delayed, topk):
+    cfg = SyncConfig(name="demo", value_bits=value_bits, delayed_apply=delayed, topk=topk)
     out = run_threads(world, lambda c: digest(_train(c, 6, cfg)[0].parameters()))
     assert len(set(out)) == 1
     assert out[0] != digest(BASE.parameters())  # and they did move
@@ -189,3 +192,23 @@ def test_demo_reduces_loss_on_a_regression_problem_over_two_ranks():
 
     losses = run_threads(2, body)
     assert losses[0][-1] < 0.3 * losses[0][0], (losses[0][0], losses[0][-1])
+
+
+def test_pairwise_and_grid_decode_agree_and_count_shared_picks_once():
+    from compression.demo import grid_mean, pairwise_mean
+    g = torch.Generator().manual_seed(3)
+    idx = torch.stack([torch.stack([torch.randperm(16, generator=g)[:4] for _ in range(50)]) for _ in range(3)])
+    vals = torch.randn(3, 50, 4, generator=g)
+    w = torch.tensor([1.0, 2.0, 5.0]).view(3, 1, 1)
+    a = pairwise_mean(idx, vals * w, torch.ones_like(vals) * w)
+    b = grid_mean(idx, vals * w, torch.ones_like(vals) * w, 16)
+    assert torch.allclose(a, b, atol=1e-6)
+    # dense reference: per chunk, weighted mean over the ranks that picked each coefficient
+    dense = torch.zeros(50, 16)
+    num, den = torch.zeros(50, 16), torch.zeros(50, 16)
+    for r in range(3):
+        num.scatter_add_(1, idx[r], vals[r] * w[r]); den.scatter_add_(1, idx[r], w[r].expand(50, 4))
+    dense = torch.where(den > 0, num / den.clamp_min(1e-30), dense)
+    flat_idx = idx.permute(1, 0, 2).reshape(50, 12)
+    back = torch.zeros(50, 16).scatter_add_(1, flat_idx, a)
+    assert torch.allclose(back, dense, atol=1e-6)
