@@ -256,3 +256,17 @@ def test_doc_range_is_frozen():
     assert len(r) == 3
     with pytest.raises(Exception):
         r.start = 0
+
+
+def test_aborted_step_is_served_first_and_resplit_over_the_survivors():
+    plan = DataPlan(make_shards(), seed=4)
+    dead = plan.assign(0, {0: 3000, 1: 3000, 2: 3000})
+    returned = plan.abort(0)
+    assert returned == [r for rank in (0, 1, 2) for r in dead[rank]]
+    again = plan.assign(0, {5: 100000})            # one survivor, a big share: it takes all of them first
+    got = again[5]
+    rows = [(r.shard, r.row_group, row) for r in got for row in range(r.start, r.stop)]
+    want = [(r.shard, r.row_group, row) for r in returned for row in range(r.start, r.stop)]
+    assert rows[:len(want)] == want
+    plan.commit(0)
+    assert plan.accounting()["duplicated"] == 0 and plan.accounting()["returned"] == 0
