@@ -29,13 +29,13 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def moto_s3_server() -> Iterator[dict]:
+def moto_s3_server(port: Optional[int] = None) -> Iterator[dict]:
     """A real S3 endpoint on loopback; yields storage_options for s3fs (dummy credentials)."""
     import logging
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)     # one log line per HTTP request otherwise
-    port = free_port()
+    port = port or free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:

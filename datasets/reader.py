@@ -176,6 +176,10 @@ class ShardReader:
             if key not in seen:
                 seen.append(key)
         for key in seen[: self._capacity // 2 or 1]:
+            with self._lock:
+                full = key not in self._cache and len(self._cache) >= self._capacity
+            if full:          # a hint, never a reason to hold more than the cache bound
+                break
             self._future(key)
 
     # ------------------------------------------------------------------ documents
@@ -249,7 +253,15 @@ class ShardReader:
             if not (0 <= r.row_group < sh.num_row_groups and 0 <= r.start <= r.stop <= sh.row_group_rows[r.row_group]):
                 raise ValueError(f"{sh.path}: range {r} outside the file's row groups {list(sh.row_group_rows)}")
             st.documents += len(r)
-            table = self._future((r.shard, r.row_group), keep).result()
+            key = (r.shard, r.row_group)
+            fut = self._future(key, keep)
+            try:
+                table = fut.result()
+            except BaseException:
+                with self._lock:          # do not cache a failure: a later read (after recovery) retries
+                    if self._cache.get(key) is fut:
+                        del self._cache[key]
+                raise
             if table is _CORRUPT:
                 st.corrupt += len(r)
                 drops.append((r, "unusable"))

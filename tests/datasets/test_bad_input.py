@@ -120,6 +120,11 @@ def test_endpoint_dying_mid_run_ends_in_clear_error(tmp_path):
         assert len(reader.read([DocRange(0, 0, 0, 10)])) == 10
     with pytest.raises(DataSourceUnavailable, match=r"s3://dying/data/000_00000.parquet endpoint .* unreachable after 3 tries"):
         reader.read([DocRange(0, 2, 0, 10)])
+    # the endpoint comes back (same address, same data): the same reader recovers, nothing stale is cached
+    port = int(so["endpoint_url"].rsplit(":", 1)[1])
+    with moto_s3_server(port) as so2:
+        upload_dir(str(tmp_path / "d"), "dying", "data", so2)
+        assert len(reader.read([DocRange(0, 2, 0, 10)])) == 10
     reader.close()
 
 
