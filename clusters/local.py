@@ -105,6 +105,8 @@ def cluster_env(tmpdir: str) -> dict:
     """Environment for the head and everything it spawns (the autoscaler's nodes inherit it)."""
     env = dict(os.environ)
     env.pop("RAY_ADDRESS", None)
+    # `ray job submit -- python ...` runs `python` from the head's PATH: make it this interpreter.
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     env.update({
         "RAY_TMPDIR": tmpdir,
         "RAY_FAKE_CLUSTER": "1",

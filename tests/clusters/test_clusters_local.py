@@ -74,7 +74,8 @@ def start_bystander():
 
 
 @pytest.mark.timeout(300)
-def test_a100_demand_adds_a_node_and_down_stops_exactly_our_processes(cluster_env, start_bystander):
+def test_a100_demand_adds_a_node_and_down_stops_exactly_our_processes(cluster_env, start_bystander,
+                                                                       tmp_path):
     import ray
 
     res = _cli(cluster_env, "up")
@@ -106,6 +107,18 @@ def test_a100_demand_adds_a_node_and_down_stops_exactly_our_processes(cluster_en
 
     ray.kill(actor)
     ray.shutdown()
+
+    # The documented job path: `ray job submit --working-dir . -- python -m <module>` against the dashboard.
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "jobmod.py").write_text("import ray\nprint('jobmod ran with ray', ray.__version__)\n")
+    dashboard = res.stdout.split("dashboard: ", 1)[1].split()[0]
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    job = subprocess.run([ray_bin, "job", "submit", "--address", dashboard, "--working-dir", ".", "--",
+                          "python", "-m", "jobmod"], cwd=job_dir, env=cluster_env,
+                         capture_output=True, text=True, timeout=120)
+    assert job.returncode == 0, job.stdout[-2000:] + job.stderr[-2000:]
+    assert "jobmod ran with ray" in job.stdout
 
     cluster = local.load_state()
     ours_before_down = set(local._our_processes(cluster))
