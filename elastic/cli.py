@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -148,30 +147,35 @@ class RayRuntime:
             self.cluster.shutdown()
 
 
-def _node_chaos(runtime: RayRuntime, coord, cfg, stop: threading.Event) -> None:
-    """remove_node_at / add_node_at act on nodes this driver simulates (it owns the Cluster)."""
-    import ray
+class NodeChaos:
+    """remove_node_at / add_node_at act on nodes this driver simulates (it owns the Cluster).
 
-    todo = sorted([(s, "remove") for s in cfg.chaos.remove_node_at] + [(s, "add") for s in cfg.chaos.add_node_at])
-    while todo and not stop.is_set():
-        try:
-            step = ray.get(coord.progress.remote(), timeout=10).get("step", 0)
-        except Exception:
-            return
-        while todo and step >= todo[0][0]:
-            _, kind = todo.pop(0)
-            if kind == "remove" and len(runtime.sim_nodes) > 0:
+    Polled from the driver's main loop: Ray starts node processes with signal handlers, which only
+    the main thread may install."""
+
+    def __init__(self, runtime: RayRuntime, cfg):
+        self.runtime = runtime
+        self.cfg = cfg
+        self.todo = sorted([(s, "remove") for s in cfg.chaos.remove_node_at] +
+                           [(s, "add") for s in cfg.chaos.add_node_at])
+
+    def poll(self, step: int) -> None:
+        while self.todo and step >= self.todo[0][0]:
+            _, kind = self.todo.pop(0)
+            if kind == "remove" and self.runtime.sim_nodes:
                 log.warning("chaos: removing a simulated node at step %d", step)
-                runtime.remove_sim_node(-1)
+                self.runtime.remove_sim_node(-1)
             elif kind == "add":
-                acc = cfg.cluster.simulate[len(runtime.sim_nodes) % len(cfg.cluster.simulate)]
+                sim = self.cfg.cluster.simulate
+                acc = sim[len(self.runtime.sim_nodes) % len(sim)]
                 log.warning("chaos: adding a simulated %s node at step %d", acc, step)
-                runtime.add_sim_node(acc)
-        time.sleep(0.1)
+                self.runtime.add_sim_node(acc)
 
 
 def train(cfg) -> dict:
     """Run (or resume) a training run to completion; returns summary.json's content."""
+    if not sys.stdout.isatty():  # job logs and the dashboard's log viewer: no color control codes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
     from elastic.coordinator import CoordinatorActor
@@ -185,7 +189,6 @@ def train(cfg) -> dict:
             name=f"raydistro/{cfg.run.name}/coordinator", namespace=cfg.cluster.namespace,
         ).remote(cfg)
         run_ref = coord.run.remote()
-        stop = threading.Event()
         stopping = {"n": 0}
 
         def on_signal(signum, frame):
@@ -197,29 +200,27 @@ def train(cfg) -> dict:
                 raise KeyboardInterrupt
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        chaos_thread = None
-        if cfg.chaos.remove_node_at or cfg.chaos.add_node_at:
-            chaos_thread = threading.Thread(target=_node_chaos, args=(runtime, coord, cfg, stop), daemon=True)
-            chaos_thread.start()
+        node_chaos = NodeChaos(runtime, cfg)
         view = ProgressView(cfg)
         try:
             with view:
                 while True:
                     ready, _ = ray.wait([run_ref], timeout=0.5)
                     try:
-                        view.update(ray.get(coord.progress.remote(), timeout=10))
-                    except Exception:
+                        progress = ray.get(coord.progress.remote(), timeout=10)
+                        view.update(progress)
+                        node_chaos.poll(progress.get("step", 0))
+                    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                         pass
                     if ready:
                         break
             try:
                 summary = ray.get(run_ref)
             except ray.exceptions.RayTaskError as e:
-                log.error("run failed: %s", str(e.cause if hasattr(e, "cause") else e).splitlines()[0])
+                log.error("run failed: %s", str(getattr(e, "cause", None) or e).splitlines()[0])
                 summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() \
                     else {"state": "ERRORED", "error": str(e)}
         finally:
-            stop.set()
             for s, h in old.items():
                 signal.signal(s, h)
     view.final(summary, out)

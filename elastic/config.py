@@ -44,7 +44,8 @@ class RunSection:
 
 @dataclass
 class TrainSection:
-    steps: int = 100                 # total optimizer steps (a resumed run continues up to this)
+    steps: int = 50                  # total optimizer steps (a resumed run continues up to this)
+    stop_at: int = 0                 # stop, checkpointed, on reaching this step (0 = run to the end); rerun resumes
     workers: int = 2                 # workers to start with
     min_workers: int = 1             # below this the run pauses (checkpointed) until capacity returns
     max_workers: int = 0             # 0 = same as workers; above `workers` the group grows onto new capacity

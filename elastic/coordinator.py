@@ -20,9 +20,9 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from datasets import DataPlan, discover
+from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
 from elastic.config import RunConfig, checkpoint_uri, max_workers, run_dir, to_dict
@@ -66,7 +66,7 @@ class Coordinator:
         self.store = CheckpointStore(checkpoint_uri(cfg), cfg.checkpoint.keep, cfg.checkpoint.storage_options)
         self.backend = "gloo"
         self.draining: set[str] = set()
-        self.open_change: dict | None = None
+        self.open_changes: list[dict] = []  # membership changes waiting for their first committed step
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
         from elastic.metrics import RunMetrics
@@ -76,9 +76,15 @@ class Coordinator:
     # ---- setup -----------------------------------------------------------------------------
     def _load_data(self) -> None:
         d = self.cfg.data
-        self.shards = discover(d.source, d.storage_options)
+        # bad data stops the run here, with the file named, not later inside a worker
+        self.shards = discover(d.source, d.storage_options, text_column=d.text_column,
+                               retries=d.retries, backoff_s=d.retry_backoff_s)
+        check_text_column(self.shards, d.text_column)
         self.plan = DataPlan(self.shards, seed=d.seed, epoch=0)
-        self.val_shards = discover(d.val_source, d.storage_options) if d.val_source else []
+        self.val_shards = discover(d.val_source, d.storage_options, text_column=d.text_column,
+                                   retries=d.retries, backoff_s=d.retry_backoff_s) if d.val_source else []
+        if self.val_shards:
+            check_text_column(self.val_shards, d.text_column)
 
     def _worker_options(self) -> dict:
         t = self.cfg.train
@@ -118,19 +124,20 @@ class Coordinator:
         label = node["accelerator"] if node else "any"
         name = f"raydistro/{self.cfg.run.name}/worker-{self.next_worker_num}[{label}]"
         extra: dict[str, Any] = {}
-        if node is not None:
-            extra["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node["node_id"], soft=False)
+        if node is not None and node["accelerator"] not in ("CPU", "GPU"):
+            # Ray's convention for "any node of this type": a sliver of its accelerator_type resource.
+            # Not pinned to the node id: that node may already be gone by the time we are scheduled.
+            extra["resources"] = {f"accelerator_type:{node['accelerator']}": 0.001}
         if self.cfg.cluster.gloo_socket_ifname:  # gloo must bind the interface peers can reach
             extra["runtime_env"] = {"env_vars": {"GLOO_SOCKET_IFNAME": self.cfg.cluster.gloo_socket_ifname}}
         actor = Worker.options(
             name=name, namespace=self.cfg.cluster.namespace, max_concurrency=1, max_restarts=0,
             **opts, **extra,
-        ).remote(self.cfg, wid, self.shards, self.cfg.run.seed)
+        ).remote(self.cfg, wid, self.shards, self.cfg.run.seed, self.val_shards)
         handle = WorkerHandle(wid, actor)
         handle.info["name"] = name
         handle.info["spawned_at"] = time.time()
-        if node is not None:
-            handle.info["node_seen_at"] = self.node_first_seen.get(node["node_id"], time.time())
+
         return handle
 
     def _spawn_up_to(self, n: int) -> None:
@@ -230,7 +237,10 @@ class Coordinator:
                     pass
 
     def membership_change(self, kind: str, leaving: list[WorkerHandle], joiners: list[WorkerHandle],
-                          detected_at: float) -> None:
+                          detected_at: float, capacity_at: float | None = None) -> None:
+        """Stop the generation, checkpoint, re-form with new ranks; seconds_to_resume runs from
+        `detected_at` (the death noticed, the joiner ready) to the next committed step. For joins,
+        `capacity_at` (node appeared / worker requested) gives seconds_from_capacity as well."""
         self.state = "RESIZING"
         survivors = [h for h in self.members if h not in leaving]
         self._remove(leaving, kill=True)
@@ -246,8 +256,8 @@ class Coordinator:
             self.members = []
             ckpt = self.store.load_latest()
             self._form_group(joiners, None, ckpt)
-        self.open_change = {"step": self.step, "kind": kind, "detected_at": detected_at,
-                            "world_size": len(self.members)}
+        self.open_changes.append({"step": self.step, "kind": kind, "detected_at": detected_at,
+                                  "world_size": len(self.members), "capacity_at": capacity_at})
         self.state = "RUNNING"
 
     def _pause(self, kind: str, joiners: list[WorkerHandle], detected_at: float) -> None:
@@ -271,8 +281,8 @@ class Coordinator:
             self._form_group(joiners, source)
         else:
             self._form_group(joiners, None, ckpt)
-        self.open_change = {"step": self.step, "kind": f"{kind}-resume", "detected_at": detected_at,
-                            "world_size": len(self.members)}
+        self.open_changes.append({"step": self.step, "kind": f"{kind}-resume", "detected_at": detected_at,
+                                  "world_size": len(self.members)})
         self.state = "RUNNING"
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -345,6 +355,9 @@ class Coordinator:
         try:
             while self.step < self.cfg.train.steps and not self.stop_requested:
                 self._one_step()
+                if self.cfg.train.stop_at and self.step >= self.cfg.train.stop_at:
+                    self.summary.event(self.step, "stop_at reached")
+                    self.stop_requested = True
             self.state = "STOPPED" if self.stop_requested else "FINISHING"
             self.checkpoint(reason="stop" if self.stop_requested else "end")
             if not self.stop_requested or self.step >= self.cfg.train.steps:
@@ -352,7 +365,8 @@ class Coordinator:
             self.state = "STOPPED" if self.stop_requested else "FINISHED"
         except Exception as e:
             self.state = "ERRORED"
-            self.summary.error(f"{type(e).__name__}: {e}")
+            cause = getattr(e, "cause", None) or e  # a RayTaskError wraps the worker's own exception
+            self.summary.error(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
             try:
                 self.checkpoint(reason="error")
             except Exception:
@@ -394,8 +408,11 @@ class Coordinator:
             elif e.kind == "drain" and len(self.members) > 1:
                 self.chaos.mark_done(e)
                 victim = self.members[self.chaos.pick_victim(len(self.members))]
-                self.draining.add(victim.worker_id)
-                self.summary.event(self.step, f"chaos-drain {victim.worker_id}")
+                if self._drain_node_of(victim):
+                    self.summary.event(self.step, f"chaos-drain node of {victim.worker_id}")
+                else:  # the head node is never drained: give the worker the notice directly
+                    self.draining.add(victim.worker_id)
+                    self.summary.event(self.step, f"chaos-drain {victim.worker_id}")
         # real drain notices from the GCS (node drain, preemption): leave gracefully, before the deadline
         try:
             draining_nodes = ray._private.state.state.get_draining_nodes()
@@ -420,7 +437,8 @@ class Coordinator:
     def _one_step(self) -> None:
         joiners = self._control()
         if joiners:
-            self.membership_change("join", [], joiners, min(self._join_time(j) for j in joiners))
+            self.membership_change("join", [], joiners, min(j.info["ready_at"] for j in joiners),
+                                   capacity_at=min(self._join_time(j) for j in joiners))
         step = self.step
         members = list(self.members)
         gen = self.generation
@@ -490,6 +508,26 @@ class Coordinator:
             node_seen = None  # the node was there from the start: the join began at the spawn
         return min(t for t in (node_seen, h.info.get("spawned_at"), h.info.get("ready_at", time.time()))
                    if t is not None)
+
+    def _drain_node_of(self, victim: WorkerHandle, grace_s: float = 60.0) -> bool:
+        """Drain the victim's node through the GCS, as a preemption notice would (not the head)."""
+        node_id = victim.info.get("node_id")
+        for node in ray.nodes():
+            if node["NodeID"] == node_id and "node:__internal_head__" in node.get("Resources", {}):
+                return False
+        try:
+            from ray.core.generated import autoscaler_pb2
+
+            gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+            accepted, why = gcs.drain_node(
+                node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+                "raydistro chaos.drain_at", int(time.time() * 1000 + grace_s * 1000))
+            if not accepted:
+                log.warning("drain of node %s refused: %s", node_id, why)
+            return bool(accepted)
+        except Exception as e:
+            log.warning("could not drain node %s through the GCS (%s); notifying the worker", node_id, e)
+            return False
 
     def _watch_nodes(self) -> None:
         now = time.time()
@@ -572,7 +610,7 @@ class Coordinator:
 
     def _finish_commit(self, step, members, reports, wall, prints) -> None:
         agree = self._check_agree(prints, f"after step {step}") if prints else True
-        self.plan.commit(step)
+        self.plan.commit(step, dropped=[d for r in reports.values() for d in r.get("dropped", [])])
         self.step = step + 1
         self.recent_step_s.append(wall)
         self.recent_step_s = self.recent_step_s[-50:]
@@ -584,10 +622,11 @@ class Coordinator:
         tokens = sum(r["tokens"] for r in ok_reports)
         loss = sum(r["loss"] * r["tokens"] for r in ok_reports) / max(1, tokens)
         self.summary.step(step, loss, tokens, ok_reports, agree, wall)
-        if self.open_change is not None:
-            c = self.open_change
-            self.summary.membership_change(c["step"], c["kind"], time.time() - c["detected_at"], c["world_size"])
-            self.open_change = None
+        now = time.time()
+        for c in self.open_changes:
+            self.summary.membership_change(c["step"], c["kind"], now - c["detected_at"], c["world_size"],
+                                           now - c["capacity_at"] if c.get("capacity_at") else None)
+        self.open_changes = []
         sent = statistics.mean(r.get("bytes_sent", 0) for r in ok_reports) if ok_reports else 0
         dense = statistics.mean(r.get("dense_equivalent_bytes", 0) for r in ok_reports) if ok_reports else 0
         self.metrics.loss.set(loss)
@@ -595,8 +634,7 @@ class Coordinator:
         self.metrics.tokens_per_s.set(tokens / max(1e-9, wall))
         if sent:
             self.metrics.compression_ratio.set(dense / sent)
-        self.metrics.data_lag_s.set(max((r["compute_s"] for r in ok_reports), default=0.0) -
-                                    min((r["compute_s"] for r in ok_reports), default=0.0))
+        self.metrics.data_lag_s.set(max((r.get("read_s", 0.0) for r in ok_reports), default=0.0))
         with self.lock:
             self.progress_info.update(
                 step=self.step, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens / max(1e-9, wall),

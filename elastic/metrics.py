@@ -23,8 +23,9 @@ class WorkerMetrics:
     def record_step(self, report: dict) -> None:
         self.tokens_per_s.set(report["tokens"] / max(1e-9, report["compute_s"]))
         self.step_seconds.set(report.get("step_s", 0.0))
-        self.bytes_sent.inc(max(0, report.get("bytes_sent", 0)) or 0.0)
-        self.bytes_received.inc(max(0, report.get("bytes_received", 0)) or 0.0)
+        for counter, key in ((self.bytes_sent, "bytes_sent"), (self.bytes_received, "bytes_received")):
+            if report.get(key, 0) > 0:  # ray's Counter rejects increments of 0
+                counter.inc(float(report[key]))
         self.codec_ms.set(report.get("codec_ms", 0.0))
 
 

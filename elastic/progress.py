@@ -13,6 +13,13 @@ from rich.live import Live
 from rich.table import Table
 
 
+def _ratio(p: dict) -> str:
+    if not p.get("bytes_sent"):
+        return "-"
+    r = p.get("dense_bytes", 0) / p["bytes_sent"]
+    return f"{r:,.0f}x" if r >= 10 else f"{r:.1f}x"
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if abs(n) < 1024 or unit == "GB":
@@ -48,13 +55,12 @@ class ProgressView:
         for col in ("step", "loss", "tokens/s", "sent/step", "vs dense", "world", "gen", "state"):
             t.add_column(col, justify="right")
         if p:
-            ratio = (p.get("dense_bytes", 0) / p["bytes_sent"]) if p.get("bytes_sent") else 0
             t.add_row(
                 f"{p.get('step', 0)}/{p.get('total', self.cfg.train.steps)}",
                 f"{p['loss']:.4f}" if "loss" in p else "-",
                 f"{p.get('tokens_per_s', 0):,.0f}",
                 _bytes(p.get("bytes_sent", 0)),
-                f"{ratio:,.0f}x" if ratio else "-",
+                _ratio(p),
                 f"{p.get('world_size', 0)} {','.join(sorted(set(p.get('accelerators', []))))}",
                 str(p.get("generation", "-")),
                 p.get("state", ""),
@@ -70,9 +76,8 @@ class ProgressView:
         every = max(1, self.cfg.train.log_every)
         if "loss" in p and step != self.last_logged and (step % every == 0 or step == p.get("total")):
             self.last_logged = step
-            ratio = (p.get("dense_bytes", 0) / p["bytes_sent"]) if p.get("bytes_sent") else 0
             print(f"step {step}/{p.get('total')} loss {p['loss']:.4f} tokens/s {p.get('tokens_per_s', 0):.0f} "
-                  f"sent/step {_bytes(p.get('bytes_sent', 0))} ({ratio:.0f}x less than dense) "
+                  f"sent/step {_bytes(p.get('bytes_sent', 0))} (dense bf16 / sent = {_ratio(p)}) "
                   f"world {p.get('world_size')} gen {p.get('generation')} {p.get('state', '')}", flush=True)
 
     def final(self, summary: dict, out: Path) -> None:
@@ -84,8 +89,11 @@ class ProgressView:
             lines.append(f"loss {summary['initial_loss']:.4f} -> {summary['final_loss']:.4f}"
                          + (f", val_loss {summary['val_loss']:.4f}" if summary.get("val_loss") else ""))
         if summary.get("compression_ratio"):
+            r = summary["compression_ratio"]
             lines.append(f"bytes sent per worker per step {_bytes(summary['bytes_sent_per_step_mean'])} "
-                         f"({summary['compression_ratio']:.0f}x less than dense bf16)")
+                         f"(dense bf16 / sent = {r:,.0f}x)" if r >= 10 else
+                         f"bytes sent per worker per step {_bytes(summary['bytes_sent_per_step_mean'])} "
+                         f"(dense bf16 / sent = {r:.2f}x)")
         if summary.get("membership_changes"):
             lines.append(f"membership changes: {len(summary['membership_changes'])}")
         if summary.get("error"):

@@ -81,9 +81,12 @@ class RunSummary:
         self.data["world_size_history"].append(
             {"step": step, "world_size": world, "generation": generation, "accelerators": accelerators})
 
-    def membership_change(self, step: int, kind: str, seconds: float, world: int) -> None:
-        self.data["membership_changes"].append(
-            {"step": step, "kind": kind, "seconds_to_resume": round(seconds, 3), "world_size": world})
+    def membership_change(self, step: int, kind: str, seconds: float, world: int,
+                          from_capacity: float | None = None) -> None:
+        change = {"step": step, "kind": kind, "seconds_to_resume": round(seconds, 3), "world_size": world}
+        if from_capacity is not None:
+            change["seconds_from_capacity"] = round(from_capacity, 3)
+        self.data["membership_changes"].append(change)
 
     def checkpoint(self, uri: str, step: int, reason: str, seconds: float) -> None:
         self.data["checkpoints"].append(uri)

@@ -50,7 +50,7 @@ def detect_accelerator(device: str) -> str:
 class WorkerReplica:
     """Everything a worker does, without Ray: usable in one process for tests."""
 
-    def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int):
+    def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int, val_shards: list | None = None):
         self.cfg = cfg
         self.worker_id = worker_id
         torch.set_num_threads(max(1, cfg.train.threads_per_worker))
@@ -63,7 +63,10 @@ class WorkerReplica:
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, seed).to(self.device)
         self.params = [p for p in self.model.parameters()]
-        self.reader = ShardReader(shards, cfg.data, self.tokenizer)
+        self.reader = ShardReader(shards, cfg.data.storage_options, self.tokenizer, cfg.data)
+        # held-out documents have their own shard list: DocRange.shard indexes the reader's list
+        self.val_shards = list(val_shards or [])
+        self._val_reader = None
         self.sync = None
         self.comm = None
         self.rank = -1
@@ -100,7 +103,9 @@ class WorkerReplica:
         t0 = time.time()
         self.phase = "compute"
         self.pending_step = step
-        docs = self.reader.read(ranges)
+        batch = self.reader.read_batch(ranges)
+        docs = batch.docs
+        read_s = time.time() - t0
         micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
         inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
         tokens = int((targets >= 0).sum())
@@ -135,7 +140,8 @@ class WorkerReplica:
         self.phase = "exchange"
         report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
                   "tokens": tokens, "docs": len(docs), "loss": loss_sum / max(1, tokens),
-                  "compute_s": compute_s}
+                  "compute_s": compute_s, "read_s": read_s,
+                  "dropped": batch.dropped_json()}
         try:
             stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay)
         except PayloadError as e:
@@ -190,8 +196,13 @@ class WorkerReplica:
 
     def evaluate(self, ranges: list[DocRange]) -> dict:
         """Mean loss over the held-out documents `ranges` (every token scored once)."""
+        if not self.val_shards:
+            raise RuntimeError("evaluate: this worker was given no held-out shards (data.val_source)")
+        if self._val_reader is None:
+            self._val_reader = ShardReader(self.val_shards, self.cfg.data.storage_options, self.tokenizer,
+                                           self.cfg.data)
         self.model.eval()
-        docs = self.reader.read(ranges)
+        docs = self._val_reader.read(ranges)
         inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
         micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
         total, count = 0.0, 0
@@ -213,11 +224,11 @@ class WorkerReplica:
 class Worker:
     """Ray actor shell around WorkerReplica (named raydistro/<run>/worker-<n>[<accelerator>])."""
 
-    def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int):
+    def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int, val_shards: list | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if cfg.cluster.gloo_socket_ifname:
             os.environ["GLOO_SOCKET_IFNAME"] = cfg.cluster.gloo_socket_ifname
-        self.r = WorkerReplica(cfg, worker_id, shards, seed)
+        self.r = WorkerReplica(cfg, worker_id, shards, seed, val_shards)
         self.accelerator = detect_accelerator(str(self.r.device))
         from elastic.metrics import WorkerMetrics
 
@@ -251,7 +262,10 @@ class Worker:
                     "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
         if report.get("ok"):
             self.r.tokens_per_s = report["tokens"] / max(1e-9, report["compute_s"])
-            self.metrics.record_step(report)
+            try:
+                self.metrics.record_step(report)
+            except Exception:  # metrics are for people watching; they never fail a step
+                log.exception("recording metrics failed")
         return report
 
     def commit(self, step: int) -> str:

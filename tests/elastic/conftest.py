@@ -1,0 +1,34 @@
+"""A real Ray cluster for the elastic tests, shared by the session, and a small fast run config."""
+import os
+
+import pytest
+
+from elastic.config import load_config
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    from ray.cluster_utils import Cluster
+
+    # logical CPUs: workers are single-threaded, so 6 fit on this 2-core machine (slowly)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 6, "include_dashboard": False})
+    try:
+        yield cluster
+    finally:
+        cluster.shutdown()
+
+
+def small_config(tmp_path, address: str, *overrides: str):
+    """A seconds-per-run config: byte tokenizer, a one-layer GPT, short documents."""
+    base = [
+        f"run.dir={tmp_path}",
+        "data.tokenizer=bytes",
+        "data.max_doc_tokens=192",
+        "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
+        "train.seq_len=64", "train.batch_tokens=512", "train.micro_batch_tokens=4096",
+        "train.lr=3e-3", "train.warmup_steps=2", "train.step_timeout_s=20",
+        "train.eval_tokens=2048", "checkpoint.every=0",
+    ]
+    if address:
+        base.append(f"cluster.address={address}")
+    return load_config("tiny", base + list(overrides))
