@@ -55,6 +55,7 @@ class LocalCluster:
     address: str                 # host:port for ray.init(address=...) / RAY_ADDRESS
     dashboard_url: str
     ports: dict = field(default_factory=dict)
+    pids: list = field(default_factory=list)  # last seen (at `up`, refreshed by `status`); `down` re-scans
 
     @property
     def resolved_config(self) -> str:
@@ -189,6 +190,8 @@ def up(config: str | Path = DEFAULT_CONFIG, timeout_s: float = 90.0) -> LocalClu
             down(cluster)
             raise LocalClusterError(f"`ray start --head` exited with {proc.returncode}:\n{tail}")
         if b"block forever" in Path(cluster.log_file).read_bytes():
+            cluster.pids = sorted(_our_processes(cluster))
+            _save_state(cluster)
             return cluster
         time.sleep(0.5)
     tail = _tail(cluster.log_file)
@@ -243,6 +246,10 @@ def status(cluster: LocalCluster | None = None) -> str:
     if cluster is None:
         return f"no local cluster (no state in {state_path()}); start one with `python -m clusters local up`"
     pids = _our_processes(cluster)
+    current = load_state()
+    if pids and current is not None and current.leader_pid == cluster.leader_pid:
+        cluster.pids = sorted(pids)
+        _save_state(cluster)
     lines = [
         f"config:      {cluster.config}",
         f"RAY_TMPDIR:  {cluster.tmpdir}",
@@ -288,7 +295,7 @@ def _our_processes(cluster: LocalCluster) -> list[int]:
             start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
             if start < cluster.started_at:
                 continue  # older than our cluster: cannot be ours, whatever it looks like
-            if sid == cluster.leader_pid:
+            if sid == cluster.leader_pid or pid in cluster.pids:
                 ours.append(pid)
                 continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:

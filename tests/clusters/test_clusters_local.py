@@ -84,6 +84,7 @@ def test_a100_demand_adds_a_node_and_down_stops_exactly_our_processes(cluster_en
     assert f"RAY_ADDRESS={state['address']}" in res.stdout
     assert "http://127.0.0.1:" in res.stdout
     assert state["tmpdir"].startswith("/tmp/rd-")
+    assert state["leader_pid"] in state["pids"]  # the state file records what `up` started
     bystander = start_bystander()
 
     ray.init(address=state["address"], log_to_driver=False)
