@@ -11,8 +11,11 @@ Promises, because the machine is shared with other Ray instances:
   matches processes by name. A process is ours when it belongs to the OS session of the
   ``ray start`` we launched (``start_new_session``; Ray's own children, the autoscaler's simulated
   nodes and their workers all inherit it) or carries our private RAY_TMPDIR in its command line or
-  environment, AND it runs as our user AND it started after ``up`` did (no PID-reuse accidents).
-* the state (PIDs, RAY_TMPDIR, ports, addresses) lives in one JSON file:
+  environment, AND it runs as our user AND it started after ``up`` did (no PID-reuse accidents; the
+  session counts only while the leader's PID still has the recorded start time, or is gone).
+  ``down`` re-scans at stop time, so nodes the autoscaler added or removed since ``up`` are handled.
+* the state (leader PID and start time, last-seen PIDs, RAY_TMPDIR, ports, addresses) lives in one
+  JSON file:
   ``$RAYDISTRO_CACHE/local-cluster.json`` (default ``~/.cache/raydistro/local-cluster.json``).
 """
 
@@ -55,6 +58,7 @@ class LocalCluster:
     address: str                 # host:port for ray.init(address=...) / RAY_ADDRESS
     dashboard_url: str
     ports: dict = field(default_factory=dict)
+    leader_start: int = 0        # leader's start time (clock ticks since boot): guards against PID reuse
     pids: list = field(default_factory=list)  # last seen (at `up`, refreshed by `status`); `down` re-scans
 
     @property
@@ -177,10 +181,12 @@ def up(config: str | Path = DEFAULT_CONFIG, timeout_s: float = 90.0) -> LocalClu
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
     log.close()
+    leader = _stat(proc.pid)
     cluster = LocalCluster(
         config=str(config), tmpdir=tmpdir, leader_pid=proc.pid, started_at=started_at - 2.0,
         gcs_port=ports["gcs"], dashboard_port=ports["dashboard"], address=address,
-        dashboard_url=f"http://127.0.0.1:{ports['dashboard']}", ports=ports)
+        dashboard_url=f"http://127.0.0.1:{ports['dashboard']}", ports=ports,
+        leader_start=leader[2] if leader else 0)
     _save_state(cluster)  # before waiting: a failed start is still cleaned up by `down`
 
     deadline = time.time() + timeout_s
@@ -272,10 +278,15 @@ def status(cluster: LocalCluster | None = None) -> str:
 
 
 def _our_processes(cluster: LocalCluster) -> list[int]:
+    """PIDs of live processes of `cluster`: see the module docstring for the rule."""
     uid = os.getuid()
     marker = cluster.tmpdir.encode()
     env_marker = b"RAY_TMPDIR=" + marker
     boot = _boot_time()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # The session id is the leader's PID; trust it only while that PID is still (or was) our leader.
+    leader = _stat(cluster.leader_pid)
+    session_ok = leader is None or leader[2] == cluster.leader_start
     ours = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -286,16 +297,15 @@ def _our_processes(cluster: LocalCluster) -> list[int]:
         try:
             if os.stat(f"/proc/{pid}").st_uid != uid:
                 continue
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                stat = f.read()
-            fields = stat[stat.rindex(b")") + 2:].split()
-            if fields[0] == b"Z":  # exited, waiting to be reaped: nothing left to stop
+            info = _stat(pid)
+            if info is None:
                 continue
-            sid = int(fields[3])
-            start = boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-            if start < cluster.started_at:
+            state, sid, start_ticks = info
+            if state == "Z":  # exited, waiting to be reaped: nothing left to stop
+                continue
+            if boot + start_ticks / ticks < cluster.started_at:
                 continue  # older than our cluster: cannot be ours, whatever it looks like
-            if sid == cluster.leader_pid or pid in cluster.pids:
+            if session_ok and sid == cluster.leader_pid:
                 ours.append(pid)
                 continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -308,6 +318,17 @@ def _our_processes(cluster: LocalCluster) -> list[int]:
         except (OSError, ValueError, IndexError):
             continue  # exited while we looked, or not readable: not ours to touch
     return ours
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, session id, start time in clock ticks since boot) of a process, None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(b")") + 2:].split()
+    return fields[0].decode(), int(fields[3]), int(fields[19])
 
 
 def _boot_time() -> float:

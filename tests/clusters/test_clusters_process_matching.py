@@ -35,10 +35,12 @@ def spawn():
         p.wait()
 
 
-def _cluster(tmp_path, leader_pid, started_at):
+def _cluster(tmp_path, leader_pid, started_at, leader_start=None):
+    if leader_start is None:
+        leader_start = local._stat(leader_pid)[2]
     return local.LocalCluster(config="local.yaml", tmpdir=str(tmp_path / "rd-test"), leader_pid=leader_pid,
                               started_at=started_at, gcs_port=0, dashboard_port=0, address="",
-                              dashboard_url="")
+                              dashboard_url="", leader_start=leader_start)
 
 
 def _children(pid):
@@ -74,3 +76,13 @@ def test_processes_older_than_up_are_never_candidates(tmp_path, spawn):
     time.sleep(0.2)
     cluster = _cluster(tmp_path, leader.pid, started_at=time.time() + 60)
     assert local._our_processes(cluster) == []
+
+
+def test_a_reused_leader_pid_does_not_make_its_session_ours(tmp_path, spawn):
+    t0 = time.time() - 2
+    leader = spawn(["bash", "-c", "sleep 60 & sleep 60 & wait"])
+    carrier = spawn(["sleep", "60"], env={**os.environ, "RAY_TMPDIR": str(tmp_path / "rd-test")})
+    time.sleep(0.3)
+    # The state says the leader started at another time: this PID now belongs to someone else.
+    cluster = _cluster(tmp_path, leader.pid, t0, leader_start=local._stat(leader.pid)[2] - 1)
+    assert local._our_processes(cluster) == [carrier.pid]
