@@ -36,6 +36,9 @@ AUTOSCALER_REQUIRED_KEYS = (
     "worker_start_ray_commands",
 )
 
+# The fake_multinode provider hard-codes the head's node type name (FAKE_HEAD_NODE_TYPE in Ray).
+FAKE_HEAD_NODE_TYPE = "ray.head.default"
+
 ACCELERATOR_PREFIX = "accelerator_type:"
 GPU_LIMIT_KEY = "nvidia.com/gpu"
 
@@ -128,6 +131,11 @@ def _launcher_rules(doc: dict, file: str) -> list[Problem]:
                 ))
 
     head_type = doc.get("head_node_type")
+    if provider_type == "fake_multinode" and head_type != FAKE_HEAD_NODE_TYPE:
+        problems.append(Problem(
+            file, "head_node_type",
+            f"{head_type!r} must be {FAKE_HEAD_NODE_TYPE!r}: the fake_multinode provider registers the head "
+            "under that fixed name; rename the head's node type"))
     if node_types and head_type is not None and head_type not in node_types:
         problems.append(Problem(
             file, "head_node_type",

@@ -119,6 +119,15 @@ def test_local_yaml_missing_a_top_level_key_is_rejected(tmp_path):
                for m in _messages(bad))
 
 
+def test_local_yaml_head_type_must_keep_the_fake_providers_name(tmp_path):
+    def edit(d):
+        d["available_node_types"]["head"] = d["available_node_types"].pop("ray.head.default")
+        d["head_node_type"] = "head"
+    bad = _broken_copy(tmp_path, LOCAL, edit)
+    assert any(m.startswith(f"{bad}: head_node_type: 'head' must be 'ray.head.default'")
+               for m in _messages(bad))
+
+
 def test_ray_schema_errors_name_the_key(tmp_path):
     bad = _broken_copy(tmp_path, AWS, lambda d: d["available_node_types"]["h100"].update(max_wokers=3))
     msgs = _messages(bad)
