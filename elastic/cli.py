@@ -15,9 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from datasets import DataSourceError, PlanStateMismatch, SampleBuildError, TokenizerError
 from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_config, preset_names, run_dir, to_yaml
 
 log = logging.getLogger("raydistro")
+DATA_ERRORS = (DataSourceError, SampleBuildError, TokenizerError, PlanStateMismatch)
 
 
 def _options_epilog() -> str:
@@ -51,7 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--config", default=DEFAULT_PRESET)
     b.add_argument("--json", action="store_true")
     b.add_argument("--syncs", default="dense,demo")
+    b.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
     b.add_argument("overrides", nargs="*")
+    r = sub.add_parser("bench-recovery", help="seconds from a death to the next step, and from new capacity "
+                                              "to its first contributed step (simulated nodes)")
+    r.add_argument("--events", type=int, default=5)
+    r.add_argument("--json", action="store_true")
+    r.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
+    r.add_argument("overrides", nargs="*")
     return p
 
 
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)
+            preflight(cfg)
             summary = train(cfg)
             if args.json:
                 print(json.dumps(summary, indent=1, default=str))
@@ -72,15 +82,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "scale":
             return scale(args.run, args.workers, args.address, args.namespace)
         if args.command == "bench-converge":
-            from elastic.bench import bench_converge
+            from elastic.bench import bench_converge, dumps
 
-            result = bench_converge(args.config, args.overrides, args.syncs.split(","))
-            print(json.dumps(result, indent=1))
+            result = bench_converge(args.config, args.overrides, args.syncs.split(","), record=args.record)
+            print(dumps(result))
+            return 0
+        if args.command == "bench-recovery":
+            from elastic.bench import bench_recovery, dumps
+
+            result = bench_recovery(args.events, args.overrides, record=args.record)
+            print(dumps(result))
             return 0
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except DATA_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 2
+
+
+def preflight(cfg) -> None:
+    """Fail fast, before any Ray process starts, on data the run could not use (footers only)."""
+    from datasets import discover
+    from datasets.sources import check_text_column
+
+    d = cfg.data
+    for key, url in (("data.source", d.source), ("data.val_source", d.val_source)):
+        if not url:
+            continue
+        shards = discover(url, d.storage_options, text_column=d.text_column, retries=d.retries,
+                          backoff_s=d.retry_backoff_s)
+        check_text_column(shards, d.text_column)
 
 
 def scale(run: str, workers: int, address: str, namespace: str) -> int:

@@ -64,3 +64,22 @@ def test_cli_config_error_is_one_line_exit_2():
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: override train.bogus: unknown key")
+
+
+def test_missing_data_stops_before_ray_starts_with_the_url(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "elastic", "train", f"run.dir={tmp_path}",
+                          f"data.source={tmp_path}/nothing/*.parquet"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "no parquet files match" in out.stderr and "nothing" in out.stderr
+    assert "Started a local Ray" not in out.stderr
+
+
+def test_file_without_text_column_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": ["hello"]}), tmp_path / "000_00000.parquet")
+    out = subprocess.run([sys.executable, "-m", "elastic", "train", f"run.dir={tmp_path}",
+                          f"data.source={tmp_path}/*.parquet"], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "000_00000.parquet" in out.stderr and "text" in out.stderr
