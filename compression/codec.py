@@ -42,23 +42,38 @@ class PayloadError(RuntimeError):
         return (PayloadError, (self.sender_rank, self.reason))
 
 
+_CONST: dict[tuple, torch.Tensor] = {}
+
+
+def _const(name: str, device, make) -> torch.Tensor:
+    """Small constant tensors, built once per device (saves a host->device copy per use on CUDA)."""
+    key = (name, str(device))
+    if key not in _CONST:
+        _CONST[key] = make().to(device)
+    return _CONST[key]
+
+
+def _shifts(n: int, device, dtype=torch.int32) -> torch.Tensor:
+    return _const(f"shifts{n}{dtype}", device, lambda: torch.arange(n, dtype=dtype))
+
+
 def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
     """Non-negative ints `x` (any shape, each < 2**bits) -> uint8, little-endian bit order, zero padded."""
-    shifts = torch.arange(bits, device=x.device, dtype=torch.int32)
+    shifts = _shifts(bits, x.device)
     b = ((x.reshape(-1, 1).to(torch.int32) >> shifts) & 1).to(torch.uint8).reshape(-1)
     pad = (-b.numel()) % 8
     if pad:
         b = torch.cat([b, b.new_zeros(pad)])
-    weights = (1 << torch.arange(8, device=x.device, dtype=torch.int32)).to(torch.uint8)
+    weights = _const("byteweights", x.device, lambda: (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8))
     return (b.view(-1, 8) * weights).sum(1, dtype=torch.int32).to(torch.uint8)
 
 
 def unpack_bits(u8: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Inverse of `pack_bits` over the last dim: `[..., nbytes]` uint8 -> `[..., count]` int64."""
     lead = u8.shape[:-1]
-    shifts = torch.arange(8, device=u8.device, dtype=torch.int32)
+    shifts = _shifts(8, u8.device)
     b = ((u8.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(*lead, -1)[..., :count * bits]
-    weights = 1 << torch.arange(bits, device=u8.device, dtype=torch.int64)
+    weights = 1 << _shifts(bits, u8.device, torch.int64)
     return (b.reshape(*lead, count, bits).to(torch.int64) * weights).sum(-1)
 
 
@@ -72,12 +87,12 @@ def _fresh(rows: torch.Tensor) -> torch.Tensor:
 
 def _u32_from_bytes(rows: torch.Tensor) -> torch.Tensor:
     """[W, 4] uint8 -> [W] int64 (little endian), without reinterpreting memory (alignment/endianness safe)."""
-    shifts = torch.tensor([0, 8, 16, 24], device=rows.device, dtype=torch.int64)
+    shifts = _const("u32", rows.device, lambda: torch.tensor([0, 8, 16, 24], dtype=torch.int64))
     return (rows.to(torch.int64) << shifts).sum(-1)
 
 
 def _u32_to_bytes(v: torch.Tensor) -> torch.Tensor:
-    shifts = torch.tensor([0, 8, 16, 24], device=v.device, dtype=torch.int64)
+    shifts = _const("u32", v.device, lambda: torch.tensor([0, 8, 16, 24], dtype=torch.int64))
     return ((v.reshape(-1, 1) >> shifts) & 255).to(torch.uint8).reshape(-1)
 
 
@@ -179,11 +194,11 @@ class WireFormat:
         weights64 = _fresh(gathered[:, 16:24]).view(torch.float64).reshape(W)
         checks: list[tuple[str, torch.Tensor]] = []
         if validate:
-            magic = torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8).to(dev)
+            magic = _const("magic", dev, lambda: torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8))
             checks += [
                 ("bad magic (not a DeMo payload)", (gathered[:, :4] == magic).all(1)),
                 ("sender rank field does not match its position in the all-gather",
-                 _u32_from_bytes(gathered[:, 4:8]) == torch.arange(W, device=dev)),
+                 _u32_from_bytes(gathered[:, 4:8]) == _shifts(W, dev, torch.int64)),
                 (f"length field differs from the expected {self.nbytes} bytes",
                  _u32_from_bytes(gathered[:, 24:28]) == self.nbytes),
                 ("checksum mismatch", _u32_from_bytes(gathered[:, 28:32]) == self.checksum(gathered)),
@@ -200,7 +215,7 @@ class WireFormat:
                 off += spec.count_bytes
                 signs = unpack_bits(gathered[:, off:off + spec.value_bytes], 1, N * k).view(W, N, k)
                 off += spec.value_bytes
-                mask = torch.arange(k, device=dev) < counts
+                mask = _shifts(k, dev, torch.int64) < counts
                 vals = (1.0 - 2.0 * signs.to(torch.float32)) * mask
                 if validate:
                     checks.append((f"group {gi}: nonzero count above topk={k}", (counts <= k).flatten(1).all(1)))

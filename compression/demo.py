@@ -9,8 +9,9 @@ Per step, with lr passed by the caller (the caller owns the schedule):
     picked it; update = sign(idct(mean));  p <- p * (1 - lr * wd) - lr * update
 Promises (besides the `Sync` contract):
 - replicas that start equal stay bitwise equal: the update is computed only from the gathered bytes
-  (own payload included, never local floats), summed rank by rank in rank order with scatter_add over
-  indices validated to be unique within a chunk (so no two adds race), on the same kind of device;
+  (own payload included, never local floats) with plain reductions in a fixed order (a pairwise comparison
+  of the picks, or a rank-ordered scatter_add over indices validated unique per chunk, so no two adds
+  race), on the same kind of device and torch build;
 - no per-tensor compute loop: one foreach copy in, one transform per chunk shape, one foreach add out;
 - `delayed_apply`: the consensus of step N is applied at step N+1 (Psyche-style; the first commit applies
   only weight decay). With a blocking Communicator this changes semantics only; it is what lets an
@@ -43,6 +44,16 @@ def encode_chunks(m: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, k: int):
 PAIRWISE_MAX_PICKS = 64  # W*k up to this: compare picks pairwise (E^2 <= 4096); above: a dense coefficient grid
 
 
+_LOWER: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _strictly_lower(n: int, device) -> torch.Tensor:
+    key = (n, str(device))
+    if key not in _LOWER:
+        _LOWER[key] = torch.ones(n, n, dtype=torch.bool, device=device).tril(-1)
+    return _LOWER[key]
+
+
 def pairwise_mean(idx: torch.Tensor, wval: torch.Tensor, wmask: torch.Tensor) -> torch.Tensor:
     """Weighted mean per picked coefficient, from `[W, N, k]` picks -> `[N, W*k]` (0 for repeats of a pick).
 
@@ -57,7 +68,7 @@ def pairwise_mean(idx: torch.Tensor, wval: torch.Tensor, wmask: torch.Tensor) ->
     same = i.unsqueeze(2) == i.unsqueeze(1)                                   # [N, E, E]
     num = (same * v.unsqueeze(1)).sum(-1)
     den = (same * m.unsqueeze(1)).sum(-1)
-    earlier = torch.ones(W * k, W * k, dtype=torch.bool, device=idx.device).tril(-1)
+    earlier = _strictly_lower(W * k, idx.device)
     first = ~(same & earlier).any(-1)
     return torch.where(first & (den > 0), num / den.clamp_min(torch.finfo(num.dtype).tiny), torch.zeros_like(num))
 
@@ -124,8 +135,7 @@ class DemoSync(Sync):
         # a non-finite momentum poisons our payload's weight (NaN) instead of raising here: every rank,
         # us included, then rejects it in validation, so nobody is left waiting in the collective
         finite = torch.stack([torch.isfinite(v).all() for v in picks_v]).all()
-        w = torch.where(finite, torch.tensor(float(weight), dtype=torch.float64, device=self.device),
-                        torch.tensor(float("nan"), dtype=torch.float64, device=self.device))
+        w = torch.full((), float(weight), dtype=torch.float64, device=self.device).masked_fill_(~finite, float("nan"))
         payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w)
         self._sync_device(self.device)
         t1 = time.perf_counter()
