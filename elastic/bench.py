@@ -9,6 +9,7 @@ import datetime
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def bench_converge(preset: str, overrides: list[str], syncs: list[str], record: 
     results: dict[str, dict] = {}
     for sync in syncs:
         cfg = load_config(preset, [*overrides, f"sync.name={sync}", f"run.name=converge-{sync}-{stamp}"])
-        s = train(cfg)
+        s = train(cfg, progress_stream=sys.stderr)
         if s.get("state") != "FINISHED":
             raise RuntimeError(f"bench-converge: the {sync} run ended {s.get('state')}: {s.get('error')}")
         results[sync] = {
@@ -110,7 +111,7 @@ def bench_recovery(events: int = 5, overrides: list[str] | None = None, record: 
         f"chaos.add_node_at=[{','.join(map(str, adds))}]",
         *(overrides or []),
     ])
-    s = train(cfg)
+    s = train(cfg, progress_stream=sys.stderr)
     changes = s["membership_changes"]
     deaths = [c["seconds_to_resume"] for c in changes if c["kind"] == "death"]
     node_joins = [c["seconds_from_capacity"] for c in changes

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)
             preflight(cfg)
-            summary = train(cfg)
+            summary = train(cfg, progress_stream=sys.stderr if args.json else None)
             if args.json:
                 print(json.dumps(summary, indent=1, default=str))
             return 0 if summary.get("state") in ("FINISHED", "STOPPED") else 1
@@ -205,9 +205,11 @@ class NodeChaos:
                 self.runtime.add_sim_node(acc)
 
 
-def train(cfg) -> dict:
-    """Run (or resume) a training run to completion; returns summary.json's content."""
-    if not sys.stdout.isatty():  # job logs and the dashboard's log viewer: no color control codes
+def train(cfg, progress_stream=None) -> dict:
+    """Run (or resume) a training run to completion; returns summary.json's content.
+
+    `progress_stream`: where progress goes (stdout by default; benchmarks that print JSON pass stderr)."""
+    if not (progress_stream or sys.stdout).isatty():  # job logs and the dashboard's log viewer: no color control codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
 
@@ -234,7 +236,7 @@ def train(cfg) -> dict:
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         node_chaos = NodeChaos(runtime, cfg)
-        view = ProgressView(cfg)
+        view = ProgressView(cfg, progress_stream)
         try:
             with view:
                 while True:

@@ -29,10 +29,12 @@ def _bytes(n: float) -> str:
 
 
 class ProgressView:
-    def __init__(self, cfg):
+    def __init__(self, cfg, stream=None):
+        """`stream`: where people read progress; stdout by default, stderr when stdout carries JSON."""
         self.cfg = cfg
-        self.tty = sys.stdout.isatty()
-        self.console = Console(force_terminal=self.tty, no_color=not self.tty, highlight=False)
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.console = Console(file=self.stream, force_terminal=self.tty, no_color=not self.tty, highlight=False)
         self.live = None
         self.last_logged = -1
         self.last = {}
@@ -43,7 +45,7 @@ class ProgressView:
             self.live.__enter__()
         else:
             print(f"raydistro: run {self.cfg.run.name}: starting {self.cfg.train.workers} workers, "
-                  f"sync={self.cfg.sync.name}, {self.cfg.train.steps} steps", flush=True)
+                  f"sync={self.cfg.sync.name}, {self.cfg.train.steps} steps", file=self.stream, flush=True)
         return self
 
     def __exit__(self, *exc):
@@ -78,7 +80,8 @@ class ProgressView:
             self.last_logged = step
             print(f"step {step}/{p.get('total')} loss {p['loss']:.4f} tokens/s {p.get('tokens_per_s', 0):.0f} "
                   f"sent/step {_bytes(p.get('bytes_sent', 0))} (dense bf16 / sent = {_ratio(p)}) "
-                  f"world {p.get('world_size')} gen {p.get('generation')} {p.get('state', '')}", flush=True)
+                  f"world {p.get('world_size')} gen {p.get('generation')} {p.get('state', '')}",
+                  file=self.stream, flush=True)
 
     def final(self, summary: dict, out: Path) -> None:
         lines = [
@@ -100,4 +103,4 @@ class ProgressView:
             lines.append(f"error: {summary['error']}")
         lines.append(f"run directory: {out}")
         for line in lines:
-            print(line, flush=True)
+            print(line, file=self.stream, flush=True)

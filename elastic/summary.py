@@ -42,6 +42,7 @@ class RunSummary:
             "rejected_steps": [],
             "events": [],
             "loss_history": [],
+            "step_timing": [],
             "resumed_from": [],
             "data": {},
             "wall_s": 0.0,
@@ -63,6 +64,12 @@ class RunSummary:
         d["steps"] = step + 1
         d["tokens"] += tokens
         d["loss_history"].append([step, round(loss, 5), d["tokens"]])
+        # per committed step: [step, unix time of the commit, coordinator wall s (step+commit RPCs), then
+        # the slowest worker's read s, compute s (read+fwd/bwd), codec ms, comm ms, step s (read..exchange)]
+        d.setdefault("step_timing", []).append(
+            [step, round(time.time(), 4), round(wall, 5)]
+            + [round(max((r.get(k, 0.0) for r in reports), default=0.0), 5)
+                                      for k in ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s")])
         d["replica_hashes_agree"] = d["replica_hashes_agree"] and agree
         for r in reports:
             w = r["worker_id"]

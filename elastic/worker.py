@@ -112,18 +112,20 @@ class WorkerReplica:
         self.model.train()
         for p in self.params:
             p.grad = None
-        loss_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)
         use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
         for i in range(0, inputs.size(0), micro):
-            x = inputs[i:i + micro].to(self.device, non_blocking=True)
-            y = targets[i:i + micro].to(self.device, non_blocking=True)
-            n = int((y >= 0).sum())
+            # count real targets on the CPU copy: no device->host sync between micro-batches
+            n = int((targets[i:i + micro] >= 0).sum())
             if n == 0:
                 continue
+            x = inputs[i:i + micro].to(self.device, non_blocking=True)
+            y = targets[i:i + micro].to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 _, loss = self.model(x, y)
             (loss * (n / max(1, tokens))).backward()
-            loss_sum += float(loss.detach()) * n
+            loss_sum += loss.detach() * n
+        loss_sum = float(loss_sum)  # one host sync for the step's loss
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         if self.device.type == "cuda":
