@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
     r.add_argument("overrides", nargs="*")
+    from elastic.bench_gpu import add_parser as add_bench_gpu
+
+    add_bench_gpu(sub)
     return p
 
 
@@ -87,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
             result = bench_converge(args.config, args.overrides, args.syncs.split(","), record=args.record)
             print(dumps(result))
             return 0
+        if args.command == "bench-gpu":
+            from elastic.bench_gpu import main as bench_gpu
+
+            return bench_gpu(args)
         if args.command == "bench-recovery":
             from elastic.bench import bench_recovery, dumps
 

@@ -69,7 +69,7 @@ class RunSummary:
         d.setdefault("step_timing", []).append(
             [step, round(time.time(), 4), round(wall, 5)]
             + [round(max((r.get(k, 0.0) for r in reports), default=0.0), 5)
-                                      for k in ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s")])
+               for k in ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s")])
         d["replica_hashes_agree"] = d["replica_hashes_agree"] and agree
         for r in reports:
             w = r["worker_id"]

@@ -112,7 +112,7 @@ class WorkerReplica:
         self.model.train()
         for p in self.params:
             p.grad = None
-        loss_sum = torch.zeros((), device=self.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
         for i in range(0, inputs.size(0), micro):
             # count real targets on the CPU copy: no device->host sync between micro-batches

@@ -1,0 +1,533 @@
+"""`python -m elastic bench-gpu`: throughput of the full stack against the baseline a user would pick.
+
+In one invocation, on one machine, for a model preset (default gpt2-small):
+- `dense` and `demo` through the full stack: `elastic.cli.train` (coordinator + worker actors on Ray,
+  ray.util.collective over NCCL on CUDA), read back from summary.json;
+- `ddp`: plain torch DistributedDataParallel + fused AdamW, one process per GPU (torch.multiprocessing,
+  NCCL process group; gloo on CPU), the same `elastic.model.GPT`, bf16 autocast, synthetic tokens, as many
+  rows per GPU per step as the stack runs averaged (`--ddp-rows match`) or a fixed number.
+Per config: steady-state tokens/s (steps after `--warmup`, from commit timestamps: everything between
+steps counts, RPCs and the coordinator's own work included), median step ms and where it goes, MFU,
+codec ms per step, bytes each worker sends per step and the ratio vs the model sent dense in bf16.
+
+MFU = 6 * N * tokens/s / (peak bf16 dense FLOP/s per GPU * GPUs); reported for N = all parameters
+(`mfu`; the tied embedding counted once: it is the lm_head matmul) and N = non-embedding parameters
+(`mfu_nonembedding`; wte and wpe excluded). Attention's own FLOPs are not counted in either.
+Optional extras: `profile` (one worker step outside Ray, timers + torch.profiler), `chaos` (a 2-worker
+run with a worker killed mid-step, the replacement joining on its GPU) and a loss-vs-tokens plot.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from types import SimpleNamespace
+
+PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+TIMING_COLS = ("step", "t", "wall_s", "read_s", "compute_s", "codec_ms", "comm_ms", "step_s")
+
+
+# ---- shared helpers ---------------------------------------------------------------------------------
+def machine_name() -> str:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20)
+        names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
+        if out.returncode == 0 and names:
+            return f"{len(names)}x {names[0]}"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return f"{platform.processor() or platform.machine()} x{os.cpu_count()} CPUs"
+
+
+def peak_flops(machine: str) -> float | None:
+    for key, peak in PEAK_BF16_DENSE.items():
+        if key in machine:
+            return peak
+    return None
+
+
+def param_counts(model_section, tokenizer_vocab: int) -> dict:
+    """Parameter counts of the preset's GPT, built on the meta device (no memory)."""
+    import torch
+
+    from elastic.model import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_section, tokenizer_vocab, 0)
+    total = sum(p.numel() for p in model.parameters())  # tied weights are yielded once
+    emb = model.wte.weight.numel() + model.wpe.weight.numel()
+    return {"params": total, "params_nonembedding": total - emb, "vocab": model.shape.vocab_size}
+
+
+def mfu(tokens_per_s: float | None, n_params: int, n_gpus: int, peak: float | None) -> float | None:
+    if not tokens_per_s or not peak or n_gpus < 1:
+        return None
+    return round(6 * n_params * tokens_per_s / (peak * n_gpus), 4)
+
+
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return round(statistics.median(xs), 3) if xs else None
+
+
+def steady_state(summary: dict, warmup: int) -> dict:
+    """Throughput and per-phase medians over committed steps after the first `warmup` ones.
+
+    tokens/s = tokens of steps warmup+1..last / (commit time of last - commit time of step `warmup`):
+    all time between commits counts (coordinator control work, RPCs, the slowest worker)."""
+    timing = [dict(zip(TIMING_COLS, row)) for row in summary.get("step_timing", [])]
+    hist = summary.get("loss_history", [])
+    cum = {row[0]: row[2] for row in hist}
+    tokens = {}
+    prev = None
+    for row in hist:
+        tokens[row[0]] = row[2] - (prev if prev is not None else 0)
+        prev = row[2]
+    steady = timing[warmup:]
+    out = {"steps_measured": max(0, len(steady) - 1)}
+    if len(steady) >= 2:
+        span = steady[-1]["t"] - steady[0]["t"]
+        toks = cum.get(steady[-1]["step"], 0) - cum.get(steady[0]["step"], 0)
+        out["tokens_per_s"] = round(toks / span, 1) if span > 0 else None
+        out["step_ms_between_commits_median"] = _median(
+            (b["t"] - a["t"]) * 1e3 for a, b in zip(steady, steady[1:]))
+        out["tokens_per_worker_step_mean"] = round(
+            statistics.mean(tokens[r["step"]] for r in steady[1:]) / max(1, summary.get("_workers", 1)), 1)
+    if steady:
+        out["step_ms_median"] = _median(r["wall_s"] * 1e3 for r in steady)
+        out["phases_ms_median"] = {
+            "read": _median(r["read_s"] * 1e3 for r in steady),
+            "read_plus_fwd_bwd": _median(r["compute_s"] * 1e3 for r in steady),
+            "codec": _median(r["codec_ms"] for r in steady),
+            "comm_incl_wait_for_peers": _median(r["comm_ms"] for r in steady),
+            "worker_step": _median(r["step_s"] * 1e3 for r in steady),
+            "commit_and_rpc": _median((r["wall_s"] - r["step_s"]) * 1e3 for r in steady),
+            "between_steps": _median((b["t"] - a["t"] - b["wall_s"]) * 1e3 for a, b in zip(steady, steady[1:])),
+        }
+    return out
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """Progress output of `train` goes to stderr so stdout carries only the JSON."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+# ---- (a), (b): the full stack ---------------------------------------------------------------------------
+def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, per_gpu_tokens: int,
+                overrides: list[str], run_root: str, extra: list[str] = (), label: str = "") -> dict:
+    from elastic.cli import train
+    from elastic.config import load_config
+
+    name = f"bench-gpu-{label or sync}-w{workers}-{int(time.time())}"
+    ov = [f"sync.name={sync}", f"train.workers={workers}", f"train.steps={steps}",
+          f"train.batch_tokens={per_gpu_tokens * workers}", "checkpoint.every=0", "train.eval_tokens=4096",
+          f"run.name={name}", f"run.dir={run_root}"] + list(overrides) + list(extra)
+    cfg = load_config(preset, ov)
+    t0 = time.time()
+    with stdout_to_stderr():
+        summary = train(cfg, progress_stream=sys.stderr)
+    summary["_workers"] = workers
+    res = {"config": label or sync, "path": "ray actors + ray.util.collective "
+           f"({'nccl' if cfg.train.device == 'cuda' else 'gloo'})", "workers": workers, "steps": summary.get("steps"),
+           "state": summary.get("state"), "wall_s_total": round(time.time() - t0, 1),
+           "overrides": ov}
+    res.update(steady_state(summary, warmup))
+    sent = summary.get("bytes_sent_per_step_mean") or 0
+    dense = summary.get("dense_equivalent_bytes_per_step") or 0
+    res.update(codec_ms_median=_round(summary.get("codec_ms_median"), 2),
+               bytes_sent_per_worker_per_step=round(sent), dense_bf16_bytes=dense,
+               ratio_vs_dense_bf16=round(dense / sent, 1) if sent else None,
+               initial_loss=summary.get("initial_loss"), final_loss=summary.get("final_loss"),
+               val_loss=summary.get("val_loss"), replica_hashes_agree=summary.get("replica_hashes_agree"),
+               loss_history=summary.get("loss_history"), membership_changes=summary.get("membership_changes"),
+               world_size_history=summary.get("world_size_history"), error=summary.get("error"),
+               summary_path=os.path.join(run_root, name, "summary.json"))
+    return res
+
+
+def _round(x, n):
+    return None if x is None else round(x, n)
+
+
+# ---- (c): the baseline: torch DDP + fused AdamW ----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> None:
+    import torch
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from elastic.model import build_model
+
+    cuda = a["device"] == "cuda"
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(dev)
+    else:
+        torch.set_num_threads(max(1, a.get("threads", 1)))
+    dist.init_process_group(a["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        model = build_model(SimpleNamespace(**a["model"]), a["tokenizer_vocab"], a["seed"]).to(dev)
+        ddp = DDP(model, device_ids=[rank] if cuda else None, gradient_as_bucket_view=True)
+        try:
+            opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.1, fused=True)
+        except (RuntimeError, ValueError):
+            opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+        g = torch.Generator().manual_seed(1000 + rank)
+        rows, seq = a["rows"], a["seq_len"]
+        batches = []
+        for _ in range(4):
+            b = torch.randint(0, a["tokenizer_vocab"], (rows, seq + 1), generator=g)
+            xy = (b[:, :-1].contiguous(), b[:, 1:].contiguous())
+            batches.append(tuple(t.pin_memory() for t in xy) if cuda else xy)
+        use_bf16 = cuda and a["bf16"]
+        times, losses = [], []
+        for i in range(a["steps"]):
+            t0 = time.perf_counter()
+            xb, yb = batches[i % len(batches)]
+            x = xb.to(dev, non_blocking=True)
+            y = yb.to(dev, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                _, loss = ddp(x, y)
+            loss.backward()
+            if a["grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
+            opt.step()
+            losses.append(float(loss))  # one host sync per step, as a training loop that logs loss has
+            if cuda:
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        all_times = [None] * world
+        dist.all_gather_object(all_times, times)
+        if rank == 0:
+            step_s = [max(ts[i] for ts in all_times) for i in range(a["steps"])]
+            with open(result_path, "w") as f:
+                json.dump({"step_s": step_s, "losses": losses,
+                           "params": sum(p.numel() for p in model.parameters())}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, model: dict, tokenizer_vocab: int,
+              device: str = "cuda", lr: float = 6e-4, grad_clip: float = 1.0, bf16: bool = True,
+              seed: int = 0, threads: int = 1) -> dict:
+    """Plain DDP + fused AdamW, `world` processes (one per GPU), `rows` x `seq_len` tokens per GPU per step."""
+    import torch.multiprocessing as mp
+
+    backend = "nccl" if device == "cuda" else "gloo"
+    a = {"device": device, "backend": backend, "model": dict(model), "tokenizer_vocab": tokenizer_vocab,
+         "seed": seed, "rows": rows, "seq_len": seq_len, "steps": steps, "lr": lr, "grad_clip": grad_clip,
+         "bf16": bf16, "threads": threads}
+    with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
+        path = os.path.join(tmp, "result.json")
+        t0 = time.time()
+        mp.start_processes(_ddp_worker, args=(world, _free_port(), a, path), nprocs=world, join=True,
+                           start_method="spawn")
+        with open(path) as f:
+            r = json.load(f)
+    steady = r["step_s"][warmup:] or r["step_s"]
+    tok_step = world * rows * seq_len
+    numel = r["params"]
+    ring = int(2 * (world - 1) / world * numel * 4)  # DDP all-reduces fp32 gradients (ring: 2(W-1)/W x size)
+    return {"config": "ddp", "path": f"torch DDP ({backend}) + fused AdamW, torch.multiprocessing", "workers": world,
+            "steps": steps, "steps_measured": len(steady), "rows_per_gpu": rows, "seq_len": seq_len,
+            "tokens_per_worker_step_mean": rows * seq_len,
+            "tokens_per_s": round(tok_step * len(steady) / sum(steady), 1),
+            "step_ms_median": round(statistics.median(steady) * 1e3, 3),
+            "codec_ms_median": 0.0, "bytes_sent_per_worker_per_step": ring, "dense_bf16_bytes": numel * 2,
+            "ratio_vs_dense_bf16": round(numel * 2 / ring, 2) if ring else None,
+            "final_loss": round(r["losses"][-1], 5), "wall_s_total": round(time.time() - t0, 1),
+            "data": "synthetic uniform tokens"}
+
+
+# ---- profile: one worker step outside Ray -----------------------------------------------------------------
+def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path: str) -> None:
+    import torch
+
+    from compression import build_sync
+    from compression.communicator import ThreadCommunicator
+    from datasets import DataPlan, discover
+    from elastic.fingerprint import params_fingerprint
+    from elastic.worker import WorkerReplica
+
+    d = cfg.data
+    shards = discover(d.source, d.storage_options, text_column=d.text_column)
+    rep = WorkerReplica(cfg, "profile", shards, cfg.run.seed)
+    comm = ThreadCommunicator.group(1)[0]
+    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    plan = DataPlan(shards, seed=d.seed, epoch=0)
+    cuda = rep.device.type == "cuda"
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    rows = []
+    for step in range(steps):
+        ranges = plan.assign(step, {0: per_gpu_tokens})[0]
+        t0 = time.perf_counter()
+        rep_ = rep.step(step, ranges, 1e-4, {})
+        t1 = time.perf_counter()
+        rep.commit(step)
+        sync()
+        t2 = time.perf_counter()
+        params_fingerprint(rep.params)
+        sync()
+        t3 = time.perf_counter()
+        plan.commit(step)
+        rows.append({"tokens": rep_["tokens"], "step_ms": (t1 - t0) * 1e3, "read_ms": rep_["read_s"] * 1e3,
+                     "read_fwd_bwd_ms": rep_["compute_s"] * 1e3, "codec_ms": rep_["codec_ms"],
+                     "commit_incl_fingerprint_ms": (t2 - t1) * 1e3, "fingerprint_ms": (t3 - t2) * 1e3})
+    warm = rows[2:] or rows
+    out = {k: round(statistics.median(r[k] for r in warm), 2) for k in warm[0]}
+    table = ""
+    if cuda:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for step in range(steps, steps + 3):
+                ranges = plan.assign(step, {0: per_gpu_tokens})[0]
+                rep.step(step, ranges, 1e-4, {})
+                rep.commit(step)
+                plan.commit(step)
+            sync()
+            wall = time.perf_counter() - t0
+        ka = prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ka)
+        out["profiled_steps"] = 3
+        out["profiled_wall_ms_per_step"] = round(wall * 1e3 / 3, 2)
+        out["gpu_kernel_ms_per_step"] = round(gpu_us / 1e3 / 3, 2)
+        out["gpu_busy_fraction"] = round(gpu_us / 1e6 / wall, 3)
+        table = ka.table(sort_by="self_device_time_total", row_limit=25)
+        table += "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
+    with open(result_path, "w") as f:
+        json.dump({"timers": out, "table": table}, f)
+
+
+def profile_bench(preset: str, sync: str, steps: int, per_gpu_tokens: int, overrides: list[str]) -> dict:
+    import torch.multiprocessing as mp
+
+    from elastic.config import load_config
+
+    cfg = load_config(preset, [f"sync.name={sync}", "train.workers=1"] + list(overrides))
+    with tempfile.TemporaryDirectory(prefix="bench-prof-") as tmp:
+        path = os.path.join(tmp, "r.json")
+        mp.start_processes(_profile_worker, args=(cfg, steps, per_gpu_tokens, path), nprocs=1, join=True,
+                           start_method="spawn")
+        with open(path) as f:
+            r = json.load(f)
+    return {"config": f"profile-{sync}", "path": "WorkerReplica.step + commit in one process (no Ray), 1 GPU",
+            **r["timers"], "table": r["table"]}
+
+
+# ---- plot ---------------------------------------------------------------------------------------------------
+def plot_loss(runs: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        h = r.get("loss_history") or []
+        if h:
+            ax.plot([x[2] / 1e6 for x in h], [x[1] for x in h],
+                    label=f"{r['config']} ({r['workers']} GPUs, {_human(r.get('bytes_sent_per_worker_per_step'))}/step)")
+    ax.set_xlabel("tokens (millions)")
+    ax.set_ylabel("train loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title(runs[0].get("_plot_title", "dense vs demo"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _human(n) -> str:
+    if not n:
+        return "0 B"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} TB"
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+def run(args) -> dict:
+    import torch
+
+    from datasets import get_tokenizer
+    from elastic.config import load_config
+
+    machine = machine_name()
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"  # cuda.is_available: no context made
+    workers = args.workers or (torch.cuda.device_count() if device == "cuda" else 2)
+    overrides = list(args.overrides)
+    if device == "cpu":
+        overrides = ["train.device=cpu", "train.dtype=float32"] + overrides
+    base = load_config(args.preset, overrides)
+    tok_vocab = get_tokenizer(base.data.tokenizer).vocab_size
+    counts = param_counts(base.model, tok_vocab)
+    peak = peak_flops(machine) if device == "cuda" else None
+    n_gpus = workers if device == "cuda" else 0
+    result = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+              "torch": torch.__version__, "preset": args.preset, "workers": workers, "device": device,
+              "steps": args.steps, "warmup_steps_excluded": args.warmup, "per_gpu_tokens_requested": args.per_gpu_tokens,
+              **counts, "peak_flops_per_gpu": peak,
+              "mfu_definition": "6*N*tokens/s / (peak bf16 dense per GPU * GPUs); mfu: N = all params (tied "
+                                "embedding once), mfu_nonembedding: N without wte/wpe; attention FLOPs not counted",
+              "runs": []}
+    run_root = args.run_dir or tempfile.mkdtemp(prefix="bench-gpu-runs-")
+    configs = [c for c in args.configs.split(",") if c]
+
+    def add(r: dict) -> None:
+        tps = r.get("tokens_per_s")
+        r["mfu"] = mfu(tps, counts["params"], n_gpus, peak)
+        r["mfu_nonembedding"] = mfu(tps, counts["params_nonembedding"], n_gpus, peak)
+        result["runs"].append(r)
+        if args.out:  # partial results survive a later failure
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        print(f"bench-gpu: {r['config']} w{r.get('workers')}: tokens/s {tps} step ms {r.get('step_ms_median')} "
+              f"mfu {r['mfu']} sent {r.get('bytes_sent_per_worker_per_step')} B", file=sys.stderr, flush=True)
+
+    stack_runs = []
+    for sync in ("dense", "demo"):
+        if sync in configs:
+            try:
+                r = stack_bench(args.preset, sync, workers, args.steps, args.warmup, args.per_gpu_tokens,
+                                overrides, run_root)
+            except Exception as e:  # keep going: the other configs still say something
+                r = {"config": sync, "workers": workers, "error": f"{type(e).__name__}: {e}"}
+            stack_runs.append(r)
+            add(r)
+    if "ddp" in configs:
+        seq = base.train.seq_len
+        means = [r["tokens_per_worker_step_mean"] for r in stack_runs if r.get("tokens_per_worker_step_mean")]
+        for spec in str(args.ddp_rows).split(","):
+            rows = math.ceil(statistics.mean(means) / seq) if spec == "match" and means else (
+                max(1, args.per_gpu_tokens // seq) if spec == "match" else int(spec))
+            try:
+                r = ddp_bench(workers, args.steps, args.warmup, rows, seq, vars(base.model).copy(), tok_vocab,
+                              device=device, lr=base.train.lr, grad_clip=base.train.grad_clip,
+                              bf16=base.train.dtype == "bfloat16", seed=base.run.seed)
+                r["rows_rule"] = spec
+            except Exception as e:
+                r = {"config": "ddp", "workers": workers, "error": f"{type(e).__name__}: {e}"}
+            add(r)
+    if "profile" in configs:
+        for sync in ("dense", "demo"):
+            try:
+                r = profile_bench(args.preset, sync, max(6, min(args.steps, 12)), args.per_gpu_tokens, overrides)
+                r["workers"] = 1
+            except Exception as e:
+                r = {"config": f"profile-{sync}", "workers": 1, "error": f"{type(e).__name__}: {e}"}
+            table = r.pop("table", "")
+            if args.out and table:
+                with open(os.path.splitext(args.out)[0] + f"-profile-{sync}.txt", "w") as f:
+                    f.write(table)
+            result["runs"].append(r)
+    if "chaos" in configs and workers >= 2:
+        try:
+            r = stack_bench(args.preset, args.chaos_sync, workers, args.chaos_steps, args.warmup, args.per_gpu_tokens,
+                            overrides, run_root, extra=[f"chaos.kill_at=[{args.chaos_kill_at}]"],
+                            label=f"chaos-kill-{args.chaos_sync}")
+            r["recovered"] = (r.get("state") == "FINISHED" and r.get("steps") == args.chaos_steps
+                              and bool(r.get("membership_changes")))
+        except Exception as e:
+            r = {"config": f"chaos-kill-{args.chaos_sync}", "workers": workers, "error": f"{type(e).__name__}: {e}"}
+        add(r)
+    for r in stack_runs:
+        r["ddp_tokens_per_s_ratio"] = None
+    ddp = next((r for r in result["runs"] if r.get("config") == "ddp" and r.get("rows_rule") == "match"
+                and r.get("tokens_per_s")), None)
+    if ddp:
+        for r in stack_runs:
+            if r.get("tokens_per_s"):
+                r["ddp_tokens_per_s_ratio"] = round(r["tokens_per_s"] / ddp["tokens_per_s"], 3)
+                r["bytes_ratio_vs_ddp"] = round(ddp["bytes_sent_per_worker_per_step"] /
+                                                max(1, r["bytes_sent_per_worker_per_step"]), 1) \
+                    if r.get("bytes_sent_per_worker_per_step") else None
+    if args.plot and any(r.get("loss_history") for r in stack_runs):
+        if stack_runs:
+            stack_runs[0]["_plot_title"] = f"{args.preset}, {workers} workers, {machine}"
+        try:
+            result["plot"] = plot_loss([r for r in stack_runs if r.get("loss_history")], args.plot)
+        except Exception as e:  # the figures matter more than the picture
+            result["plot"] = f"failed: {type(e).__name__}: {e}"
+        if stack_runs:
+            stack_runs[0].pop("_plot_title", None)
+    if not args.keep_runs and not args.run_dir:
+        shutil.rmtree(run_root, ignore_errors=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    b = sub.add_parser("bench-gpu", help="tokens/s, MFU and bytes: dense and demo on the full stack vs torch DDP")
+    b.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
+    b.add_argument("--preset", "--config", dest="preset", default="gpt2-small")
+    b.add_argument("--steps", type=int, default=60)
+    b.add_argument("--warmup", type=int, default=10, help="leading steps excluded from the figures")
+    b.add_argument("--workers", type=int, default=0, help="GPUs (default: all visible)")
+    b.add_argument("--per-gpu-tokens", type=int, default=8192, help="train.batch_tokens = this x workers")
+    b.add_argument("--ddp-rows", default="match",
+                   help="rows per GPU for DDP: 'match' (the stack runs' mean tokens per worker) or N, comma list")
+    b.add_argument("--configs", default="dense,demo,ddp", help="any of dense,demo,ddp,profile,chaos")
+    b.add_argument("--chaos-sync", default="demo")
+    b.add_argument("--chaos-steps", type=int, default=40)
+    b.add_argument("--chaos-kill-at", type=int, default=20)
+    b.add_argument("--cpu", action="store_true", help="run on CPU even if CUDA is visible (smoke tests)")
+    b.add_argument("--out", default="", help="also write the JSON here (updated after every config)")
+    b.add_argument("--plot", default="", help="PNG of loss vs tokens of the stack runs")
+    b.add_argument("--run-dir", default="", help="keep run directories here (default: a temp dir, removed)")
+    b.add_argument("--keep-runs", action="store_true")
+    b.add_argument("overrides", nargs="*", help="key=value run-config overrides for the stack runs")
+    return b
+
+
+def main(args) -> int:
+    res = run(args)
+    if args.json:
+        slim = dict(res)
+        slim["runs"] = [{k: v for k, v in r.items() if k not in ("loss_history", "overrides")} for r in res["runs"]]
+        print(json.dumps(slim, indent=1, default=str))
+    else:
+        for r in res["runs"]:
+            print(f"{r.get('config'):>16} w{r.get('workers')} tokens/s {r.get('tokens_per_s')} "
+                  f"step ms {r.get('step_ms_median')} mfu {r.get('mfu')} codec ms {r.get('codec_ms_median')} "
+                  f"sent/worker/step {r.get('bytes_sent_per_worker_per_step')} ratio {r.get('ratio_vs_dense_bf16')}"
+                  + (f" error {r['error']}" if r.get("error") else ""))
+    return 0 if all(not r.get("error") for r in res["runs"]) else 1

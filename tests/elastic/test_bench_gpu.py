@@ -1,0 +1,53 @@
+"""CPU smoke test of `python -m elastic bench-gpu`'s pieces (the GPU figures come from the device machine).
+
+The DDP baseline runs for real (gloo, two processes, a one-layer GPT, 3 steps); the stack's figures are
+checked on a synthetic summary (the full stack on Ray is exercised by test_run.py)."""
+import argparse
+
+import pytest
+
+from elastic import bench_gpu
+from elastic.cli import build_parser
+
+TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 0, "dropout": 0.0,
+        "tie_embeddings": True}
+
+
+def test_ddp_baseline_on_cpu_reports_the_fields():
+    r = bench_gpu.ddp_bench(world=2, steps=3, warmup=1, rows=2, seq_len=32, model=TINY, tokenizer_vocab=256,
+                            device="cpu")
+    for key in ("tokens_per_s", "step_ms_median", "bytes_sent_per_worker_per_step", "dense_bf16_bytes",
+                "ratio_vs_dense_bf16", "final_loss", "steps_measured"):
+        assert key in r, key
+    assert r["tokens_per_s"] > 0 and r["steps_measured"] == 2
+    # 2 ranks, ring all-reduce of fp32 grads: each sends (2(W-1)/W) x 4 bytes per parameter = dense bf16 x 2
+    assert r["bytes_sent_per_worker_per_step"] == 2 * r["dense_bf16_bytes"]
+
+
+def test_steady_state_excludes_warmup_and_counts_time_between_commits():
+    # step, t, wall_s, read_s, compute_s, codec_ms, comm_ms, step_s
+    timing = [[s, 100.0 + s * 0.1 + (5.0 if s == 0 else 0.0), 0.09, 0.005, 0.07, 2.0, 1.0, 0.085]
+              for s in range(6)]
+    hist = [[s, 10.0 - s, 1000 * (s + 1)] for s in range(6)]
+    out = bench_gpu.steady_state({"step_timing": timing, "loss_history": hist, "_workers": 2}, warmup=2)
+    assert out["steps_measured"] == 3
+    assert out["tokens_per_s"] == pytest.approx(3000 / 0.3, rel=1e-3)
+    assert out["tokens_per_worker_step_mean"] == 500
+    assert out["phases_ms_median"]["commit_and_rpc"] == pytest.approx(5.0)
+    assert out["phases_ms_median"]["between_steps"] == pytest.approx(10.0)
+
+
+def test_mfu_and_param_counts():
+    from elastic.config import load_config
+
+    cfg = load_config("gpt2-small")
+    c = bench_gpu.param_counts(cfg.model, 50257)
+    assert c["vocab"] == 50304 and c["params"] - c["params_nonembedding"] == 50304 * 768 + 1024 * 768
+    assert bench_gpu.mfu(1e5, c["params"], 2, 989e12) == pytest.approx(6 * c["params"] * 1e5 / (2 * 989e12), abs=1e-4)
+    assert bench_gpu.mfu(1e5, c["params"], 0, None) is None
+    assert bench_gpu.peak_flops("2x NVIDIA H100 80GB HBM3") == 989e12
+
+
+def test_cli_has_the_subcommand():
+    args = build_parser().parse_args(["bench-gpu", "--json", "--steps", "5", "--workers", "1", "train.lr=1e-3"])
+    assert args.command == "bench-gpu" and args.steps == 5 and args.overrides == ["train.lr=1e-3"]
