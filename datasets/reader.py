@@ -230,16 +230,24 @@ class ShardReader:
         cap = limit * _CHARS_PER_TOKEN_CAP
         heads = [t if len(t) <= cap else t[:cap] for t in texts]
         docs = self.tokenizer.encode_batch(heads)
+        first_cut = None
         for i, (text, head) in enumerate(zip(texts, heads)):
             if head is not text and len(docs[i]) <= limit + _TRUNCATION_MARGIN:
                 docs[i] = self.tokenizer.encode(text)       # the cut was too short to decide: do it whole
             if len(docs[i]) > limit:
                 o = origins[i]
-                log.warning("%s row group %d row %d: %d+ tokens, truncated to data.max_doc_tokens=%d",
-                            self.shards[o.shard].path, o.row_group, o.start, len(docs[i]), limit)
+                # one line per batch below, not per document: a corpus of long documents must not flood logs
+                log.debug("%s row group %d row %d: %d+ tokens, truncated to data.max_doc_tokens=%d",
+                          self.shards[o.shard].path, o.row_group, o.start, len(docs[i]), limit)
+                if first_cut is None:
+                    first_cut = o
                 docs[i] = docs[i][:limit]
                 st.truncated += 1
             st.text_chars += len(text)
+        if first_cut is not None:
+            log.warning("%d documents longer than data.max_doc_tokens=%d truncated (counted; first: %s row group "
+                        "%d row %d)", st.truncated, limit, self.shards[first_cut.shard].path, first_cut.row_group,
+                        first_cut.start)
         return docs
 
     def read_batch(self, ranges: Sequence[DocRange]) -> DocBatch:

@@ -196,12 +196,13 @@ class NodeChaos:
     def __init__(self, runtime: RayRuntime, cfg):
         self.runtime = runtime
         self.cfg = cfg
-        self.todo = sorted([(s, "remove") for s in cfg.chaos.remove_node_at] +
-                           [(s, "add") for s in cfg.chaos.add_node_at])
+        # at the same step a removal goes first, so "remove then add" rehearses a replaced spot node
+        self.todo = sorted([(s, 0, "remove") for s in cfg.chaos.remove_node_at] +
+                           [(s, 1, "add") for s in cfg.chaos.add_node_at])
 
     def poll(self, step: int) -> None:
         while self.todo and step >= self.todo[0][0]:
-            _, kind = self.todo.pop(0)
+            _, _, kind = self.todo.pop(0)
             if kind == "remove" and self.runtime.sim_nodes:
                 log.warning("chaos: removing a simulated node at step %d", step)
                 self.runtime.remove_sim_node(-1)
@@ -247,11 +248,13 @@ def train(cfg, progress_stream=None) -> dict:
         try:
             with view:
                 while True:
-                    ready, _ = ray.wait([run_ref], timeout=0.5)
+                    ready, _ = ray.wait([run_ref], timeout=0.25)
                     try:
                         progress = ray.get(coord.progress.remote(), timeout=10)
                         view.update(progress)
-                        node_chaos.poll(progress.get("step", 0))
+                        if "node_chaos_step" in progress:  # the coordinator holds that step for us
+                            node_chaos.poll(progress["node_chaos_step"])
+                            coord.node_chaos_done.remote(progress["node_chaos_step"])
                     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                         pass
                     if ready:

@@ -69,6 +69,7 @@ class Coordinator:
         self.open_changes: list[dict] = []  # membership changes waiting for their first committed step
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
+        self.node_chaos_ack = threading.Event()
         from elastic.metrics import RunMetrics
 
         self.metrics = RunMetrics(cfg.run.name)
@@ -400,6 +401,9 @@ class Coordinator:
         """Between steps: scale requests, chaos joins, drains, new capacity. Returns ready joiners."""
         self._watch_nodes()
         due = self.chaos.due(self.step)
+        node_events = [e for e in due if e.kind in ("remove_node", "add_node")]
+        if node_events:
+            self._await_node_chaos(node_events)
         for e in due:
             if e.kind == "add":
                 self.chaos.mark_done(e)
@@ -508,6 +512,23 @@ class Coordinator:
             node_seen = None  # the node was there from the start: the join began at the spawn
         return min(t for t in (node_seen, h.info.get("spawned_at"), h.info.get("ready_at", time.time()))
                    if t is not None)
+
+    def _await_node_chaos(self, events) -> None:
+        """Node removal/addition is done by the driver that owns the simulated cluster: hold the step
+        until it acknowledges, so the event lands exactly at its step however fast steps are."""
+        self.node_chaos_ack.clear()
+        with self.lock:
+            self.progress_info["node_chaos_step"] = self.step
+        if not self.node_chaos_ack.wait(timeout=120):
+            log.warning("node chaos at step %d: the driver did not act within 120 s; going on", self.step)
+        with self.lock:
+            self.progress_info.pop("node_chaos_step", None)
+        for e in events:
+            self.chaos.mark_done(e)
+            self.summary.event(self.step, f"chaos-{e.kind.replace('_', '-')}")
+
+    def node_chaos_done(self, step: int) -> None:
+        self.node_chaos_ack.set()
 
     def _drain_node_of(self, victim: WorkerHandle, grace_s: float = 60.0) -> bool:
         """Drain the victim's node through the GCS, as a preemption notice would (not the head)."""
@@ -699,3 +720,6 @@ class CoordinatorActor:
 
     def stop(self) -> None:
         self.c.request_stop()
+
+    def node_chaos_done(self, step: int) -> None:
+        self.c.node_chaos_done(step)

@@ -114,3 +114,45 @@ def test_driver_killed_then_resubmitted_resumes_from_last_checkpoint(tmp_path, r
     _assert_healthy(summary, 400)
     on_disk = json.loads((run_dir(cfg) / "summary.json").read_text())
     assert on_disk["resumed_from"][-1]["step"] == resumed_at
+
+
+def test_below_min_workers_pauses_checkpointed_and_resumes_when_capacity_returns(tmp_path):
+    # two simulated GPU nodes, both needed; one node is removed, a replacement node arrives later
+    cfg = small_config(tmp_path, "", "run.name=pause", "train.steps=40", "train.workers=2",
+                       "train.min_workers=2", "cluster.simulate=[A100,L4]", "chaos.remove_node_at=[10]",
+                       "chaos.add_node_at=[10]", "train.step_timeout_s=10", "train.pause_timeout_s=120")
+    summary = train(cfg)
+    _assert_healthy(summary, 40)
+    kinds = _kinds(summary)
+    assert "death-resume" in kinds, kinds
+    events = " ".join(e["what"] for e in summary["events"])
+    assert "death-pause" in events  # the pause wrote a checkpoint before waiting
+    assert [h["world_size"] for h in summary["world_size_history"]][-1] == 2
+
+
+def test_scale_command_grows_a_running_group(tmp_path, ray_cluster):
+    args = [f"run.dir={tmp_path}", f"cluster.address={ray_cluster.address}", "run.name=scaled",
+            "train.steps=250", "train.workers=2", "data.tokenizer=bytes", "data.max_doc_tokens=192",
+            "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.block_size=64",
+            "train.seq_len=64", "train.batch_tokens=512", "train.eval_tokens=2048", "checkpoint.every=0"]
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "elastic", "train", *args], stdout=log, stderr=log,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            out = subprocess.run([sys.executable, "-m", "elastic", "scale", "scaled", "3",
+                                  "--address", ray_cluster.address], capture_output=True, text=True)
+            if out.returncode == 0:
+                break
+            assert "no running run named 'scaled'" in out.stderr, out.stderr
+            time.sleep(1)
+        assert out.returncode == 0 and "target workers 3" in out.stdout
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    summary = json.loads((tmp_path / "scaled" / "summary.json").read_text())
+    assert summary["state"] == "FINISHED"
+    assert "join" in _kinds(summary) and summary["world_size_history"][-1]["world_size"] == 3

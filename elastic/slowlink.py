@@ -1,0 +1,515 @@
+"""Slow links, for real: Ray nodes in their own network namespaces behind tc-shaped veth links.
+
+`python -m elastic.slowlink --json [--rates unshaped,1gbit,100mbit] [--syncs dense,demo] [--steps N]`
+
+Builds, on this machine (root, `ip` and `tc` needed):
+
+    ns <p>h  (Ray head, --num-cpus=0: GCS, coordinator, driver)   eth9 10.99.0.1/24 --+
+    ns <p>a  (Ray worker node, --num-cpus=1: training worker 1)  eth9 10.99.0.2/24 --+-- br0 in ns <p>s
+    ns <p>b  (Ray worker node, --num-cpus=1: training worker 2)  eth9 10.99.0.3/24 --+
+
+Every node has one veth ("eth9" in every namespace, so one GLOO_SOCKET_IFNAME serves all) to a bridge
+in a switch namespace. Each link is shaped in both directions with `tbf` (egress of eth9 in the node's
+namespace = upload, egress of the switch-side peer = download), like a host on its own NIC.
+Everything that goes between nodes crosses those links: GCS/raylet RPCs, object transfers, actor
+calls and the gloo collective. The addresses exist only inside these namespaces. `netem` is not
+available here, so only bandwidth is shaped: no added latency, no loss.
+
+For each rate, each sync strategy trains the same model for a fixed number of steps (bounded by a
+timeout); tokens/s is the steady state from the summary's per-step commit times (first steps skipped).
+Teardown (node processes by PID and process group, every process left in our namespaces, the
+namespaces, the temp dirs) always runs, also on Ctrl-C / SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+IFNAME = "eth9"
+SUBNET = "10.99.0"
+GCS_PORT = 6379
+NS_RE = re.compile(r"^rdsl(\d+)([habs])$")
+DOCS = REPO / "docs"
+PLOT = DOCS / "throughput_vs_bandwidth.png"
+
+
+def _sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(list(cmd), check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def available() -> str | None:
+    """None when this machine can build shaped namespaces, else the reason it can't."""
+    if os.geteuid() != 0:
+        return "needs root (ip netns, tc)"
+    for tool in ("ip", "tc"):
+        if shutil.which(tool) is None:
+            return f"needs `{tool}` (iproute2)"
+    return None
+
+
+def rate_bytes_per_s(rate: str) -> float | None:
+    """'100mbit' -> 12.5e6; 'unshaped' -> None."""
+    if rate in ("unshaped", "none", ""):
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(k|m|g)bit", rate.lower())
+    if not m:
+        raise ValueError(f"rate '{rate}': expected e.g. 100mbit, 1gbit, 500kbit or unshaped")
+    return float(m.group(1)) * {"k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)] / 8
+
+
+class Netns:
+    """A set of namespaces joined by veth links (optionally through a bridge), all removed by close()."""
+
+    def __init__(self, prefix: str | None = None):
+        self.prefix = prefix or f"rdsl{os.getpid()}"
+        self.names: list[str] = []
+        self.links: list[tuple[str, str]] = []  # (namespace, device) pairs to shape
+
+    def ns(self, role: str) -> str:
+        return f"{self.prefix}{role}"
+
+    def add(self, role: str) -> str:
+        name = self.ns(role)
+        _sh("ip", "netns", "add", name)
+        self.names.append(name)
+        _sh("ip", "-n", name, "link", "set", "lo", "up")
+        return name
+
+    def veth(self, ns_a: str, dev_a: str, ns_b: str, dev_b: str) -> None:
+        _sh("ip", "link", "add", dev_a, "netns", ns_a, "type", "veth", "peer", "name", dev_b, "netns", ns_b)
+        self.links += [(ns_a, dev_a), (ns_b, dev_b)]
+
+    def addr(self, ns: str, dev: str, cidr: str) -> None:
+        _sh("ip", "-n", ns, "addr", "add", cidr, "dev", dev)
+        _sh("ip", "-n", ns, "link", "set", dev, "up")
+
+    def shape(self, rate: str) -> None:
+        """tbf at `rate` on the egress of every link end (both directions); 'unshaped' removes it."""
+        bps = rate_bytes_per_s(rate)
+        for ns, dev in self.links:
+            if bps is None:
+                _sh("tc", "-n", ns, "qdisc", "del", "dev", dev, "root", check=False)
+            else:
+                burst = max(64 * 1024, int(bps * 0.004))  # >= 4 ms of tokens: 1gbit needs more than 64kb
+                _sh("tc", "-n", ns, "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
+                    "burst", str(burst), "latency", "50ms")
+
+    def qdisc(self, ns: str, dev: str) -> str:
+        return _sh("tc", "-n", ns, "qdisc", "show", "dev", dev, check=False).stdout.strip()
+
+    def tx_bytes(self, ns: str, dev: str = IFNAME) -> int:
+        out = _sh("ip", "-n", ns, "-s", "-j", "link", "show", "dev", dev).stdout
+        return int(json.loads(out)[0]["stats64"]["tx"]["bytes"])
+
+    def exec_argv(self, ns: str, *argv: str) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv]
+
+    def close(self) -> None:
+        for name in reversed(self.names):
+            kill_namespace_pids(name)
+            _sh("ip", "netns", "del", name, check=False)
+        self.names = []
+
+
+def kill_namespace_pids(ns: str, grace_s: float = 3.0) -> list[int]:
+    """SIGTERM, then SIGKILL, every process inside namespace `ns` (only ours live there)."""
+    def pids() -> list[int]:
+        out = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
+        return [int(p) for p in out if p.isdigit() and int(p) != os.getpid()]
+
+    found = pids()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.time() + grace_s
+        while pids() and time.time() < deadline:
+            time.sleep(0.1)
+    return found
+
+
+def cleanup_stale() -> list[str]:
+    """Remove namespaces a previous, killed slowlink run left behind (its pid is gone)."""
+    removed = []
+    for line in _sh("ip", "netns", "list", check=False).stdout.splitlines():
+        name = line.split()[0] if line.split() else ""
+        m = NS_RE.match(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # its creator still runs
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        kill_namespace_pids(name)
+        _sh("ip", "netns", "del", name, check=False)
+        removed.append(name)
+    return removed
+
+
+def star(net: Netns, roles: list[str]) -> dict[str, dict]:
+    """One namespace per role, each with eth9 (10.99.0.N) to a bridge in a switch namespace."""
+    sw = net.add("s")
+    _sh("ip", "-n", sw, "link", "add", "br0", "type", "bridge")
+    _sh("ip", "-n", sw, "link", "set", "br0", "up")
+    nodes = {}
+    for i, role in enumerate(roles):
+        ns = net.add(role)
+        peer = f"p{role}"
+        net.veth(ns, IFNAME, sw, peer)
+        ip = f"{SUBNET}.{i + 1}"
+        net.addr(ns, IFNAME, f"{ip}/24")
+        _sh("ip", "-n", sw, "link", "set", peer, "master", "br0")
+        _sh("ip", "-n", sw, "link", "set", peer, "up")
+        nodes[role] = {"ns": ns, "ip": ip}
+    return nodes
+
+
+# ---- Ray nodes ---------------------------------------------------------------------------------
+
+class RayNodes:
+    """`ray start --block` per namespace, each with its own temp dir; stopped by process group."""
+
+    def __init__(self, net: Netns, nodes: dict[str, dict], root: Path):
+        self.net, self.nodes, self.root = net, nodes, root
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.head_ip = nodes["h"]["ip"]
+        self.address = f"{self.head_ip}:{GCS_PORT}"
+
+    def env(self, role: str) -> dict:
+        env = dict(os.environ)
+        tmp = self.root / role
+        tmp.mkdir(parents=True, exist_ok=True)
+        env.update(RAY_TMPDIR=str(tmp), RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
+                   PYTHONPATH=os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p))
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def start(self, worker_cpus: int = 1, object_store_bytes: int = 400_000_000) -> None:
+        ray_bin = str(Path(sys.executable).parent / "ray")
+        common = ["--block", "--disable-usage-stats", f"--object-store-memory={object_store_bytes}"]
+        for role, node in self.nodes.items():
+            if role == "h":
+                args = [ray_bin, "start", "--head", f"--node-ip-address={node['ip']}", f"--port={GCS_PORT}",
+                        "--num-cpus=0", "--include-dashboard=false",
+                        f"--temp-dir={self.root / role}", *common]
+            else:
+                args = [ray_bin, "start", f"--address={self.address}", f"--node-ip-address={node['ip']}",
+                        f"--num-cpus={worker_cpus}", *common]
+            log = open(self.root / f"{role}.log", "w")
+            self.procs[role] = subprocess.Popen(self.net.exec_argv(node["ns"], *args), env=self.env(role),
+                                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self._wait_started(role, 120)  # one at a time: nodes joining together time out on 2 cores
+
+    def _wait_started(self, role: str, timeout: float) -> None:
+        log = self.root / f"{role}.log"
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if "Ray runtime started" in log.read_text(errors="replace"):
+                return
+            if self.procs[role].poll() is not None:
+                raise RuntimeError(f"ray start ({role}) exited: {log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.3)
+        raise TimeoutError(f"ray start ({role}) not up after {timeout}s")
+
+    def wait_nodes(self, timeout: float = 90) -> list[dict]:
+        """Block until every node is alive in the GCS; returns [(ip, CPU)] as the head sees them."""
+        code = (
+            "import json,time,ray\n"
+            f"ray.init(address='{self.address}', log_to_driver=False)\n"
+            f"deadline=time.time()+{timeout}\n"
+            "while True:\n"
+            "    alive=[n for n in ray.nodes() if n['Alive']]\n"
+            f"    if len(alive)>={len(self.nodes)} or time.time()>deadline: break\n"
+            "    time.sleep(0.5)\n"
+            "print(json.dumps([{'ip':n['NodeManagerAddress'],'cpus':n['Resources'].get('CPU',0)} for n in alive]))\n"
+            "ray.shutdown()\n")
+        out = subprocess.run(self.net.exec_argv(self.nodes["h"]["ns"], sys.executable, "-c", code),
+                             env=self.env("h"), capture_output=True, text=True, timeout=timeout + 60)
+        nodes = json.loads(out.stdout.strip().splitlines()[-1]) if out.stdout.strip() else []
+        if len(nodes) < len(self.nodes):
+            raise RuntimeError(f"only {len(nodes)}/{len(self.nodes)} Ray nodes came up: {out.stderr[-2000:]}")
+        return nodes
+
+    def stop(self) -> None:
+        for role, p in self.procs.items():
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGTERM)  # ray start --block stops its node's processes
+                except ProcessLookupError:
+                    pass
+        deadline = time.time() + 15
+        for p in self.procs.values():
+            try:
+                p.wait(max(0.1, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.procs = {}
+
+
+# ---- one training run --------------------------------------------------------------------------
+
+def steady_tokens_per_s(summary: dict, skip: int) -> dict:
+    """Tokens/s between the commit of step `skip-1` and the last commit (per-step commit times)."""
+    timing = summary.get("step_timing") or []
+    hist = summary.get("loss_history") or []
+    cum = {row[0]: row[2] for row in hist}
+    if len(timing) > skip + 1:
+        first, last = timing[skip - 1] if skip > 0 else timing[0], timing[-1]
+        tokens = cum[last[0]] - cum[first[0]]
+        secs = last[1] - first[1]
+        gaps = [b[1] - a[1] for a, b in zip(timing[skip - 1 if skip else 0:], timing[skip if skip else 1:])]
+        comm = [row[6] for row in timing[skip:]]
+        return {"tokens_per_s": tokens / secs if secs > 0 else None, "steps_measured": last[0] - first[0],
+                "step_s_median": statistics.median(gaps) if gaps else None,
+                "comm_ms_median": statistics.median(comm) if comm else None}
+    tokens, wall = summary.get("tokens", 0), summary.get("wall_s", 0.0)
+    return {"tokens_per_s": tokens / wall if wall else None, "steps_measured": summary.get("steps"),
+            "step_s_median": None, "comm_ms_median": None, "note": "whole run (no step_timing)"}
+
+
+def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int, skip: int,
+               preset: str, extra: list[str], timeout_s: float, run_dir: Path) -> dict:
+    name = f"sl-{sync}-{rate}-{int(time.time())}"
+    argv = [sys.executable, "-m", "elastic", "train", "--config", preset, "--json",
+            f"sync.name={sync}", f"train.steps={steps}", "train.workers=2", "train.min_workers=2",
+            "train.max_workers=2", "checkpoint.every=0", "train.eval_tokens=2048",
+            f"cluster.address={ray_nodes.address}", f"cluster.gloo_socket_ifname={IFNAME}",
+            f"run.dir={run_dir}", f"run.name={name}", "train.step_timeout_s=120", *extra]
+    before = {r: net.tx_bytes(n["ns"]) for r, n in ray_nodes.nodes.items()}
+    log = open(run_dir / f"{name}.stderr", "w")
+    t0 = time.time()
+    p = subprocess.Popen(net.exec_argv(ray_nodes.nodes["h"]["ns"], *argv), cwd=str(REPO),
+                         env=ray_nodes.env("h"), stdout=subprocess.PIPE, stderr=log, text=True,
+                         start_new_session=True)
+    try:
+        out, _ = p.communicate(timeout=timeout_s)
+    except BaseException:
+        _stop_group(p)
+        raise
+    finally:
+        log.close()
+    elapsed = time.time() - t0
+    after = {r: net.tx_bytes(n["ns"]) for r, n in ray_nodes.nodes.items()}
+    summary_path = run_dir / name / "summary.json"
+    if not summary_path.exists():
+        tail = (run_dir / f"{name}.stderr").read_text()[-3000:]
+        raise RuntimeError(f"{sync} at {rate}: no summary.json (exit {p.returncode}); stderr tail:\n{tail}")
+    s = json.loads(summary_path.read_text())
+    steady = steady_tokens_per_s(s, skip)
+    return {
+        "sync": sync, "rate": rate, "state": s.get("state"), "steps": s.get("steps"),
+        **steady,
+        "tokens_per_s_whole_run": s["tokens"] / s["wall_s"] if s.get("wall_s") else None,
+        "bytes_sent_per_worker_per_step": s.get("bytes_sent_per_step_mean"),
+        "link_tx_bytes": {ray_nodes.nodes[r]["ip"]: after[r] - before[r] for r in after},
+        "final_loss": s.get("final_loss"), "driver_s": round(elapsed, 1),
+        "world_sizes": sorted({w["world_size"] for w in s.get("world_size_history", [])}),
+    }
+
+
+def _stop_group(p: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGINT, 20), (signal.SIGKILL, 5)):
+        if p.poll() is not None:
+            return
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            p.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# ---- the benchmark -----------------------------------------------------------------------------
+
+def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str, extra: list[str],
+          timeout_s: float, keep_logs: bool = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
+    reason = available()
+    if reason:
+        raise SystemExit(f"slowlink: {reason}")
+    for r in rates:
+        rate_bytes_per_s(r)
+    stale = cleanup_stale()
+    if stale:
+        log(f"slowlink: removed stale namespaces {stale}")
+    root = Path(tempfile.mkdtemp(prefix="rdsl", dir="/tmp"))  # short: Ray's socket paths are long
+    net = Netns()
+    ray_nodes = None
+    results: list[dict] = []
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        nodes = star(net, ["h", "a", "b"])
+        log(f"slowlink: namespaces {net.names}, {IFNAME} {[n['ip'] for n in nodes.values()]} via br0")
+        ray_nodes = RayNodes(net, nodes, root)
+        ray_nodes.start()
+        seen = ray_nodes.wait_nodes()
+        log(f"slowlink: Ray nodes up {seen}")
+        run_dir = root / "runs"
+        run_dir.mkdir()
+        for rate in rates:
+            net.shape(rate)
+            qd = net.qdisc(nodes["a"]["ns"], IFNAME)
+            log(f"slowlink: links now {rate}: {qd}")
+            for sync in syncs:
+                log(f"slowlink: training {sync} at {rate} ({steps} steps)")
+                r = train_once(net, ray_nodes, sync, rate, steps, skip, preset, extra, timeout_s, run_dir)
+                r["qdisc"] = qd
+                results.append(r)
+                log(f"slowlink: {sync} @ {rate}: {r['tokens_per_s']:.0f} tokens/s, step "
+                    f"{r['step_s_median']}, link tx {r['link_tx_bytes']}")
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if ray_nodes is not None:
+            ray_nodes.stop()
+        net.close()
+        if keep_logs:
+            log(f"slowlink: logs kept in {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        left = [n for n in _sh("ip", "netns", "list", check=False).stdout.split() if n.startswith(net.prefix)]
+        if left:
+            log(f"slowlink: WARNING namespaces left: {left}")
+    return {"preset": preset, "steps": steps, "skip": skip, "overrides": extra,
+            "topology": "3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) on a bridge; tbf "
+                        "on both directions of every node's veth; bandwidth only (no netem: no delay/loss)",
+            "results": results, "table": table(results)}
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def table(results: list[dict]) -> dict:
+    """{sync: {rate: tokens/s}} plus each rate's share of that sync's unshaped throughput."""
+    out: dict = {}
+    for r in results:
+        out.setdefault(r["sync"], {})[r["rate"]] = r["tokens_per_s"]
+    for sync, by_rate in list(out.items()):
+        base = by_rate.get("unshaped")
+        if base:
+            out[f"{sync}_fraction_of_unshaped"] = {k: v / base for k, v in by_rate.items() if v}
+    return out
+
+
+def plot(results: list[dict], path: Path = PLOT, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    shaped = [rate_bytes_per_s(r["rate"]) for r in results if rate_bytes_per_s(r["rate"])]
+    unshaped_x = max(shaped) * 8 * 10 if shaped else 1e10  # placed one decade right of the fastest shaped
+    for sync, marker in (("dense", "o"), ("demo", "s")):
+        pts = sorted((rate_bytes_per_s(r["rate"]) * 8 if rate_bytes_per_s(r["rate"]) else unshaped_x,
+                      r["tokens_per_s"]) for r in results if r["sync"] == sync and r["tokens_per_s"])
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"sync={sync}")
+            for x, y in pts:
+                ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+    ax.set_xscale("log")
+    ticks = sorted({rate_bytes_per_s(r["rate"]) * 8 for r in results if rate_bytes_per_s(r["rate"])})
+    ax.set_xticks(ticks + [unshaped_x])
+    ax.set_xticklabels([_fmt_rate(t) for t in ticks] + ["unshaped\n(veth)"])
+    ax.set_xlabel("per-node link bandwidth (tc tbf, both directions; no added latency)")
+    ax.set_ylabel("tokens/s (steady state, 2 workers)")
+    ax.set_ylim(bottom=0)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "Throughput vs link bandwidth: dense all-reduce vs DeMo compressed sync", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _fmt_rate(bits: float) -> str:
+    return f"{bits / 1e9:g} Gbit/s" if bits >= 1e9 else f"{bits / 1e6:g} Mbit/s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m elastic.slowlink", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rates", default="unshaped,1gbit,100mbit", help="comma list: unshaped, 1gbit, 100mbit, ...")
+    p.add_argument("--syncs", default="dense,demo")
+    p.add_argument("--steps", type=int, default=30, help="steps per training run")
+    p.add_argument("--skip", type=int, default=5, help="first steps left out of the steady-state rate")
+    p.add_argument("--config", default="tiny")
+    p.add_argument("--timeout", type=float, default=540, help="seconds per training run")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--no-record", action="store_true", help="don't append to docs/BENCHMARKS.md")
+    p.add_argument("--no-plot", action="store_true", help=f"don't write {PLOT.relative_to(REPO)}")
+    p.add_argument("--keep-logs", action="store_true", help="keep the Ray and driver logs (temp dir)")
+    p.add_argument("--cleanup", action="store_true", help="only remove namespaces a killed run left")
+    p.add_argument("overrides", nargs="*", help="extra key=value for every training run")
+    a = p.parse_args(argv)
+    if a.cleanup:
+        print(json.dumps({"removed": cleanup_stale()}))
+        return 0
+    if a.skip >= a.steps - 1:
+        p.error("--skip must leave at least two measured steps")
+    rates, syncs = a.rates.split(","), a.syncs.split(",")
+    try:
+        out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs)
+    except KeyboardInterrupt:
+        print("slowlink: interrupted; torn down", file=sys.stderr)
+        return 130
+    if not a.no_plot and out["results"]:
+        out["plot"] = str(plot(out["results"]))
+    if not a.no_record and out["results"]:
+        from elastic.bench import append_row
+
+        append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
+                   f"python -m elastic.slowlink --rates {a.rates} --steps {a.steps} --skip {a.skip}"
+                   + (f" {' '.join(a.overrides)}" if a.overrides else ""),
+                   record_text(out))
+    print(json.dumps(out, indent=1, default=str) if a.json else _human(out))
+    return 0
+
+
+def record_text(out: dict) -> str:
+    parts = []
+    for sync in ("dense", "demo"):
+        by = out["table"].get(sync)
+        if not by:
+            continue
+        frac = out["table"].get(f"{sync}_fraction_of_unshaped", {})
+        sent = next((r["bytes_sent_per_worker_per_step"] for r in out["results"] if r["sync"] == sync), 0)
+        cells = ", ".join(f"{rate} {v:,.0f}" + (f" ({frac[rate]:.0%})" if rate in frac and rate != "unshaped" else "")
+                          for rate, v in by.items() if v)
+        parts.append(f"{sync} ({sent:,.0f} B/worker/step): {cells} tokens/s")
+    return ("; ".join(parts) + f"; {out['preset']}, 2 workers on 2 namespace nodes, steady state steps "
+            f"{out['skip']}..{out['steps'] - 1}; bandwidth only (no netem)")
+
+
+def _human(out: dict) -> str:
+    lines = [f"{'sync':<6} {'rate':<9} {'tokens/s':>9} {'step s':>7} {'comm ms':>8} {'B/worker/step':>14}"]
+    for r in out["results"]:
+        lines.append(f"{r['sync']:<6} {r['rate']:<9} {r['tokens_per_s'] or 0:>9.0f} {r['step_s_median'] or 0:>7.2f} "
+                     f"{r['comm_ms_median'] or 0:>8.0f} {r['bytes_sent_per_worker_per_step'] or 0:>14,.0f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Slow links: two network namespaces, a veth pair, tc tbf at 100 Mbit/s, a timed bounded transfer.
+
+A real check of what `python -m elastic.slowlink` relies on (the full benchmark is only the command).
+Needs root with `ip` and `tc`; skipped elsewhere. Traffic stays inside the namespaces it creates.
+"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from elastic import slowlink
+
+needs_netns = pytest.mark.skipif(slowlink.available() is not None, reason=str(slowlink.available()))
+
+PAYLOAD = 4 * 1024 * 1024  # 4 MiB: ~0.34 s at 100 Mbit/s, a few ms unshaped
+
+SERVER = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{ip}", {port})); s.listen(1); s.settimeout(15)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(15)
+n = 0; t0 = None
+while n < {size}:
+    b = c.recv(1 << 20)
+    if not b: break
+    if t0 is None: t0 = time.perf_counter()
+    n += len(b)
+c.sendall(b"k"); print(n, time.perf_counter() - t0, flush=True)
+"""
+
+CLIENT = """
+import socket
+c = socket.create_connection(("{ip}", {port}), timeout=15)
+c.sendall(b"x" * {size}); c.recv(1)
+"""
+
+
+def _transfer(net, src, dst, dst_ip, size=PAYLOAD, port=5201):
+    server = subprocess.Popen(net.exec_argv(dst, sys.executable, "-c",
+                                            SERVER.format(ip=dst_ip, port=port, size=size)),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready"
+        t0 = time.perf_counter()
+        subprocess.run(net.exec_argv(src, sys.executable, "-c", CLIENT.format(ip=dst_ip, port=port, size=size)),
+                       check=True, timeout=30)
+        wall = time.perf_counter() - t0
+        out, _ = server.communicate(timeout=15)
+        received, secs = out.split()
+        assert int(received) == size
+        return size / float(secs), wall
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+
+
+@needs_netns
+def test_tbf_shapes_a_veth_between_namespaces():
+    net = slowlink.Netns(prefix=f"rdsl{os.getpid()}")
+    try:
+        a, b = net.add("a"), net.add("b")
+        net.veth(a, slowlink.IFNAME, b, slowlink.IFNAME)
+        net.addr(a, slowlink.IFNAME, "10.99.0.1/24")
+        net.addr(b, slowlink.IFNAME, "10.99.0.2/24")
+        fast, _ = _transfer(net, a, b, "10.99.0.2")
+        net.shape("100mbit")
+        assert "tbf" in net.qdisc(a, slowlink.IFNAME) and "100Mbit" in net.qdisc(a, slowlink.IFNAME)
+        tx0 = net.tx_bytes(a)
+        slow, _ = _transfer(net, a, b, "10.99.0.2", port=5202)
+        assert net.tx_bytes(a) - tx0 >= PAYLOAD  # the bytes really went over the shaped veth
+        # 100 Mbit/s = 12.5 MB/s on the wire; TCP payload lands at ~11-12 MB/s
+        assert 8e6 < slow < 13.5e6, f"shaped transfer ran at {slow / 1e6:.1f} MB/s"
+        assert fast > 3 * slow, f"unshaped {fast / 1e6:.1f} MB/s vs shaped {slow / 1e6:.1f} MB/s"
+        net.shape("unshaped")
+        assert "tbf" not in net.qdisc(a, slowlink.IFNAME)
+    finally:
+        net.close()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert net.prefix + "a" not in listed and net.prefix + "b" not in listed
+
+
+def test_rate_parsing_and_steady_state():
+    assert slowlink.rate_bytes_per_s("100mbit") == 12.5e6
+    assert slowlink.rate_bytes_per_s("1gbit") == 125e6
+    assert slowlink.rate_bytes_per_s("unshaped") is None
+    with pytest.raises(ValueError):
+        slowlink.rate_bytes_per_s("fast")
+    # 4 steps of 100 tokens, one per second after a slow first step: steady state skips it
+    summary = {"loss_history": [[i, 1.0, 100 * (i + 1)] for i in range(4)],
+               "step_timing": [[0, 10.0, 0, 0, 0, 0, 5.0, 0], [1, 20.0, 0, 0, 0, 0, 5.0, 0],
+                               [2, 21.0, 0, 0, 0, 0, 5.0, 0], [3, 22.0, 0, 0, 0, 0, 5.0, 0]]}
+    r = slowlink.steady_tokens_per_s(summary, skip=2)
+    assert r["tokens_per_s"] == pytest.approx(100.0)
+    assert r["steps_measured"] == 2 and r["step_s_median"] == pytest.approx(1.0)
