@@ -228,8 +228,13 @@ def train(cfg, progress_stream=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     with RayRuntime(cfg) as runtime:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # the coordinator lives and dies with its driver: keep it on the driver's node (the head under
+        # `ray job submit`), never on a worker node that a spot reclaim or scale-down can take away
         coord = CoordinatorActor.options(
             name=f"raydistro/{cfg.run.name}/coordinator", namespace=cfg.cluster.namespace,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
         ).remote(cfg)
         run_ref = coord.run.remote()
         stopping = {"n": 0}
@@ -261,7 +266,7 @@ def train(cfg, progress_stream=None) -> dict:
                         break
             try:
                 summary = ray.get(run_ref)
-            except ray.exceptions.RayTaskError as e:
+            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
                 log.error("run failed: %s", str(getattr(e, "cause", None) or e).splitlines()[0])
                 summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() \
                     else {"state": "ERRORED", "error": str(e)}
