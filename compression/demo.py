@@ -98,6 +98,10 @@ class DemoSync(Sync):
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
         if cfg.value_bits not in (1, 16):
             raise ValueError(f"sync.value_bits: {cfg.value_bits} must be 1 or 16")
+        if cfg.update not in ("sign", "rms"):
+            raise ValueError(f"sync.update: '{cfg.update}' must be sign or rms")
+        if not cfg.lr_scale > 0:
+            raise ValueError(f"sync.lr_scale: {cfg.lr_scale} must be > 0")
         if cfg.topk < 1 or cfg.chunk < 2 or not 0 < cfg.decay <= 1:
             raise ValueError(f"sync: topk={cfg.topk}, chunk={cfg.chunk}, decay={cfg.decay} out of range")
         if any(not p.is_contiguous() for p in params):
@@ -146,7 +150,7 @@ class DemoSync(Sync):
         update = [self._consensus(weights, idx, vals, mask, gi) for gi, (idx, vals, mask) in enumerate(groups)]
         self._sync_device(self.device)
         t3 = time.perf_counter()
-        self._pending = (new_m, update, float(lr), float(weight_decay))
+        self._pending = (new_m, update, float(lr) * self.cfg.lr_scale, float(weight_decay))
         W, nb = gathered.shape[0], self.wire.nbytes
         return ExchangeStats(bytes_sent=nb, bytes_received=(W - 1) * nb, dense_equivalent_bytes=self.plan.numel * 2,
                              codec_ms=((t1 - t0) + (t3 - t2)) * 1e3, comm_ms=(t2 - t1) * 1e3,
@@ -161,6 +165,9 @@ class DemoSync(Sync):
         else:
             coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
         x = sparse_idct2(idx.permute(1, 0, 2).reshape(N, W * k), coef, ch, cw)
+        if self.cfg.update == "rms":  # unit RMS per chunk: the smooth decoded direction, no sign harmonics
+            rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()
+            return torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x)).to(self.update_dtype)
         return torch.sign(x).to(self.update_dtype)
 
     def commit(self) -> None:

@@ -20,8 +20,9 @@ class DeMo(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         if len(self.param_groups) != 1:
             raise ValueError("DeMo: one param group only (the exchange applies one lr to all parameters)")
+        # lr_scale=1: the param group's lr is the step size (SyncConfig's lr_scale is tuned for elastic's train.lr)
         cfg = SyncConfig(name="demo", topk=topk, chunk=chunk, decay=decay, value_bits=value_bits,
-                         delayed_apply=delayed_apply, validate_payloads=validate_payloads)
+                         delayed_apply=delayed_apply, validate_payloads=validate_payloads, lr_scale=1.0)
         self.sync = DemoSync(cfg, self.param_groups[0]["params"], comm)
         self.last_stats = None
 

@@ -169,6 +169,42 @@ def test_exchange_stats_count_allgather_bytes():
     assert run_threads(3, body) == [True] * 3
 
 
+def test_replicas_stay_bit_identical_with_rms_update():
+    cfg = SyncConfig(name="demo", update="rms", topk=4)
+    out = run_threads(3, lambda c: digest(_train(c, 6, cfg)[0].parameters()))
+    assert len(set(out)) == 1
+    assert out[0] != digest(BASE.parameters())
+
+
+@pytest.mark.parametrize("update", ["sign", "rms"])
+def test_lr_scale_multiplies_the_step_and_update_modes_have_unit_rms(update):
+    def body(comm):
+        steps = []
+        for scale in (1.0, 3.0):
+            model = __import__("copy").deepcopy(BASE)
+            params = list(model.parameters())
+            sync = build_sync(SyncConfig(name="demo", lr_scale=scale, update=update), params, comm)
+            set_random_grads(params, torch.Generator().manual_seed(5))
+            before = [p.detach().clone() for p in params]
+            sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.0)
+            for u in sync._pending[1]:  # per chunk: +-1 (sign) or unit RMS (rms)
+                rms = u.float().square().mean(dim=(1, 2)).sqrt()
+                assert torch.allclose(rms[rms > 0], torch.ones_like(rms[rms > 0]), atol=1e-5)
+            sync.commit()
+            steps.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, params)]))
+        return torch.allclose(steps[1], 3.0 * steps[0], rtol=1e-3, atol=4e-7)  # float32 rounding of p
+
+    assert run_threads(1, body) == [True]
+
+
+def test_bad_update_mode_and_lr_scale_are_rejected():
+    params = list(__import__("copy").deepcopy(BASE).parameters())
+    with pytest.raises(ValueError, match="update"):
+        run_threads(1, lambda c: build_sync(SyncConfig(name="demo", update="adam"), params, c))
+    with pytest.raises(ValueError, match="lr_scale"):
+        run_threads(1, lambda c: build_sync(SyncConfig(name="demo", lr_scale=0.0), params, c))
+
+
 def test_demo_reduces_loss_on_a_regression_problem_over_two_ranks():
     torch.manual_seed(0)
     target = torch.randn(64, 128) / 8
@@ -178,7 +214,7 @@ def test_demo_reduces_loss_on_a_regression_problem_over_two_ranks():
 
     def body(comm):
         model = __import__("copy").deepcopy(init)
-        sync = build_sync(SyncConfig(name="demo", topk=32, decay=0.9), list(model.parameters()), comm)
+        sync = build_sync(SyncConfig(name="demo", topk=32, decay=0.9, lr_scale=1.0), list(model.parameters()), comm)
         x, y = x_all[comm.rank], y_all[comm.rank]  # each rank sees its own data
         losses = []
         for step in range(60):
