@@ -245,6 +245,8 @@ def validate(cfg: RunConfig) -> None:
     _check(s.topk >= 1, f"sync.topk: {s.topk} must be >= 1")
     _check(s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2")
     _check(0 < s.decay <= 1, f"sync.decay: {s.decay} must be in (0, 1]")
+    _check(s.lr_scale > 0, f"sync.lr_scale: {s.lr_scale} must be > 0 (demo steps at train.lr * lr_scale)")
+    _check(s.update in ("sign", "rms"), f"sync.update: '{s.update}' must be sign or rms")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every: {cfg.checkpoint.every} must be >= 0")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: {cfg.checkpoint.keep} must be >= 1")
     _check(cfg.data.tokenizer in ("gpt2", "bytes"),
