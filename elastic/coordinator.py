@@ -66,7 +66,8 @@ class Coordinator:
         self.store = CheckpointStore(checkpoint_uri(cfg), cfg.checkpoint.keep, cfg.checkpoint.storage_options)
         self.backend = "gloo"
         self.draining: set[str] = set()
-        self.open_changes: list[dict] = []  # membership changes waiting for their first committed step
+        self.open_changes: list[dict] = []
+        self.failed_step, self.failures_at_step = -1, 0  # membership changes waiting for their first committed step
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
         self.node_chaos_ack = threading.Event()
@@ -476,11 +477,18 @@ class Coordinator:
             return
         # ---- the step failed: nobody applies it; find who must leave; retry the step -----------
         detected = time.time()
+        by_id = {h.worker_id: h for h in members}
+        data_errors = [r for r in reports.values() if r.get("data_error")]
+        # a worker that failed before the exchange abstained with a NaN weight, so peers name it as a bad
+        # sender: it is the origin, not a garbage sender; its own report says why
+        origins = {by_id[r["worker_id"]] for r in reports.values() if r.get("pre_exchange")}
         bad_senders = {r.get("bad_sender") for r in reports.values() if r.get("bad_sender") is not None}
         leaving = set(dead) | set(hung)
         for rank in bad_senders:
-            if rank is not None and 0 <= rank < len(members):
+            if rank is not None and 0 <= rank < len(members) and members[rank] not in origins:
                 leaving.add(members[rank])
+        if not data_errors:
+            leaving |= origins  # e.g. out of memory, a broken device: that worker leaves
         survivors = [h for h in members if h not in leaving]
         aborts = [h.actor.abort.remote(step) for h in survivors]
         try:
@@ -495,7 +503,20 @@ class Coordinator:
         self.plan.abort(step)
         errors = {h.worker_id: reports.get(h.worker_id, {}).get("error") for h in members
                   if not reports.get(h.worker_id, {}).get("ok")}
-        kind = ("corrupt_payload" if bad_senders else "hang" if hung else "death" if dead else "step_failed")
+        if data_errors:
+            # the data source is down for everyone: stop with the run checkpointed, nothing lost
+            self.summary.event(step, "step-aborted data-source-error")
+            self.checkpoint(reason="data-error")
+            raise DataUnavailable(f"step {step}: {data_errors[0]['error']} (run checkpointed at step {self.step}; "
+                                  "resubmit to resume once the source is back)")
+        self.failures_at_step = self.failures_at_step + 1 if self.failed_step == step else 1
+        self.failed_step = step
+        if self.failures_at_step > MAX_ATTEMPTS_PER_STEP:
+            self.checkpoint(reason="step-failures")
+            raise StepKeepsFailing(f"step {step} failed {self.failures_at_step} times in a row; last errors: "
+                                   f"{errors}; run checkpointed at step {self.step}")
+        kind = ("corrupt_payload" if bad_senders - {None, -1} and not origins else "hang" if hung
+                else "death" if dead else "worker_error" if origins else "step_failed")
         log.warning("step %d failed (%s): leaving=%s errors=%s", step, kind,
                     [h.worker_id for h in leaving], errors)
         self.summary.event(step, f"step-aborted {kind} leaving={[h.worker_id for h in leaving]}")
@@ -691,7 +712,18 @@ class Coordinator:
         self.stop_requested = True
 
 
+MAX_ATTEMPTS_PER_STEP = 5
+
+
 class PausedTooLong(RuntimeError):
+    pass
+
+
+class DataUnavailable(RuntimeError):
+    pass
+
+
+class StepKeepsFailing(RuntimeError):
     pass
 
 

@@ -296,6 +296,7 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
             f"cluster.address={ray_nodes.address}", f"cluster.gloo_socket_ifname={IFNAME}",
             f"run.dir={run_dir}", f"run.name={name}", "train.step_timeout_s=120", *extra]
     before = {r: net.tx_bytes(n["ns"]) for r, n in ray_nodes.nodes.items()}
+    load0 = os.getloadavg()[0]
     log = open(run_dir / f"{name}.stderr", "w")
     t0 = time.time()
     p = subprocess.Popen(net.exec_argv(ray_nodes.nodes["h"]["ns"], *argv), cwd=str(REPO),
@@ -323,6 +324,8 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
         "bytes_sent_per_worker_per_step": s.get("bytes_sent_per_step_mean"),
         "link_tx_bytes": {ray_nodes.nodes[r]["ip"]: after[r] - before[r] for r in after},
         "final_loss": s.get("final_loss"), "driver_s": round(elapsed, 1),
+        # the machine is shared: 1-min load average before and after the run (2 cores here)
+        "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
         "world_sizes": sorted({w["world_size"] for w in s.get("world_size_history", [])}),
     }
 
@@ -462,6 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-plot", action="store_true", help=f"don't write {PLOT.relative_to(REPO)}")
     p.add_argument("--keep-logs", action="store_true", help="keep the Ray and driver logs (temp dir)")
     p.add_argument("--cleanup", action="store_true", help="only remove namespaces a killed run left")
+    p.add_argument("--from-json", metavar="PATH", help="plot (and record) a saved --json result; no runs")
     p.add_argument("overrides", nargs="*", help="extra key=value for every training run")
     a = p.parse_args(argv)
     if a.cleanup:
@@ -470,11 +474,17 @@ def main(argv: list[str] | None = None) -> int:
     if a.skip >= a.steps - 1:
         p.error("--skip must leave at least two measured steps")
     rates, syncs = a.rates.split(","), a.syncs.split(",")
-    try:
-        out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs)
-    except KeyboardInterrupt:
-        print("slowlink: interrupted; torn down", file=sys.stderr)
-        return 130
+    if a.from_json:
+        out = json.loads(Path(a.from_json).read_text())
+        out["table"] = table(out["results"])
+        a.rates, a.steps, a.skip = ",".join(dict.fromkeys(r["rate"] for r in out["results"])), out["steps"], out["skip"]
+        a.overrides = out.get("overrides", [])
+    else:
+        try:
+            out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs)
+        except KeyboardInterrupt:
+            print("slowlink: interrupted; torn down", file=sys.stderr)
+            return 130
     if not a.no_plot and out["results"]:
         out["plot"] = str(plot(out["results"]))
     if not a.no_record and out["results"]:

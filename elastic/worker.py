@@ -18,13 +18,14 @@ import ray
 import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
-from datasets import DocRange, ShardReader, get_tokenizer, pack
+from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
 from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig
 from elastic.fingerprint import params_fingerprint
 from elastic.model import build_model
 
 log = logging.getLogger("raydistro.worker")
+DATA_ERRORS = (DataSourceError,)
 
 
 def detect_accelerator(device: str) -> str:
@@ -103,33 +104,16 @@ class WorkerReplica:
         t0 = time.time()
         self.phase = "compute"
         self.pending_step = step
-        batch = self.reader.read_batch(ranges)
-        docs = batch.docs
-        read_s = time.time() - t0
-        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
-        inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
-        tokens = int((targets >= 0).sum())
-        self.model.train()
-        for p in self.params:
-            p.grad = None
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
-        for i in range(0, inputs.size(0), micro):
-            # count real targets on the CPU copy: no device->host sync between micro-batches
-            n = int((targets[i:i + micro] >= 0).sum())
-            if n == 0:
-                continue
-            x = inputs[i:i + micro].to(self.device, non_blocking=True)
-            y = targets[i:i + micro].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                _, loss = self.model(x, y)
-            (loss * (n / max(1, tokens))).backward()
-            loss_sum += loss.detach() * n
-        loss_sum = float(loss_sum)  # one host sync for the step's loss
-        if self.cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        try:
+            tokens, loss_sum, n_docs, dropped, read_s = self._forward_backward(ranges)
+        except Exception as e:
+            # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
+            # weight, so every rank rejects this step at once instead of blocking on us.
+            self._abstain(lr)
+            self.phase = "failed"
+            return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
+                    "pre_exchange": True, "error": f"{type(e).__name__}: {e}",
+                    "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc()}
         compute_s = time.time() - t0
         if chaos.get("hang"):
             self.phase = "hung"
@@ -141,9 +125,8 @@ class WorkerReplica:
             self.comm.armed = True
         self.phase = "exchange"
         report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
-                  "tokens": tokens, "docs": len(docs), "loss": loss_sum / max(1, tokens),
-                  "compute_s": compute_s, "read_s": read_s,
-                  "dropped": batch.dropped_json()}
+                  "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
+                  "compute_s": compute_s, "read_s": read_s, "dropped": dropped}
         try:
             stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay)
         except PayloadError as e:
@@ -162,6 +145,47 @@ class WorkerReplica:
             comm_ms=stats.comm_ms, step_s=step_s,
         )
         return report
+
+    def _forward_backward(self, ranges: list[DocRange]) -> tuple[int, float, int, list, float]:
+        t0 = time.time()
+        batch = self.reader.read_batch(ranges)
+        read_s = time.time() - t0
+        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
+        inputs, targets = pack(batch.docs, self.cfg.train.seq_len, self.tokenizer.eot)
+        tokens = int((targets >= 0).sum())
+        self.model.train()
+        for p in self.params:
+            p.grad = None
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
+        for i in range(0, inputs.size(0), micro):
+            x = inputs[i:i + micro].to(self.device, non_blocking=True)
+            y = targets[i:i + micro].to(self.device, non_blocking=True)
+            n = int((y >= 0).sum())
+            if n == 0:
+                continue
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                _, loss = self.model(x, y)
+            (loss * (n / max(1, tokens))).backward()
+            loss_acc += loss.detach().double() * n
+        if self.cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
+        loss_sum = float(loss_acc)  # the one host sync of the step
+        return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s
+
+    def _abstain(self, lr: float) -> None:
+        if self.sync is None:
+            return
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+        try:
+            self.sync.exchange(lr=lr, weight=float("nan"), weight_decay=0.0)
+        except Exception:
+            pass  # expected: our own NaN weight is rejected too
+        try:
+            self.sync.abort()
+        except Exception:
+            pass
 
     def commit(self, step: int) -> str:
         assert self.pending_step == step, f"commit of step {step} but pending is {self.pending_step}"
