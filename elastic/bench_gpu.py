@@ -112,8 +112,12 @@ def steady_state(summary: dict, warmup: int) -> dict:
             "codec": _median(r["codec_ms"] for r in steady),
             "comm_incl_wait_for_peers": _median(r["comm_ms"] for r in steady),
             "worker_step": _median(r["step_s"] * 1e3 for r in steady),
-            "commit_and_rpc": _median((r["wall_s"] - r["step_s"]) * 1e3 for r in steady),
-            "between_steps": _median((b["t"] - a["t"] - b["wall_s"]) * 1e3 for a, b in zip(steady, steady[1:])),
+            # coordinator's wall (dispatch -> all reports back) minus the slowest worker's step: Ray RPC cost
+            "step_rpc_overhead": _median((r["wall_s"] - r["step_s"]) * 1e3 for r in steady),
+            # the rest of the time between commits: the commit RPC (apply update + parameter fingerprint
+            # on every worker) and the coordinator's bookkeeping/control before the next dispatch
+            "commit_fingerprint_and_control": _median((b["t"] - a["t"] - b["wall_s"]) * 1e3
+                                                      for a, b in zip(steady, steady[1:])),
         }
     return out
 
@@ -150,7 +154,8 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
     res = {"config": label or sync, "path": "ray actors + ray.util.collective "
            f"({'nccl' if cfg.train.device == 'cuda' else 'gloo'})", "workers": workers, "steps": summary.get("steps"),
            "state": summary.get("state"), "wall_s_total": round(time.time() - t0, 1),
-           "overrides": ov}
+           "overrides": ov, "sync_config": {k: (list(v) if isinstance(v, tuple) else v)
+                                             for k, v in vars(cfg.sync).items()}}
     res.update(steady_state(summary, warmup))
     sent = summary.get("bytes_sent_per_step_mean") or 0
     dense = summary.get("dense_equivalent_bytes_per_step") or 0
@@ -476,8 +481,8 @@ def run(args) -> dict:
             if r.get("tokens_per_s"):
                 r["ddp_tokens_per_s_ratio"] = round(r["tokens_per_s"] / ddp["tokens_per_s"], 3)
                 r["bytes_ratio_vs_ddp"] = round(ddp["bytes_sent_per_worker_per_step"] /
-                                                max(1, r["bytes_sent_per_worker_per_step"]), 1) \
-                    if r.get("bytes_sent_per_worker_per_step") else None
+                                                r["bytes_sent_per_worker_per_step"], 1) \
+                    if r.get("bytes_sent_per_worker_per_step") and ddp["bytes_sent_per_worker_per_step"] else None
     if args.plot and any(r.get("loss_history") for r in stack_runs):
         if stack_runs:
             stack_runs[0]["_plot_title"] = f"{args.preset}, {workers} workers, {machine}"

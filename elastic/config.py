@@ -68,6 +68,7 @@ class TrainSection:
     eval_tokens: int = 16384         # held-out tokens scored for val_loss
     step_timeout_s: float = 60.0     # watchdog floor; also the first steps' limit
     hang_factor: float = 8.0         # watchdog = max(floor, factor * median recent step time)
+    collective_timeout_s: float = 0.0  # gloo rendezvous/op timeout; 0 = max(60, 4 x step_timeout_s)
     pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
     log_every: int = 10              # plain log line cadence when not on a terminal
 

@@ -176,23 +176,14 @@ class Coordinator:
     def _form_group(self, joiners: list[WorkerHandle], source: WorkerHandle | None,
                     ckpt=None) -> None:
         """Re-form the collective group over members (+joiners); give joiners state from `source`."""
-        self.members = self.members + joiners
-        self.generation = MembershipGeneration(
-            self.generation.generation + 1,
-            [Member(h.worker_id, h.info.get("accelerator", "CPU"), h.info.get("node_id", ""),
-                    h.info.get("device", "cpu"), h.tokens_per_s) for h in self.members],
-        )
-        g = self.generation.generation
-        group = "default" if self.backend == "gloo" else f"raydistro-{self.cfg.run.name}-g{g}"
-        try:  # a rank 0 that died during a previous rendezvous can leave its address behind
-            from ray.experimental import internal_kv
-
-            internal_kv._internal_kv_del(GLOO_KV_KEY)
-        except Exception:
-            pass
-        world = len(self.members)
-        refs = [h.actor.join_group.remote(world, r, g, self.backend, group) for r, h in enumerate(self.members)]
-        ray.get(refs, timeout=max(60.0, self.cfg.train.step_timeout_s))
+        self._set_members(self.members + joiners)  # a new generation
+        self._join_all()
+        joiners = [j for j in joiners if j in self.members]  # some may have died while forming
+        if source is not None and source not in self.members:
+            source = next((h for h in self.members if h not in joiners), None)
+            if source is None and joiners:  # nobody with the current state survived: use the checkpoint
+                ckpt = ckpt or self.store.load_latest()
+        world, g = len(self.members), self.generation.generation
         if ckpt is not None:
             model = ckpt.tensor_file("model.pt")
             model_ref = ray.put(model)
@@ -216,6 +207,66 @@ class Coordinator:
         self.summary.world_size(self.step, world, g, [m.accelerator for m in self.generation.members])
         self.metrics.world_size.set(world)
         self.metrics.generation.set(g)
+
+    def _join_all(self, attempts: int = 4) -> None:
+        """Form the collective group of the current members; members that die meanwhile are dropped
+        and the group is formed again without them (a membership change inside a membership change)."""
+        from ray.experimental import internal_kv
+
+        for attempt in range(attempts):
+            g = self.generation.generation
+            group = "default" if self.backend == "gloo" else f"raydistro-{self.cfg.run.name}-g{g}"
+            try:  # a rank 0 that died during a previous rendezvous can leave its address behind
+                internal_kv._internal_kv_del(GLOO_KV_KEY)
+            except Exception:
+                pass
+            alive = []
+            for h in self.members:
+                try:
+                    ray.get(h.actor.ping.remote(), timeout=10)
+                    alive.append(h)
+                except Exception:
+                    log.warning("%s is gone before the group formed; dropping it", h.worker_id)
+            if len(alive) != len(self.members):
+                self._remove([h for h in self.members if h not in alive], kill=True)
+                self._set_members(alive)
+            world = len(self.members)
+            refs = [h.actor.join_group.remote(world, r, self.generation.generation, self.backend, group)
+                    for r, h in enumerate(self.members)]
+            limit = self.cfg.train.collective_timeout_s or max(60.0, 4 * self.cfg.train.step_timeout_s)
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=limit + 30)
+            failed = list(pending)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    log.warning("joining the group failed: %s", str(e).splitlines()[0])
+                    failed.append(ref)
+            if not failed:
+                return
+            gone = []
+            for h, ref in zip(self.members, refs):
+                try:
+                    ray.get(h.actor.ping.remote(), timeout=5)
+                except Exception:
+                    gone.append(h)
+            if not gone:  # everyone is alive but the rendezvous failed: kill those that never returned
+                gone = [h for h, ref in zip(self.members, refs) if ref in pending]
+            self._remove(gone, kill=True)
+            self._set_members([h for h in self.members if h not in gone])
+            self.summary.event(self.step, f"group formation retry {attempt + 1}: dropped "
+                                          f"{[h.worker_id for h in gone]}")
+            if len(self.members) < 1:
+                break
+        raise RuntimeError(f"could not form the collective group after {attempts} attempts")
+
+    def _set_members(self, handles: list[WorkerHandle]) -> None:
+        self.members = list(handles)
+        self.generation = MembershipGeneration(
+            self.generation.generation + 1,
+            [Member(h.worker_id, h.info.get("accelerator", "CPU"), h.info.get("node_id", ""),
+                    h.info.get("device", "cpu"), h.tokens_per_s) for h in self.members],
+        )
 
     def _replicated_sync(self) -> bool:
         # dense AdamW moments are identical on every replica; DeMo momentum is each rank's own residual

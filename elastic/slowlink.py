@@ -279,9 +279,13 @@ def steady_tokens_per_s(summary: dict, skip: int) -> dict:
         secs = last[1] - first[1]
         gaps = [b[1] - a[1] for a, b in zip(timing[skip - 1 if skip else 0:], timing[skip if skip else 1:])]
         comm = [row[6] for row in timing[skip:]]
+        compute = [row[4] for row in timing[skip:]]
         return {"tokens_per_s": tokens / secs if secs > 0 else None, "steps_measured": last[0] - first[0],
                 "step_s_median": statistics.median(gaps) if gaps else None,
-                "comm_ms_median": statistics.median(comm) if comm else None}
+                # slowest worker's time inside the collective (includes waiting for the other) and
+                # read+forward/backward: CPU contention shows in compute, the link in comm
+                "comm_ms_median": statistics.median(comm) if comm else None,
+                "compute_s_median": statistics.median(compute) if compute else None}
     tokens, wall = summary.get("tokens", 0), summary.get("wall_s", 0.0)
     return {"tokens_per_s": tokens / wall if wall else None, "steps_measured": summary.get("steps"),
             "step_s_median": None, "comm_ms_median": None, "note": "whole run (no step_timing)"}
@@ -404,14 +408,19 @@ def _raise_interrupt(signum, frame):
 
 
 def table(results: list[dict]) -> dict:
-    """{sync: {rate: tokens/s}} plus each rate's share of that sync's unshaped throughput."""
-    out: dict = {}
+    """{sync: {rate: tokens/s}} (the median over repeats, runs listed) and each rate's share of that
+    sync's unshaped throughput."""
+    runs: dict = {}
     for r in results:
-        out.setdefault(r["sync"], {})[r["rate"]] = r["tokens_per_s"]
-    for sync, by_rate in list(out.items()):
-        base = by_rate.get("unshaped")
+        if r.get("tokens_per_s"):
+            runs.setdefault(r["sync"], {}).setdefault(r["rate"], []).append(r["tokens_per_s"])
+    out: dict = {}
+    for sync, by_rate in runs.items():
+        out[sync] = {rate: statistics.median(v) for rate, v in by_rate.items()}
+        out[f"{sync}_runs"] = {rate: [round(x, 1) for x in v] for rate, v in by_rate.items()}
+        base = out[sync].get("unshaped")
         if base:
-            out[f"{sync}_fraction_of_unshaped"] = {k: v / base for k, v in by_rate.items() if v}
+            out[f"{sync}_fraction_of_unshaped"] = {k: v / base for k, v in out[sync].items()}
     return out
 
 
@@ -424,13 +433,18 @@ def plot(results: list[dict], path: Path = PLOT, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     shaped = [rate_bytes_per_s(r["rate"]) for r in results if rate_bytes_per_s(r["rate"])]
     unshaped_x = max(shaped) * 8 * 10 if shaped else 1e10  # placed one decade right of the fastest shaped
+    tab = table(results)
     for sync, marker in (("dense", "o"), ("demo", "s")):
-        pts = sorted((rate_bytes_per_s(r["rate"]) * 8 if rate_bytes_per_s(r["rate"]) else unshaped_x,
-                      r["tokens_per_s"]) for r in results if r["sync"] == sync and r["tokens_per_s"])
+        runs = tab.get(f"{sync}_runs", {})
+        pts = sorted((rate_bytes_per_s(rate) * 8 if rate_bytes_per_s(rate) else unshaped_x,
+                      statistics.median(v), min(v), max(v)) for rate, v in runs.items())
         if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=f"sync={sync}")
-            for x, y in pts:
-                ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+            n = max(len(v) for v in runs.values())
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                        yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker=marker,
+                        capsize=3, label=f"sync={sync}" + (f" (median of {n} runs, bars min-max)" if n > 1 else ""))
+            for x, y, _, _ in pts:
+                ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
     ax.set_xscale("log")
     ticks = sorted({rate_bytes_per_s(r["rate"]) * 8 for r in results if rate_bytes_per_s(r["rate"])})
     ax.set_xticks(ticks + [unshaped_x])
@@ -474,8 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.skip >= a.steps - 1:
         p.error("--skip must leave at least two measured steps")
     rates, syncs = a.rates.split(","), a.syncs.split(",")
-    if a.from_json:
-        out = json.loads(Path(a.from_json).read_text())
+    if a.from_json:  # one or more saved results (comma list): their runs are pooled
+        saved = [json.loads(Path(f).read_text()) for f in a.from_json.split(",")]
+        out = {**saved[0], "results": [r for o in saved for r in o["results"]]}
         out["table"] = table(out["results"])
         a.rates, a.steps, a.skip = ",".join(dict.fromkeys(r["rate"] for r in out["results"])), out["steps"], out["skip"]
         a.overrides = out.get("overrides", [])
@@ -506,7 +521,9 @@ def record_text(out: dict) -> str:
             continue
         frac = out["table"].get(f"{sync}_fraction_of_unshaped", {})
         sent = next((r["bytes_sent_per_worker_per_step"] for r in out["results"] if r["sync"] == sync), 0)
+        n = out["table"].get(f"{sync}_runs", {})
         cells = ", ".join(f"{rate} {v:,.0f}" + (f" ({frac[rate]:.0%})" if rate in frac and rate != "unshaped" else "")
+                          + (f" [runs {'/'.join(f'{x:.0f}' for x in n[rate])}]" if len(n.get(rate, [])) > 1 else "")
                           for rate, v in by.items() if v)
         parts.append(f"{sync} ({sent:,.0f} B/worker/step): {cells} tokens/s")
     return ("; ".join(parts) + f"; {out['preset']}, 2 workers on 2 namespace nodes, steady state steps "

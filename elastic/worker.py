@@ -84,6 +84,16 @@ class WorkerReplica:
         import ray.util.collective as col
 
         t0 = time.time()
+        if backend == "gloo":
+            # torch's default is 30 minutes: a member that dies during the rendezvous would hold the
+            # survivors that long. Bounded, they fail and the coordinator re-forms without it.
+            import datetime
+
+            import torch.distributed.distributed_c10d as c10d
+
+            t = self.cfg.train
+            c10d.default_pg_timeout = datetime.timedelta(
+                seconds=t.collective_timeout_s or max(60.0, 4 * t.step_timeout_s))
         for name in {group_name, "default"}:
             if col.is_group_initialized(name):
                 col.destroy_collective_group(name)
