@@ -425,39 +425,51 @@ def table(results: list[dict]) -> dict:
 
 
 def plot(results: list[dict], path: Path = PLOT, title: str = "") -> Path:
+    """Left: steady tokens/s vs link bandwidth. Right: time in the collective per step (the part
+    the link can change; on a shared CPU the rest of a step moves with the machine's load)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.6))
     shaped = [rate_bytes_per_s(r["rate"]) for r in results if rate_bytes_per_s(r["rate"])]
     unshaped_x = max(shaped) * 8 * 10 if shaped else 1e10  # placed one decade right of the fastest shaped
-    tab = table(results)
-    for sync, marker in (("dense", "o"), ("demo", "s")):
-        runs = tab.get(f"{sync}_runs", {})
-        pts = sorted((rate_bytes_per_s(rate) * 8 if rate_bytes_per_s(rate) else unshaped_x,
-                      statistics.median(v), min(v), max(v)) for rate, v in runs.items())
-        if pts:
+    x_of = lambda rate: rate_bytes_per_s(rate) * 8 if rate_bytes_per_s(rate) else unshaped_x  # noqa: E731
+    for a, key, scale, ylabel, fmt in (
+            (ax, "tokens_per_s", 1.0, "tokens/s (steady state, 2 workers)", "{:,.0f}"),
+            (ax2, "comm_ms_median", 1e-3, "s per step in the collective (median, slowest worker)", "{:.2f}")):
+        for sync, marker in (("dense", "o"), ("demo", "s")):
+            runs: dict = {}
+            for r in results:
+                if r["sync"] == sync and r.get(key) is not None:
+                    runs.setdefault(r["rate"], []).append(r[key] * scale)
+            if not runs:
+                continue
+            pts = sorted((x_of(rate), statistics.median(v), min(v), max(v)) for rate, v in runs.items())
             n = max(len(v) for v in runs.values())
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts],
-                        yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker=marker,
-                        capsize=3, label=f"sync={sync}" + (f" (median of {n} runs, bars min-max)" if n > 1 else ""))
+            a.errorbar([p[0] for p in pts], [p[1] for p in pts],
+                       yerr=[[p[1] - p[2] for p in pts], [p[3] - p[1] for p in pts]], marker=marker,
+                       capsize=3, label=f"sync={sync}" + (f" (median of {n} runs, bars min-max)" if n > 1 else ""))
             for x, y, _, _ in pts:
-                ax.annotate(f"{y:,.0f}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
-    ax.set_xscale("log")
-    ticks = sorted({rate_bytes_per_s(r["rate"]) * 8 for r in results if rate_bytes_per_s(r["rate"])})
-    ax.set_xticks(ticks + [unshaped_x])
-    ax.set_xticklabels([_fmt_rate(t) for t in ticks] + ["unshaped\n(veth)"])
-    ax.set_xlabel("per-node link bandwidth (tc tbf, both directions; no added latency)")
-    ax.set_ylabel("tokens/s (steady state, 2 workers)")
-    ax.set_ylim(bottom=0)
-    ax.grid(True, alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "Throughput vs link bandwidth: dense all-reduce vs DeMo compressed sync", fontsize=10)
+                a.annotate(fmt.format(y), (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        a.set_xscale("log")
+        ticks = sorted({rate_bytes_per_s(r["rate"]) * 8 for r in results if rate_bytes_per_s(r["rate"])})
+        a.set_xticks(ticks + [unshaped_x])
+        a.set_xticklabels([_fmt_rate(t) for t in ticks] + ["unshaped\n(veth)"])
+        a.minorticks_off()
+        a.set_xlabel("per-node link bandwidth (tc tbf both ways; no added latency)")
+        a.set_ylabel(ylabel)
+        a.set_ylim(bottom=0)
+        a.grid(True, alpha=0.3)
+        a.legend(fontsize=8)
+    loads = [x for r in results for x in r.get("loadavg_1m", [])]
+    sub = f"; machine load avg {min(loads):.0f}-{max(loads):.0f} on 2 vCPU (shared)" if loads else ""
+    fig.suptitle(title or "Dense all-reduce vs DeMo sync over shaped links (Ray nodes in network namespaces"
+                 + sub + ")", fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
 
