@@ -67,7 +67,11 @@ class Coordinator:
         self.backend = "gloo"
         self.draining: set[str] = set()
         self.open_changes: list[dict] = []
-        self.failed_step, self.failures_at_step = -1, 0  # membership changes waiting for their first committed step
+        self._options: dict | None = None
+        self._next_cluster_poll = 0.0  # GCS queries (nodes, drains) at most once a second, not per step
+        self._draining_nodes: dict = {}
+        self.failed_step, self.failures_at_step = -1, 0
+        self.pending_commit: int | None = None  # decided, applied by workers at their next call
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
         self.node_chaos_ack = threading.Event()
@@ -89,6 +93,11 @@ class Coordinator:
             check_text_column(self.val_shards, d.text_column)
 
     def _worker_options(self) -> dict:
+        if self._options is None:
+            self._options = self._resolve_worker_options()
+        return self._options
+
+    def _resolve_worker_options(self) -> dict:
         t = self.cfg.train
         gpus = t.worker_gpus
         if gpus < 0:
@@ -295,6 +304,7 @@ class Coordinator:
         `detected_at` (the death noticed, the joiner ready) to the next committed step. For joins,
         `capacity_at` (node appeared / worker requested) gives seconds_from_capacity as well."""
         self.state = "RESIZING"
+        self._flush_commit()
         survivors = [h for h in self.members if h not in leaving]
         self._remove(leaving, kill=True)
         source = survivors[0] if survivors else None
@@ -305,9 +315,9 @@ class Coordinator:
         if source is not None:
             self.checkpoint(reason=kind)
             self._form_group(joiners, source)
-        else:  # everyone left: rebuild from the checkpoint just written before (or the latest)
+        else:  # everyone left: rebuild from the latest checkpoint, its step and data cursor included
             self.members = []
-            ckpt = self.store.load_latest()
+            ckpt = self.restore(mid_run=True)
             self._form_group(joiners, None, ckpt)
         self.open_changes.append({"step": self.step, "kind": kind, "detected_at": detected_at,
                                   "world_size": len(self.members), "capacity_at": capacity_at})
@@ -328,7 +338,7 @@ class Coordinator:
                     f"{self.cfg.train.min_workers}; the run is checkpointed, resubmit to resume")
             self._spawn_up_to(self.cfg.train.min_workers)
             joiners += self._ready_pending(timeout=1.0)
-        ckpt = None if self.members else self.store.load_latest()
+        ckpt = None if self.members else self.restore(mid_run=True)
         source = self.members[0] if self.members else None
         if source is not None:
             self._form_group(joiners, source)
@@ -340,6 +350,7 @@ class Coordinator:
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, reason: str) -> str | None:
+        self._flush_commit()
         if not self.members:
             return None
         t0 = time.time()
@@ -366,16 +377,22 @@ class Coordinator:
         log.info("checkpoint %s (%s) in %.2fs", uri, reason, time.time() - t0)
         return uri
 
-    def restore(self):
+    def restore(self, mid_run: bool = False):
+        """Load the latest valid checkpoint's step and data cursor (and, at start, its history).
+
+        `mid_run`: every replica was lost; the model and cursor go back to the checkpoint together (so
+        documents after it are delivered again, once, to the model that did not see them), while this
+        run's own record of events stays."""
         ckpt = self.store.load_latest()
         if ckpt is None:
             return None
         meta = ckpt.meta
         self.step = int(meta["step"])
         self.plan.load_state_dict(meta["plan"])
-        self.chaos.load_state_dict(meta.get("chaos", {}))
-        self.summary.load_state_dict(meta.get("summary", {}))
-        self.next_worker_num = int(meta.get("next_worker_num", 0))
+        if not mid_run:
+            self.chaos.load_state_dict(meta.get("chaos", {}))
+            self.summary.load_state_dict(meta.get("summary", {}))
+            self.next_worker_num = int(meta.get("next_worker_num", 0))
         log.info("resuming from %s at step %d", ckpt.uri, self.step)
         self.summary.resumed_from(ckpt.uri, self.step)
         return ckpt
@@ -451,7 +468,10 @@ class Coordinator:
 
     def _control(self) -> list[WorkerHandle]:
         """Between steps: scale requests, chaos joins, drains, new capacity. Returns ready joiners."""
-        self._watch_nodes()
+        poll_cluster = time.time() >= self._next_cluster_poll
+        if poll_cluster:
+            self._next_cluster_poll = time.time() + 1.0
+            self._watch_nodes()
         due = self.chaos.due(self.step)
         node_events = [e for e in due if e.kind in ("remove_node", "add_node")]
         if node_events:
@@ -466,16 +486,18 @@ class Coordinator:
                 victim = self.members[self.chaos.pick_victim(len(self.members))]
                 if self._drain_node_of(victim):
                     self.summary.event(self.step, f"chaos-drain node of {victim.worker_id}")
+                    poll_cluster = True  # see our own drain notice now
                 else:  # the head node is never drained: give the worker the notice directly
                     self.draining.add(victim.worker_id)
                     self.summary.event(self.step, f"chaos-drain {victim.worker_id}")
         # real drain notices from the GCS (node drain, preemption): leave gracefully, before the deadline
-        try:
-            draining_nodes = ray._private.state.state.get_draining_nodes()
-        except Exception:
-            draining_nodes = {}
+        if poll_cluster:
+            try:
+                self._draining_nodes = ray._private.state.state.get_draining_nodes()
+            except Exception:
+                self._draining_nodes = {}
         for h in self.members:
-            if h.info.get("node_id") in draining_nodes and h.worker_id not in self.draining:
+            if h.info.get("node_id") in self._draining_nodes and h.worker_id not in self.draining:
                 self.draining.add(h.worker_id)
                 self.summary.event(self.step, f"node-drain {h.worker_id}")
         if self.draining:
@@ -516,15 +538,22 @@ class Coordinator:
                 kill_victim = members[self.chaos.pick_victim(len(members))]
                 self.chaos.mark_done(e)
         t0 = time.time()
-        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r]): h for r, h in enumerate(members)}
+        # the decision to commit the previous step rides on this step's call: one RPC per step
+        commit_first, self.pending_commit = self.pending_commit, None
+        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first): h
+                for r, h in enumerate(members)}
         if kill_victim is not None:
             time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
             self.summary.event(step, f"chaos-kill {kill_victim.worker_id}")
             ray.kill(kill_victim.actor, no_restart=True)
         reports, dead, hung = self._collect(refs, t0)
+        if commit_first is not None:
+            prints = [r["fingerprint"] for r in reports.values() if r.get("committed_step") == commit_first]
+            if prints:
+                self._check_agree(prints, f"after step {commit_first}")
         failed = dead or hung or any(not r.get("ok") for r in reports.values())
         if not failed:
-            self._commit(step, members, reports, time.time() - t0)
+            self._finish_commit(step, members, reports, time.time() - t0)
             return
         # ---- the step failed: nobody applies it; find who must leave; retry the step -----------
         detected = time.time()
@@ -682,28 +711,27 @@ class Coordinator:
                     ray.kill(refs[ref].actor, no_restart=True)
         return reports, dead, hung
 
-    def _commit(self, step: int, members: list[WorkerHandle], reports: dict, wall: float) -> None:
-        try:
-            prints = ray.get([h.actor.commit.remote(step) for h in members], timeout=60)
-        except Exception as e:
-            # a worker died after the exchange succeeded everywhere: the others committed; it leaves
-            log.warning("commit of step %d: %s", step, e)
-            prints = []
-            leaving = []
-            for h in members:
-                try:
-                    prints.append(ray.get(h.actor.fingerprint.remote(), timeout=10))
-                except Exception:
-                    leaving.append(h)
-            self._finish_commit(step, members, reports, wall, prints)
-            if leaving:
-                self.membership_change("death", leaving, [], time.time())
+    def _flush_commit(self) -> None:
+        """Apply a decided-but-not-yet-sent commit on every member now (before a checkpoint, a membership
+        change or the end). Members that cannot be reached are left to the failure handling."""
+        step, self.pending_commit = self.pending_commit, None
+        if step is None:
             return
-        self._finish_commit(step, members, reports, wall, prints)
+        refs = [(h, h.actor.commit.remote(step)) for h in self.members]
+        prints = []
+        for h, ref in refs:
+            try:
+                prints.append(ray.get(ref, timeout=60))
+            except Exception as e:
+                log.warning("commit of step %d on %s: %s", step, h.worker_id, str(e).splitlines()[0])
+        if prints:
+            self._check_agree(prints, f"after step {step}")
 
-    def _finish_commit(self, step, members, reports, wall, prints) -> None:
-        agree = self._check_agree(prints, f"after step {step}") if prints else True
+    def _finish_commit(self, step, members, reports, wall) -> None:
+        """Every rank exchanged step `step`: it is committed (workers apply it at their next call)."""
+        agree = True  # fingerprints arrive with the next call; a disagreement is recorded then
         self.plan.commit(step, dropped=[d for r in reports.values() for d in r.get("dropped", [])])
+        self.pending_commit = step
         self.step = step + 1
         self.recent_step_s.append(wall)
         self.recent_step_s = self.recent_step_s[-50:]

@@ -110,8 +110,14 @@ class WorkerReplica:
                  world_size, time.time() - t0)
 
     # ---- one step ------------------------------------------------------------------------
-    def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any]) -> dict:
+    def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any],
+             commit_first: int | None = None) -> dict:
+        """Commit step `commit_first` if given (the coordinator's decision rides on the next step's call:
+        one RPC per step), then compute and exchange step `step`."""
         t0 = time.time()
+        committed = {}
+        if commit_first is not None:
+            committed = {"committed_step": commit_first, "fingerprint": self.commit(commit_first)}
         self.phase = "compute"
         self.pending_step = step
         try:
@@ -123,7 +129,7 @@ class WorkerReplica:
             self.phase = "failed"
             return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
                     "pre_exchange": True, "error": f"{type(e).__name__}: {e}",
-                    "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc()}
+                    "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc(), **committed}
         compute_s = time.time() - t0
         if chaos.get("hang"):
             self.phase = "hung"
@@ -136,7 +142,7 @@ class WorkerReplica:
         self.phase = "exchange"
         report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
                   "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
-                  "compute_s": compute_s, "read_s": read_s, "dropped": dropped}
+                  "compute_s": compute_s, "read_s": read_s, "dropped": dropped, **committed}
         try:
             stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay)
         except PayloadError as e:
@@ -289,9 +295,9 @@ class Worker:
         self.r.join_group(world_size, rank, generation, backend, group_name)
         return True
 
-    def step(self, step: int, ranges: list, lr: float, chaos: dict) -> dict:
+    def step(self, step: int, ranges: list, lr: float, chaos: dict, commit_first: int | None = None) -> dict:
         try:
-            report = self.r.step(step, ranges, lr, chaos)
+            report = self.r.step(step, ranges, lr, chaos, commit_first)
         except Exception as e:
             self.r.phase = "failed"
             return {"worker_id": self.r.worker_id, "rank": self.r.rank, "step": step, "ok": False,
