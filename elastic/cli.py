@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -213,13 +214,30 @@ class NodeChaos:
                 self.runtime.add_sim_node(acc)
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _strip_ansi(record: logging.LogRecord) -> bool:
+    """Ray's own INFO lines carry colorama codes (the dashboard URL in bold green)."""
+    msg = record.getMessage()
+    if "\x1b[" in msg:
+        record.msg, record.args = _ANSI.sub("", msg), ()
+    return True
+
+
 def train(cfg, progress_stream=None) -> dict:
     """Run (or resume) a training run to completion; returns summary.json's content.
 
     `progress_stream`: where progress goes (stdout by default; benchmarks that print JSON pass stderr)."""
-    if not (progress_stream or sys.stdout).isatty():  # job logs and the dashboard's log viewer: no color control codes
+    plain = not (progress_stream or sys.stdout).isatty()
+    if plain:  # job logs and the dashboard's log viewer: no color control codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     import ray
+
+    if plain:
+        for logger in (logging.getLogger("ray"), logging.getLogger()):
+            for handler in logger.handlers:
+                handler.addFilter(_strip_ansi)
 
     from elastic.coordinator import CoordinatorActor
     from elastic.progress import ProgressView

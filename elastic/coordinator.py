@@ -815,6 +815,9 @@ class CoordinatorActor:
         self.c = Coordinator(cfg)
 
     def __repr__(self) -> str:
+        # taken once by Ray after __init__ (dashboard actor list, log prefix): no stale live fields there
+        if self.c.generation.generation < 0:
+            return f"Coordinator({self.c.cfg.run.name} sync={self.c.cfg.sync.name} steps={self.c.cfg.train.steps})"
         p = self.c.progress_info
         return (f"Coordinator({self.c.cfg.run.name} {self.c.state} gen={self.c.generation.generation} "
                 f"step={self.c.step}/{self.c.cfg.train.steps} world={len(self.c.members)} "

@@ -76,7 +76,9 @@ class ProgressView:
             return
         step = p.get("step", 0)
         every = max(1, self.cfg.train.log_every)
-        if "loss" in p and step != self.last_logged and (step % every == 0 or step == p.get("total")):
+        # fast steps outrun the driver's polling: log when a multiple of `every` was crossed, not hit
+        crossed = step // every > self.last_logged // every
+        if "loss" in p and step != self.last_logged and (crossed or step == p.get("total")):
             self.last_logged = step
             print(f"step {step}/{p.get('total')} loss {p['loss']:.4f} tokens/s {p.get('tokens_per_s', 0):.0f} "
                   f"sent/step {_bytes(p.get('bytes_sent', 0))} (dense bf16 / sent = {_ratio(p)}) "

@@ -277,9 +277,14 @@ class Worker:
         self.metrics = WorkerMetrics(cfg.run.name, worker_id, self.accelerator)
 
     def __repr__(self) -> str:
+        # Ray takes the repr once, right after __init__, for the dashboard's actor list and the log
+        # prefix: say what is true for the actor's whole life there; the live fields once it has joined
         r = self.r
-        return (f"Worker({r.worker_id}[{getattr(self, 'accelerator', '?')}] gen={r.generation} "
-                f"rank={r.rank}/{r.world_size} step={r.step_count} tok/s={r.tokens_per_s:.0f})")
+        who = f"Worker({r.worker_id}[{getattr(self, 'accelerator', '?')}] run={r.cfg.run.name}"
+        if r.generation < 0:
+            return who + ")"
+        return (f"{who} gen={r.generation} rank={r.rank}/{r.world_size} step={r.step_count} "
+                f"tok/s={r.tokens_per_s:.0f})")
 
     @ray.method(concurrency_group="control")
     def info(self) -> dict:
