@@ -238,6 +238,12 @@ def train(cfg, progress_stream=None) -> dict:
         for logger in (logging.getLogger("ray"), logging.getLogger()):
             for handler in logger.handlers:
                 handler.addFilter(_strip_ansi)
+        import colorama  # vendored by Ray, importable after `import ray`
+
+        # Ray colors "[repeated Nx across cluster]" whatever RAY_COLOR_PREFIX says: strip on write
+
+        if not isinstance(sys.stdout, colorama.ansitowin32.StreamWrapper):
+            colorama.init(strip=True)
 
     from elastic.coordinator import CoordinatorActor
     from elastic.progress import ProgressView
