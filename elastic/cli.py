@@ -241,7 +241,6 @@ def train(cfg, progress_stream=None) -> dict:
         import colorama  # vendored by Ray, importable after `import ray`
 
         # Ray colors "[repeated Nx across cluster]" whatever RAY_COLOR_PREFIX says: strip on write
-
         if not isinstance(sys.stdout, colorama.ansitowin32.StreamWrapper):
             colorama.init(strip=True)
 

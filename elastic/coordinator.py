@@ -157,9 +157,16 @@ class Coordinator:
         if want <= 0:
             return
         opts = self._worker_options()
-        free = self._free_nodes(opts)
         used_nodes = {h.info.get("node_id") for h in self.members}
-        free.sort(key=lambda f: (f["node_id"] in used_nodes, f["accelerator"]))
+        # one entry per worker a node can still take, spread across nodes first: every worker we can
+        # place is named for its accelerator (worker-2[A100]), not "any"
+        slots = []
+        for f in self._free_nodes(opts):
+            fits = [(f["free"].get(r, 0) + 1e-9) // opts[k] for r, k in (("CPU", "num_cpus"), ("GPU", "num_gpus"))
+                    if opts[k] > 0]
+            slots += [(i, f) for i in range(int(min(fits)) if fits else want)]
+        slots.sort(key=lambda s: (s[0], s[1]["node_id"] in used_nodes, s[1]["accelerator"]))
+        free = [f for _, f in slots]
         for i in range(want):
             node = free[i] if i < len(free) else None
             self.pending.append(self.spawn_worker(node))
