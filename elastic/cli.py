@@ -141,8 +141,9 @@ def scale(run: str, workers: int, address: str, namespace: str) -> int:
 class RayRuntime:
     """Connects to RAY_ADDRESS / cluster.address, or starts Ray here (optionally simulating nodes)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, log_to_driver: bool = True):
         self.cfg = cfg
+        self.log_to_driver = log_to_driver  # off when stdout carries JSON: Ray prints node deaths there
         self.cluster = None
         self.sim_nodes: list = []
         self.started_here = False
@@ -159,13 +160,13 @@ class RayRuntime:
             self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
             for acc in c.simulate:
                 self.add_sim_node(acc)
-            ray.init(address=self.cluster.address, namespace=c.namespace, log_to_driver=True)
+            ray.init(address=self.cluster.address, namespace=c.namespace, log_to_driver=self.log_to_driver)
             self.started_here = True
         elif address:
-            ray.init(address=address, namespace=c.namespace, log_to_driver=True)
+            ray.init(address=address, namespace=c.namespace, log_to_driver=self.log_to_driver)
         else:
             ncpu = c.num_cpus if c.num_cpus is not None else max(os.cpu_count() or 2, self.cfg.train.workers)
-            ray.init(num_cpus=ncpu, namespace=c.namespace, include_dashboard=False, log_to_driver=True)
+            ray.init(num_cpus=ncpu, namespace=c.namespace, include_dashboard=False, log_to_driver=self.log_to_driver)
             self.started_here = True
         return self
 
@@ -250,7 +251,7 @@ def train(cfg, progress_stream=None) -> dict:
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    with RayRuntime(cfg) as runtime:
+    with RayRuntime(cfg, log_to_driver=progress_stream is not sys.stderr) as runtime:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # the coordinator lives and dies with its driver: keep it on the driver's node (the head under
