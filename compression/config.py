@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 @dataclass
 class SyncConfig:
-    name: str = "dense"            # dense | demo | diloco
+    name: str = "dense"            # dense | demo
     # dense baseline: AdamW on all-reduced gradients
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
