@@ -504,7 +504,8 @@ def main(argv: list[str] | None = None) -> int:
         saved = [json.loads(Path(f).read_text()) for f in a.from_json.split(",")]
         out = {**saved[0], "results": [r for o in saved for r in o["results"]]}
         out["table"] = table(out["results"])
-        a.rates, a.steps, a.skip = ",".join(dict.fromkeys(r["rate"] for r in out["results"])), out["steps"], out["skip"]
+        a.rates = " then ".join(",".join(dict.fromkeys(r["rate"] for r in o["results"])) for o in saved)
+        a.steps, a.skip = out["steps"], out["skip"]
         a.overrides = out.get("overrides", [])
     else:
         try:
@@ -516,6 +517,9 @@ def main(argv: list[str] | None = None) -> int:
         out["plot"] = str(plot(out["results"]))
     if not a.no_record and out["results"]:
         from elastic.bench import append_row
+
+        loads = [x for r in out["results"] for x in r.get("loadavg_1m", [])]
+        out["loadavg_1m_range"] = [min(loads), max(loads)] if loads else None
 
         append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
                    f"python -m elastic.slowlink --rates {a.rates} --steps {a.steps} --skip {a.skip}"
@@ -538,8 +542,10 @@ def record_text(out: dict) -> str:
                           + (f" [runs {'/'.join(f'{x:.0f}' for x in n[rate])}]" if len(n.get(rate, [])) > 1 else "")
                           for rate, v in by.items() if v)
         parts.append(f"{sync} ({sent:,.0f} B/worker/step): {cells} tokens/s")
+    load = out.get("loadavg_1m_range")
     return ("; ".join(parts) + f"; {out['preset']}, 2 workers on 2 namespace nodes, steady state steps "
-            f"{out['skip']}..{out['steps'] - 1}; bandwidth only (no netem)")
+            f"{out['skip']}..{out['steps'] - 1}; bandwidth only (no netem)"
+            + (f"; shared machine, load avg {load[0]:.0f}-{load[1]:.0f} during the runs" if load else ""))
 
 
 def _human(out: dict) -> str:
