@@ -16,7 +16,7 @@ KEY, SECRET = "AKIAFAKEKEY123", "FAKE-SECRET-xyz"
 
 @pytest.fixture
 def ray_tmpdir():
-    path = tempfile.mkdtemp(prefix="rds-", dir="/tmp")  # short: Ray's socket paths are length-limited
+    path = tempfile.mkdtemp(prefix="rdsec-", dir="/tmp")  # short: Ray's socket paths are length-limited
     try:
         yield Path(path)
     finally:
