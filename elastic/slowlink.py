@@ -506,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         out["table"] = table(out["results"])
         a.rates = " then ".join(",".join(dict.fromkeys(r["rate"] for r in o["results"])) for o in saved)
         a.steps, a.skip = out["steps"], out["skip"]
+        a.syncs = ",".join(dict.fromkeys(r["sync"] for r in out["results"]))
         a.overrides = out.get("overrides", [])
     else:
         try:
@@ -522,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
         out["loadavg_1m_range"] = [min(loads), max(loads)] if loads else None
 
         append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
-                   f"python -m elastic.slowlink --rates {a.rates} --steps {a.steps} --skip {a.skip}"
+                   f"python -m elastic.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
                    + (f" {' '.join(a.overrides)}" if a.overrides else ""),
                    record_text(out))
     print(json.dumps(out, indent=1, default=str) if a.json else _human(out))
