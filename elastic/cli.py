@@ -153,6 +153,13 @@ class RayRuntime:
 
         c = self.cfg.cluster
         address = c.address or os.environ.get("RAY_ADDRESS", "")
+        self.reused = False
+        if ray.is_initialized():
+            if c.address or c.simulate:
+                raise ConfigError("this process is already connected to Ray: call ray.shutdown() first, or drop "
+                                  "cluster.address/cluster.simulate to train on the connected cluster")
+            self.reused = True  # e.g. a notebook that called ray.init(): train there, leave it connected
+            return self
         # the repo root must be importable by workers on every node (ray job submit sets it via working_dir)
         if c.simulate:
             from ray.cluster_utils import Cluster
@@ -184,6 +191,8 @@ class RayRuntime:
     def __exit__(self, *exc):
         import ray
 
+        if self.reused:
+            return
         ray.shutdown()
         if self.cluster is not None:
             self.cluster.shutdown()

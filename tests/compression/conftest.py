@@ -9,9 +9,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
-    """A private 2-CPU Ray instance for this session (own temp dir; never touches other Ray instances)."""
+    """A private 2-CPU Ray instance for this module (own temp dir; never touches other Ray instances).
+    Module scope: later test folders start their own clusters and need this process disconnected."""
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
         yield ray
