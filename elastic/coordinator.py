@@ -71,6 +71,8 @@ class Coordinator:
         self._next_cluster_poll = 0.0  # GCS queries (nodes, drains) at most once a second, not per step
         self._draining_nodes: dict = {}
         self.failed_step, self.failures_at_step = -1, 0
+        self.scaled_explicitly = False
+        self.scale_leaving: set[str] = set()
         self.pending_commit: int | None = None  # decided, applied by workers at their next call
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
@@ -511,11 +513,18 @@ class Coordinator:
             leaving = [h for h in self.members if h.worker_id in self.draining]
             self.draining.clear()
             # drained workers leave after their last committed step; the target shrinks with them
-            self.target_workers = max(self.cfg.train.min_workers, self.target_workers - len(leaving))
-            self.membership_change("drain", leaving, [], time.time())
+            # (a scale request already set the target it wants)
+            shrink = len([h for h in leaving if h.worker_id not in self.scale_leaving])
+            self.scale_leaving.clear()
+            self.target_workers = max(self.cfg.train.min_workers, self.target_workers - shrink)
+            self.membership_change("scale" if not shrink else "drain", leaving, [], time.time())
         # keep demand for up to train.max_workers outstanding: an autoscaler sees it and adds nodes
         mx = max_workers(self.cfg)
-        want = max(self.target_workers, mx) if mx > self.cfg.train.workers else self.target_workers
+        grow = mx > self.cfg.train.workers and not self.scaled_explicitly  # `scale N` overrides growth
+        want = max(self.target_workers, mx) if grow else self.target_workers
+        while self.pending and len(self.members) + len(self.pending) > want:  # asked for fewer: cancel
+            extra = self.pending.pop()
+            ray.kill(extra.actor, no_restart=True)
         self._spawn_up_to(want)
         return self._ready_pending(timeout=0.0)
 
@@ -786,11 +795,13 @@ class Coordinator:
         return info
 
     def request_scale(self, n: int) -> int:
+        self.scaled_explicitly = True
         self.target_workers = max(self.cfg.train.min_workers, int(n))
         if self.target_workers < len(self.members):
             extra = len(self.members) - self.target_workers
             for h in self.members[-extra:]:
                 self.draining.add(h.worker_id)
+                self.scale_leaving.add(h.worker_id)
         self.summary.event(self.step, f"scale-request {n}")
         return self.target_workers
 

@@ -1,0 +1,94 @@
+"""Training demand makes the autoscaler add A100/L4 nodes and the elastic group grows onto them.
+
+A real fake_multinode autoscaling head (`python -m clusters local up`), a real training driver
+(`python -m elastic train`) whose workers each want a GPU: the head has none, so every worker is demand
+the autoscaler must meet with an `a100` or `l4` node. Then `python -m elastic scale` shrinks the group
+(the leaving worker drains gracefully), the run is stopped (checkpointed) and resubmitted to finish.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from clusters import local
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _members_seen(ckdir: Path) -> list[int]:
+    sizes = []
+    for meta in sorted(ckdir.glob("step-*/meta.json")):
+        if (meta.parent / "COMMIT").exists():
+            sizes.append(len(json.loads(meta.read_text())["members"]))
+    return sizes
+
+
+@pytest.fixture
+def autoscaling_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYDISTRO_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    env = dict(os.environ)
+    res = subprocess.run([sys.executable, "-m", "clusters", "local", "up"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=120)
+    try:
+        assert res.returncode == 0, res.stdout + res.stderr
+        yield env, local.load_state()
+    finally:
+        state = local.load_state()
+        if state is not None:
+            local.down(state)
+
+
+@pytest.mark.slow  # minutes of node boots; on a loaded 2-core machine the autoscaler may not keep up
+@pytest.mark.timeout(420)
+def test_autoscaler_adds_gpu_nodes_the_group_grows_then_shrinks_and_the_run_finishes(autoscaling_cluster, tmp_path):
+    env, state = autoscaling_cluster
+    env = dict(env, RAY_ADDRESS=state.address, PYTHONUNBUFFERED="1")
+    args = [f"run.dir={tmp_path}/runs", "run.name=grow", "train.workers=1", "train.max_workers=2",
+            "train.worker_gpus=1", "train.worker_cpus=1", "train.steps=100000", "checkpoint.every=0",
+            "data.tokenizer=bytes", "data.max_doc_tokens=192", "model.n_layer=1", "model.n_head=2",
+            "model.n_embd=32", "model.block_size=64", "train.seq_len=64", "train.batch_tokens=512",
+            "train.eval_tokens=2048", "train.step_timeout_s=20"]
+    ckdir = tmp_path / "runs" / "grow" / "checkpoints"
+    log = open(tmp_path / "driver.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "elastic", "train", *args], cwd=REPO, env=env,
+                            stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and 2 not in _members_seen(ckdir):
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            time.sleep(1)
+        assert 2 in _members_seen(ckdir), f"group never grew to 2: {_members_seen(ckdir)}"
+        out = subprocess.run([sys.executable, "-m", "elastic", "scale", "grow", "1", "--address",
+                              state.address], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        deadline = time.time() + 60
+        while time.time() < deadline and _members_seen(ckdir)[-1] != 1:
+            time.sleep(0.5)
+        assert _members_seen(ckdir)[-1] == 1, _members_seen(ckdir)
+        os.killpg(proc.pid, signal.SIGTERM)  # as `ray job stop` does: checkpoint, then exit
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    stopped = json.loads((tmp_path / "runs" / "grow" / "summary.json").read_text())
+    assert stopped["state"] == "STOPPED", stopped.get("error")
+    history = [h["world_size"] for h in stopped["world_size_history"]]
+    assert history[0] == 1 and 2 in history and history[-1] == 1, history
+    accelerators = {a for h in stopped["world_size_history"] for a in h["accelerators"]}
+    assert accelerators & {"A100", "L4"}, accelerators
+    assert stopped["replica_hashes_agree"] and stopped["data"]["duplicated"] == 0
+    # resubmitted, it resumes from the stop checkpoint and finishes
+    finish = [a if not a.startswith("train.steps=") else f"train.steps={stopped['steps'] + 20}" for a in args]
+    done = subprocess.run([sys.executable, "-m", "elastic", "train", *finish, "train.max_workers=0",
+                           "train.workers=1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "grow" / "summary.json").read_text())
+    assert summary["state"] == "FINISHED" and summary["resumed_from"][-1]["step"] == stopped["steps"]
