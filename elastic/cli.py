@@ -13,8 +13,6 @@ import os
 import re
 import signal
 import sys
-import time
-from pathlib import Path
 
 from datasets import DataSourceError, PlanStateMismatch, SampleBuildError, TokenizerError
 from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_config, preset_names, run_dir, to_yaml

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -312,6 +311,3 @@ def run_dir(cfg: RunConfig) -> Path:
 def checkpoint_uri(cfg: RunConfig) -> str:
     return cfg.checkpoint.dir or str(run_dir(cfg) / "checkpoints")
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").lower() in ("1", "true", "yes")

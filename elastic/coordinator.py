@@ -11,7 +11,6 @@ none does, and every document is delivered exactly once.
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 import threading
 import time
@@ -105,12 +104,9 @@ class Coordinator:
         if gpus < 0:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         if gpus > 0:
-            self.backend = "nccl" if t.device in ("auto", "cuda") and self._cuda_cluster() else "gloo"
+            # simulated GPU nodes advertise logical GPUs: only train.device=cuda means real CUDA (nccl)
+            self.backend = "nccl" if t.device == "cuda" else "gloo"
         return {"num_cpus": t.worker_cpus, "num_gpus": gpus}
-
-    def _cuda_cluster(self) -> bool:
-        # Simulated GPU nodes advertise logical GPUs; real CUDA is decided by the device config.
-        return self.cfg.train.device == "cuda"
 
     def _free_nodes(self, opts: dict) -> list[dict]:
         """Alive nodes that can host one more worker right now, with their accelerator type."""
@@ -414,16 +410,18 @@ class Coordinator:
         self._load_data()
         ckpt = self.restore()
         self._spawn_up_to(self.cfg.train.workers)
-        joiners = []
-        deadline = time.time() + max(120.0, self.cfg.train.step_timeout_s * 4)
-        while len(joiners) < self.cfg.train.min_workers or (self.pending and time.time() < deadline - 100):
+        # wait for every initial worker for a while, then start with those ready (at least min_workers)
+        t = self.cfg.train
+        start = time.time()
+        patience = max(120.0, 4 * t.step_timeout_s) - 100.0
+        give_up = start + max(120.0, 4 * t.step_timeout_s) + t.pause_timeout_s
+        joiners: list[WorkerHandle] = []
+        while len(joiners) < t.workers:
             joiners += self._ready_pending(timeout=1.0)
-            if time.time() > deadline and len(joiners) >= self.cfg.train.min_workers:
+            if len(joiners) >= t.min_workers and (not self.pending or time.time() > start + patience):
                 break
-            if time.time() > deadline + self.cfg.train.pause_timeout_s:
+            if time.time() > give_up:
                 raise PausedTooLong("no capacity for train.min_workers workers; check the cluster's resources")
-            if len(joiners) >= self.cfg.train.workers:
-                break
         # initial replicas are built from the same seed; a checkpoint overrides them
         self._form_group(joiners, None, ckpt)
         if ckpt is None:

@@ -27,12 +27,6 @@ class MembershipGeneration:
     def world_size(self) -> int:
         return len(self.members)
 
-    def rank_of(self, worker_id: str) -> int:
-        for i, m in enumerate(self.members):
-            if m.worker_id == worker_id:
-                return i
-        raise KeyError(worker_id)
-
     def next(self, leaving: set[str], joining: list[Member]) -> "MembershipGeneration":
         """Survivors keep their relative order (rank 0 stays the oldest member); joiners go last."""
         kept = [m for m in self.members if m.worker_id not in leaving]

@@ -354,6 +354,3 @@ class Worker:
 
     def evaluate(self, ranges: list) -> dict:
         return self.r.evaluate(ranges)
-
-    def prefetch(self, ranges: list) -> None:
-        self.r.reader.prefetch(ranges)

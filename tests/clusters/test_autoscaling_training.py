@@ -29,20 +29,11 @@ def _members_seen(ckdir: Path) -> list[int]:
 
 
 @pytest.fixture
-def autoscaling_cluster(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAYDISTRO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = dict(os.environ)
-    res = subprocess.run([sys.executable, "-m", "clusters", "local", "up"], cwd=REPO, env=env,
+def autoscaling_cluster(cluster_env):
+    res = subprocess.run([sys.executable, "-m", "clusters", "local", "up"], cwd=REPO, env=cluster_env,
                          capture_output=True, text=True, timeout=120)
-    try:
-        assert res.returncode == 0, res.stdout + res.stderr
-        yield env, local.load_state()
-    finally:
-        state = local.load_state()
-        if state is not None:
-            local.down(state)
+    assert res.returncode == 0, res.stdout + res.stderr
+    return cluster_env, local.load_state()
 
 
 @pytest.mark.slow  # minutes of node boots; on a loaded 2-core machine the autoscaler may not keep up

@@ -16,41 +16,14 @@ import pytest
 
 from clusters import local
 
+from .conftest import alive
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _cli(env, *args, timeout=120):
     return subprocess.run([sys.executable, "-m", "clusters", "local", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
-
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
-
-
-@pytest.fixture
-def cluster_env(tmp_path, monkeypatch):
-    """Env for the CLI with a private state dir; tears the cluster down however the test ends."""
-    monkeypatch.setenv("RAYDISTRO_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    env = dict(os.environ)
-    try:
-        yield env
-    finally:
-        try:
-            import ray
-
-            ray.shutdown()
-        finally:
-            state = local.load_state()
-            if state is not None:
-                local.down(state)
 
 
 @pytest.fixture
@@ -132,10 +105,10 @@ def test_a100_demand_adds_a_node_and_down_stops_exactly_our_processes(cluster_en
     assert ours_before_down <= stopped
 
     time.sleep(0.5)
-    assert [p for p in stopped if _alive(p)] == []
+    assert [p for p in stopped if alive(p)] == []
     assert not Path(cluster.tmpdir).exists()
     assert local.load_state() is None
-    assert _alive(bystander.pid), "down touched a process it did not start"
+    assert alive(bystander.pid), "down touched a process it did not start"
     # Every PID down stopped was started after `up` began: nothing older was ever a candidate.
     assert os.getpid() not in stopped and bystander.pid not in stopped
 

@@ -11,14 +11,7 @@ import pytest
 
 from clusters import local
 
-
-def _alive(pid):
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2:].split()[0] != b"Z"
+from .conftest import alive
 
 
 @pytest.fixture
@@ -67,8 +60,8 @@ def test_session_members_and_tmpdir_carriers_are_ours_lookalikes_are_not(tmp_pat
     assert stopped == ours
     leader.wait(5)
     carrier.wait(5)
-    assert not any(_alive(p) for p in children)
-    assert _alive(lookalike.pid)
+    assert not any(alive(p) for p in children)
+    assert alive(lookalike.pid)
 
 
 def test_processes_older_than_up_are_never_candidates(tmp_path, spawn):

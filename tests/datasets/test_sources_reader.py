@@ -2,7 +2,6 @@
 import json
 
 import pyarrow.parquet as pq
-import pytest
 import s3fs
 
 from datasets.config import DataConfig

@@ -1,5 +1,4 @@
 """A real Ray cluster for the elastic tests, shared by the session, and a small fast run config."""
-import os
 
 import pytest
 

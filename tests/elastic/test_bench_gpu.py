@@ -2,7 +2,6 @@
 
 The DDP baseline runs for real (a spawned gloo process group, a one-layer GPT, 3 steps); the stack's figures are
 checked on a synthetic summary (the full stack on Ray is exercised by test_run.py)."""
-import argparse
 
 import pytest
 
