@@ -69,6 +69,7 @@ class TrainSection:
     hang_factor: float = 8.0         # watchdog = max(floor, factor * median recent step time)
     collective_timeout_s: float = 0.0  # gloo rendezvous/op timeout; 0 = max(60, 4 x step_timeout_s)
     pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
+    start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready
     log_every: int = 10              # plain log line cadence when not on a terminal
 
 
@@ -236,6 +237,7 @@ def validate(cfg: RunConfig) -> None:
     _check(t.balance in ("auto", "equal", "throughput"),
            f"train.balance: '{t.balance}' must be auto, equal or throughput")
     _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0")
+    _check(t.start_wait_s >= 0, f"train.start_wait_s: {t.start_wait_s} must be >= 0")
     _check(m.n_embd % m.n_head == 0,
            f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head})")
     _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,
@@ -259,6 +261,11 @@ def validate(cfg: RunConfig) -> None:
 
 def max_workers(cfg: RunConfig) -> int:
     return cfg.train.max_workers or cfg.train.workers
+
+
+def collective_timeout_s(cfg: RunConfig) -> float:
+    """How long one gloo rendezvous or collective may block before it raises."""
+    return cfg.train.collective_timeout_s or max(60.0, 4 * cfg.train.step_timeout_s)
 
 
 def to_yaml(cfg: RunConfig, redact: bool = True) -> str:

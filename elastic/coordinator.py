@@ -24,7 +24,7 @@ from datasets import DataPlan, discover
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
-from elastic.config import RunConfig, checkpoint_uri, max_workers, run_dir, to_dict
+from elastic.config import RunConfig, checkpoint_uri, collective_timeout_s, max_workers, run_dir, to_dict
 from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
 from elastic.schedule import lr_at
 from elastic.summary import RunSummary
@@ -247,7 +247,7 @@ class Coordinator:
             world = len(self.members)
             refs = [h.actor.join_group.remote(world, r, self.generation.generation, self.backend, group)
                     for r, h in enumerate(self.members)]
-            limit = self.cfg.train.collective_timeout_s or max(60.0, 4 * self.cfg.train.step_timeout_s)
+            limit = collective_timeout_s(self.cfg)
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=limit + 30)
             failed = list(pending)
             for ref in ready:
@@ -413,12 +413,11 @@ class Coordinator:
         # wait for every initial worker for a while, then start with those ready (at least min_workers)
         t = self.cfg.train
         start = time.time()
-        patience = max(120.0, 4 * t.step_timeout_s) - 100.0
-        give_up = start + max(120.0, 4 * t.step_timeout_s) + t.pause_timeout_s
+        give_up = start + t.start_wait_s + t.pause_timeout_s
         joiners: list[WorkerHandle] = []
         while len(joiners) < t.workers:
             joiners += self._ready_pending(timeout=1.0)
-            if len(joiners) >= t.min_workers and (not self.pending or time.time() > start + patience):
+            if len(joiners) >= t.min_workers and (not self.pending or time.time() > start + t.start_wait_s):
                 break
             if time.time() > give_up:
                 raise PausedTooLong("no capacity for train.min_workers workers; check the cluster's resources")
@@ -698,23 +697,29 @@ class Coordinator:
                     first_failure_at = first_failure_at or time.time()
         if pending:
             # stragglers: alive but silent is a hang; a worker that does not answer a ping is gone
+            phases = {}
             for ref in pending:
                 h = refs[ref]
                 try:
-                    phase = ray.get(h.actor.ping.remote(), timeout=5)
+                    phases[h] = ray.get(h.actor.ping.remote(), timeout=5)
                 except Exception:
                     dead.append(h)
-                    continue
-                if phase in ("hung", "compute"):
-                    hung.append(h)
-            if not hung and not dead:  # all stuck in the exchange: nobody to blame but everybody waits
-                hung = [refs[r] for r in pending]
+            if dead:
+                # a peer is gone: the others are blocked on it (or slow), not hung; gloo fails them when
+                # it sees the closed connection, at the latest at the collective timeout
+                grace = collective_timeout_s(self.cfg) + 5.0
+                hung += [h for h, phase in phases.items() if phase == "hung"]
+            else:
+                grace = 15.0
+                hung += [h for h, phase in phases.items() if phase in ("hung", "compute")]
+                if not hung:  # all stuck in the exchange: nobody to blame but everybody waits
+                    hung = list(phases)
             for h in hung:
                 ray.kill(h.actor, no_restart=True)
-            # the others were waiting for the hung peer; they now fail fast, collect them
+            # the others were waiting for the hung or dead peer; they now fail fast, collect them
             rest = [r for r in pending if refs[r] not in hung and refs[r] not in dead]
             if rest:
-                ready, still = ray.wait(rest, num_returns=len(rest), timeout=15)
+                ready, still = ray.wait(rest, num_returns=len(rest), timeout=grace)
                 for ref in ready:
                     try:
                         reports[refs[ref].worker_id] = ray.get(ref)

@@ -20,7 +20,7 @@ import torch
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
 from elastic.chaos import CorruptingCommunicator
-from elastic.config import RunConfig
+from elastic.config import RunConfig, collective_timeout_s
 from elastic.fingerprint import params_fingerprint
 from elastic.model import build_model
 
@@ -92,9 +92,7 @@ class WorkerReplica:
 
             import torch.distributed.distributed_c10d as c10d
 
-            t = self.cfg.train
-            c10d.default_pg_timeout = datetime.timedelta(
-                seconds=t.collective_timeout_s or max(60.0, 4 * t.step_timeout_s))
+            c10d.default_pg_timeout = datetime.timedelta(seconds=collective_timeout_s(self.cfg))
         for name in {group_name, "default"}:
             if col.is_group_initialized(name):
                 col.destroy_collective_group(name)
