@@ -31,8 +31,9 @@ class ChaosSchedule:
         self.done: set[ChaosEvent] = set()
 
     def due(self, step: int) -> list[ChaosEvent]:
-        """Events for `step` not yet carried out (each fires once, even if the step is retried)."""
-        return [e for e in self.events if e.step == step and e not in self.done]
+        """Events at or before `step` not yet carried out. Each fires once, even if the step is retried;
+        one that needs a peer (a kill with one worker left) waits for the first step it can act on."""
+        return [e for e in self.events if e.step <= step and e not in self.done]
 
     def mark_done(self, event: ChaosEvent) -> None:
         self.done.add(event)

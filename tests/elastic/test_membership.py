@@ -43,10 +43,14 @@ def test_generation_keeps_survivor_order_and_appends_joiners():
 
 def test_chaos_events_fire_once_and_spare_rank0():
     s = ChaosSchedule(ChaosSection(kill_at=[3], hang_at=[3], add_at=[5]))
+    assert s.due(2) == []
     assert [e.kind for e in s.due(3)] == ["kill", "hang"]
-    for e in s.due(3):
+    s.mark_done(s.due(3)[1])
+    assert [e.kind for e in s.due(4)] == ["kill"]  # not carried out at 3 (e.g. one worker left): still due
+    for e in s.due(4):
         s.mark_done(e)
-    assert s.due(3) == []
+    assert s.due(4) == []
+    assert [e.kind for e in s.due(5)] == ["add"]
     assert all(s.pick_victim(3) != 0 for _ in range(50))
     s2 = ChaosSchedule(ChaosSection(kill_at=[3]))
     s2.load_state_dict(s.state_dict())
