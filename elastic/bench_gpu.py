@@ -524,7 +524,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    res = run(args)
+    from elastic.cli import json_only_stdout
+
+    with json_only_stdout(args.json):
+        res = run(args)
     if args.json:
         slim = dict(res)
         slim["runs"] = [{k: v for k, v in r.items() if k not in ("loss_history", "overrides")} for r in res["runs"]]

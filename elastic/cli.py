@@ -7,6 +7,7 @@ coordinator actor, shows progress, and turns SIGTERM/SIGINT (`ray job stop`, Ctr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -66,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def json_only_stdout(enabled: bool):
+    """With --json, stdout carries the JSON alone: whatever is written meanwhile (Ray's lines from
+    other processes, such as a raylet's death notice, and progress) goes to stderr, at the fd level."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -77,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)
             preflight(cfg)
-            summary = train(cfg, progress_stream=sys.stderr if args.json else None)
+            with json_only_stdout(args.json):
+                summary = train(cfg, progress_stream=sys.stderr if args.json else None)
             if args.json:
                 print(json.dumps(summary, indent=1, default=str))
             return 0 if summary.get("state") in ("FINISHED", "STOPPED") else 1
@@ -86,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench-converge":
             from elastic.bench import bench_converge, dumps
 
-            result = bench_converge(args.config, args.overrides, args.syncs.split(","), record=args.record)
+            with json_only_stdout(True):
+                result = bench_converge(args.config, args.overrides, args.syncs.split(","), record=args.record)
             print(dumps(result))
             return 0
         if args.command == "bench-gpu":
@@ -96,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench-recovery":
             from elastic.bench import bench_recovery, dumps
 
-            result = bench_recovery(args.events, args.overrides, record=args.record)
+            with json_only_stdout(True):
+                result = bench_recovery(args.events, args.overrides, record=args.record)
             print(dumps(result))
             return 0
     except ConfigError as e:
