@@ -1,4 +1,4 @@
-"""`python -m elastic`: train, show-config, scale, bench-converge.
+"""`python -m elastic`: train, show-config, scale, status, and the benchmarks.
 
 The driver is deliberately thin: it resolves the config, connects to (or starts) Ray, starts the
 coordinator actor, shows progress, and turns SIGTERM/SIGINT (`ray job stop`, Ctrl-C) into
@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("workers", type=int)
     sc.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
     sc.add_argument("--namespace", default="raydistro")
+    st = sub.add_parser("status", help="where a running run is: step, world size, generation, state, loss")
+    st.add_argument("run")
+    st.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
+    st.add_argument("--namespace", default="raydistro")
+    st.add_argument("--json", action="store_true")
     b = sub.add_parser("bench-converge", help="train dense and demo on the same data; compare val loss and bytes",
                        epilog=_options_epilog(), formatter_class=fmt)
     b.add_argument("--config", default=DEFAULT_PRESET)
@@ -103,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if summary.get("state") in ("FINISHED", "STOPPED") else 1
         if args.command == "scale":
             return scale(args.run, args.workers, args.address, args.namespace)
+        if args.command == "status":
+            return status(args.run, args.address, args.namespace, args.json)
         if args.command == "bench-converge":
             from elastic.bench import bench_converge, dumps
 
@@ -144,17 +151,44 @@ def preflight(cfg) -> None:
         check_text_column(shards, d.text_column)
 
 
-def scale(run: str, workers: int, address: str, namespace: str) -> int:
+def _coordinator(run: str, address: str, namespace: str):
     import ray
 
     ray.init(address=address, namespace=namespace, log_to_driver=False)
     try:
-        coord = ray.get_actor(f"raydistro/{run}/coordinator", namespace=namespace)
+        return ray.get_actor(f"raydistro/{run}/coordinator", namespace=namespace)
     except ValueError:
         print(f"error: no running run named '{run}' in namespace '{namespace}' at {address}", file=sys.stderr)
+        return None
+
+
+def scale(run: str, workers: int, address: str, namespace: str) -> int:
+    import ray
+
+    coord = _coordinator(run, address, namespace)
+    if coord is None:
         return 1
     target = ray.get(coord.scale.remote(workers))
     print(f"run {run}: target workers {target}")
+    return 0
+
+
+def status(run: str, address: str, namespace: str, as_json: bool) -> int:
+    """One look at a live run (the dashboard shows the same as metrics); exits 1 if it is not running."""
+    import ray
+
+    coord = _coordinator(run, address, namespace)
+    if coord is None:
+        return 1
+    info = ray.get(coord.progress.remote(), timeout=30)
+    if as_json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    accel = ",".join(sorted(set(info.get("accelerators", []))))
+    print(f"run {run}: {info.get('state')} step {info.get('step')}/{info.get('total')} "
+          f"world {info.get('world_size')} ({accel}) generation {info.get('generation')} loss {info.get('loss')}")
+    for e in info.get("recent_events", []):
+        print(f"  step {e['step']}: {e['what']}")
     return 0
 
 
