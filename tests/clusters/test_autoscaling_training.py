@@ -2,8 +2,10 @@
 
 A real fake_multinode autoscaling head (`python -m clusters local up`), a real training driver
 (`python -m elastic train`) whose workers each want a GPU: the head has none, so every worker is demand
-the autoscaler must meet with an `a100` or `l4` node. Then `python -m elastic scale` shrinks the group
-(the leaving worker drains gracefully), the run is stopped (checkpointed) and resubmitted to finish.
+the autoscaler must meet with an `a100` or `l4` node. Then a node is lost (its raylet SIGKILLed, as a
+reclaimed spot VM): the group shrinks, and grows back when the autoscaler replaces the node. Then
+`python -m elastic scale` shrinks the group (the leaving worker drains gracefully), the run is stopped
+(checkpointed) and resubmitted to finish.
 """
 import json
 import os
@@ -18,6 +20,32 @@ import pytest
 from clusters import local
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+NODES_OF_WORKERS = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(log_to_driver=False)
+print(json.dumps(sorted({a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
+                         if (a.name or "").startswith("raydistro/grow/worker-")})))
+"""
+
+
+def _kill_node_of_a_worker(env: dict, state) -> int:
+    """A node vanishes like a reclaimed spot VM: SIGKILL its raylet (a process of our cluster)."""
+    out = subprocess.run([sys.executable, "-c", NODES_OF_WORKERS], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=60, check=True)
+    nodes = json.loads(out.stdout.strip().splitlines()[-1])  # GPU nodes: the head has no GPU
+    ours = set(local._our_processes(state))
+    for pid in ours:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmd and cmd[0].endswith(b"raylet") and any(f"--node_id={n}".encode() in cmd for n in nodes):
+            os.kill(pid, signal.SIGKILL)
+            return pid
+    raise AssertionError(f"no raylet of ours hosts a worker; worker nodes {nodes}")
 
 
 def _world_size(env: dict, address: str) -> int | None:
@@ -57,6 +85,18 @@ def test_autoscaler_adds_gpu_nodes_the_group_grows_then_shrinks_and_the_run_fini
             seen.append(_world_size(env, state.address))
             time.sleep(1)
         assert 2 in seen, f"group never grew to 2: {seen}"
+        # a node is lost: the group shrinks at once, and the autoscaler's replacement joins again
+        _kill_node_of_a_worker(env, state)
+        deadline = time.time() + 60
+        while time.time() < deadline and seen[-1] != 1:
+            seen.append(_world_size(env, state.address))
+        assert seen[-1] == 1, f"the group did not shrink when a node went away: {seen}"
+        deadline = time.time() + 180
+        while time.time() < deadline and seen[-1] != 2:
+            assert proc.poll() is None, (tmp_path / "driver.log").read_text()[-3000:]
+            seen.append(_world_size(env, state.address))
+            time.sleep(1)
+        assert seen[-1] == 2, f"the lost node's capacity never came back: {seen}"
         out = subprocess.run([sys.executable, "-m", "elastic", "scale", "grow", "1", "--address",
                               state.address], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
@@ -74,7 +114,8 @@ def test_autoscaler_adds_gpu_nodes_the_group_grows_then_shrinks_and_the_run_fini
     stopped = json.loads((tmp_path / "runs" / "grow" / "summary.json").read_text())
     assert stopped["state"] == "STOPPED", stopped.get("error")
     history = [h["world_size"] for h in stopped["world_size_history"]]
-    assert history[0] == 1 and 2 in history and history[-1] == 1, history
+    assert history[0] == 1 and history.count(2) >= 2 and history[-1] == 1, history
+    assert "death" in [c["kind"] for c in stopped["membership_changes"]], stopped["membership_changes"]
     accelerators = {a for h in stopped["world_size_history"] for a in h["accelerators"]}
     assert accelerators & {"A100", "L4"}, accelerators
     assert stopped["replica_hashes_agree"] and stopped["data"]["duplicated"] == 0
