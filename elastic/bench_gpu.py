@@ -19,7 +19,6 @@ run with a worker killed mid-step, the replacement joining on its GPU) and a los
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -32,6 +31,8 @@ import sys
 import tempfile
 import time
 from types import SimpleNamespace
+
+from elastic.progress import json_only_stdout
 
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
 TIMING_COLS = ("step", "t", "wall_s", "read_s", "compute_s", "codec_ms", "comm_ms", "step_s")
@@ -122,20 +123,6 @@ def steady_state(summary: dict, warmup: int) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Progress output of `train` goes to stderr so stdout carries only the JSON."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 # ---- (a), (b): the full stack ---------------------------------------------------------------------------
 def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, per_gpu_tokens: int,
                 overrides: list[str], run_root: str, extra: list[str] = (), label: str = "") -> dict:
@@ -148,7 +135,7 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
           f"run.name={name}", f"run.dir={run_root}"] + list(overrides) + list(extra)
     cfg = load_config(preset, ov)
     t0 = time.time()
-    with stdout_to_stderr():
+    with json_only_stdout(True):
         summary = train(cfg, progress_stream=sys.stderr)
     summary["_workers"] = workers
     res = {"config": label or sync, "path": "ray actors + ray.util.collective "
@@ -524,8 +511,6 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def main(args) -> int:
-    from elastic.cli import json_only_stdout
-
     with json_only_stdout(args.json):
         res = run(args)
     if args.json:

@@ -7,7 +7,6 @@ coordinator actor, shows progress, and turns SIGTERM/SIGINT (`ray job stop`, Ctr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -17,6 +16,7 @@ import sys
 
 from datasets import DataSourceError, PlanStateMismatch, SampleBuildError, TokenizerError
 from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_config, preset_names, run_dir, to_yaml
+from elastic.progress import json_only_stdout
 
 log = logging.getLogger("raydistro")
 DATA_ERRORS = (DataSourceError, SampleBuildError, TokenizerError, PlanStateMismatch)
@@ -70,24 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_gpu(sub)
     return p
-
-
-@contextlib.contextmanager
-def json_only_stdout(enabled: bool):
-    """With --json, stdout carries the JSON alone: whatever is written meanwhile (Ray's lines from
-    other processes, such as a raylet's death notice, and progress) goes to stderr, at the fd level."""
-    if not enabled:
-        yield
-        return
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,8 @@ Plain lines (no control codes) when stdout is not a terminal, so the Ray dashboa
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -106,3 +108,21 @@ class ProgressView:
         lines.append(f"run directory: {out}")
         for line in lines:
             print(line, file=self.stream, flush=True)
+
+
+@contextlib.contextmanager
+def json_only_stdout(enabled: bool):
+    """With --json, stdout carries the JSON alone: whatever is written meanwhile (Ray's lines from
+    other processes, such as a raylet's death notice, and progress) goes to stderr, at the fd level."""
+    if not enabled:
+        yield
+        return
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)

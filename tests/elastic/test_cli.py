@@ -6,7 +6,7 @@ import sys
 
 PROG = """
 import json, os, subprocess, sys
-from elastic.cli import json_only_stdout
+from elastic.progress import json_only_stdout
 with json_only_stdout(True):
     print("progress line from python")
     subprocess.run(["sh", "-c", "echo '(raylet) Raylet is terminated' >&1"], check=True)
