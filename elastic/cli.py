@@ -19,6 +19,12 @@ from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_c
 from elastic.progress import json_only_stdout
 
 log = logging.getLogger("raydistro")
+
+
+class RunAlreadyLive(RuntimeError):
+    """Another driver runs a run of this name on the cluster."""
+
+
 DATA_ERRORS = (DataSourceError, SampleBuildError, TokenizerError, PlanStateMismatch)
 
 
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DATA_ERRORS as e:
+    except (*DATA_ERRORS, RunAlreadyLive) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 2
@@ -301,10 +307,27 @@ def train(cfg, progress_stream=None) -> dict:
 
         # the coordinator lives and dies with its driver: keep it on the driver's node (the head under
         # `ray job submit`), never on a worker node that a spot reclaim or scale-down can take away
-        coord = CoordinatorActor.options(
-            name=f"raydistro/{cfg.run.name}/coordinator", namespace=cfg.cluster.namespace,
-            scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False),
-        ).remote(cfg)
+        name, ns = f"raydistro/{cfg.run.name}/coordinator", cfg.cluster.namespace
+        live = RunAlreadyLive(
+            f"run.name={cfg.run.name}: a run of that name is live on this cluster (namespace {ns}); two drivers "
+            f"would write the same checkpoints. Watch it with `python -m elastic status {cfg.run.name}`, stop it "
+            "with `ray job stop` (or Ctrl-C on its driver) and submit again to resume, or pick another run.name")
+        try:
+            ray.get_actor(name, namespace=ns)
+        except ValueError:
+            pass
+        else:
+            raise live
+        try:
+            coord = CoordinatorActor.options(
+                name=name, namespace=ns,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                   soft=False),
+            ).remote(cfg)
+        except ValueError as e:  # created by another driver in between
+            if "already taken" in str(e):
+                raise live from e
+            raise
         run_ref = coord.run.remote()
         stopping = {"n": 0}
 

@@ -1,8 +1,11 @@
 """The CLI around runs. --json: stdout carries the JSON alone, even when other processes write to the
 inherited fd 1 (as Ray's log monitor and a dying raylet's notice do); status of a run that is not live."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 
 PROG = """
 import json, os, subprocess, sys
@@ -25,3 +28,30 @@ def test_status_of_a_run_that_is_not_live_names_it_and_exits_1(ray_cluster):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
     assert "no running run named 'nosuch'" in out.stderr
+
+
+def test_a_second_driver_for_a_live_run_name_is_refused_with_a_clear_error(tmp_path, ray_cluster):
+    args = [f"run.dir={tmp_path}", f"cluster.address={ray_cluster.address}", "run.name=twice", "train.steps=100000",
+            "train.workers=1", "data.tokenizer=bytes", "data.max_doc_tokens=192", "model.n_layer=1", "model.n_head=2",
+            "model.n_embd=32", "model.block_size=64", "train.seq_len=64", "train.batch_tokens=512"]
+    first = subprocess.Popen([sys.executable, "-m", "elastic", "train", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            st = subprocess.run([sys.executable, "-m", "elastic", "status", "twice", "--json", "--address",
+                                 ray_cluster.address], capture_output=True, text=True, timeout=60)
+            if st.returncode == 0 and json.loads(st.stdout)["state"] == "RUNNING":
+                break
+            assert first.poll() is None, "the first driver exited"
+            time.sleep(1)
+        else:
+            raise AssertionError("the first run never showed as RUNNING")
+        second = subprocess.run([sys.executable, "-m", "elastic", "train", *args], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert "run.name=twice" in second.stderr and "is live on this cluster" in second.stderr
+        assert first.poll() is None, "the refused driver must not disturb the live run"
+    finally:
+        os.killpg(first.pid, signal.SIGTERM)  # checkpoint, then exit
+        first.wait(timeout=120)
