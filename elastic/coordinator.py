@@ -210,12 +210,15 @@ class Coordinator:
                 loads.append(h.actor.load_state.remote(model_ref, sync, self.step))
             prints = ray.get(loads)
             self._check_agree(prints, "after loading the checkpoint")
+            self.summary.event(self.step, f"state-from-checkpoint {ckpt.uri}")
         elif joiners and source is not None:
             # joiners get parameters (and replicated optimizer state) from a live peer via the object store
             model_ref = source.actor.model_state.remote()
             sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
             loads = [h.actor.load_state.remote(model_ref, sync_ref, self.step) for h in joiners]
             ray.get(loads)
+            self.summary.event(self.step, f"state-from-peer {source.worker_id} -> "
+                                          f"{','.join(h.worker_id for h in joiners)}")
             prints = ray.get([h.actor.fingerprint.remote() for h in self.members])
             self._check_agree(prints, "after a join")
         self.summary.world_size(self.step, world, g, [m.accelerator for m in self.generation.members])

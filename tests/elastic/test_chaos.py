@@ -71,6 +71,10 @@ def test_node_removed_added_and_drained_on_mixed_gpu_cluster(tmp_path):
     assert "death" in kinds and "drain" in kinds, kinds
     first = summary["world_size_history"][0]
     assert first["world_size"] == 3 and sorted(first["accelerators"]) == ["A100", "L4", "L4"]
+    # a joiner's state came from a live peer through the object store, never from the checkpoint store
+    events = [e["what"] for e in summary["events"]]
+    assert any(e.startswith("state-from-peer ") for e in events), events
+    assert not any(e.startswith("state-from-checkpoint") for e in events), events
     assert min(h["world_size"] for h in summary["world_size_history"]) < 3
 
 
@@ -112,6 +116,8 @@ def test_driver_killed_then_resubmitted_resumes_from_last_checkpoint(tmp_path, r
     assert summary["resumed_from"], "did not resume"
     resumed_at = summary["resumed_from"][-1]["step"]
     assert resumed_at >= 10
+    assert any(e["what"].startswith("state-from-checkpoint ") and e["step"] == resumed_at
+               for e in summary["events"]), summary["events"]  # no live peer: the checkpoint is the source
     _assert_healthy(summary, 400)
     on_disk = json.loads((run_dir(cfg) / "summary.json").read_text())
     assert on_disk["resumed_from"][-1]["step"] == resumed_at
