@@ -78,6 +78,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_bench_plan(args) -> int:
+    from datasets.bench import bench_plan
+
+    out = bench_plan(args.shards, args.row_groups, args.rows)
+    print(json.dumps(out) if args.json else
+          f"{out['row_groups']:,} row groups, {out['documents']:,} documents: plan built in {out['plan_build_s']} s, "
+          f"assign+commit {out['assign_commit_ms_median']} ms/step (median of {out['steps']}), state JSON bytes "
+          f"by epoch fraction {out['state_json_bytes_at_epoch_fraction']}, peak RSS {out['peak_rss_gb']} GB")
+    return 0 if out["duplicated"] == 0 and out["skipped"] == 0 else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -104,6 +115,13 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--seconds", type=float, default=5.0)
             p.add_argument("--tokenizer", default="gpt2")
             p.add_argument("--s3-moto", action="store_true")
+
+    p = sub.add_parser("bench-plan", help="the data plan over one epoch of a synthetic FineWeb-sized shard list")
+    p.add_argument("--shards", type=int, default=2500)
+    p.add_argument("--row-groups", type=int, default=100, help="per shard")
+    p.add_argument("--rows", type=int, default=1000, help="documents per row group")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_bench_plan)
 
     args = ap.parse_args(argv)
     from datasets.plan import PlanError

@@ -10,11 +10,12 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import statistics
 import time
 from typing import Iterator, Optional
 
 from datasets.config import DataConfig
-from datasets.plan import DataPlan
+from datasets.plan import DataPlan, ShardInfo
 from datasets.reader import ShardReader
 from datasets.sources import discover, resolve_source
 from datasets.tokenizer import get_tokenizer
@@ -105,3 +106,37 @@ def bench(url: str, seconds: float = 5.0, tokenizer: str = "gpt2", s3_moto: bool
             upload_dir(local.replace("file://", ""), "bench", "data", so)
             results.append(measure("s3://bench/data/**/*.parquet", so, seconds, tokenizer))
     return results
+
+
+def bench_plan(shards: int = 2500, row_groups: int = 100, rows: int = 1000, workers: int = 4,
+               tokens_per_worker: int = 70_000_000, checkpoints: tuple[float, ...] = (0.1, 0.5, 0.99)) -> dict:
+    """The data plan over one whole epoch of a synthetic FineWeb-sized shard list (no I/O): seconds per
+    assign+commit, the checkpointed state's size as the epoch fills, the process's peak memory."""
+    import json
+    import resource
+
+    infos = [ShardInfo(f"s3://bucket/fineweb/{i:06d}_00000.parquet", 2 * 10**9, (rows,) * row_groups,
+                       ("text", "id"), (rows * 700,) * row_groups) for i in range(shards)]
+    t0 = time.perf_counter()
+    plan = DataPlan(infos, seed=0)
+    build_s = time.perf_counter() - t0
+    sizes, step_s, todo = {}, [], list(checkpoints)
+    share = {r: tokens_per_worker for r in range(workers)}
+    step = 0
+    while plan.epoch == 0:
+        t = time.perf_counter()
+        plan.assign(step, share)
+        plan.commit(step)
+        step_s.append(time.perf_counter() - t)
+        step += 1
+        if todo:
+            done = plan.accounting(0)["delivered_once"] / plan.documents
+            if done >= todo[0]:
+                sizes[f"{todo.pop(0):.2f}"] = len(json.dumps(plan.state_dict()))
+    acc = plan.accounting(0)
+    return {"shards": shards, "row_groups": shards * row_groups, "documents": plan.documents,
+            "plan_build_s": round(build_s, 2), "steps": step,
+            "assign_commit_ms_median": round(statistics.median(step_s) * 1e3, 3),
+            "state_json_bytes_at_epoch_fraction": sizes,
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 2),
+            "delivered_once": acc["delivered_once"], "duplicated": acc["duplicated"], "skipped": acc["skipped"]}

@@ -27,16 +27,18 @@ epoch they were drawn in, including ranges aborted after the rollover).
 """
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import json
 import math
 import os
 import random
+import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
-PLAN_STATE_VERSION = 1
+PLAN_STATE_VERSION = 2  # 2: whole row groups as a bitmap; version 1 states still load
 
 
 class PlanError(RuntimeError):
@@ -109,19 +111,52 @@ def shard_fingerprint(shards: Sequence[ShardInfo]) -> str:
     return hashlib.sha256(json.dumps(ident, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
+class _Layout:
+    """Every row group of the shard list numbered 0..total-1 (shard-major), from per-shard offsets:
+    O(shards) memory, so a FineWeb-sized list (millions of row groups) costs no per-row-group objects."""
+
+    def __init__(self, shards: Sequence[ShardInfo]):
+        self.rows = [sh.row_group_rows for sh in shards]
+        self.offsets, n = [], 0
+        for sh in shards:
+            self.offsets.append(n)
+            n += sh.num_row_groups
+        self.total = n
+
+    def index(self, shard: int, row_group: int) -> int:
+        return self.offsets[shard] + row_group
+
+
 @dataclass
 class _EpochRecord:
-    """Delivery record of one epoch: merged committed row intervals per (shard, row_group)."""
+    """Delivery record of one epoch: merged committed row intervals per (shard, row_group).
 
+    A row group delivered whole moves from `delivered` to the `full` bitmap (one bit per row group), so
+    memory and checkpoint size stay bounded over an epoch of millions of row groups."""
+
+    layout: _Layout
     delivered: dict[tuple[int, int], list[list[int]]] = field(default_factory=dict)
     duplicated: int = 0
     filtered: int = 0
     unusable: int = 0
+    full: bytearray = field(default_factory=bytearray)
+    full_rows: int = 0
+
+    def __post_init__(self):
+        if not self.full:
+            self.full = bytearray((self.layout.total + 7) // 8)
+
+    def _is_full(self, i: int) -> bool:
+        return bool(self.full[i >> 3] >> (i & 7) & 1)
 
     def mark(self, r: DocRange) -> None:
         """Record rows [start, stop) as committed; rows already committed count as duplicated."""
         key = (r.shard, r.row_group)
-        spans = self.delivered.setdefault(key, [])
+        i = self.layout.index(*key)
+        if self._is_full(i):
+            self.duplicated += len(r)
+            return
+        spans = self.delivered.get(key, [])
         lo, hi = r.start, r.stop
         merged: list[list[int]] = []
         for a, b in spans:
@@ -132,23 +167,40 @@ class _EpochRecord:
             lo, hi = min(lo, a), max(hi, b)
         merged.append([lo, hi])
         merged.sort()
-        self.delivered[key] = merged
+        rows = self.layout.rows[r.shard][r.row_group]
+        if merged == [[0, rows]]:
+            self.full[i >> 3] |= 1 << (i & 7)
+            self.full_rows += rows
+            self.delivered.pop(key, None)
+        else:
+            self.delivered[key] = merged
 
     def committed_rows(self) -> int:
-        return sum(b - a for spans in self.delivered.values() for a, b in spans)
+        return self.full_rows + sum(b - a for spans in self.delivered.values() for a, b in spans)
 
     def to_json(self) -> dict:
         return {
+            "full": base64.b64encode(zlib.compress(bytes(self.full), 6)).decode("ascii"),
+            "full_rows": self.full_rows,
             "delivered": {f"{s}:{g}": spans for (s, g), spans in sorted(self.delivered.items())},
             "duplicated": self.duplicated, "filtered": self.filtered, "unusable": self.unusable,
         }
 
     @classmethod
-    def from_json(cls, d: Mapping) -> "_EpochRecord":
-        rec = cls(duplicated=int(d["duplicated"]), filtered=int(d["filtered"]), unusable=int(d["unusable"]))
-        for key, spans in d["delivered"].items():
-            s, g = key.split(":")
-            rec.delivered[(int(s), int(g))] = [[int(a), int(b)] for a, b in spans]
+    def from_json(cls, d: Mapping, layout: _Layout) -> "_EpochRecord":
+        rec = cls(layout, duplicated=int(d["duplicated"]), filtered=int(d["filtered"]), unusable=int(d["unusable"]))
+        if "full" in d:
+            full = zlib.decompress(base64.b64decode(d["full"]))
+            if len(full) != len(rec.full):
+                raise PlanStateMismatch(f"data plan state: delivery bitmap of {len(full)} bytes for "
+                                        f"{layout.total} row groups")
+            rec.full, rec.full_rows = bytearray(full), int(d["full_rows"])
+        for key, spans in d["delivered"].items():  # version 1 kept whole row groups here too: re-mark
+            s, g = (int(x) for x in key.split(":"))
+            dup = rec.duplicated
+            for a, b in spans:
+                rec.mark(DocRange(s, g, int(a), int(b)))
+            rec.duplicated = dup
         return rec
 
 
@@ -168,6 +220,7 @@ class DataPlan:
             raise PlanError("data plan: the shard list holds no rows")
         self.documents = sum(sh.rows for sh in self.shards)
         self.fingerprint = shard_fingerprint(self.shards)
+        self._layout = _Layout(self.shards)
         self._avg_tokens = {
             (s, g): max(1.0, sh.row_group_tokens[g] / sh.row_group_rows[g])
             for s, sh in enumerate(self.shards) for g in range(sh.num_row_groups) if sh.row_group_rows[g] > 0
@@ -175,7 +228,7 @@ class DataPlan:
         self._start_epoch(int(epoch))
         self._returned: collections.deque[_Drawn] = collections.deque()
         self._pending: dict[int, dict[int, list[_Drawn]]] = {}
-        self._records: dict[int, _EpochRecord] = {self.epoch: _EpochRecord()}
+        self._records: dict[int, _EpochRecord] = {self.epoch: _EpochRecord(self._layout)}
         self._finished: dict[int, dict] = {}
 
     # ---------------------------------------------------------------- order and cursor
@@ -206,7 +259,7 @@ class DataPlan:
             return epoch, DocRange(r.shard, r.row_group, r.start, r.start + n)
         if self._cursor_unit >= len(self._order):          # epoch exhausted: roll over
             self._start_epoch(self.epoch + 1)
-            self._records.setdefault(self.epoch, _EpochRecord())
+            self._records.setdefault(self.epoch, _EpochRecord(self._layout))
         unit = self._order[self._cursor_unit]
         start = self._cursor_row
         stop = min(self._rows_of(unit), start + n_want)
@@ -369,7 +422,7 @@ class DataPlan:
         }
 
     def load_state_dict(self, sd: Mapping) -> None:
-        if sd.get("version") != PLAN_STATE_VERSION:
+        if sd.get("version") not in (1, PLAN_STATE_VERSION):
             raise PlanStateMismatch(f"data plan state version {sd.get('version')!r}, expected {PLAN_STATE_VERSION}")
         if sd["fingerprint"] != self.fingerprint:
             raise PlanStateMismatch(
@@ -383,8 +436,8 @@ class DataPlan:
         self._returned = collections.deque(
             (int(v[0]), DocRange.from_list(v[1:])) for v in sd["returned"])
         self._pending = {}
-        self._records = {int(e): _EpochRecord.from_json(d) for e, d in sd["records"].items()}
-        self._records.setdefault(self.epoch, _EpochRecord())
+        self._records = {int(e): _EpochRecord.from_json(d, self._layout) for e, d in sd["records"].items()}
+        self._records.setdefault(self.epoch, _EpochRecord(self._layout))
         self._finished = {int(e): dict(acc) for e, acc in sd["finished_epochs"].items()}
 
 

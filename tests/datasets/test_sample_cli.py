@@ -97,3 +97,10 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "none" / "*.parquet")]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"DataSourceError: data.source: no parquet files match {tmp_path}/none/*.parquet"
+
+
+def test_bench_plan_cli_reports_a_whole_epoch_exactly_once(capsys):
+    assert main(["bench-plan", "--shards", "50", "--row-groups", "8", "--rows", "100", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["documents"] == 40_000 and out["delivered_once"] == 40_000
+    assert out["duplicated"] == 0 and out["skipped"] == 0 and out["state_json_bytes_at_epoch_fraction"]
