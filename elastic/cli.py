@@ -88,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             cfg = load_config(args.config, args.overrides)
-            preflight(cfg)
+            discovered = preflight(cfg)
             with json_only_stdout(args.json):
-                summary = train(cfg, progress_stream=sys.stderr if args.json else None)
+                summary = train(cfg, progress_stream=sys.stderr if args.json else None, discovered=discovered)
             if args.json:
                 print(json.dumps(summary, indent=1, default=str))
             return 0 if summary.get("state") in ("FINISHED", "STOPPED") else 1
@@ -125,18 +125,22 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def preflight(cfg) -> None:
-    """Fail fast, before any Ray process starts, on data the run could not use (footers only)."""
+def preflight(cfg) -> dict:
+    """Fail fast, before any Ray process starts, on data the run could not use (footers only).
+    Returns the shard lists by key, so the coordinator does not read every footer a second time."""
     from datasets import discover
     from datasets.sources import check_text_column
 
     d = cfg.data
+    found = {}
     for key, url in (("data.source", d.source), ("data.val_source", d.val_source)):
         if not url:
             continue
         shards = discover(url, d.storage_options, text_column=d.text_column, retries=d.retries,
                           backoff_s=d.retry_backoff_s)
         check_text_column(shards, d.text_column)
+        found[key] = shards
+    return found
 
 
 def _coordinator(run: str, address: str, namespace: str):
@@ -277,10 +281,12 @@ def _strip_ansi(record: logging.LogRecord) -> bool:
     return True
 
 
-def train(cfg, progress_stream=None) -> dict:
+def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
     """Run (or resume) a training run to completion; returns summary.json's content.
 
-    `progress_stream`: where progress goes (stdout by default; benchmarks that print JSON pass stderr)."""
+    `progress_stream`: where progress goes (stdout by default; benchmarks that print JSON pass stderr).
+    `discovered`: shard lists `preflight` already read ({"data.source": [...], ...}), else the coordinator
+    reads the footers itself."""
     plain = not (progress_stream or sys.stdout).isatty()
     if plain:  # job logs and the dashboard's log viewer: no color control codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
@@ -323,7 +329,7 @@ def train(cfg, progress_stream=None) -> dict:
                 name=name, namespace=ns,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                    soft=False),
-            ).remote(cfg)
+            ).remote(cfg, discovered)
         except ValueError as e:  # created by another driver in between
             if "already taken" in str(e):
                 raise live from e

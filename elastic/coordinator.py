@@ -47,8 +47,9 @@ class WorkerHandle:
 class Coordinator:
     """Plain class driven by the actor shell `CoordinatorActor`; every Ray call it makes is here."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, discovered: dict | None = None):
         self.cfg = cfg
+        self.discovered = dict(discovered or {})  # shard lists the driver's preflight already read
         self.state = "FORMING"
         self.lock = threading.Lock()
         self.stop_requested = False
@@ -82,16 +83,20 @@ class Coordinator:
 
     # ---- setup -----------------------------------------------------------------------------
     def _load_data(self) -> None:
-        d = self.cfg.data
+        d, found = self.cfg.data, self.discovered
         # bad data stops the run here, with the file named, not later inside a worker
-        self.shards = discover(d.source, d.storage_options, text_column=d.text_column,
-                               retries=d.retries, backoff_s=d.retry_backoff_s)
+        self.shards = found.get("data.source") or discover(
+            d.source, d.storage_options, text_column=d.text_column, retries=d.retries, backoff_s=d.retry_backoff_s)
         check_text_column(self.shards, d.text_column)
         self.plan = DataPlan(self.shards, seed=d.seed, epoch=0)
-        self.val_shards = discover(d.val_source, d.storage_options, text_column=d.text_column,
-                                   retries=d.retries, backoff_s=d.retry_backoff_s) if d.val_source else []
+        self.val_shards = (found.get("data.val_source") or discover(
+            d.val_source, d.storage_options, text_column=d.text_column, retries=d.retries,
+            backoff_s=d.retry_backoff_s)) if d.val_source else []
         if self.val_shards:
             check_text_column(self.val_shards, d.text_column)
+        # one copy in the object store, referenced by every worker spawned (a FineWeb shard list is MBs)
+        self.shards_ref, self.val_shards_ref = ray.put(self.shards), ray.put(self.val_shards)
+        self.discovered = {}
 
     def _worker_options(self) -> dict:
         if self._options is None:
@@ -142,7 +147,7 @@ class Coordinator:
         actor = Worker.options(
             name=name, namespace=self.cfg.cluster.namespace, max_concurrency=1, max_restarts=0,
             **opts, **extra,
-        ).remote(self.cfg, wid, self.shards, self.cfg.run.seed, self.val_shards)
+        ).remote(self.cfg, wid, self.shards_ref, self.cfg.run.seed, self.val_shards_ref)
         handle = WorkerHandle(wid, actor)
         handle.info["name"] = name
         handle.info["spawned_at"] = time.time()
@@ -834,9 +839,9 @@ class StepKeepsFailing(RuntimeError):
 class CoordinatorActor:
     """Actor shell (named raydistro/<run>/coordinator); `run` blocks, the rest answer meanwhile."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, discovered: dict | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.c = Coordinator(cfg)
+        self.c = Coordinator(cfg, discovered)
 
     def __repr__(self) -> str:
         # taken once by Ray after __init__ (dashboard actor list, log prefix): no stale live fields there

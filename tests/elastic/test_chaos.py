@@ -52,6 +52,8 @@ def test_worker_killed_hung_or_corrupt_loses_no_documents(tmp_path, ray_cluster)
     # the garbage sender was named and evicted, the step was rejected everywhere, nothing applied
     events = " ".join(e["what"] for e in summary["events"])
     assert "step-aborted corrupt_payload" in events
+    # a survivor always remained: every replacement got its state from a live peer, never from storage
+    assert "state-from-peer " in events and "state-from-checkpoint" not in events, events
     # every change wrote a checkpoint
     assert len(summary["checkpoints"]) >= len(kinds) + 1
 
@@ -71,10 +73,11 @@ def test_node_removed_added_and_drained_on_mixed_gpu_cluster(tmp_path):
     assert "death" in kinds and "drain" in kinds, kinds
     first = summary["world_size_history"][0]
     assert first["world_size"] == 3 and sorted(first["accelerators"]) == ["A100", "L4", "L4"]
-    # a joiner's state came from a live peer through the object store, never from the checkpoint store
+    # joiners get their state from a live peer (if the node removal took the last worker, the checkpoint
+    # is the only source left, and the run rolls back to it)
     events = [e["what"] for e in summary["events"]]
-    assert any(e.startswith("state-from-peer ") for e in events), events
-    assert not any(e.startswith("state-from-checkpoint") for e in events), events
+    joins = [k for k in kinds if k == "join"]
+    assert len([e for e in events if e.startswith("state-from-peer ")]) >= len(joins), events
     assert min(h["world_size"] for h in summary["world_size_history"]) < 3
 
 
