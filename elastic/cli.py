@@ -169,10 +169,14 @@ def status(run: str, address: str, namespace: str, as_json: bool) -> int:
     """One look at a live run (the dashboard shows the same as metrics); exits 1 if it is not running."""
     import ray
 
-    coord = _coordinator(run, address, namespace)
-    if coord is None:
-        return 1
-    info = ray.get(coord.progress.remote(), timeout=30)
+    # Ray prints cluster notices (a node that died) to this process's stdout while connected: keep them
+    # off the JSON, and disconnect before printing it
+    with json_only_stdout(as_json):
+        coord = _coordinator(run, address, namespace)
+        if coord is None:
+            return 1
+        info = ray.get(coord.progress.remote(), timeout=30)
+        ray.shutdown()
     if as_json:
         print(json.dumps(info, indent=1, default=str))
         return 0
