@@ -261,12 +261,16 @@ class NodeChaos:
         self.todo = sorted([(s, 0, "remove") for s in cfg.chaos.remove_node_at] +
                            [(s, 1, "add") for s in cfg.chaos.add_node_at])
 
-    def poll(self, step: int) -> None:
+    def poll(self, step: int, member_nodes: list | None = None) -> None:
         while self.todo and step >= self.todo[0][0]:
             _, _, kind = self.todo.pop(0)
             if kind == "remove" and self.runtime.sim_nodes:
+                # the newest simulated node that runs a member of the group: losing capacity in use is
+                # the rehearsal; an idle node (e.g. one already drained) would test nothing
+                busy = set(member_nodes or [])
+                index = max((i for i, n in enumerate(self.runtime.sim_nodes) if n.node_id in busy), default=-1)
                 log.warning("chaos: removing a simulated node at step %d", step)
-                self.runtime.remove_sim_node(-1)
+                self.runtime.remove_sim_node(index)
             elif kind == "add":
                 sim = self.cfg.cluster.simulate
                 acc = sim[len(self.runtime.sim_nodes) % len(sim)]
@@ -360,7 +364,7 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
                         progress = ray.get(coord.progress.remote(), timeout=10)
                         view.update(progress)
                         if "node_chaos_step" in progress:  # the coordinator holds that step for us
-                            node_chaos.poll(progress["node_chaos_step"])
+                            node_chaos.poll(progress["node_chaos_step"], progress.get("member_nodes"))
                             coord.node_chaos_done.remote(progress["node_chaos_step"])
                     except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
                         pass

@@ -641,10 +641,12 @@ class Coordinator:
         self.node_chaos_ack.clear()
         with self.lock:
             self.progress_info["node_chaos_step"] = self.step
+            self.progress_info["member_nodes"] = [h.info.get("node_id", "") for h in self.members]
         if not self.node_chaos_ack.wait(timeout=120):
             log.warning("node chaos at step %d: the driver did not act within 120 s; going on", self.step)
         with self.lock:
             self.progress_info.pop("node_chaos_step", None)
+            self.progress_info.pop("member_nodes", None)
         for e in events:
             self.chaos.mark_done(e)
             self.summary.event(self.step, f"chaos-{e.kind.replace('_', '-')}")
