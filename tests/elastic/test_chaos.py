@@ -73,11 +73,8 @@ def test_node_removed_added_and_drained_on_mixed_gpu_cluster(tmp_path):
     assert "death" in kinds and "drain" in kinds, kinds
     first = summary["world_size_history"][0]
     assert first["world_size"] == 3 and sorted(first["accelerators"]) == ["A100", "L4", "L4"]
-    # joiners get their state from a live peer (if the node removal took the last worker, the checkpoint
-    # is the only source left, and the run rolls back to it)
-    events = [e["what"] for e in summary["events"]]
-    joins = [k for k in kinds if k == "join"]
-    assert len([e for e in events if e.startswith("state-from-peer ")]) >= len(joins), events
+    # (where state came from is asserted in the kill/hang/corrupt test, where a survivor always remains;
+    # here the node removal may take the last worker, and then the checkpoint is the only source left)
     assert min(h["world_size"] for h in summary["world_size_history"]) < 3
 
 
