@@ -197,10 +197,8 @@ class _EpochRecord:
             rec.full, rec.full_rows = bytearray(full), int(d["full_rows"])
         for key, spans in d["delivered"].items():  # version 1 kept whole row groups here too: re-mark
             s, g = (int(x) for x in key.split(":"))
-            dup = rec.duplicated
-            for a, b in spans:
+            for a, b in spans:  # disjoint merged spans: re-marking them counts no duplicates
                 rec.mark(DocRange(s, g, int(a), int(b)))
-            rec.duplicated = dup
         return rec
 
 

@@ -322,25 +322,19 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
         # the coordinator lives and dies with its driver: keep it on the driver's node (the head under
         # `ray job submit`), never on a worker node that a spot reclaim or scale-down can take away
         name, ns = f"raydistro/{cfg.run.name}/coordinator", cfg.cluster.namespace
-        live = RunAlreadyLive(
-            f"run.name={cfg.run.name}: a run of that name is live on this cluster (namespace {ns}); two drivers "
-            f"would write the same checkpoints. Watch it with `python -m elastic status {cfg.run.name}`, stop it "
-            "with `ray job stop` (or Ctrl-C on its driver) and submit again to resume, or pick another run.name")
-        try:
-            ray.get_actor(name, namespace=ns)
-        except ValueError:
-            pass
-        else:
-            raise live
-        try:
+        try:  # the GCS registers the name synchronously: a taken name raises here
             coord = CoordinatorActor.options(
                 name=name, namespace=ns,
                 scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                    soft=False),
             ).remote(cfg, discovered)
-        except ValueError as e:  # created by another driver in between
+        except ValueError as e:
             if "already taken" in str(e):
-                raise live from e
+                raise RunAlreadyLive(
+                    f"run.name={cfg.run.name}: a run of that name is live on this cluster (namespace {ns}); two "
+                    f"drivers would write the same checkpoints. Watch it with `python -m elastic status "
+                    f"{cfg.run.name}`, stop it with `ray job stop` (or Ctrl-C on its driver) and submit again to "
+                    "resume, or pick another run.name") from e
             raise
         run_ref = coord.run.remote()
         stopping = {"n": 0}
