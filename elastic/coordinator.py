@@ -14,6 +14,7 @@ import logging
 import statistics
 import threading
 import time
+from collections import Counter
 from dataclasses import asdict
 from typing import Any
 
@@ -792,6 +793,7 @@ class Coordinator:
                 generation=self.generation.generation, state=self.state,
                 accelerators=[m.accelerator for m in self.generation.members],
                 changes=len(self.summary.data["membership_changes"]),
+                change_kinds=dict(Counter(c["kind"] for c in self.summary.data["membership_changes"])),
             )
         every = self.cfg.checkpoint.every
         if every and self.step % every == 0 and self.step < self.cfg.train.steps:
