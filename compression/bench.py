@@ -118,25 +118,32 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
     def demo_rank(comm):
         ps = params if comm.rank == 0 else [p.detach().clone().requires_grad_() for p in params]
         g = torch.Generator(device=dev).manual_seed(1 + comm.rank)
-        for p in ps:
-            p.grad = torch.randn(p.shape, device=dev, generator=g) * 1e-3
+        # two gradient sets used in turn: new tensors every step, as `zero_grad(set_to_none=True)` gives
+        grad_sets = [[torch.randn(p.shape, device=dev, generator=g) * 1e-3 for p in ps] for _ in range(2)]
         sync = DemoSync(cfg, ps, comm)
         rows = []
         for i in range(steps + 1):
+            for p, gr in zip(ps, grad_sets[i % 2]):
+                p.grad = gr
             st = sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
             commit = _timed(sync.commit, dev, 1, warmup=0)[0]
             if i:  # the first step warms up allocator and kernels
                 rows.append((st.codec_ms, st.comm_ms, commit))
-        return st, rows
+        ops = None
+        if comm.world_size == 1:  # the profiler sees every thread: count only when this is the only rank
+            for p, gr in zip(ps, grad_sets[(steps + 1) % 2]):
+                p.grad = gr
+            ops = dispatched_ops(lambda: (sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1), sync.commit()))
+        return st, rows, ops
 
-    st, rows = run_threads(workers, demo_rank, timeout=3600)[0]
+    st, rows, ops = run_threads(workers, demo_rank, timeout=3600)[0]
     codec = statistics.median(r[0] for r in rows)
     commit = statistics.median(r[2] for r in rows)
     res.update(bytes_sent_per_worker=st.bytes_sent, bytes_received_per_worker=st.bytes_received,
                dense_bf16_bytes=st.dense_equivalent_bytes,
                ratio_vs_dense_bf16=round(st.dense_equivalent_bytes / st.bytes_sent, 1),
                codec_ms=round(codec, 2), apply_ms=round(commit, 2), codec_plus_apply_ms=round(codec + commit, 2),
-               comm_ms=round(statistics.median(r[1] for r in rows), 2))
+               comm_ms=round(statistics.median(r[1] for r in rows), 2), dispatched_ops_per_step=ops)
 
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type in ("cuda", "cpu"))
@@ -162,6 +169,17 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
         res.update(batch=f"{B}x{T}", full_adamw_step_ms=round(full, 2),
                    codec_pct_of_full_adamw_step=round(100 * (codec + commit) / full, 1))
     return res
+
+
+def dispatched_ops(fn) -> int:
+    """Top-level aten ops `fn()` dispatches (views included): on a GPU each costs host time, and every
+    one that computes is a kernel launch. Counted with the torch profiler on the calling thread's ops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(1 for e in prof.events()
+               if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
 
 
 def _machine(dev: torch.device) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -84,8 +85,17 @@ class ParamSlot:
         return (self.rows // self.h) * (self.cols // self.w)
 
     def tiles(self, t: torch.Tensor) -> torch.Tensor:
-        """A view of `t` (param-shaped, contiguous) as `[rows/h, cols/w, h, w]` tiles (no copy)."""
-        return t.view(self.rows // self.h, self.h, self.cols // self.w, self.w).permute(0, 2, 1, 3)
+        """A view of `t` (param-shaped, contiguous) as `[rows/h, cols/w, h, w]` tiles (no copy).
+
+        One `as_strided` instead of view + permute: these views are rebuilt for every parameter's fresh
+        gradient at every step, where each dispatcher call is host time on a GPU's critical path.
+        """
+        if t.shape != self.shape or not t.is_contiguous():
+            raise ValueError(f"parameter {self.index}: tiles need a contiguous tensor of shape {self.shape}, "
+                             f"got {tuple(t.shape)} (contiguous: {t.is_contiguous()})")
+        c = self.cols
+        return t.as_strided((self.rows // self.h, c // self.w, self.h, self.w), (self.h * c, self.w, c, 1),
+                            t.storage_offset())
 
 
 @dataclass
@@ -156,3 +166,30 @@ class ChunkPlan:
 
     def all_group_views(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
         return [v for gi in range(len(self.groups)) for v in self.group_views(buffers, gi)]
+
+
+class ViewCache:
+    """Views built from a list of tensors, reused while the same tensors come back.
+
+    The tile views of a whole model cost a few dispatcher calls per parameter (~600 a step on GPT-2-small);
+    on a GPU that host time is longer than the kernels it feeds. A hit needs the same tensor objects over
+    the same storage (`p.data = ...` keeps the object but swaps the storage: a miss).
+    `retain=False` is for tensors the caller may free every step (gradients under
+    `zero_grad(set_to_none=True)`): views are kept only after the same tensors came back twice, so the
+    cache never keeps a freed gradient's memory alive.
+    """
+
+    def __init__(self, build: Callable[[list[torch.Tensor]], list[torch.Tensor]], retain: bool = True):
+        self.build, self.retain = build, retain
+        self._key: list[tuple[int, int]] | None = None
+        self._held: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None  # (tensors, their views)
+
+    def __call__(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = [(id(t), t.data_ptr()) for t in tensors]
+        if self._held is not None and key == self._key:
+            return self._held[1]  # the held tensors are alive, so equal ids are the same objects
+        views = self.build(tensors)
+        repeat = key == self._key
+        self._key = key
+        self._held = (list(tensors), views) if self.retain or repeat else None
+        return views

@@ -43,3 +43,33 @@ def test_plan_groups_same_chunk_shapes_across_parameters_and_roundtrips():
     # a 64x64 chunk is a real 64x64 tile of the matrix
     buf = plan.gather(ts, "cpu")[0]
     assert torch.equal(buf[1], ts[0][0:64, 64:128])
+
+
+def test_view_cache_reuses_views_of_the_same_tensors_and_never_holds_freed_gradients():
+    import gc
+    import weakref
+
+    from compression.dct import ViewCache
+
+    plan = ChunkPlan([(128, 64), (64,)], 64)
+    built = []
+
+    def build(ts):
+        built.append(1)
+        return plan.param_tiles(ts)
+
+    grads = ViewCache(build, retain=False)
+    fresh = [torch.randn(128, 64), torch.randn(64)]
+    alive = weakref.ref(fresh[0])
+    grads(fresh)
+    del fresh
+    gc.collect()
+    assert alive() is None  # a one-off (set_to_none) gradient is not kept alive by the cache
+    kept = [torch.randn(128, 64), torch.randn(64)]
+    first, second, third = grads(kept), grads(kept), grads(kept)
+    assert third is second and first is not second and len(built) == 3  # cached once they came back
+    kept[0].data = torch.zeros(128, 64)  # same object, new storage: a miss, views of the new storage
+    views = grads(kept)
+    assert views is not third and views[0].data_ptr() == kept[0].data_ptr()
+    params = ViewCache(build)
+    assert params(kept) is params(kept)  # retained from the first call

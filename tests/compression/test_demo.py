@@ -49,6 +49,34 @@ def test_exchange_then_abort_leaves_params_and_state_bitwise_unchanged():
     assert run_threads(2, body) == [True, True]
 
 
+def test_cached_views_follow_fresh_gradients_and_swapped_parameter_storage():
+    """The sync caches its per-parameter views: gradients kept across steps or fresh ones, and parameters
+    whose storage is replaced (`p.data = ...`, as some loaders do) must give the same bits."""
+    cfg = SyncConfig(name="demo", delayed_apply=True)
+
+    def body(comm):
+        fresh, kept = __import__("copy").deepcopy(BASE), __import__("copy").deepcopy(BASE)
+        a, b = list(fresh.parameters()), list(kept.parameters())
+        sa, sb = build_sync(cfg, a, comm), build_sync(cfg, b, comm)
+        gen = torch.Generator().manual_seed(100 + comm.rank)
+        for p in b:
+            p.grad = torch.zeros_like(p)
+        for step in range(6):
+            set_random_grads(a, gen)
+            for p, q in zip(a, b):
+                q.grad.copy_(p.grad)  # the same values in persistent gradient tensors
+            if step == 3:
+                for q in b:
+                    q.data = q.data.clone()
+            for s in (sa, sb):
+                s.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
+                s.commit()
+        return digest(a), digest(b), state_digest(sa.state_dict()) == state_digest(sb.state_dict())
+
+    out = run_threads(2, body)
+    assert all(x[0] == x[1] and x[2] for x in out) and out[0] == out[1]
+
+
 def test_error_feedback_conservation_inside_the_sync():
     cfg = SyncConfig(name="demo", decay=0.9)
 
