@@ -148,11 +148,14 @@ class DemoSync(Sync):
         t0 = time.perf_counter()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad if p.grad.is_contiguous() else p.grad.contiguous()
                  for p in self.params]
-        new_m = self._scratch  # gathered gradients -> new momentum -> residual, in place; m stays committed
-        torch._foreach_copy_(self._group_views(new_m), self._grad_tiles(grads))
+        # the new momentum decay * m + lr * grad, then the residual, in the scratch buffer (m stays committed):
+        # two passes over the model (scale m into it, add the gradients' tiles), no separate gather
+        new_m = self._scratch
+        for m, g in zip(self.momentum, new_m):
+            torch.mul(m, self.cfg.decay, out=g)
+        torch._foreach_add_(self._group_views(new_m), self._grad_tiles(grads), alpha=lr)
         picks_i, picks_v = [], []
-        for m, g, (ch, cw), k in zip(self.momentum, new_m, self.bases, self.ks):
-            g.mul_(lr).add_(m, alpha=self.cfg.decay)
+        for g, (ch, cw), k in zip(new_m, self.bases, self.ks):
             idx, val = encode_chunks(g, ch, cw, k)
             picks_i.append(idx)
             picks_v.append(val)
