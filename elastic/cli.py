@@ -183,6 +183,9 @@ def status(run: str, address: str, namespace: str, as_json: bool) -> int:
     accel = ",".join(sorted(set(info.get("accelerators", []))))
     print(f"run {run}: {info.get('state')} step {info.get('step')}/{info.get('total')} "
           f"world {info.get('world_size')} ({accel}) generation {info.get('generation')} loss {info.get('loss')}")
+    kinds = info.get("change_kinds") or {}
+    if kinds:
+        print("  membership changes: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
     for e in info.get("recent_events", []):
         print(f"  step {e['step']}: {e['what']}")
     return 0
