@@ -1,4 +1,5 @@
-"""raydistro.compression: how replicas agree on an update (dense AdamW all-reduce, DeMo compressed sync).
+"""raydistro.compression: how replicas agree on an update (dense AdamW all-reduce, DeMo compressed sync,
+DiLoCo local steps with an outer step every H).
 
 Knows torch and a Communicator; nothing of Ray actors or data. See docs/compression.md.
 """
@@ -8,9 +9,10 @@ from compression.communicator import (Communicator, RayCollectiveCommunicator, T
 from compression.config import SyncConfig
 from compression.dense import DenseSync
 from compression.demo import DemoSync
+from compression.diloco import DilocoSync
 from compression.optim import DeMo
 from compression.sync import ExchangeStats, Sync, build_sync
 
 __all__ = ["build_sync", "Sync", "ExchangeStats", "PayloadError", "WireFormat", "SyncConfig", "DeMo",
-           "DenseSync", "DemoSync", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",
+           "DenseSync", "DemoSync", "DilocoSync", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",
            "ThreadCommunicator", "run_threads"]

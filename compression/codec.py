@@ -1,6 +1,8 @@
 """The DeMo wire format: bit packing, one payload per worker per step, validation of received payloads.
 
-Owns: `WireFormat` (layout, `encode`, `decode`), `pack_bits`/`unpack_bits`, `PayloadError`. Promises:
+Owns: `Framing` (the header, checksum and header checks every payload kind shares; DiLoCo's `DeltaWire`
+builds on it too), `WireFormat` (layout, `encode`, `decode`), `pack_bits`/`unpack_bits`, `PayloadError`.
+Promises:
 - a payload's size depends only on the model's chunk groups, `topk` and `value_bits` (so it goes through
   an all-gather of fixed-size uint8 buffers);
 - `decode` never returns data from a payload that fails a check: it raises `PayloadError(sender_rank,
@@ -129,14 +131,17 @@ class GroupSpec:
         return self.index_bytes + self.count_bytes + self.value_bytes
 
 
-class WireFormat:
-    """Fixed layout of one worker's payload for a given model, topk and value_bits."""
+class Framing:
+    """The 32-byte header every payload kind starts with, its checksum, and the checks of a gathered batch.
 
-    def __init__(self, groups: list[GroupSpec]):
-        if any(g.value_bits not in (1, 16) for g in groups):
-            raise ValueError("value_bits must be 1 or 16")
-        self.groups = groups
-        self.nbytes = HEADER_BYTES + sum(g.nbytes for g in groups)
+    `magic` tells payload kinds apart (b"DMO1": DeMo picks, b"DLC1": DiLoCo int8 deltas); the rest of the
+    layout is the subclass's. Validation runs on device and leaves one flag per (rank, check).
+    """
+
+    magic = MAGIC
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
         if self.nbytes >= 2**32:
             raise ValueError(f"payload of {self.nbytes} bytes does not fit the u32 length field")
         self._pos_weights: dict[str, torch.Tensor] = {}
@@ -154,6 +159,60 @@ class WireFormat:
         """[W, nbytes] uint8 -> [W] int64 checksums (exact integer arithmetic: same on every device)."""
         return ((bufs.to(torch.int64) + 1) * self._weights(bufs.device)).sum(-1) & 0xFFFFFFFF
 
+    def seal(self, buf: torch.Tensor) -> torch.Tensor:
+        """Write the checksum of a (possibly edited) payload into its header, in place; returns it."""
+        buf[28:32] = _u32_to_bytes(self.checksum(buf.unsqueeze(0)))
+        return buf
+
+    def header(self, rank: int, step: int, weight: float | torch.Tensor, device) -> torch.Tensor:
+        """The header bytes (checksum 0 until `seal`); `weight` may be a 0-d float64 device tensor."""
+        head = torch.frombuffer(bytearray(_HEADER.pack(self.magic, rank, step, 0.0, self.nbytes, 0)),
+                                dtype=torch.uint8).to(device)
+        w = torch.as_tensor(weight, dtype=torch.float64, device=device).reshape(1)
+        head[16:24] = w.view(torch.uint8)
+        return head
+
+    def check_header(self, gathered: torch.Tensor, validate: bool) -> tuple[torch.Tensor, list]:
+        """Shape check (raises), then (weights [W] float64, [(reason, ok [W] bool)] when `validate`)."""
+        if gathered.dim() != 2 or gathered.shape[1] != self.nbytes:
+            raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
+                                   f"expected [world_size, {self.nbytes}]")
+        W, dev = gathered.shape[0], gathered.device
+        weights64 = _fresh(gathered[:, 16:24]).view(torch.float64).reshape(W)
+        if not validate:
+            return weights64, []
+        magic = _const(f"magic{self.magic!r}", dev, lambda: torch.frombuffer(bytearray(self.magic), dtype=torch.uint8))
+        return weights64, [
+            (f"bad magic (not a {self.magic.decode()} payload)", (gathered[:, :4] == magic).all(1)),
+            ("sender rank field does not match its position in the all-gather",
+             _u32_from_bytes(gathered[:, 4:8]) == _shifts(W, dev, torch.int64)),
+            (f"length field differs from the expected {self.nbytes} bytes",
+             _u32_from_bytes(gathered[:, 24:28]) == self.nbytes),
+            ("checksum mismatch", _u32_from_bytes(gathered[:, 28:32]) == self.checksum(gathered)),
+            ("weight is not finite or negative", torch.isfinite(weights64) & (weights64 >= 0)),
+        ]
+
+    @staticmethod
+    def raise_first_failure(checks: list) -> None:
+        """One host sync: raise `PayloadError` for the lowest bad rank and its first failed check."""
+        if not checks:
+            return
+        ok = torch.stack([c for _, c in checks], 1).cpu()
+        if not bool(ok.all()):
+            bad_rank = int((~ok).any(1).nonzero()[0, 0])
+            bad_check = int((~ok[bad_rank]).nonzero()[0, 0])
+            raise PayloadError(bad_rank, checks[bad_check][0])
+
+
+class WireFormat(Framing):
+    """Fixed layout of one worker's DeMo payload for a given model, topk and value_bits."""
+
+    def __init__(self, groups: list[GroupSpec]):
+        if any(g.value_bits not in (1, 16) for g in groups):
+            raise ValueError("value_bits must be 1 or 16")
+        self.groups = groups
+        super().__init__(HEADER_BYTES + sum(g.nbytes for g in groups))
+
     # ---- encode ----------------------------------------------------------------------------------
     def encode(self, indices: list[torch.Tensor], values: list[torch.Tensor], rank: int, step: int,
                weight: float | torch.Tensor) -> torch.Tensor:
@@ -162,11 +221,7 @@ class WireFormat:
         `weight` may be a 0-d float64 device tensor (e.g. NaN to poison a payload without a host sync).
         """
         device = indices[0].device if indices else torch.device("cpu")
-        head = torch.frombuffer(bytearray(_HEADER.pack(MAGIC, rank, step, 0.0, self.nbytes, 0)), dtype=torch.uint8)
-        head = head.to(device)
-        w = torch.as_tensor(weight, dtype=torch.float64, device=device).reshape(1)
-        head[16:24] = w.view(torch.uint8)
-        parts = [head]
+        parts = [self.header(rank, step, weight, device)]
         for spec, idx, val in zip(self.groups, indices, values):
             parts.append(pack_bits(idx, spec.index_bits))
             if spec.value_bits == 1:
@@ -176,34 +231,14 @@ class WireFormat:
                 parts.append(val.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1))
         return self.seal(torch.cat(parts))
 
-    def seal(self, buf: torch.Tensor) -> torch.Tensor:
-        """Write the checksum of a (possibly edited) payload into its header, in place; returns it."""
-        buf[28:32] = _u32_to_bytes(self.checksum(buf.unsqueeze(0)))
-        return buf
-
     # ---- decode + validate -----------------------------------------------------------------------
     def decode(self, gathered: torch.Tensor, validate: bool = True):
         """`[W, nbytes]` payloads in rank order -> (weights [W] f32, per group (indices [W,N,k], values [W,N,k])).
 
         Values of picks past a chunk's nonzero count are 0 and their weight mask is 0 (`masks` per group).
         """
-        if gathered.dim() != 2 or gathered.shape[1] != self.nbytes:
-            raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
-                                   f"expected [world_size, {self.nbytes}]")
+        weights64, checks = self.check_header(gathered, validate)
         W, dev = gathered.shape[0], gathered.device
-        weights64 = _fresh(gathered[:, 16:24]).view(torch.float64).reshape(W)
-        checks: list[tuple[str, torch.Tensor]] = []
-        if validate:
-            magic = _const("magic", dev, lambda: torch.frombuffer(bytearray(MAGIC), dtype=torch.uint8))
-            checks += [
-                ("bad magic (not a DeMo payload)", (gathered[:, :4] == magic).all(1)),
-                ("sender rank field does not match its position in the all-gather",
-                 _u32_from_bytes(gathered[:, 4:8]) == _shifts(W, dev, torch.int64)),
-                (f"length field differs from the expected {self.nbytes} bytes",
-                 _u32_from_bytes(gathered[:, 24:28]) == self.nbytes),
-                ("checksum mismatch", _u32_from_bytes(gathered[:, 28:32]) == self.checksum(gathered)),
-                ("weight is not finite or negative", torch.isfinite(weights64) & (weights64 >= 0)),
-            ]
         out, off = [], HEADER_BYTES
         for gi, spec in enumerate(self.groups):
             N, k = spec.n_chunks, spec.k
@@ -233,10 +268,5 @@ class WireFormat:
                 checks.append((f"group {gi}: duplicate index within a chunk",
                                (srt[..., 1:] != srt[..., :-1]).flatten(1).all(1)))
             out.append((idx, vals, mask))
-        if validate:
-            ok = torch.stack([c for _, c in checks], 1).cpu()  # the one host sync of validation
-            if not bool(ok.all()):
-                bad_rank = int((~ok).any(1).nonzero()[0, 0])
-                bad_check = int((~ok[bad_rank]).nonzero()[0, 0])
-                raise PayloadError(bad_rank, checks[bad_check][0])
+        self.raise_first_failure(checks)  # the one host sync of validation
         return weights64.to(torch.float32), out

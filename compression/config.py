@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 @dataclass
 class SyncConfig:
-    name: str = "dense"            # dense | demo
+    name: str = "dense"            # dense | demo | diloco
     # dense baseline: AdamW on all-reduced gradients
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
@@ -22,3 +22,7 @@ class SyncConfig:
     lr_scale: float = 2.5          # demo step = the schedule's lr (train.lr) * lr_scale, weight decay too (tuned on `tiny`)
     update: str = "sign"           # sign: sign(decoded) (reference) | rms: decoded / its RMS per chunk
     validate_payloads: bool = True
+    # diloco: AdamW steps on each worker's own copy (betas, eps above), an outer Nesterov step every inner_steps
+    inner_steps: int = 20          # local steps between outer steps (H); the last step and checkpoints sync too
+    outer_lr: float = 0.7          # outer Nesterov SGD on the averaged parameter delta (DiLoCo's values)
+    outer_momentum: float = 0.9

@@ -143,7 +143,7 @@ class DemoSync(Sync):
         return self.wire.nbytes
 
     # ---- the two phases -----------------------------------------------------------------------------
-    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0) -> ExchangeStats:
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
         self._pending = None
         t0 = time.perf_counter()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad if p.grad.is_contiguous() else p.grad.contiguous()

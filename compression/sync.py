@@ -1,9 +1,13 @@
 """The strategy interface every synchronization scheme implements, and `build_sync`, the one place they are built.
 
 Promises of every `Sync` (this is what lets the elastic coordinator guarantee "all apply step s or none"):
-- `exchange(lr, weight, weight_decay)` reads `p.grad`, runs this step's collective(s), validates what peers
-  sent and computes the pending update. It modifies neither the parameters nor the committed state; on a
-  bad peer payload it raises `PayloadError(sender_rank, reason)` and nothing is pending.
+- `exchange(lr, weight, weight_decay, boundary=False)` reads `p.grad`, runs this step's collective(s),
+  validates what peers sent and computes the pending update. It modifies neither the parameters nor the
+  committed state; on a bad peer payload it raises `PayloadError(sender_rank, reason)` and nothing is
+  pending. Every rank passes the same `boundary`: True asks for replicas whose parameters agree after this
+  step (the last step, a checkpoint); strategies that agree after every step ignore it.
+- `replica_tensors()` are bitwise equal on every rank after every committed step (the parameters, for the
+  strategies that apply one shared update each step; DiLoCo's global parameters and outer momentum).
 - `commit()` applies the pending update to the parameters and the strategy state, and advances `step_count`.
 - `abort()` drops the pending update: parameters and state stay exactly (bitwise) as before `exchange`.
 - `state_dict()` holds this rank's state with tensors on CPU; `load_state_dict` restores it.
@@ -34,8 +38,11 @@ class Sync:
 
     step_count: int = 0
 
-    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0) -> ExchangeStats:
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
         raise NotImplementedError
+
+    def replica_tensors(self) -> list[torch.Tensor]:
+        return self.params
 
     def commit(self) -> None:
         raise NotImplementedError
@@ -71,4 +78,14 @@ def build_sync(cfg: SyncConfig, params, comm: Communicator) -> Sync:
     if cfg.name == "demo":
         from compression.demo import DemoSync
         return DemoSync(cfg, params, comm)
-    raise ValueError(f"sync.name: '{cfg.name}' is not a strategy (dense | demo)")
+    if cfg.name == "diloco":
+        from compression.diloco import DilocoSync
+        return DilocoSync(cfg, params, comm)
+    raise ValueError(f"sync.name: '{cfg.name}' is not a strategy (dense | demo | diloco)")
+
+
+def joiners_need_peer_state(name: str) -> bool:
+    """Whether a rank that joins (or resumes without a checkpoint file of its own) must load a live peer's
+    `state_dict` to agree with the group: dense (AdamW moments are replicated) and diloco (the global
+    parameters and outer momentum), not demo (its momentum is each rank's own unsent residual)."""
+    return name in ("dense", "diloco")

@@ -242,7 +242,10 @@ def validate(cfg: RunConfig) -> None:
            f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head})")
     _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,
            f"model.vocab_size: {m.vocab_size} must be 0 (auto) or a multiple of 64 (DCT chunks)")
-    _check(s.name in ("dense", "demo"), f"sync.name: '{s.name}' must be dense or demo")
+    _check(s.name in ("dense", "demo", "diloco"), f"sync.name: '{s.name}' must be dense, demo or diloco")
+    _check(s.inner_steps >= 1, f"sync.inner_steps: {s.inner_steps} must be >= 1 (diloco's local steps per outer step)")
+    _check(s.outer_lr > 0, f"sync.outer_lr: {s.outer_lr} must be > 0")
+    _check(0 <= s.outer_momentum < 1, f"sync.outer_momentum: {s.outer_momentum} must be in [0, 1)")
     _check(s.value_bits in (1, 16), f"sync.value_bits: {s.value_bits} must be 1 or 16")
     _check(s.topk >= 1, f"sync.topk: {s.topk} must be >= 1")
     _check(s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2")

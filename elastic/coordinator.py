@@ -21,6 +21,7 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from compression.sync import joiners_need_peer_state
 from datasets import DataPlan, discover
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
@@ -292,8 +293,7 @@ class Coordinator:
         )
 
     def _replicated_sync(self) -> bool:
-        # dense AdamW moments are identical on every replica; DeMo momentum is each rank's own residual
-        return self.cfg.sync.name == "dense"
+        return joiners_need_peer_state(self.cfg.sync.name)
 
     def _check_agree(self, prints: list[str], when: str) -> bool:
         agree = len(set(prints)) == 1

@@ -120,12 +120,14 @@ class WorkerReplica:
             committed = {"committed_step": commit_first, "fingerprint": self.commit(commit_first)}
         self.phase = "compute"
         self.pending_step = step
+        every = self.cfg.checkpoint.every  # the last step and checkpoints want agreeing replicas (diloco)
+        boundary = step + 1 == self.cfg.train.steps or bool(every and (step + 1) % every == 0)
         try:
             tokens, loss_sum, n_docs, dropped, read_s = self._forward_backward(ranges)
         except Exception as e:
             # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
             # weight, so every rank rejects this step at once instead of blocking on us.
-            self._abstain(lr)
+            self._abstain(lr, boundary)
             self.phase = "failed"
             return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
                     "pre_exchange": True, "error": f"{type(e).__name__}: {e}",
@@ -144,7 +146,8 @@ class WorkerReplica:
                   "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
                   "compute_s": compute_s, "read_s": read_s, "dropped": dropped, **committed}
         try:
-            stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay)
+            stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
+                                       boundary=boundary)
         except PayloadError as e:
             self.phase = "failed"
             report.update(ok=False, error=f"payload: {e}", bad_sender=e.sender_rank)
@@ -202,13 +205,13 @@ class WorkerReplica:
             except Exception:
                 log.debug("destroying collective group %s failed", name, exc_info=True)
 
-    def _abstain(self, lr: float) -> None:
+    def _abstain(self, lr: float, boundary: bool) -> None:
         if self.sync is None:
             return
         for p in self.params:
             p.grad = torch.zeros_like(p)
         try:
-            self.sync.exchange(lr=lr, weight=float("nan"), weight_decay=0.0)
+            self.sync.exchange(lr=lr, weight=float("nan"), weight_decay=0.0, boundary=boundary)
         except Exception:
             pass  # expected: our own NaN weight is rejected too
         try:
@@ -222,7 +225,7 @@ class WorkerReplica:
         self.pending_step = None
         self.step_count = step + 1
         self.phase = "idle"
-        self.last_fingerprint = params_fingerprint(self.params)
+        self.last_fingerprint = self.fingerprint()
         return self.last_fingerprint
 
     def abort(self, step: int) -> str:
@@ -233,7 +236,12 @@ class WorkerReplica:
                 log.exception("abort failed")
         self.pending_step = None
         self.phase = "idle"
-        return params_fingerprint(self.params)
+        return self.fingerprint()
+
+    def fingerprint(self) -> str:
+        """Of what every replica must hold bit for bit: the parameters, or the sync's global state
+        (DiLoCo's local parameters drift between outer steps by design)."""
+        return params_fingerprint(self.sync.replica_tensors() if self.sync is not None else self.params)
 
     # ---- state ----------------------------------------------------------------------------
     def model_state(self) -> dict:
@@ -345,10 +353,10 @@ class Worker:
         if sync_state:
             self.r.load_sync_state(sync_state)
         self.r.step_count = step_count
-        return params_fingerprint(self.r.params)
+        return self.r.fingerprint()
 
     def fingerprint(self) -> str:
-        return params_fingerprint(self.r.params)
+        return self.r.fingerprint()
 
     def evaluate(self, ranges: list) -> dict:
         return self.r.evaluate(ranges)

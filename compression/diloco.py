@@ -1,0 +1,220 @@
+"""DiLoCo (Douillard et al. 2023, arXiv 2311.08105): local AdamW steps, an outer Nesterov step every H.
+
+Every rank keeps the global parameters `theta_g` (identical everywhere) and trains its own copy with AdamW
+(the inner optimizer, lr from the caller's schedule). Every `inner_steps` steps, or when the caller asks
+(`boundary=True`: the last step, a checkpoint):
+    delta_r = theta_g - theta_r                            (after this step's inner update)
+    int8 per block of 1024, float32 scale = max|block| / 127 -> one payload, one all-gather
+    delta   = sum_r w_r dequant(delta_r) / sum_r w_r       (w_r: tokens since the last outer step, rank order)
+    buf     = momentum * buf + delta;  theta_g -= outer_lr * (delta + momentum * buf)   (Nesterov, as torch SGD)
+    theta_r = theta_g on every rank
+Between outer steps nothing is sent.
+Promises (besides the `Sync` contract):
+- `replica_tensors()` (theta_g and the outer momentum) are bitwise equal on every rank after every step, and
+  the parameters too right after an outer step: the outer update is computed only from the gathered bytes
+  with elementwise ops and a fixed-order reduction over ranks;
+- `exchange` leaves parameters and state untouched: an inner step is applied by `commit` (AdamW on the
+  held gradients, as the dense baseline does); an outer step runs the inner step on the live tensors, keeps
+  the results, and puts the old values back;
+- a non-finite gradient is refused by `exchange` (`PayloadError` naming this rank) before it reaches the
+  parameters; a received payload is validated like a DeMo one (size, magic, rank, checksum, weight) plus
+  finite non-negative scales and int8 values in [-127, 127].
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from compression.codec import HEADER_BYTES, Framing, PayloadError, _fresh
+from compression.communicator import Communicator
+from compression.config import SyncConfig
+from compression.dense import _adamw
+from compression.sync import ExchangeStats, Sync
+
+BLOCK = 1024  # elements per int8 scale: 0.4% of the payload in scales
+
+
+class DeltaWire(Framing):
+    """Header, then float32 scales (one per block), then the int8 values (padded to whole blocks)."""
+
+    magic = b"DLC1"
+
+    def __init__(self, numel: int, block: int = BLOCK):
+        self.numel, self.block = numel, block
+        self.n_blocks = math.ceil(numel / block)
+        super().__init__(HEADER_BYTES + self.n_blocks * 4 + self.n_blocks * block)
+
+    def encode(self, delta: torch.Tensor, rank: int, step: int, weight: float | torch.Tensor) -> torch.Tensor:
+        padded = torch.zeros(self.n_blocks * self.block, device=delta.device)
+        padded[:self.numel] = delta
+        blocks = padded.view(self.n_blocks, self.block)
+        scale = blocks.abs().amax(1) / 127.0
+        q = torch.where(scale[:, None] > 0, blocks / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None],
+                        torch.zeros_like(blocks)).round_().clamp_(-127, 127).to(torch.int8)
+        head = self.header(rank, step, weight, delta.device)
+        return self.seal(torch.cat([head, scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)]))
+
+    def decode(self, gathered: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """`[W, nbytes]` -> (weights [W] float64, deltas [W, numel] float32)."""
+        weights, checks = self.check_header(gathered, validate)
+        W, off = gathered.shape[0], HEADER_BYTES
+        scale = _fresh(gathered[:, off:off + 4 * self.n_blocks]).view(torch.float32).view(W, self.n_blocks)
+        q = gathered[:, off + 4 * self.n_blocks:].view(torch.int8).view(W, self.n_blocks, self.block)
+        if validate:
+            checks.append(("scale is not finite or negative", (torch.isfinite(scale) & (scale >= 0)).all(1)))
+            checks.append(("int8 value -128 (outside the symmetric range)", (q != -128).flatten(1).all(1)))
+        self.raise_first_failure(checks)
+        deltas = (q.to(torch.float32) * scale[:, :, None]).view(W, -1)[:, :self.numel]
+        return weights, deltas
+
+
+class DilocoSync(Sync):
+    def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
+        if cfg.inner_steps < 1:
+            raise ValueError(f"sync.inner_steps: {cfg.inner_steps} must be >= 1")
+        if not cfg.outer_lr > 0 or not 0 <= cfg.outer_momentum < 1:
+            raise ValueError(f"sync: outer_lr={cfg.outer_lr} must be > 0 and outer_momentum="
+                             f"{cfg.outer_momentum} in [0, 1)")
+        if len({p.device for p in params}) != 1:
+            raise ValueError("diloco sync needs all parameters on one device")
+        self.cfg, self.params, self.comm = cfg, params, comm
+        self.device = params[0].device
+        self.numel = sum(p.numel() for p in params)
+        self.wire = DeltaWire(self.numel)
+        self.opt = _adamw(params, tuple(cfg.betas), cfg.eps)
+        with torch.no_grad():
+            self.theta_g = self._flat(params)
+        self.outer_buf = torch.zeros_like(self.theta_g)
+        self.phase_weight = 0.0  # tokens this rank trained on since the last outer step
+        self.step_count = 0
+        self._pending: dict | None = None
+
+    @property
+    def payload_bytes(self) -> int:
+        return self.wire.nbytes
+
+    def replica_tensors(self) -> list[torch.Tensor]:
+        return [self.theta_g, self.outer_buf]
+
+    @staticmethod
+    def _flat(tensors) -> torch.Tensor:
+        return torch.cat([t.detach().reshape(-1).float() for t in tensors])
+
+    # ---- the two phases -----------------------------------------------------------------------------
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
+        self._pending = None
+        t0 = time.perf_counter()
+        grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        weight = float(weight)
+        finite = math.isfinite(weight) and bool(torch.stack(
+            torch._foreach_norm(grads, ord=float("inf"))).isfinite().all())  # one host sync
+        outer = boundary or (self.step_count + 1) % self.cfg.inner_steps == 0
+        if not finite and not outer:
+            raise PayloadError(self.comm.rank, "non-finite gradient or weight (inner step refused)")
+        pending = {"grads": grads, "lr": float(lr), "wd": float(weight_decay),
+                   "phase_weight": self.phase_weight + (weight if finite else 0.0)}
+        stats = dict(bytes_sent=0, bytes_received=0, comm_ms=0.0, collective_input_bytes=0)
+        if outer:
+            # a non-finite rank still enters the collective (peers are waiting) with a NaN weight:
+            # everyone, this rank included, rejects its payload and nothing is applied
+            theta_r, inner_state = self._inner_step_aside(pending)
+            delta = self.theta_g - theta_r
+            w = pending["phase_weight"] if finite else float("nan")
+            payload = self.wire.encode(delta, self.comm.rank, self.step_count, w)
+            self._sync_device(self.device)
+            t1 = time.perf_counter()
+            gathered = self.comm.allgather(payload)
+            self._sync_device(self.device)
+            t2 = time.perf_counter()
+            weights, deltas = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
+            total = float(weights.sum())
+            if not total > 0:
+                raise PayloadError(-1, f"total weight {total} of the outer step is not > 0 (no rank trained)")
+            mean = (deltas * (weights / total).to(torch.float32)[:, None]).sum(0)
+            buf = self.outer_buf * self.cfg.outer_momentum + mean
+            theta_g = self.theta_g - self.cfg.outer_lr * (mean + self.cfg.outer_momentum * buf)
+            pending.update(inner_state=inner_state, theta_g=theta_g, outer_buf=buf)
+            W, nb = gathered.shape[0], self.wire.nbytes
+            stats = dict(bytes_sent=nb, bytes_received=(W - 1) * nb, comm_ms=(t2 - t1) * 1e3,
+                         collective_input_bytes=nb)
+            t0 += t2 - t1  # codec time excludes the collective
+        self._sync_device(self.device)
+        self._pending = pending
+        codec_ms = (time.perf_counter() - t0) * 1e3
+        return ExchangeStats(dense_equivalent_bytes=self.numel * 2, codec_ms=codec_ms, **stats)
+
+    def _inner_step_aside(self, pending: dict) -> tuple[torch.Tensor, dict]:
+        """Run this step's AdamW update on the live tensors, keep its results, put the old values back."""
+        params = self.params
+        saved_params = [p.detach().clone() for p in params]
+        saved_state = {p: dict(self.opt.state[p]) for p in params if p in self.opt.state}
+        saved_state = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
+                       for p, s in saved_state.items()}
+        try:
+            self._adamw_step(pending)
+            theta_r = self._flat(params)
+            inner_state = {p: dict(self.opt.state[p]) for p in params}
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in params], saved_params)
+            for p in params:
+                if p in saved_state:
+                    self.opt.state[p] = saved_state[p]
+                else:
+                    self.opt.state.pop(p, None)
+        return theta_r, inner_state
+
+    def _adamw_step(self, pending: dict) -> None:
+        current = [p.grad for p in self.params]
+        for p, g in zip(self.params, pending["grads"]):
+            p.grad = g
+        for group in self.opt.param_groups:
+            group["lr"], group["weight_decay"] = pending["lr"], pending["wd"]
+        self.opt.step()
+        for p, g in zip(self.params, current):
+            p.grad = g
+
+    def commit(self) -> None:
+        if self._pending is None:
+            raise RuntimeError("commit() without a successful exchange()")
+        pending, self._pending = self._pending, None
+        if "theta_g" in pending:  # outer step: everyone lands on the new global parameters
+            for p in self.params:
+                self.opt.state[p] = pending["inner_state"][p]
+            self.theta_g, self.outer_buf = pending["theta_g"], pending["outer_buf"]
+            with torch.no_grad():
+                sizes = [p.numel() for p in self.params]
+                torch._foreach_copy_([p.detach() for p in self.params],
+                                     [v.view_as(p) for v, p in zip(self.theta_g.split(sizes), self.params)])
+            self.phase_weight = 0.0
+        else:
+            self._adamw_step(pending)
+            self.phase_weight = pending["phase_weight"]
+        self.step_count += 1
+
+    def abort(self) -> None:
+        self._pending = None
+
+    # ---- state --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        sd = self.opt.state_dict()
+        state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+                 for k, s in sd["state"].items()}
+        return {"strategy": "diloco", "step_count": self.step_count, "phase_weight": self.phase_weight,
+                "theta_g": self.theta_g.detach().cpu().clone(), "outer_buf": self.outer_buf.detach().cpu().clone(),
+                "adamw": {"state": state, "param_groups": sd["param_groups"]}}
+
+    def load_state_dict(self, sd: dict) -> None:
+        if sd.get("strategy") != "diloco":
+            raise ValueError(f"load_state_dict: state of strategy '{sd.get('strategy')}' given to diloco")
+        if tuple(sd["theta_g"].shape) != (self.numel,):
+            raise ValueError(f"load_state_dict: global parameters of {sd['theta_g'].numel()} elements, "
+                             f"the model has {self.numel}")
+        self.opt.load_state_dict(sd["adamw"])
+        self.theta_g = sd["theta_g"].to(self.device, torch.float32).clone()
+        self.outer_buf = sd["outer_buf"].to(self.device, torch.float32).clone()
+        self.phase_weight = float(sd["phase_weight"])
+        self.step_count = int(sd["step_count"])
+        self._pending = None
