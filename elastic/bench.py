@@ -79,14 +79,18 @@ def bench_converge(preset: str, overrides: list[str], syncs: list[str], record: 
             }
     out["loss_history"] = {k: v["loss_history"] for k, v in results.items()}
     if record:
-        cmp = out.get("demo_vs_dense", {})
+        nan = float("nan")
+        parts = ["val_loss " + ", ".join(f"{k} {v['val_loss']:.4f}" for k, v in results.items())]
+        for sync in results:
+            cmp = out.get(f"{sync}_vs_dense")
+            if cmp:
+                parts.append(f"{sync}/dense {cmp.get('val_loss_ratio', nan):.3f}, {sync} sends "
+                             f"{cmp.get('bytes_ratio_vs_dense_bf16', nan):,.0f}x fewer bytes than dense bf16")
+        parts.append(f"{max(r['tokens'] for r in results.values()):,} tokens each")
+        which = "" if syncs == ["dense", "demo"] else f" --syncs {','.join(syncs)}"
         append_row("Convergence: dense vs demo at equal tokens",
-                   f"python -m elastic bench-converge --config {preset} {' '.join(overrides)}",
-                   f"val_loss dense {results.get('dense', {}).get('val_loss', float('nan')):.4f}, "
-                   f"demo {results.get('demo', {}).get('val_loss', float('nan')):.4f} "
-                   f"(ratio {cmp.get('val_loss_ratio', float('nan')):.3f}); demo sends "
-                   f"{cmp.get('bytes_ratio_vs_dense_bf16', float('nan')):,.0f}x fewer bytes than dense bf16; "
-                   f"{results.get('demo', {}).get('tokens', 0):,} tokens each")
+                   f"python -m elastic bench-converge --config {preset}{which} {' '.join(overrides)}",
+                   "; ".join(parts))
     return out
 
 

@@ -59,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--address", default=os.environ.get("RAY_ADDRESS", "auto"))
     st.add_argument("--namespace", default="raydistro")
     st.add_argument("--json", action="store_true")
-    b = sub.add_parser("bench-converge", help="train dense and demo on the same data; compare val loss and bytes",
+    b = sub.add_parser("bench-converge", help="train each --syncs strategy on the same data; compare val loss and bytes",
                        epilog=_options_epilog(), formatter_class=fmt)
     b.add_argument("--config", default=DEFAULT_PRESET)
     b.add_argument("--json", action="store_true")
-    b.add_argument("--syncs", default="dense,demo")
+    b.add_argument("--syncs", default="dense,demo", help="comma separated: dense first, then any of demo, diloco")
     b.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
     b.add_argument("overrides", nargs="*")
     r = sub.add_parser("bench-recovery", help="seconds from a death to the next step, and from new capacity "

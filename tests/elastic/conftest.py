@@ -19,6 +19,11 @@ def ray_cluster():
 
 def small_config(tmp_path, address: str, *overrides: str):
     """A seconds-per-run config: byte tokenizer, a one-layer GPT, short documents."""
+    return load_config("tiny", small_overrides(tmp_path, address) + list(overrides))
+
+
+def small_overrides(tmp_path, address: str) -> list[str]:
+    """The `key=value` list behind `small_config` (for commands that take overrides)."""
     base = [
         f"run.dir={tmp_path}",
         "data.tokenizer=bytes",
@@ -30,4 +35,4 @@ def small_config(tmp_path, address: str, *overrides: str):
     ]
     if address:
         base.append(f"cluster.address={address}")
-    return load_config("tiny", base + list(overrides))
+    return base

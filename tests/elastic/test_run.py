@@ -7,7 +7,7 @@ from elastic.checkpoint import CheckpointStore
 from elastic.cli import train
 from elastic.config import checkpoint_uri, run_dir
 
-from .conftest import small_config
+from .conftest import small_config, small_overrides
 
 
 def test_short_run_completes_and_writes_summary(tmp_path, ray_cluster):
@@ -49,3 +49,16 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, ray_cluster):
     assert step_a == step_b == 8
     for k in model_a:
         assert torch.equal(model_a[k], model_b[k]), k
+
+
+def test_bench_converge_compares_every_strategy_with_dense_at_equal_tokens(tmp_path, ray_cluster):
+    from elastic.bench import bench_converge
+
+    overrides = small_overrides(tmp_path, ray_cluster.address) + ["train.steps=6", "sync.inner_steps=3"]
+    out = bench_converge("tiny", overrides, ["dense", "demo", "diloco"])
+    assert set(out["runs"]) == {"dense", "demo", "diloco"}
+    for sync in ("demo", "diloco"):
+        cmp = out[f"{sync}_vs_dense"]
+        assert cmp["same_tokens"] and 0.5 < cmp["val_loss_ratio"] < 2.0
+    assert out["demo_vs_dense"]["bytes_ratio_vs_dense_bf16"] > 100  # compressed every step
+    assert 1.0 < out["diloco_vs_dense"]["bytes_ratio_vs_dense_bf16"] < 100  # int8, 2 outer steps in 6
