@@ -56,8 +56,8 @@ class DeltaWire(Framing):
         head = self.header(rank, step, weight, delta.device)
         return self.seal(torch.cat([head, scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)]))
 
-    def decode(self, gathered: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-        """`[W, nbytes]` -> (weights [W] float64, deltas [W, numel] float32)."""
+    def decode(self, gathered: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """`[W, nbytes]` -> (weights [W] float64, per rank a lazily dequantized delta: call `delta(r)`)."""
         weights, checks = self.check_header(gathered, validate)
         W, off = gathered.shape[0], HEADER_BYTES
         scale = _fresh(gathered[:, off:off + 4 * self.n_blocks]).view(torch.float32).view(W, self.n_blocks)
@@ -66,8 +66,12 @@ class DeltaWire(Framing):
             checks.append(("scale is not finite or negative", (torch.isfinite(scale) & (scale >= 0)).all(1)))
             checks.append(("int8 value -128 (outside the symmetric range)", (q != -128).flatten(1).all(1)))
         self.raise_first_failure(checks)
-        deltas = (q.to(torch.float32) * scale[:, :, None]).view(W, -1)[:, :self.numel]
-        return weights, deltas
+        return weights, [(q[r], scale[r]) for r in range(W)]
+
+    def delta(self, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """One rank's `[numel]` float32 delta from its int8 blocks and scales (one rank at a time: W of them
+        at once would be W model-sized float tensors)."""
+        return (q.to(torch.float32) * scale[:, None]).view(-1)[:self.numel]
 
 
 class DilocoSync(Sync):
@@ -128,11 +132,14 @@ class DilocoSync(Sync):
             gathered = self.comm.allgather(payload)
             self._sync_device(self.device)
             t2 = time.perf_counter()
-            weights, deltas = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
-            total = float(weights.sum())
-            if not total > 0:
-                raise PayloadError(-1, f"total weight {total} of the outer step is not > 0 (no rank trained)")
-            mean = (deltas * (weights / total).to(torch.float32)[:, None]).sum(0)
+            weights, ranks = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
+            share = (weights / weights.sum()).tolist()  # host sync (validation already made one)
+            if not all(math.isfinite(x) for x in share):
+                raise PayloadError(-1, f"total weight {float(weights.sum())} of the outer step is not > 0 "
+                                       "(no rank trained)")
+            mean = torch.zeros_like(self.theta_g)
+            for r, (q, scale) in enumerate(ranks):  # rank order: the same float sums on every rank
+                mean.add_(self.wire.delta(q, scale), alpha=share[r])
             buf = self.outer_buf * self.cfg.outer_momentum + mean
             theta_g = self.theta_g - self.cfg.outer_lr * (mean + self.cfg.outer_momentum * buf)
             pending.update(inner_state=inner_state, theta_g=theta_g, outer_buf=buf)
