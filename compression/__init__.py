@@ -10,9 +10,9 @@ from compression.config import SyncConfig
 from compression.dense import DenseSync
 from compression.demo import DemoSync
 from compression.diloco import DilocoSync
-from compression.optim import DeMo
+from compression.optim import DeMo, DiLoCo
 from compression.sync import ExchangeStats, Sync, build_sync
 
-__all__ = ["build_sync", "Sync", "ExchangeStats", "PayloadError", "WireFormat", "SyncConfig", "DeMo",
+__all__ = ["build_sync", "Sync", "ExchangeStats", "PayloadError", "WireFormat", "SyncConfig", "DeMo", "DiLoCo",
            "DenseSync", "DemoSync", "DilocoSync", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",
            "ThreadCommunicator", "run_threads"]

@@ -216,3 +216,29 @@ def test_diloco_reduces_loss_on_a_regression_problem_over_two_ranks():
     out = run_threads(2, body)
     assert all(last < 0.05 * first for first, last, _ in out)
     assert out[0][2] == out[1][2]  # step 200 is an outer step: both ranks hold the same weights
+
+
+def test_diloco_optimizer_drops_into_a_plain_training_loop():
+    from compression import DiLoCo
+
+    def body(comm):
+        torch.manual_seed(0)  # the same initial weights on every rank
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        opt = DiLoCo(net.parameters(), comm, lr=1e-2, inner_steps=4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+        gen = torch.Generator().manual_seed(comm.rank)
+        losses = []
+        for s in range(40):
+            x = torch.randn(64, 16, generator=gen)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(net(x), x.sum(1, keepdim=True))
+            loss.backward()
+            opt.step(boundary=s == 38)  # an extra outer step on request
+            sched.step()
+            losses.append(loss.item())
+        sent = opt.last_stats.bytes_sent
+        return losses[0], losses[-1], digest(net.parameters()), sent, opt.state_dict()["sync"]["step_count"]
+
+    out = run_threads(2, body)
+    assert all(last < 0.5 * first for first, last, *_ in out)
+    assert out[0][2] == out[1][2] and out[0][3] > 0 and out[0][4] == 40  # step 40 is an outer step
