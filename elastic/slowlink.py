@@ -267,6 +267,9 @@ class RayNodes:
 
 # ---- one training run --------------------------------------------------------------------------
 
+MARKERS = {"dense": "o", "demo": "s", "diloco": "^"}  # the strategies, in the order tables and plots show them
+
+
 def steady_tokens_per_s(summary: dict, skip: int) -> dict:
     """Tokens/s between the commit of step `skip-1` and the last commit (per-step commit times)."""
     timing = summary.get("step_timing") or []
@@ -438,7 +441,7 @@ def plot(results: list[dict], path: Path = PLOT, title: str = "") -> Path:
     for a, key, scale, ylabel, fmt in (
             (ax, "tokens_per_s", 1.0, "tokens/s (steady state, 2 workers)", "{:,.0f}"),
             (ax2, "comm_ms_median", 1e-3, "s per step in the collective (median, slowest worker)", "{:.2f}")):
-        for sync, marker in (("dense", "o"), ("demo", "s")):
+        for sync, marker in MARKERS.items():
             runs: dict = {}
             for r in results:
                 if r["sync"] == sync and r.get(key) is not None:
@@ -480,7 +483,7 @@ def _fmt_rate(bits: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m elastic.slowlink", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="unshaped,1gbit,100mbit", help="comma list: unshaped, 1gbit, 100mbit, ...")
-    p.add_argument("--syncs", default="dense,demo")
+    p.add_argument("--syncs", default="dense,demo", help="comma list of dense, demo, diloco")
     p.add_argument("--steps", type=int, default=30, help="steps per training run")
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the steady-state rate")
     p.add_argument("--config", default="tiny")
@@ -531,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def record_text(out: dict) -> str:
     parts = []
-    for sync in ("dense", "demo"):
+    for sync in MARKERS:
         by = out["table"].get(sync)
         if not by:
             continue
