@@ -28,6 +28,26 @@ def _adamw(params, betas, eps) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=0.0, betas=betas, eps=eps, weight_decay=0.0, foreach=True)
 
 
+def adamw_step_on(opt: torch.optim.AdamW, params, grads, lr: float, wd: float) -> None:
+    """One `opt` step with `grads` in place of the parameters' own (put back afterwards)."""
+    saved = [p.grad for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g
+    for group in opt.param_groups:
+        group["lr"], group["weight_decay"] = lr, wd
+    opt.step()
+    for p, g in zip(params, saved):
+        p.grad = g
+
+
+def adamw_state_cpu(opt: torch.optim.AdamW) -> dict:
+    """`opt.state_dict()` with every tensor copied to CPU (what checkpoints and peers receive)."""
+    sd = opt.state_dict()
+    state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+             for k, s in sd["state"].items()}
+    return {"state": state, "param_groups": sd["param_groups"]}
+
+
 class DenseSync(Sync):
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
         self.cfg, self.params, self.comm = cfg, params, comm
@@ -66,16 +86,9 @@ class DenseSync(Sync):
         if self._pending is None:
             raise RuntimeError("commit() without a successful exchange()")
         avg, lr, wd = self._pending
-        saved = [p.grad for p in self.params]
-        off = 0
-        for p in self.params:
-            p.grad = avg[off:off + p.numel()].view_as(p).to(p.dtype)
-            off += p.numel()
-        for g in self.opt.param_groups:
-            g["lr"], g["weight_decay"] = lr, wd
-        self.opt.step()
-        for p, g in zip(self.params, saved):
-            p.grad = g
+        sizes = [p.numel() for p in self.params]
+        grads = [a.view_as(p).to(p.dtype) for a, p in zip(avg.split(sizes), self.params)]
+        adamw_step_on(self.opt, self.params, grads, lr, wd)
         self.step_count += 1
         self._pending = None
 
@@ -83,11 +96,7 @@ class DenseSync(Sync):
         self._pending = None
 
     def state_dict(self) -> dict:
-        sd = self.opt.state_dict()
-        state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                 for k, s in sd["state"].items()}
-        return {"strategy": "dense", "step_count": self.step_count,
-                "adamw": {"state": state, "param_groups": sd["param_groups"]}}
+        return {"strategy": "dense", "step_count": self.step_count, "adamw": adamw_state_cpu(self.opt)}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "dense":

@@ -30,7 +30,7 @@ import torch
 from compression.codec import HEADER_BYTES, Framing, PayloadError, _fresh
 from compression.communicator import Communicator
 from compression.config import SyncConfig
-from compression.dense import _adamw
+from compression.dense import _adamw, adamw_state_cpu, adamw_step_on
 from compression.sync import ExchangeStats, Sync
 
 BLOCK = 1024  # elements per int8 scale: 0.4% of the payload in scales
@@ -174,14 +174,7 @@ class DilocoSync(Sync):
         return theta_r, inner_state
 
     def _adamw_step(self, pending: dict) -> None:
-        current = [p.grad for p in self.params]
-        for p, g in zip(self.params, pending["grads"]):
-            p.grad = g
-        for group in self.opt.param_groups:
-            group["lr"], group["weight_decay"] = pending["lr"], pending["wd"]
-        self.opt.step()
-        for p, g in zip(self.params, current):
-            p.grad = g
+        adamw_step_on(self.opt, self.params, pending["grads"], pending["lr"], pending["wd"])
 
     def commit(self) -> None:
         if self._pending is None:
@@ -206,12 +199,9 @@ class DilocoSync(Sync):
 
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        sd = self.opt.state_dict()
-        state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
-                 for k, s in sd["state"].items()}
         return {"strategy": "diloco", "step_count": self.step_count, "phase_weight": self.phase_weight,
                 "theta_g": self.theta_g.detach().cpu().clone(), "outer_buf": self.outer_buf.detach().cpu().clone(),
-                "adamw": {"state": state, "param_groups": sd["param_groups"]}}
+                "adamw": adamw_state_cpu(self.opt)}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "diloco":
