@@ -778,7 +778,7 @@ class Coordinator:
             self.summary.membership_change(c["step"], c["kind"], now - c["detected_at"], c["world_size"],
                                            now - c["capacity_at"] if c.get("capacity_at") else None)
         self.open_changes = []
-        sent = statistics.mean(r.get("bytes_sent", 0) for r in ok_reports) if ok_reports else 0
+        sent = self.summary.sent_per_step_mean()  # over the run: diloco sends only at outer steps
         dense = statistics.mean(r.get("dense_equivalent_bytes", 0) for r in ok_reports) if ok_reports else 0
         self.metrics.loss.set(loss)
         self.metrics.step.set(self.step)

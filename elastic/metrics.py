@@ -40,7 +40,7 @@ class RunMetrics:
         self.step = metrics.Gauge("raydistro_step", "committed steps", keys)
         self.tokens_per_s = metrics.Gauge("raydistro_run_tokens_per_s", "tokens/s of the whole group", keys)
         self.compression_ratio = metrics.Gauge(
-            "raydistro_compression_ratio", "dense bf16 bytes / bytes sent per worker", keys)
+            "raydistro_compression_ratio", "dense bf16 bytes / bytes sent per worker per step, over the run", keys)
         self.data_lag_s = metrics.Gauge(
             "raydistro_data_lag_s", "seconds the slowest worker waited on data reads", keys)
         self.membership_changes = metrics.Counter(

@@ -51,6 +51,7 @@ class RunSummary:
         }
         self._codec_ms: list[float] = []
         self._sent_per_step: list[float] = []
+        self._sent_sum = 0.0
 
     # ---- recording --------------------------------------------------------------------------
     def started(self, step: int) -> None:
@@ -83,6 +84,11 @@ class RunSummary:
             d["dense_equivalent_bytes_per_step"] = dense
             d["dense_equivalent_bytes"] += dense
             self._sent_per_step.append(sent)
+            self._sent_sum += sent
+
+    def sent_per_step_mean(self) -> float:
+        """Mean bytes sent per worker per step so far (diloco sends only at outer steps)."""
+        return self._sent_sum / len(self._sent_per_step) if self._sent_per_step else 0.0
 
     def world_size(self, step: int, world: int, generation: int, accelerators: list[str]) -> None:
         self.data["world_size_history"].append(
@@ -145,6 +151,7 @@ class RunSummary:
         self.data["error"] = None
         self._codec_ms = list(sd.get("codec_ms", []))
         self._sent_per_step = list(sd.get("sent", []))
+        self._sent_sum = sum(self._sent_per_step)
 
     def write(self, directory: Path) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
