@@ -23,6 +23,6 @@ class SyncConfig:
     update: str = "sign"           # sign: sign(decoded) (reference) | rms: decoded / its RMS per chunk
     validate_payloads: bool = True
     # diloco: AdamW steps on each worker's own copy (betas, eps above), an outer Nesterov step every inner_steps
-    inner_steps: int = 20          # local steps between outer steps (H); the last step and checkpoints sync too
-    outer_lr: float = 0.7          # outer Nesterov SGD on the averaged parameter delta (DiLoCo's values)
-    outer_momentum: float = 0.9
+    inner_steps: int = 50          # local steps between outer steps (H); the last step and checkpoints sync too
+    outer_lr: float = 1.0          # outer SGD on the averaged delta: 1.0 with momentum 0 = the weighted average;
+    outer_momentum: float = 0.0    # DiLoCo's Nesterov 0.7/0.9 wants hundreds of outer steps (docs/compression.md#diloco)

@@ -1,4 +1,4 @@
-"""DiLoCo (Douillard et al. 2023, arXiv 2311.08105): local AdamW steps, an outer Nesterov step every H.
+"""DiLoCo (Douillard et al. 2023, arXiv 2311.08105): local AdamW steps, an outer (Nesterov) SGD step every H.
 
 Every rank keeps the global parameters `theta_g` (identical everywhere) and trains its own copy with AdamW
 (the inner optimizer, lr from the caller's schedule). Every `inner_steps` steps, or when the caller asks

@@ -55,11 +55,12 @@ class DeMo(_SyncOptimizer):
 
 
 class DiLoCo(_SyncOptimizer):
-    """AdamW on this rank's copy (the param group's lr and weight decay), an outer Nesterov step over all
-    ranks every `inner_steps` steps (or at `step(boundary=True)`)."""
+    """AdamW on this rank's copy (the param group's lr and weight decay), an outer step over all ranks every
+    `inner_steps` steps (or at `step(boundary=True)`): the weighted average by default, Nesterov SGD with
+    `outer_lr=0.7, outer_momentum=0.9` as in the paper."""
 
-    def __init__(self, params, comm: Communicator, lr: float = 1e-3, inner_steps: int = 20,
-                 outer_lr: float = 0.7, outer_momentum: float = 0.9, betas=(0.9, 0.95), eps: float = 1e-8,
+    def __init__(self, params, comm: Communicator, lr: float = 1e-3, inner_steps: int = 50,
+                 outer_lr: float = 1.0, outer_momentum: float = 0.0, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, validate_payloads: bool = True):
         cfg = SyncConfig(name="diloco", inner_steps=inner_steps, outer_lr=outer_lr, outer_momentum=outer_momentum,
                          betas=tuple(betas), eps=eps, validate_payloads=validate_payloads)

@@ -200,7 +200,7 @@ def test_diloco_reduces_loss_on_a_regression_problem_over_two_ranks():
     def body(comm):
         lin = torch.nn.Linear(64, 32, bias=False)
         torch.nn.init.zeros_(lin.weight)
-        sync = build_sync(_cfg(inner_steps=5), list(lin.parameters()), comm)
+        sync = build_sync(_cfg(inner_steps=5, outer_lr=0.7, outer_momentum=0.9), list(lin.parameters()), comm)
         gen = torch.Generator().manual_seed(comm.rank)
         losses = []
         for _ in range(200):  # 40 outer steps at DiLoCo's outer lr 0.7, Nesterov 0.9
