@@ -56,8 +56,8 @@ class DeltaWire(Framing):
         head = self.header(rank, step, weight, delta.device)
         return self.seal(torch.cat([head, scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)]))
 
-    def decode(self, gathered: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """`[W, nbytes]` -> (weights [W] float64, per rank a lazily dequantized delta: call `delta(r)`)."""
+    def decode(self, gathered: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, list[tuple]]:
+        """`[W, nbytes]` -> (weights [W] float64, per rank (int8 blocks, scales): `delta(q, scale)` dequantizes)."""
         weights, checks = self.check_header(gathered, validate)
         W, off = gathered.shape[0], HEADER_BYTES
         scale = _fresh(gathered[:, off:off + 4 * self.n_blocks]).view(torch.float32).view(W, self.n_blocks)
@@ -156,11 +156,10 @@ class DilocoSync(Sync):
         """Run this step's AdamW update on the live tensors, keep its results, put the old values back."""
         params = self.params
         saved_params = [p.detach().clone() for p in params]
-        saved_state = {p: dict(self.opt.state[p]) for p in params if p in self.opt.state}
-        saved_state = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in s.items()}
-                       for p, s in saved_state.items()}
+        saved_state = {p: {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.opt.state[p].items()}
+                       for p in params if p in self.opt.state}
         try:
-            self._adamw_step(pending)
+            adamw_step_on(self.opt, params, pending["grads"], pending["lr"], pending["wd"])
             theta_r = self._flat(params)
             inner_state = {p: dict(self.opt.state[p]) for p in params}
         finally:
@@ -172,9 +171,6 @@ class DilocoSync(Sync):
                 else:
                     self.opt.state.pop(p, None)
         return theta_r, inner_state
-
-    def _adamw_step(self, pending: dict) -> None:
-        adamw_step_on(self.opt, self.params, pending["grads"], pending["lr"], pending["wd"])
 
     def commit(self) -> None:
         if self._pending is None:
@@ -190,7 +186,7 @@ class DilocoSync(Sync):
                                      [v.view_as(p) for v, p in zip(self.theta_g.split(sizes), self.params)])
             self.phase_weight = 0.0
         else:
-            self._adamw_step(pending)
+            adamw_step_on(self.opt, self.params, pending["grads"], pending["lr"], pending["wd"])
             self.phase_weight = pending["phase_weight"]
         self.step_count += 1
 

@@ -262,6 +262,18 @@ def validate(cfg: RunConfig) -> None:
            "on a real cluster remove nodes with your provider or `ray drain-node`")
 
 
+def periodic_checkpoint_due(cfg: RunConfig, committed: int) -> bool:
+    """Whether the coordinator checkpoints once `committed` steps are committed (`checkpoint.every`)."""
+    every = cfg.checkpoint.every
+    return bool(every) and committed % every == 0 and committed < cfg.train.steps
+
+
+def sync_boundary(cfg: RunConfig, step: int) -> bool:
+    """Whether step `step` (0-based) must leave replicas' parameters in agreement: the last step and the
+    steps a periodic checkpoint follows (diloco makes an outer step there; the others agree anyway)."""
+    return step + 1 == cfg.train.steps or periodic_checkpoint_due(cfg, step + 1)
+
+
 def max_workers(cfg: RunConfig) -> int:
     return cfg.train.max_workers or cfg.train.workers
 

@@ -26,7 +26,8 @@ from datasets import DataPlan, discover
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
-from elastic.config import RunConfig, checkpoint_uri, collective_timeout_s, max_workers, run_dir, to_dict
+from elastic.config import (RunConfig, checkpoint_uri, collective_timeout_s, max_workers,
+                            periodic_checkpoint_due, run_dir, to_dict)
 from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
 from elastic.schedule import lr_at
 from elastic.summary import RunSummary
@@ -793,10 +794,8 @@ class Coordinator:
                 generation=self.generation.generation, state=self.state,
                 accelerators=[m.accelerator for m in self.generation.members],
                 changes=len(self.summary.data["membership_changes"]),
-                change_kinds=dict(Counter(c["kind"] for c in self.summary.data["membership_changes"])),
             )
-        every = self.cfg.checkpoint.every
-        if every and self.step % every == 0 and self.step < self.cfg.train.steps:
+        if periodic_checkpoint_due(self.cfg, self.step):
             self.checkpoint(reason="periodic")
 
     # ---- control from outside ---------------------------------------------------------------
@@ -807,6 +806,7 @@ class Coordinator:
         info.setdefault("total", self.cfg.train.steps)
         info["state"] = self.state
         info["recent_events"] = self.summary.data["events"][-5:]
+        info["change_kinds"] = dict(Counter(c["kind"] for c in self.summary.data["membership_changes"]))
         return info
 
     def request_scale(self, n: int) -> int:

@@ -20,7 +20,7 @@ import torch
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
 from elastic.chaos import CorruptingCommunicator
-from elastic.config import RunConfig, collective_timeout_s
+from elastic.config import RunConfig, collective_timeout_s, sync_boundary
 from elastic.fingerprint import params_fingerprint
 from elastic.model import build_model
 
@@ -120,8 +120,7 @@ class WorkerReplica:
             committed = {"committed_step": commit_first, "fingerprint": self.commit(commit_first)}
         self.phase = "compute"
         self.pending_step = step
-        every = self.cfg.checkpoint.every  # the last step and checkpoints want agreeing replicas (diloco)
-        boundary = step + 1 == self.cfg.train.steps or bool(every and (step + 1) % every == 0)
+        boundary = sync_boundary(self.cfg, step)
         try:
             tokens, loss_sum, n_docs, dropped, read_s = self._forward_backward(ranges)
         except Exception as e:

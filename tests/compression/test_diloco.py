@@ -222,8 +222,11 @@ def test_diloco_optimizer_drops_into_a_plain_training_loop():
     from compression import DiLoCo
 
     def body(comm):
-        torch.manual_seed(0)  # the same initial weights on every rank
         net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+        init = torch.Generator().manual_seed(0)  # the same initial weights on every rank (the threads share
+        with torch.no_grad():                    # torch's global generator, so it is not used here)
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=init) * 0.2)
         opt = DiLoCo(net.parameters(), comm, lr=1e-2, inner_steps=4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
         gen = torch.Generator().manual_seed(comm.rank)
