@@ -164,11 +164,7 @@ class DemoSync(Sync):
         finite = torch.stack([torch.isfinite(v).all() for v in picks_v]).all()
         w = torch.full((), float(weight), dtype=torch.float64, device=self.device).masked_fill_(~finite, float("nan"))
         payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w)
-        self._sync_device(self.device)
-        t1 = time.perf_counter()
-        gathered = self.comm.allgather(payload)
-        self._sync_device(self.device)
-        t2 = time.perf_counter()
+        gathered, t1, t2 = self._timed(self.comm.allgather, payload)
         weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
         update = self._updates[1] if self.held is self._updates[0] else self._updates[0]
         for gi, (idx, vals, mask) in enumerate(groups):

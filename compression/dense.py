@@ -64,11 +64,7 @@ class DenseSync(Sync):
         # one bucket: weighted grads then the weight itself, so the total weight rides the same collective
         bucket = torch.cat([g.reshape(-1).float() for g in grads] + [torch.ones(1, device=self.device)])
         bucket.mul_(float(weight))
-        self._sync_device(self.device)
-        t1 = time.perf_counter()
-        self.comm.allreduce_(bucket)
-        self._sync_device(self.device)
-        t2 = time.perf_counter()
+        _, t1, t2 = self._timed(self.comm.allreduce_, bucket)
         total = float(bucket[-1])  # host sync: needed to reject a poisoned reduction before commit
         if not (total > 0 and torch.isfinite(bucket).all()):
             # an all-reduce mixes every rank's bytes, so the culprit cannot be named

@@ -127,11 +127,7 @@ class DilocoSync(Sync):
             delta = self.theta_g - theta_r
             w = pending["phase_weight"] if finite else float("nan")
             payload = self.wire.encode(delta, self.comm.rank, self.step_count, w)
-            self._sync_device(self.device)
-            t1 = time.perf_counter()
-            gathered = self.comm.allgather(payload)
-            self._sync_device(self.device)
-            t2 = time.perf_counter()
+            gathered, t1, t2 = self._timed(self.comm.allgather, payload)
             weights, ranks = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
             share = (weights / weights.sum()).tolist()  # host sync (validation already made one)
             if not all(math.isfinite(x) for x in share):

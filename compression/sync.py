@@ -15,6 +15,7 @@ Promises of every `Sync` (this is what lets the elastic coordinator guarantee "a
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,14 @@ class Sync:
         self.comm = comm
 
     # shared helpers -------------------------------------------------------------------------------
+    def _timed(self, collective, *args):
+        """Run `collective(*args)` between device syncs: (its result, perf_counter before, after)."""
+        self._sync_device(self.device)
+        t1 = time.perf_counter()
+        out = collective(*args)
+        self._sync_device(self.device)
+        return out, t1, time.perf_counter()
+
     @staticmethod
     def _sync_device(device: torch.device) -> None:
         # timings on CUDA need the queued kernels to finish; the cost is one sync per timed phase
