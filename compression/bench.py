@@ -104,16 +104,17 @@ def _timed(fn, device, steps: int, warmup: int = 1) -> list[float]:
 
 
 def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bits: int, batch: int | None,
-          full_step: bool) -> dict:
+          full_step: bool, kernels: str = "auto") -> dict:
     dev = torch.device(device)
     shape = PRESETS[model]
     torch.manual_seed(0)
-    cfg = SyncConfig(name="demo", topk=topk, value_bits=value_bits)
+    cfg = SyncConfig(name="demo", topk=topk, value_bits=value_bits, kernels=kernels)
     net = GPT(shape).to(dev)
     params = list(net.parameters())
     numel = sum(p.numel() for p in params)
     res = {"model": model, "device": device, "machine": _machine(dev), "torch": torch.__version__,
-           "params": numel, "world_size": workers, "topk": topk, "value_bits": value_bits, "steps": steps}
+           "params": numel, "world_size": workers, "topk": topk, "value_bits": value_bits, "steps": steps,
+           "kernels": kernels}
 
     def demo_rank(comm):
         ps = params if comm.rank == 0 else [p.detach().clone().requires_grad_() for p in params]
@@ -129,21 +130,22 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
             commit = _timed(sync.commit, dev, 1, warmup=0)[0]
             if i:  # the first step warms up allocator and kernels
                 rows.append((st.codec_ms, st.comm_ms, commit))
-        ops = None
+        prof = {}
         if comm.world_size == 1:  # the profiler sees every thread: count only when this is the only rank
             for p, gr in zip(ps, grad_sets[(steps + 1) % 2]):
                 p.grad = gr
-            ops = dispatched_ops(lambda: (sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1), sync.commit()))
-        return st, rows, ops
+            prof = profile_step(lambda: (sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1), sync.commit()),
+                                dev.type == "cuda")
+        return st, rows, prof, sum(sync.fused)
 
-    st, rows, ops = run_threads(workers, demo_rank, timeout=3600)[0]
+    st, rows, prof, fused = run_threads(workers, demo_rank, timeout=3600)[0]
     codec = statistics.median(r[0] for r in rows)
     commit = statistics.median(r[2] for r in rows)
     res.update(bytes_sent_per_worker=st.bytes_sent, bytes_received_per_worker=st.bytes_received,
                dense_bf16_bytes=st.dense_equivalent_bytes,
                ratio_vs_dense_bf16=round(st.dense_equivalent_bytes / st.bytes_sent, 1),
                codec_ms=round(codec, 2), apply_ms=round(commit, 2), codec_plus_apply_ms=round(codec + commit, 2),
-               comm_ms=round(statistics.median(r[1] for r in rows), 2), dispatched_ops_per_step=ops)
+               comm_ms=round(statistics.median(r[1] for r in rows), 2), fused_groups=fused, **prof)
 
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=dev.type in ("cuda", "cpu"))
@@ -171,15 +173,32 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
     return res
 
 
-def dispatched_ops(fn) -> int:
-    """Top-level aten ops `fn()` dispatches (views included): on a GPU each costs host time, and every
-    one that computes is a kernel launch. Counted with the torch profiler on the calling thread's ops."""
+def profile_step(fn, cuda: bool) -> dict:
+    """One `fn()` under the torch profiler: `dispatched_ops_per_step`, the top-level aten ops it dispatches
+    (views included: on a GPU each costs host time, and every one that computes is a kernel launch), and
+    on CUDA the GPU time of its kernels (`gpu_kernel_ms_per_step`) with the largest ones by name."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
         fn()
-    return sum(1 for e in prof.events()
-               if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))
+        if cuda:
+            torch.cuda.synchronize()
+    events = prof.events()
+    out = {"dispatched_ops_per_step": sum(
+        1 for e in events
+        if e.name.startswith("aten::") and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")))}
+    if cuda:
+        by_name: dict[str, float] = {}
+        launches = 0
+        for e in events:
+            if e.device_type.name == "CUDA":
+                by_name[e.name[:90]] = by_name.get(e.name[:90], 0.0) + e.device_time_total / 1e3
+                launches += 1
+        out["gpu_kernel_ms_per_step"] = round(sum(by_name.values()), 3)
+        out["gpu_kernels_per_step"] = launches
+        out["gpu_top_kernels_ms"] = {k: round(v, 3) for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:8]}
+    return out
 
 
 def _machine(dev: torch.device) -> str:
@@ -197,11 +216,13 @@ def main(argv=None) -> int:
     ap.add_argument("--topk", type=int, default=4)
     ap.add_argument("--value-bits", type=int, default=1, choices=[1, 16])
     ap.add_argument("--batch", type=int, default=None, help="sequences per full step (default 8 on cuda, 1 on cpu)")
+    ap.add_argument("--kernels", default="auto", choices=["auto", "torch", "triton"],
+                    help="sync.kernels: fused Triton kernels (auto on CUDA) or the torch reference path")
     ap.add_argument("--no-full-step", action="store_true", help="skip the fwd+bwd+AdamW timing")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: indented)")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device visible")
-    res = bench(a.device, a.model, a.steps, a.workers, a.topk, a.value_bits, a.batch, not a.no_full_step)
+    res = bench(a.device, a.model, a.steps, a.workers, a.topk, a.value_bits, a.batch, not a.no_full_step, a.kernels)
     print(json.dumps(res) if a.json else json.dumps(res, indent=2))
     return 0

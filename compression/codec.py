@@ -55,6 +55,15 @@ def _const(name: str, device, make) -> torch.Tensor:
     return _CONST[key]
 
 
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small host tensor on `device` without stalling the host: on CUDA through pinned memory and an
+    asynchronous copy (a pageable copy would wait for every kernel queued before it)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _shifts(n: int, device, dtype=torch.int32) -> torch.Tensor:
     return _const(f"shifts{n}{dtype}", device, lambda: torch.arange(n, dtype=dtype))
 
@@ -166,8 +175,8 @@ class Framing:
 
     def header(self, rank: int, step: int, weight: float | torch.Tensor, device) -> torch.Tensor:
         """The header bytes (checksum 0 until `seal`); `weight` may be a 0-d float64 device tensor."""
-        head = torch.frombuffer(bytearray(_HEADER.pack(self.magic, rank, step, 0.0, self.nbytes, 0)),
-                                dtype=torch.uint8).to(device)
+        head = to_device(torch.frombuffer(bytearray(_HEADER.pack(self.magic, rank, step, 0.0, self.nbytes, 0)),
+                                          dtype=torch.uint8), device)
         w = torch.as_tensor(weight, dtype=torch.float64, device=device).reshape(1)
         head[16:24] = w.view(torch.uint8)
         return head
@@ -195,13 +204,17 @@ class Framing:
     @staticmethod
     def raise_first_failure(checks: list) -> None:
         """One host sync: raise `PayloadError` for the lowest bad rank and its first failed check."""
-        if not checks:
-            return
-        ok = torch.stack([c for _, c in checks], 1).cpu()
+        if checks:
+            Framing.raise_flags(torch.stack([c for _, c in checks], 1), [r for r, _ in checks])
+
+    @staticmethod
+    def raise_flags(ok: torch.Tensor, reasons: list[str]) -> None:
+        """`ok` [W, checks] bool (on any device; one host sync) -> `PayloadError` for the lowest bad rank."""
+        ok = ok.cpu()
         if not bool(ok.all()):
             bad_rank = int((~ok).any(1).nonzero()[0, 0])
             bad_check = int((~ok[bad_rank]).nonzero()[0, 0])
-            raise PayloadError(bad_rank, checks[bad_check][0])
+            raise PayloadError(bad_rank, reasons[bad_check])
 
 
 class WireFormat(Framing):
@@ -232,10 +245,13 @@ class WireFormat(Framing):
         return self.seal(torch.cat(parts))
 
     # ---- decode + validate -----------------------------------------------------------------------
-    def decode(self, gathered: torch.Tensor, validate: bool = True):
+    def decode(self, gathered: torch.Tensor, validate: bool = True, defer: bool = False):
         """`[W, nbytes]` payloads in rank order -> (weights [W] f32, per group (indices [W,N,k], values [W,N,k])).
 
         Values of picks past a chunk's nonzero count are 0 and their weight mask is 0 (`masks` per group).
+        `defer=True` raises nothing and returns the checks too, `(weights, groups, checks)`, for a caller
+        that runs this without a host sync (a CUDA graph) and calls `raise_flags` itself; indices are then
+        clamped into range, so unchecked data can be computed on safely before it is refused.
         """
         weights64, checks = self.check_header(gathered, validate)
         W, dev = gathered.shape[0], gathered.device
@@ -267,6 +283,8 @@ class WireFormat(Framing):
                                (idx < spec.numel).flatten(1).all(1)))
                 checks.append((f"group {gi}: duplicate index within a chunk",
                                (srt[..., 1:] != srt[..., :-1]).flatten(1).all(1)))
-            out.append((idx, vals, mask))
+            out.append((idx.clamp(0, spec.numel - 1) if defer else idx, vals, mask))
+        if defer:
+            return weights64.to(torch.float32), out, checks
         self.raise_first_failure(checks)  # the one host sync of validation
         return weights64.to(torch.float32), out

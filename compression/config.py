@@ -22,6 +22,7 @@ class SyncConfig:
     lr_scale: float = 2.5          # demo step = the schedule's lr (train.lr) * lr_scale, weight decay too (tuned on `tiny`)
     update: str = "sign"           # sign: sign(decoded) (reference) | rms: decoded / its RMS per chunk
     validate_payloads: bool = True
+    kernels: str = "auto"          # auto: fused Triton kernels on CUDA (compression.kernels), torch elsewhere | torch | triton
     # diloco: AdamW steps on each worker's own copy (betas, eps above), an outer Nesterov step every inner_steps
     inner_steps: int = 50          # local steps between outer steps (H); the last step and checkpoints sync too
     outer_lr: float = 1.0          # outer SGD on the averaged delta: 1.0 with momentum 0 = the weighted average;

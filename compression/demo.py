@@ -26,11 +26,12 @@ import time
 
 import torch
 
+from compression import kernels
 from compression.codec import GroupSpec, WireFormat
 from compression.communicator import Communicator
 from compression.config import SyncConfig
 from compression.dct import ChunkPlan, ViewCache, dct2, dct_basis, sparse_idct2
-from compression.sync import ExchangeStats, Sync
+from compression.sync import CAPTURE_LOCK, ExchangeStats, Sync
 
 
 def encode_chunks(m: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, k: int):
@@ -116,8 +117,13 @@ class DemoSync(Sync):
         self.wire = demo_wire_format(self.plan, cfg.topk, cfg.value_bits)
         self.ks = [spec.k for spec in self.wire.groups]
         self.bases = [(dct_basis(g.h, self.device), dct_basis(g.w, self.device)) for g in self.plan.groups]
-        # sign updates are exact in any float dtype; the params' dtype saves a conversion at commit
-        self.update_dtype = params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float32
+        # groups the fused kernels take read the gradients and write the parameters themselves (through
+        # offset tables); the others go through torch ops on per-parameter views
+        self.fused = self._fused_groups(cfg.kernels)
+        # sign updates are exact in any float dtype: bf16 halves their memory traffic for the kernels;
+        # on the torch path the params' dtype saves a conversion at commit
+        self.update_dtype = (torch.bfloat16 if any(self.fused) and cfg.update == "sign" else
+                             params[0].dtype if len({p.dtype for p in params}) == 1 else torch.float32)
         self.momentum = self._buffers(torch.float32)
         self.held: list[torch.Tensor] | None = None  # delayed_apply: consensus waiting for the next commit
         self.step_count = 0
@@ -127,16 +133,45 @@ class DemoSync(Sync):
         # two update buffers (one may be held for a delayed apply while the other is written)
         self._scratch = self._buffers(torch.float32)
         self._updates = [self._buffers(self.update_dtype) for _ in range(2)]
-        self._views = {id(b): ViewCache(self.plan.all_group_views) for b in (self.momentum, self._scratch, *self._updates)}
-        self._param_tiles = ViewCache(self.plan.param_tiles)
-        self._grad_tiles = ViewCache(self.plan.param_tiles, retain=False)
+        self._applied = [f and kernels.supports_apply(g.w) for f, g in zip(self.fused, self.plan.groups)]
+        self._grad_tables = {gi: kernels.TileTable(self.plan.groups[gi].slots, self.device)
+                             for gi, f in enumerate(self.fused) if f}
+        # the same offsets for the parameters; its own table: the addresses it caches differ
+        self._param_tables = {gi: self._grad_tables[gi].sibling() for gi, a in enumerate(self._applied) if a}
+        torch_in = [gi for gi, f in enumerate(self.fused) if not f]
+        torch_out = [gi for gi, a in enumerate(self._applied) if not a]
+        in_slots = [s for gi in torch_in for s in self.plan.groups[gi].slots]
+        out_slots = [s for gi in torch_out for s in self.plan.groups[gi].slots]
+        self._grad_tiles = ViewCache(lambda ts: [s.tiles(ts[s.index]) for s in in_slots], retain=False)
+        self._in_views = {id(b): ViewCache(lambda bs: [v for gi in torch_in for v in self.plan.group_views(bs, gi)])
+                          for b in (self.momentum, self._scratch)}
+        self._param_tiles = ViewCache(lambda ts: [s.tiles(ts[s.index]) for s in out_slots])
+        self._out_views = {id(b): ViewCache(lambda bs: [v for gi in torch_out for v in self.plan.group_views(bs, gi)])
+                           for b in self._updates}
+        self._torch_params = [self.params[s.index] for s in out_slots]
+        # CUDA: decode + validation + consensus replayed as CUDA graphs (see `_decode_graphed`)
+        self._graphs: dict | None = {} if self.device.type == "cuda" and any(self.fused) else None
+
+    def _fused_groups(self, mode: str) -> list[bool]:
+        """Per chunk group: whether `compression.kernels` encodes and decodes it (`sync.kernels`)."""
+        if mode not in ("auto", "torch", "triton"):
+            raise ValueError(f"sync.kernels: '{mode}' must be auto, torch or triton")
+        if mode == "torch" or (mode == "auto" and self.device.type != "cuda"):
+            return [False] * len(self.plan.groups)
+        if not kernels.available(self.device):
+            if mode == "auto":
+                return [False] * len(self.plan.groups)
+            raise ValueError("sync.kernels=triton: Triton does not import here or the device is a CPU "
+                             "(pip install triton; on CPU only with TRITON_INTERPRET=1); use auto or torch")
+        if any(p.dtype != torch.float32 for p in self.params):
+            if mode == "auto":
+                return [False] * len(self.plan.groups)
+            raise ValueError("sync.kernels=triton: the fused kernels read float32 gradients; these parameters "
+                             f"are {sorted({str(p.dtype) for p in self.params})} (use sync.kernels=torch)")
+        return [kernels.supports(g.h, g.w, k) for g, k in zip(self.plan.groups, self.ks)]
 
     def _buffers(self, dtype) -> list[torch.Tensor]:
         return [torch.zeros(g.n_chunks, g.h, g.w, device=self.device, dtype=dtype) for g in self.plan.groups]
-
-    def _group_views(self, buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-        cache = self._views.get(id(buffers))
-        return cache(buffers) if cache is not None else self.plan.all_group_views(buffers)
 
     @property
     def payload_bytes(self) -> int:
@@ -150,25 +185,37 @@ class DemoSync(Sync):
                  for p in self.params]
         # the new momentum decay * m + lr * grad, then the residual, in the scratch buffer (m stays committed):
         # two passes over the model (scale m into it, add the gradients' tiles), no separate gather
+        # (fused groups: the kernel does all of this and the top-k in one pass over m and the gradients)
         new_m = self._scratch
-        for m, g in zip(self.momentum, new_m):
-            torch.mul(m, self.cfg.decay, out=g)
-        torch._foreach_add_(self._group_views(new_m), self._grad_tiles(grads), alpha=lr)
-        picks_i, picks_v = [], []
-        for g, (ch, cw), k in zip(new_m, self.bases, self.ks):
-            idx, val = encode_chunks(g, ch, cw, k)
+        for gi, (m, g) in enumerate(zip(self.momentum, new_m)):
+            if not self.fused[gi]:
+                torch.mul(m, self.cfg.decay, out=g)
+        if len(self._grad_tables) < len(self.fused):
+            torch._foreach_add_(self._in_views[id(new_m)](new_m), self._grad_tiles(grads), alpha=lr)
+        picks_i, picks_v, finite = [], [], []
+        for gi, (g, (ch, cw), k) in enumerate(zip(new_m, self.bases, self.ks)):
+            if self.fused[gi]:
+                idx, val, bad = kernels.fused_encode(self.momentum[gi], g, grads, self._grad_tables[gi], ch, cw, k,
+                                                     self.cfg.decay, lr)
+                finite.append((bad == 0).all())
+            else:
+                idx, val = encode_chunks(g, ch, cw, k)
+                finite.append(torch.isfinite(val).all())
             picks_i.append(idx)
             picks_v.append(val)
         # a non-finite momentum poisons our payload's weight (NaN) instead of raising here: every rank,
         # us included, then rejects it in validation, so nobody is left waiting in the collective
-        finite = torch.stack([torch.isfinite(v).all() for v in picks_v]).all()
+        finite = torch.stack(finite).all()
         w = torch.full((), float(weight), dtype=torch.float64, device=self.device).masked_fill_(~finite, float("nan"))
         payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w)
         gathered, t1, t2 = self._timed(self.comm.allgather, payload)
-        weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
         update = self._updates[1] if self.held is self._updates[0] else self._updates[0]
-        for gi, (idx, vals, mask) in enumerate(groups):
-            self._consensus(weights, idx, vals, mask, gi, out=update[gi])
+        if self._graphs is None:
+            weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
+            for gi, (idx, vals, mask) in enumerate(groups):
+                self._consensus(weights, idx, vals, mask, gi, out=update[gi])
+        else:
+            self._decode_graphed(gathered, update)
         self._sync_device(self.device)
         t3 = time.perf_counter()
         self._pending = (new_m, update, float(lr) * self.cfg.lr_scale, float(weight_decay))
@@ -176,6 +223,44 @@ class DemoSync(Sync):
         return ExchangeStats(bytes_sent=nb, bytes_received=(W - 1) * nb, dense_equivalent_bytes=self.plan.numel * 2,
                              codec_ms=((t1 - t0) + (t3 - t2)) * 1e3, comm_ms=(t2 - t1) * 1e3,
                              collective_input_bytes=nb)
+
+    def _decode_into(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> list:
+        """Decode and consensus without a host sync: returns the validation checks, not yet looked at."""
+        weights, groups, checks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, defer=True)
+        for gi, (idx, vals, mask) in enumerate(groups):
+            self._consensus(weights, idx, vals, mask, gi, out=update[gi])
+        return checks
+
+    def _decode_graphed(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> None:
+        """Decode, validation and consensus as one CUDA graph replay (a few hundred small kernels would
+        otherwise cost more host time than GPU time), then one host sync to read the checks.
+
+        One graph per (world size, target update buffer): the first use runs eagerly (compiles, builds the
+        constants), the second captures. The consensus is computed before the checks are read, on clamped
+        indices; a failed check raises here and the update is never marked pending.
+        """
+        key = (gathered.shape[0], id(update))
+        entry = self._graphs.get(key)
+        if entry is None:
+            checks = self._decode_into(gathered, update)
+            self._graphs[key] = "warm"
+            self.wire.raise_first_failure(checks)
+            return
+        if entry == "warm":
+            static_in = gathered.clone()
+            graph = torch.cuda.CUDAGraph()
+            # one capture at a time in this process, each on its own stream (ranks run as threads in tests
+            # and benchmarks; torch's default capture stream is shared by all threads)
+            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device),
+                                                 capture_error_mode="thread_local"):
+                checks = self._decode_into(static_in, update)
+                flags = torch.stack([c for _, c in checks], 1) if checks else None
+            entry = self._graphs[key] = (graph, static_in, flags, [r for r, _ in checks])
+        graph, static_in, flags, reasons = entry
+        static_in.copy_(gathered)
+        graph.replay()
+        if flags is not None:
+            self.wire.raise_flags(flags, reasons)
 
     def _consensus(self, weights, idx, vals, mask, gi, out: torch.Tensor) -> None:
         """out = sign(idct(weighted mean over the ranks that picked each coefficient)), `[N, h, w]`."""
@@ -185,7 +270,11 @@ class DemoSync(Sync):
             coef = pairwise_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1))
         else:
             coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
-        x = sparse_idct2(idx.permute(1, 0, 2).reshape(N, W * k), coef, ch, cw)
+        flat_idx = idx.permute(1, 0, 2).reshape(N, W * k)
+        if self.fused[gi]:
+            kernels.fused_decode(flat_idx, coef, ch, cw, out, rms=self.cfg.update == "rms")
+            return
+        x = sparse_idct2(flat_idx, coef, ch, cw)
         if self.cfg.update == "rms":  # unit RMS per chunk: the smooth decoded direction, no sign harmonics
             rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()
             out.copy_(torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x)))
@@ -201,12 +290,19 @@ class DemoSync(Sync):
         if self.cfg.delayed_apply:
             update, self.held = self.held, update
         with torch.no_grad():
-            if wd:
-                torch._foreach_mul_(self.params, 1.0 - lr * wd)
-            if update is not None:
-                tiles = self._param_tiles(self.params)
-                ups = self._group_views(update)
-                torch._foreach_add_(tiles, [u if u.dtype == t.dtype else u.to(t.dtype) for u, t in zip(ups, tiles)], alpha=-lr)
+            if update is None:  # the first commit of delayed_apply: weight decay only
+                if wd:
+                    torch._foreach_mul_(self.params, 1.0 - lr * wd)
+            else:
+                for gi, table in self._param_tables.items():  # decay and update in one pass
+                    kernels.fused_apply(update[gi], self.params, table, lr, 1.0 - lr * wd)
+                if self._torch_params:
+                    if wd:
+                        torch._foreach_mul_(self._torch_params, 1.0 - lr * wd)
+                    tiles = self._param_tiles(self.params)
+                    ups = self._out_views[id(update)](update)
+                    torch._foreach_add_(tiles, [u if u.dtype == t.dtype else u.to(t.dtype) for u, t in zip(ups, tiles)],
+                                        alpha=-lr)
         self.momentum, self._scratch = new_m, self.momentum
         self.step_count += 1
         self._pending = None
@@ -232,7 +328,10 @@ class DemoSync(Sync):
         loaded = self.plan.gather([t.to(self.device) for t in mom], self.device)
         torch._foreach_copy_(self.momentum, loaded)  # into the persistent buffer: its views stay valid
         held = sd.get("held_update")
-        self.held = (None if held is None else
-                     self.plan.gather([t.to(self.device) for t in held], self.device, dtype=self.update_dtype))
+        self.held = None
+        if held is not None:  # into a persistent update buffer too (its views and tables stay valid)
+            loaded = self.plan.gather([t.to(self.device) for t in held], self.device, dtype=self.update_dtype)
+            torch._foreach_copy_(self._updates[0], loaded)
+            self.held = self._updates[0]
         self.step_count = int(sd["step_count"])
         self._pending = None

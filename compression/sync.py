@@ -15,6 +15,7 @@ Promises of every `Sync` (this is what lets the elastic coordinator guarantee "a
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,10 @@ import torch
 
 from compression.communicator import Communicator
 from compression.config import SyncConfig
+
+
+# held while a CUDA graph is captured (compression.demo) and around device-wide syncs, which would break it
+CAPTURE_LOCK = threading.Lock()
 
 
 @dataclass
@@ -71,9 +76,11 @@ class Sync:
 
     @staticmethod
     def _sync_device(device: torch.device) -> None:
-        # timings on CUDA need the queued kernels to finish; the cost is one sync per timed phase
+        # timings on CUDA need the queued kernels to finish; the cost is one sync per timed phase.
+        # Not while a CUDA graph is being captured in this process (ranks as threads): that fails the capture
         if device.type == "cuda":
-            torch.cuda.synchronize(device)
+            with CAPTURE_LOCK:
+                torch.cuda.synchronize(device)
 
 
 def build_sync(cfg: SyncConfig, params, comm: Communicator) -> Sync:

@@ -120,3 +120,19 @@ def test_wrong_total_size_is_rejected():
     wire, rows = _wire_and_rows()
     with pytest.raises(PayloadError, match="shape"):
         wire.decode(rows[:, :-1])
+
+
+def test_deferred_decode_returns_the_checks_and_clamps_indices():
+    """`defer=True` (the CUDA-graph path) raises nothing, hands back the same checks, and clamps the
+    indices so the consensus can run on unchecked bytes without indexing out of range."""
+    from compression.codec import Framing
+
+    wire = WireFormat([GroupSpec(n_chunks=3, numel=48, k=4, value_bits=16)])  # 6 index bits: 48..63 exist
+    idx = torch.tensor([[63, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]])
+    payload = wire.encode([idx], [torch.ones(3, 4)], rank=0, step=0, weight=1.0)
+    weights, groups, checks = wire.decode(payload.unsqueeze(0), defer=True)
+    assert int(groups[0][0].max()) == 47
+    reasons = [r for r, ok in checks if not bool(ok.all())]
+    assert reasons == ["group 0: index out of range (chunk has 48 coefficients)"]
+    with pytest.raises(PayloadError, match="index out of range"):
+        Framing.raise_first_failure(checks)

@@ -1,0 +1,295 @@
+"""Fused Triton kernels for the DeMo codec on CUDA: one program per 2-D chunk, the chunk kept on chip.
+
+Owns `fused_encode` and `fused_decode`, the GPU fast path of `compression.demo` for chunk groups whose
+sides are powers of two in [16, 128] (the 64x64 tiles of every matrix). The torch path in `compression.demo`
+is the reference; these kernels compute the same math with fewer trips through memory:
+- `fused_encode`: m' = decay * m + lr * grad (the gradient read straight from the parameter-shaped `.grad`
+  through a per-chunk offset table), the 2-D DCT (two `tl.dot`s, 3xTF32 by default: fp32-accurate on
+  tensor cores), top-k |coefficient| by k rounds of argmax (descending, ties to the lower index, zero
+  picks last), the error feedback m' - idct(picks) as k rank-1 updates, and a per-chunk finite flag.
+  Memory: read m and grad once, write the residual once (the torch path makes ~15 passes and a top-k).
+- `fused_decode`: sign (or unit-RMS) of sum_e coef_e * outer(C_h[row_e], C_w[col_e]) per chunk, written in
+  the update buffer's dtype. The sum runs over the picks in a fixed order with plain fp32 multiply-adds,
+  so it depends only on the gathered bytes and the compiled kernel: every replica on the same GPU kind and
+  Triton build gets the same bits.
+Both need Triton; `available()` says whether it imports. `TRITON_INTERPRET=1` (set before import) runs the
+kernels on CPU tensors through Triton's interpreter: that is how the unit tests check them without a GPU.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+from compression.codec import to_device
+
+try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch path
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# the interpreter keeps global state: ranks run as threads (tests, `run_threads`) take turns
+_launch = threading.Lock() if INTERPRET else contextlib.nullcontext()
+
+
+def available(device: torch.device) -> bool:
+    """Whether the fused kernels can run on `device` (CUDA with Triton, or any device under the interpreter)."""
+    return triton is not None and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+
+
+ROWS = 16          # 1 x w chunks per program of the row kernels (a `tl.dot` needs 16 rows)
+APPLY_ROWS = 64    # tile rows per program of the apply kernel
+
+
+def _pow2(n: int) -> bool:
+    return 16 <= n <= 128 and n & (n - 1) == 0
+
+
+def supports(h: int, w: int, k: int) -> bool:
+    """Chunk shapes the encode/decode kernels take: sides powers of two in [16, 128] (`tl.dot` tiles) or
+    1 x such a width (vectors), and k <= h * w."""
+    return (h == 1 or _pow2(h)) and _pow2(w) and 1 <= k <= h * w
+
+
+def supports_apply(w: int) -> bool:
+    """Chunk widths the apply kernel takes (any height)."""
+    return _pow2(w)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _encode_kernel(m_ptr, out_ptr, g_ptr, g_delta_ptr, c_param_ptr, c_off_ptr, c_stride_ptr,
+                       ch_ptr, cw_ptr, idx_ptr, val_ptr, bad_ptr, decay, lr,
+                       H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr,
+                       RESID_DOT: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        rh = tl.arange(0, H)
+        rw = tl.arange(0, W)
+        loc = rh[:, None] * W + rw[None, :]
+        m = tl.load(m_ptr + n * (H * W) + loc)
+        # this chunk's gradient tile, inside its parameter's own .grad (offsets in elements from g_ptr)
+        p = tl.load(c_param_ptr + n)
+        base = tl.load(g_delta_ptr + p) + tl.load(c_off_ptr + n)
+        stride = tl.load(c_stride_ptr + n)
+        g = tl.load(g_ptr + base + rh[:, None] * stride + rw[None, :])
+        x = m * decay + g * lr
+        ch = tl.load(ch_ptr + rh[:, None] * H + rh[None, :])      # C_h [H, H]
+        cwt = tl.load(cw_ptr + rw[None, :] * W + rw[:, None])     # C_w^T [W, W]
+        y = tl.dot(tl.dot(ch, x, input_precision=PREC), cwt, input_precision=PREC)
+        a = tl.abs(y)
+        bad = tl.sum(tl.sum(tl.where(a == a, a == float("inf"), True).to(tl.int32), 1), 0)  # NaN or inf
+        tl.store(bad_ptr + n, bad)
+        # one int64 key per coefficient: |y|'s bits (monotonic for non-negative floats; NaN above inf),
+        # then the position reversed (ties go to the lower index), then y's sign bit. One max-reduction
+        # per pick gives the value and where it is; a pick's key becomes -1, below every other key.
+        pos = loc.to(tl.int64)
+        key = ((a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((H * W - 1 - pos) << 1)
+               | (y < 0).to(tl.int64))
+        for e in tl.static_range(K):
+            best = tl.max(tl.max(key, 1), 0)
+            i = H * W - 1 - ((best >> 1) & (H * W - 1))
+            mag = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            v = tl.where((best & 1) == 1, -mag, mag)
+            key = tl.where(key == best, -1, key)
+            tl.store(idx_ptr + n * K + e, i)
+            tl.store(val_ptr + n * K + e, v)
+            if not RESID_DOT:
+                row = tl.load(ch_ptr + (i // W) * H + rh)         # basis function of frequency i // W over h
+                col = tl.load(cw_ptr + (i % W) * W + rw)
+                x = x - (v * row)[:, None] * col[None, :]
+        if RESID_DOT:  # x - C_h^T @ picks @ C_w on the tensor cores
+            cht = tl.load(ch_ptr + rh[None, :] * H + rh[:, None])
+            cw = tl.load(cw_ptr + rw[:, None] * W + rw[None, :])
+            sparse = tl.where(key == -1, y, 0.0)
+            x = x - tl.dot(tl.dot(cht, sparse, input_precision=PREC), cw, input_precision=PREC)
+        tl.store(out_ptr + n * (H * W) + loc, x)
+
+    @triton.jit
+    def _decode_kernel(idx_ptr, coef_ptr, ch_ptr, cw_ptr, out_ptr,
+                       H: tl.constexpr, W: tl.constexpr, E: tl.constexpr, RMS: tl.constexpr):
+        n = tl.program_id(0).to(tl.int64)
+        rh = tl.arange(0, H)
+        rw = tl.arange(0, W)
+        x = tl.zeros((H, W), dtype=tl.float32)
+        for e in range(E):  # fixed order: the same bits on every replica
+            i = tl.load(idx_ptr + n * E + e)
+            c = tl.load(coef_ptr + n * E + e)
+            row = tl.load(ch_ptr + (i // W) * H + rh)
+            col = tl.load(cw_ptr + (i % W) * W + rw)
+            x = x + (c * row)[:, None] * col[None, :]
+        if RMS:
+            rms = tl.sqrt(tl.sum(tl.sum(x * x, 1), 0) / (H * W))
+            u = tl.where(rms > 0, x / tl.maximum(rms, 1e-30), 0.0)
+        else:
+            u = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+        tl.store(out_ptr + n * (H * W) + rh[:, None] * W + rw[None, :], u.to(out_ptr.dtype.element_ty))
+
+
+    @triton.jit
+    def _encode_rows_kernel(m_ptr, out_ptr, g_ptr, g_delta_ptr, c_param_ptr, c_off_ptr, cw_ptr, idx_ptr, val_ptr,
+                            bad_ptr, n_chunks, decay, lr, W: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                            PREC: tl.constexpr):
+        """`_encode_kernel` for 1 x W chunks (vectors): R chunks per program, a 1-D DCT on each row."""
+        q = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        ok = q < n_chunks
+        rw = tl.arange(0, W)
+        mask = ok[:, None]
+        m = tl.load(m_ptr + q[:, None] * W + rw[None, :], mask=mask, other=0.0)
+        base = (tl.load(g_delta_ptr + tl.load(c_param_ptr + q, mask=ok, other=0), mask=ok, other=0)
+                + tl.load(c_off_ptr + q, mask=ok, other=0))
+        g = tl.load(g_ptr + base[:, None] + rw[None, :], mask=mask, other=0.0)
+        x = m * decay + g * lr
+        cwt = tl.load(cw_ptr + rw[None, :] * W + rw[:, None])
+        y = tl.dot(x, cwt, input_precision=PREC)
+        a = tl.abs(y)
+        tl.store(bad_ptr + q, tl.sum(tl.where(a == a, a == float("inf"), True).to(tl.int32), 1), mask=ok)
+        pos = rw[None, :].to(tl.int64)
+        key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((W - 1 - pos) << 1) | (y < 0).to(tl.int64)
+        for e in tl.static_range(K):
+            best = tl.max(key, 1)
+            i = W - 1 - ((best >> 1) & (W - 1))
+            mag = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+            v = tl.where((best & 1) == 1, -mag, mag)
+            key = tl.where(key == best[:, None], -1, key)
+            tl.store(idx_ptr + q * K + e, i, mask=ok)
+            tl.store(val_ptr + q * K + e, v, mask=ok)
+            x = x - v[:, None] * tl.load(cw_ptr + i[:, None] * W + rw[None, :], mask=mask, other=0.0)
+        tl.store(out_ptr + q[:, None] * W + rw[None, :], x, mask=mask)
+
+    @triton.jit
+    def _decode_rows_kernel(idx_ptr, coef_ptr, cw_ptr, out_ptr, n_chunks,
+                            W: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RMS: tl.constexpr):
+        """`_decode_kernel` for 1 x W chunks: R chunks per program."""
+        q = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        ok = q < n_chunks
+        rw = tl.arange(0, W)
+        mask = ok[:, None]
+        x = tl.zeros((R, W), dtype=tl.float32)
+        for e in range(E):
+            i = tl.load(idx_ptr + q * E + e, mask=ok, other=0)
+            c = tl.load(coef_ptr + q * E + e, mask=ok, other=0.0)
+            x = x + c[:, None] * tl.load(cw_ptr + i[:, None] * W + rw[None, :], mask=mask, other=0.0)
+        if RMS:
+            rms = tl.sqrt(tl.sum(x * x, 1) / W)[:, None]
+            u = tl.where(rms > 0, x / tl.maximum(rms, 1e-30), 0.0)
+        else:
+            u = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+        tl.store(out_ptr + q[:, None] * W + rw[None, :], u.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _apply_kernel(u_ptr, p_ptr, p_delta_ptr, c_param_ptr, c_off_ptr, c_stride_ptr, n_rows, lr, wdm,
+                      H: tl.constexpr, W: tl.constexpr, R: tl.constexpr):
+        """p <- p * wdm - lr * u for R tile rows of a group, written straight into the parameters."""
+        q = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
+        ok = q < n_rows
+        c = q // H
+        base = (tl.load(p_delta_ptr + tl.load(c_param_ptr + c, mask=ok, other=0), mask=ok, other=0)
+                + tl.load(c_off_ptr + c, mask=ok, other=0) + (q % H) * tl.load(c_stride_ptr + c, mask=ok, other=0))
+        rw = tl.arange(0, W)
+        mask = ok[:, None]
+        u = tl.load(u_ptr + q[:, None] * W + rw[None, :], mask=mask, other=0.0).to(tl.float32)
+        addr = p_ptr + base[:, None] + rw[None, :]
+        p = tl.load(addr, mask=mask, other=0.0)
+        tl.store(addr, p * wdm - lr * u, mask=mask)
+
+
+
+
+class TileTable:
+    """Where every chunk of a group lives inside parameter-shaped tensors (gradients, parameters), as offsets.
+
+    Static per chunk: its parameter, the offset of its tile in that parameter, the parameter's row length.
+    Per step: each gradient's address relative to the first one (`deltas`), rebuilt only when an address
+    changed (the caching allocator usually hands `zero_grad(set_to_none=True)`'s fresh gradients the same
+    memory as last step). All tensors must be float32 and contiguous: the caller checks.
+    """
+
+    def __init__(self, slots, device):
+        params, offs, strides = [], [], []
+        for s in slots:
+            a = torch.arange(s.rows // s.h, dtype=torch.int64)[:, None] * (s.h * s.cols)
+            b = torch.arange(s.cols // s.w, dtype=torch.int64)[None, :] * s.w
+            offs.append((a + b).reshape(-1))
+            params.append(torch.full((s.n_chunks,), s.index, dtype=torch.int32))
+            strides.append(torch.full((s.n_chunks,), s.cols, dtype=torch.int64))
+        self.c_param = torch.cat(params).to(device)
+        self.c_off = torch.cat(offs).to(device)
+        self.c_stride = torch.cat(strides).to(device)
+        self.device = device
+        self._ptrs: list[int] | None = None
+        self._deltas: torch.Tensor | None = None
+
+    def sibling(self) -> "TileTable":
+        """The same chunk offsets for another set of tensors of these shapes (its own address cache)."""
+        twin = TileTable.__new__(TileTable)
+        twin.c_param, twin.c_off, twin.c_stride, twin.device = self.c_param, self.c_off, self.c_stride, self.device
+        twin._ptrs, twin._deltas = None, None
+        return twin
+
+    def deltas(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """Element offsets of `tensors` from `tensors[0]` (the kernels' base pointer), on the device."""
+        ptrs = [t.data_ptr() for t in tensors]
+        if ptrs != self._ptrs:
+            base = ptrs[0]
+            if any((q - base) % 4 for q in ptrs):
+                raise ValueError("fused kernels: tensors are not 4-byte aligned relative to each other")
+            self._deltas = to_device(torch.tensor([(q - base) // 4 for q in ptrs], dtype=torch.int64), self.device)
+            self._ptrs = ptrs
+        return self._deltas
+
+
+def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], table: TileTable,
+                 ch: torch.Tensor, cw: torch.Tensor, k: int, decay: float, lr: float, precision: str = "tf32x3",
+                 resid_dot: bool = False, num_warps: int | None = None):
+    """out = residual of (decay * m + lr * grad) after its top-k DCT picks; m ([N, h, w]) is not modified.
+
+    Returns (indices [N, k] int64, values [N, k] float32 sorted by |value| descending, bad [N] int32 = the
+    count of non-finite coefficients per chunk).
+    """
+    N, h, w = m.shape
+    idx = torch.empty(N, k, dtype=torch.int64, device=m.device)
+    val = torch.empty(N, k, dtype=torch.float32, device=m.device)
+    bad = torch.empty(N, dtype=torch.int32, device=m.device)
+    if h == 1:
+        with _launch:
+            _encode_rows_kernel[(triton.cdiv(N, ROWS),)](
+                m, out, grads[0], table.deltas(grads), table.c_param, table.c_off, cw, idx, val, bad, N,
+                float(decay), float(lr), W=w, K=k, R=ROWS, PREC=precision, num_warps=4)
+        return idx, val, bad
+    with _launch:
+        _encode_kernel[(N,)](m, out, grads[0], table.deltas(grads), table.c_param, table.c_off, table.c_stride,
+                             ch, cw, idx, val, bad, float(decay), float(lr),
+                             H=h, W=w, K=k, PREC=precision, RESID_DOT=resid_dot,
+                             num_warps=num_warps or 4)
+    return idx, val, bad
+
+
+def fused_decode(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, out: torch.Tensor,
+                 rms: bool = False) -> torch.Tensor:
+    """out[n] = sign (or x / rms(x)) of idct(sparse coefficients `coef` at flat positions `idx`, both [N, E])."""
+    N, h, w = out.shape
+    E = idx.shape[1]
+    if h == 1:
+        with _launch:
+            _decode_rows_kernel[(triton.cdiv(N, ROWS),)](idx.contiguous(), coef.to(torch.float32).contiguous(), cw,
+                                                         out, N, W=w, E=E, R=ROWS, RMS=bool(rms), num_warps=4)
+        return out
+    with _launch:
+        _decode_kernel[(N,)](idx.contiguous(), coef.to(torch.float32).contiguous(), ch, cw, out,
+                             H=h, W=w, E=E, RMS=bool(rms), num_warps=8 if h * w >= 4096 else 4)
+    return out
+
+
+def fused_apply(update: torch.Tensor, params: list[torch.Tensor], table: TileTable, lr: float, wdm: float) -> None:
+    """p <- p * wdm - lr * u for every chunk of one group (`update` [N, h, w]), in the parameters themselves."""
+    N, h, w = update.shape
+    rows = N * h
+    with _launch:
+        _apply_kernel[(triton.cdiv(rows, APPLY_ROWS),)](update, params[0], table.deltas(params), table.c_param,
+                                                        table.c_off, table.c_stride, rows, float(lr), float(wdm),
+                                                        H=h, W=w, R=APPLY_ROWS, num_warps=4)

@@ -1,0 +1,216 @@
+"""The fused Triton codec kernels against the torch reference path (on CUDA when present, else Triton's
+interpreter on CPU: tests/conftest.py sets TRITON_INTERPRET=1 when no GPU is visible)."""
+import copy
+
+import pytest
+import torch
+
+from compression import SyncConfig, build_sync, kernels, run_threads
+from compression.communicator import ThreadCommunicator
+from compression.dct import ChunkPlan, dct_basis, sparse_idct2
+from compression.demo import encode_chunks
+
+from compression_testkit import digest, small_model
+
+pytest.importorskip("triton", reason="the fused kernels need Triton (pip install triton)")
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if not kernels.available(DEV):
+    pytest.skip("Triton imported before TRITON_INTERPRET=1 was set and no GPU", allow_module_level=True)
+
+
+def _group_setup(shapes, chunk, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    plan = ChunkPlan(shapes, chunk)
+    grads = [torch.randn(s, generator=g).to(DEV) for s in shapes]
+    grp = plan.groups[0]
+    m = torch.randn(grp.n_chunks, grp.h, grp.w, generator=g).to(DEV)
+    return plan, grads, grp, m
+
+
+@pytest.mark.parametrize("shapes,chunk,k,resid_dot", [
+    ([(128, 192), (64, 64, 2), (64,)], 64, 4, False),   # two matrices (one 3-D) share the 64x64 group
+    ([(128, 192), (64, 64, 2)], 64, 4, True),            # residual through tensor-core matmuls
+    ([(32, 48), (16, 80)], 16, 7, False),
+    ([(192,), (320,), (64,)], 64, 3, False),             # vectors: 1 x 64 chunks, 16 per program (one partial)
+])
+def test_fused_encode_matches_the_torch_path(shapes, chunk, k, resid_dot):
+    plan, grads, grp, m = _group_setup(shapes, chunk)
+    ch, cw = dct_basis(grp.h, DEV), dct_basis(grp.w, DEV)
+    ref = 0.9 * m + 0.25 * plan.gather(grads, DEV)[0]
+    ref_idx, ref_val = encode_chunks(ref, ch, cw, k)  # ref becomes the residual
+    before = m.clone()
+    out = torch.empty_like(m)
+    idx, val, bad = kernels.fused_encode(m, out, grads, kernels.TileTable(grp.slots, DEV), ch, cw, k, 0.9, 0.25,
+                                         resid_dot=resid_dot)
+    assert torch.equal(m, before), "the committed momentum must not change"
+    assert torch.equal(idx, ref_idx)
+    assert torch.allclose(val, ref_val, rtol=1e-4, atol=1e-5)
+    assert (val.abs()[:, :-1] >= val.abs()[:, 1:]).all(), "picks sorted by |value| descending"
+    assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5)
+    assert int(bad.sum()) == 0
+
+
+def test_fused_encode_flags_non_finite_chunks_and_keeps_picks_unique():
+    plan, grads, grp, m = _group_setup([(64, 64), (64, 128)], 64)
+    m.zero_()
+    grads[0].zero_()                 # chunk 0 all zero: zero picks, still distinct indices
+    grads[1][3, 70] = float("nan")  # second parameter, its second tile -> chunk 2
+    ch, cw = dct_basis(64, DEV), dct_basis(64, DEV)
+    out = torch.empty_like(m)
+    idx, val, bad = kernels.fused_encode(m, out, grads, kernels.TileTable(grp.slots, DEV), ch, cw, 4, 0.9, 1.0)
+    assert bad.tolist()[:2] == [0, 0] and bad[2] > 0
+    assert (val[0] == 0).all() and len(set(idx[0].tolist())) == 4
+
+
+@pytest.mark.parametrize("h", [64, 1])
+def test_fused_decode_matches_sparse_idct_sign_and_rms(h):
+    g = torch.Generator().manual_seed(3)
+    N, E = 19, 8
+    idx = torch.stack([torch.randperm(h * 64, generator=g)[:E] for _ in range(N)]).to(DEV)
+    coef = torch.randn(N, E, generator=g).to(DEV)
+    coef[4] = 0.0                     # a chunk nobody picked: a zero update, not +-1
+    coef[5, 3:] = 0.0                 # repeats of a pick carry 0
+    ch, cw = dct_basis(h, DEV), dct_basis(64, DEV)
+    x = sparse_idct2(idx, coef, ch, cw)
+    for dtype in (torch.float32, torch.bfloat16):
+        out = torch.empty(N, h, 64, device=DEV, dtype=dtype)
+        kernels.fused_decode(idx, coef, ch, cw, out)
+        assert torch.equal(out, x.sign().to(dtype))
+    out = torch.empty(N, h, 64, device=DEV)
+    kernels.fused_decode(idx, coef, ch, cw, out, rms=True)
+    rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt()
+    want = torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x))
+    assert torch.allclose(out, want, rtol=1e-4, atol=1e-5)
+
+
+def test_fused_apply_decays_and_steps_every_tile_in_place():
+    g = torch.Generator().manual_seed(5)
+    shapes = [(128, 64), (64,), (64, 192)]
+    params = [torch.randn(s, generator=g).to(DEV) for s in shapes]
+    plan = ChunkPlan(shapes, 64)
+    for gi, grp in enumerate(plan.groups):
+        u = torch.randint(-1, 2, (grp.n_chunks, grp.h, grp.w), generator=g).float().to(DEV)
+        want = [p.clone() for p in params]
+        for s, tile in zip(grp.slots, plan.group_views([u if i == gi else None for i in range(len(plan.groups))], gi)):
+            s.tiles(want[s.index]).mul_(0.99).add_(tile, alpha=-0.5)
+        kernels.fused_apply(u, params, kernels.TileTable(grp.slots, DEV), 0.5, 0.99)
+        for p, w in zip(params, want):
+            assert torch.allclose(p, w, rtol=1e-6, atol=1e-6)
+
+
+def _set_grads(params, gen):
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(DEV)
+
+
+def _train(comm, steps, cfg, base):
+    model = copy.deepcopy(base).to(DEV)
+    params = list(model.parameters())
+    sync = build_sync(cfg, params, comm)
+    gen = torch.Generator().manual_seed(100 + comm.rank)
+    for _ in range(steps):
+        _set_grads(params, gen)
+        sync.exchange(lr=1e-3, weight=1.0 + comm.rank, weight_decay=0.1)
+        sync.commit()
+    return [p.detach().cpu() for p in params], sync
+
+
+@pytest.mark.parametrize("delayed", [False, True])
+def test_demo_sync_with_fused_kernels_tracks_the_torch_path_and_replicas_agree(delayed):
+    base = small_model(0)  # a 64x64 group (fused) and thin/vector groups (torch) in one model
+    fused_cfg = SyncConfig(name="demo", kernels="triton", delayed_apply=delayed)
+    fused = run_threads(2, lambda c: _train(c, 4, fused_cfg, base))
+    torch_ = run_threads(2, lambda c: _train(c, 4, SyncConfig(name="demo", kernels="torch", delayed_apply=delayed), base))
+    assert any(fused[0][1].fused) and not all(fused[0][1].fused)
+    assert digest(fused[0][0]) == digest(fused[1][0]), "replicas must stay bitwise equal"
+    # the same steps up to rounding (the apply kernel may fuse p * (1 - lr * wd) - lr * u into one FMA);
+    # a sign flipped by a near-zero decoded coefficient would move a parameter by 2 * lr * lr_scale = 5e-3
+    close = sum(int(((a - b).abs() < 1e-6).sum()) for a, b in zip(fused[0][0], torch_[0][0]))
+    total = sum(a.numel() for a in fused[0][0])
+    assert close / total > 0.999, f"only {close}/{total} parameters match the torch path's"
+
+
+def test_kernels_option_is_checked():
+    params = list(small_model(0).parameters())
+    with pytest.raises(ValueError, match="sync.kernels"):
+        build_sync(SyncConfig(name="demo", kernels="cuda"), params, ThreadCommunicator.group(1)[0])
+    bf16 = [p.detach().to(DEV, torch.bfloat16).requires_grad_() for p in params]
+    with pytest.raises(ValueError, match="float32"):
+        build_sync(SyncConfig(name="demo", kernels="triton"), bf16, ThreadCommunicator.group(1)[0])
+
+
+def test_fused_abort_state_roundtrip_and_poisoned_payload():
+    """The `Sync` contract with the fused groups: abort changes nothing, a state round trip continues with
+    the same bits, and a NaN gradient in a fused group is refused on every rank (nobody hangs)."""
+    from compression import PayloadError
+    from compression_testkit import state_digest
+
+    base = small_model(0)
+    cfg = SyncConfig(name="demo", kernels="triton", delayed_apply=True)
+
+    def body(comm):
+        params_cpu, sync = _train(comm, 3, cfg, base)
+        params = sync.params
+        before = (digest(params), state_digest(sync.state_dict()))
+        _set_grads(params, torch.Generator().manual_seed(7))
+        sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
+        sync.abort()
+        unchanged = before == (digest(params), state_digest(sync.state_dict()))
+        sd, saved = sync.state_dict(), [p.detach().clone() for p in params]
+        _set_grads(params, torch.Generator().manual_seed(9))
+        sync.exchange(lr=1e-3, weight=1.0); sync.commit()
+        a = digest(params)
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        fresh = build_sync(cfg, params, comm)
+        fresh.load_state_dict(sd)
+        _set_grads(params, torch.Generator().manual_seed(9))
+        fresh.exchange(lr=1e-3, weight=1.0); fresh.commit()
+        roundtrip = a == digest(params)
+        assert fresh.fused[0], "the first weight is 64x64-chunked: a fused group"
+        _set_grads(params, torch.Generator().manual_seed(11))
+        if comm.rank == 0:
+            params[0].grad[5, 5] = float("nan")
+        try:
+            fresh.exchange(lr=1e-3, weight=1.0)
+            rejected = None
+        except PayloadError as e:
+            rejected = e.sender_rank
+        return unchanged, roundtrip, rejected
+
+    assert run_threads(2, body) == [(True, True, 0), (True, True, 0)]
+
+
+def test_corrupt_payload_is_refused_after_the_decode_is_graph_captured():
+    """On CUDA the decode runs eagerly once, is captured at its second use and replayed from the third:
+    a corrupt payload arriving at a replay must be refused like any other, leaving nothing applied."""
+    from compression import PayloadError
+    from compression_testkit import TamperingCommunicator, state_digest
+
+    base = small_model(0)
+    cfg = SyncConfig(name="demo", kernels="triton")
+
+    def flip(row):
+        row[40] ^= 0x10
+        return row
+
+    def body(comm):
+        params_cpu, sync = _train(comm, 3, cfg, base)  # eager, capture, replay
+        sync.rebind(TamperingCommunicator(comm, victim=1, edit=flip))
+        before = (digest(sync.params), state_digest(sync.state_dict()))
+        _set_grads(sync.params, torch.Generator().manual_seed(5 + comm.rank))
+        try:
+            sync.exchange(lr=1e-3, weight=1.0)
+            return "no error"
+        except PayloadError as e:
+            sync.abort()
+            same = before == (digest(sync.params), state_digest(sync.state_dict()))
+            sync.rebind(comm)
+            sync.exchange(lr=1e-3, weight=1.0)
+            sync.commit()
+            return e.sender_rank, e.reason, same, digest(sync.params)
+
+    out = run_threads(2, body)
+    assert [o[:3] for o in out] == [(1, "checksum mismatch", True)] * 2, out
+    assert out[0][3] == out[1][3]
