@@ -70,3 +70,22 @@ class TamperingCommunicator:
 
     def broadcast_(self, t, src):
         self.inner.broadcast_(t, src)
+
+
+def roundtrip_continues_identically(sync, params, set_grads, rebuild):
+    """Take `sync.state_dict()`, run one step, then restore the parameters, load the state into `rebuild()`
+    and run the same step again: (whether both steps gave the same bits, the rebuilt sync)."""
+    sd, saved = sync.state_dict(), [p.detach().clone() for p in params]
+    set_grads(params, torch.Generator().manual_seed(9))
+    sync.exchange(lr=1e-3, weight=1.0)
+    sync.commit()
+    first = digest(params)
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    fresh = rebuild()
+    fresh.load_state_dict(sd)
+    set_grads(params, torch.Generator().manual_seed(9))
+    fresh.exchange(lr=1e-3, weight=1.0)
+    fresh.commit()
+    return first == digest(params), fresh

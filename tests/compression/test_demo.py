@@ -7,7 +7,8 @@ from compression import PayloadError, SyncConfig, build_sync, run_threads
 from compression.bench import param_shapes, wire_bytes
 from compression.dct import dct2
 
-from compression_testkit import TamperingCommunicator, digest, set_random_grads, small_model, state_digest
+from compression_testkit import (TamperingCommunicator, digest, roundtrip_continues_identically, set_random_grads,
+                                small_model, state_digest)
 
 BASE = small_model(0)
 
@@ -155,22 +156,12 @@ def test_state_dict_roundtrip_continues_bit_identically():
 
     def body(comm):
         model, sync = _train(comm, 3, cfg)
-        sd = sync.state_dict()
-        assert all(t.device.type == "cpu" for t in sd["momentum"])
+        assert all(t.device.type == "cpu" for t in sync.state_dict()["momentum"])
         params = list(model.parameters())
-        saved_params = [p.detach().clone() for p in params]
-        set_random_grads(params, torch.Generator().manual_seed(9))
-        sync.exchange(lr=1e-3, weight=1.0); sync.commit()
-        a = digest(params)
-        with torch.no_grad():
-            for p, s in zip(params, saved_params):
-                p.copy_(s)
-        fresh = build_sync(cfg, params, comm)
-        fresh.load_state_dict(sd)
-        assert fresh.step_count == 3
-        set_random_grads(params, torch.Generator().manual_seed(9))
-        fresh.exchange(lr=1e-3, weight=1.0); fresh.commit()
-        return a == digest(params)
+        same, fresh = roundtrip_continues_identically(sync, params, set_random_grads,
+                                                      lambda: build_sync(cfg, params, comm))
+        assert fresh.step_count == 4  # 3 loaded + the one replayed
+        return same
 
     assert run_threads(2, body) == [True, True]
 

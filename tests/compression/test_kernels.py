@@ -143,7 +143,7 @@ def test_fused_abort_state_roundtrip_and_poisoned_payload():
     """The `Sync` contract with the fused groups: abort changes nothing, a state round trip continues with
     the same bits, and a NaN gradient in a fused group is refused on every rank (nobody hangs)."""
     from compression import PayloadError
-    from compression_testkit import state_digest
+    from compression_testkit import roundtrip_continues_identically, state_digest
 
     base = small_model(0)
     cfg = SyncConfig(name="demo", kernels="triton", delayed_apply=True)
@@ -156,18 +156,7 @@ def test_fused_abort_state_roundtrip_and_poisoned_payload():
         sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
         sync.abort()
         unchanged = before == (digest(params), state_digest(sync.state_dict()))
-        sd, saved = sync.state_dict(), [p.detach().clone() for p in params]
-        _set_grads(params, torch.Generator().manual_seed(9))
-        sync.exchange(lr=1e-3, weight=1.0); sync.commit()
-        a = digest(params)
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
-        fresh = build_sync(cfg, params, comm)
-        fresh.load_state_dict(sd)
-        _set_grads(params, torch.Generator().manual_seed(9))
-        fresh.exchange(lr=1e-3, weight=1.0); fresh.commit()
-        roundtrip = a == digest(params)
+        roundtrip, fresh = roundtrip_continues_identically(sync, params, _set_grads, lambda: build_sync(cfg, params, comm))
         assert fresh.fused[0], "the first weight is 64x64-chunked: a fused group"
         _set_grads(params, torch.Generator().manual_seed(11))
         if comm.rank == 0:
