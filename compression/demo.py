@@ -16,6 +16,10 @@ Promises (besides the `Sync` contract):
   the per-parameter views those foreach calls take are built once (`ViewCache`), and the chunk buffers
   are persistent (momentum and its successor swap at commit; two update buffers), so a step costs a few
   hundred dispatcher calls on GPT-2-small, not ~1,500;
+- on CUDA (`sync.kernels=auto`) the chunk groups `compression.kernels` supports go through fused Triton
+  kernels instead (encode reads `.grad` in place; commit decodes the consensus straight into the
+  parameters), and decode + validation + consensus are replayed as one CUDA graph; same contract, same
+  wire bytes, picks equal to the torch path's but for near ties;
 - `delayed_apply`: the consensus of step N is applied at step N+1 (Psyche-style; the first commit applies
   only weight decay). With a blocking Communicator this changes semantics only; it is what lets an
   asynchronous collective overlap the next forward/backward.
@@ -149,6 +153,9 @@ class DemoSync(Sync):
         self._out_views = {id(b): ViewCache(lambda bs: [v for gi in torch_out for v in self.plan.group_views(bs, gi)])
                            for b in self._updates}
         self._torch_params = [self.params[s.index] for s in out_slots]
+        # kernel-applied groups whose update is not held for the next commit skip the dense update buffer:
+        # commit decodes their consensus picks straight into the parameters
+        self._decode_at_commit = [a and not cfg.delayed_apply for a in self._applied]
         # CUDA: decode + validation + consensus replayed as CUDA graphs (see `_decode_graphed`)
         self._graphs: dict | None = {} if self.device.type == "cuda" and any(self.fused) else None
 
@@ -212,26 +219,28 @@ class DemoSync(Sync):
         update = self._updates[1] if self.held is self._updates[0] else self._updates[0]
         if self._graphs is None:
             weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
-            for gi, (idx, vals, mask) in enumerate(groups):
-                self._consensus(weights, idx, vals, mask, gi, out=update[gi])
+            sparse = {gi: self._consensus(weights, idx, vals, mask, gi, out=update[gi])
+                      for gi, (idx, vals, mask) in enumerate(groups)}
         else:
-            self._decode_graphed(gathered, update)
+            sparse = self._decode_graphed(gathered, update)
         self._sync_device(self.device)
         t3 = time.perf_counter()
-        self._pending = (new_m, update, float(lr) * self.cfg.lr_scale, float(weight_decay))
+        sparse = {gi: picks for gi, picks in sparse.items() if picks is not None}
+        self._pending = (new_m, update, sparse, float(lr) * self.cfg.lr_scale, float(weight_decay))
         W, nb = gathered.shape[0], self.wire.nbytes
         return ExchangeStats(bytes_sent=nb, bytes_received=(W - 1) * nb, dense_equivalent_bytes=self.plan.numel * 2,
                              codec_ms=((t1 - t0) + (t3 - t2)) * 1e3, comm_ms=(t2 - t1) * 1e3,
                              collective_input_bytes=nb)
 
-    def _decode_into(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> list:
-        """Decode and consensus without a host sync: returns the validation checks, not yet looked at."""
+    def _decode_into(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> tuple[list, dict]:
+        """Decode and consensus without a host sync: (the validation checks, not yet looked at; the consensus
+        picks of the groups whose update is applied straight from them)."""
         weights, groups, checks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, defer=True)
-        for gi, (idx, vals, mask) in enumerate(groups):
-            self._consensus(weights, idx, vals, mask, gi, out=update[gi])
-        return checks
+        sparse = {gi: self._consensus(weights, idx, vals, mask, gi, out=update[gi])
+                  for gi, (idx, vals, mask) in enumerate(groups)}
+        return checks, sparse
 
-    def _decode_graphed(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> None:
+    def _decode_graphed(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> dict:
         """Decode, validation and consensus as one CUDA graph replay (a few hundred small kernels would
         otherwise cost more host time than GPU time), then one host sync to read the checks.
 
@@ -242,10 +251,10 @@ class DemoSync(Sync):
         key = (gathered.shape[0], id(update))
         entry = self._graphs.get(key)
         if entry is None:
-            checks = self._decode_into(gathered, update)
+            checks, sparse = self._decode_into(gathered, update)
             self._graphs[key] = "warm"
             self.wire.raise_first_failure(checks)
-            return
+            return sparse
         if entry == "warm":
             static_in = gathered.clone()
             graph = torch.cuda.CUDAGraph()
@@ -253,17 +262,21 @@ class DemoSync(Sync):
             # and benchmarks; torch's default capture stream is shared by all threads)
             with CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device),
                                                  capture_error_mode="thread_local"):
-                checks = self._decode_into(static_in, update)
+                checks, sparse = self._decode_into(static_in, update)  # the graph's own output tensors
                 flags = torch.stack([c for _, c in checks], 1) if checks else None
-            entry = self._graphs[key] = (graph, static_in, flags, [r for r, _ in checks])
-        graph, static_in, flags, reasons = entry
+            entry = self._graphs[key] = (graph, static_in, flags, [r for r, _ in checks], sparse)
+        graph, static_in, flags, reasons, sparse = entry
         static_in.copy_(gathered)
         graph.replay()
         if flags is not None:
             self.wire.raise_flags(flags, reasons)
+        return sparse
 
-    def _consensus(self, weights, idx, vals, mask, gi, out: torch.Tensor) -> None:
-        """out = sign(idct(weighted mean over the ranks that picked each coefficient)), `[N, h, w]`."""
+    def _consensus(self, weights, idx, vals, mask, gi, out: torch.Tensor):
+        """out = sign(idct(weighted mean over the ranks that picked each coefficient)), `[N, h, w]`.
+
+        Groups decoded at commit (`_decode_at_commit`) write nothing here and return their picks,
+        (flat indices [N, W*k], weighted means [N, W*k]); the others return None."""
         g, (ch, cw) = self.plan.groups[gi], self.bases[gi]
         W, N, k = idx.shape
         if W * k <= PAIRWISE_MAX_PICKS:
@@ -271,9 +284,11 @@ class DemoSync(Sync):
         else:
             coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
         flat_idx = idx.permute(1, 0, 2).reshape(N, W * k)
+        if self._decode_at_commit[gi]:
+            return flat_idx, coef
         if self.fused[gi]:
             kernels.fused_decode(flat_idx, coef, ch, cw, out, rms=self.cfg.update == "rms")
-            return
+            return None
         x = sparse_idct2(flat_idx, coef, ch, cw)
         if self.cfg.update == "rms":  # unit RMS per chunk: the smooth decoded direction, no sign harmonics
             rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()
@@ -282,11 +297,12 @@ class DemoSync(Sync):
             torch.sign(x, out=out)
         else:
             out.copy_(x.sign_())
+        return None
 
     def commit(self) -> None:
         if self._pending is None:
             raise RuntimeError("commit() without a successful exchange()")
-        new_m, update, lr, wd = self._pending
+        new_m, update, sparse, lr, wd = self._pending
         if self.cfg.delayed_apply:
             update, self.held = self.held, update
         with torch.no_grad():
@@ -295,7 +311,12 @@ class DemoSync(Sync):
                     torch._foreach_mul_(self.params, 1.0 - lr * wd)
             else:
                 for gi, table in self._param_tables.items():  # decay and update in one pass
-                    kernels.fused_apply(update[gi], self.params, table, lr, 1.0 - lr * wd)
+                    if gi in sparse:  # decode and apply in one pass: the update is never stored
+                        ch, cw = self.bases[gi]
+                        kernels.fused_decode_apply(*sparse[gi], ch, cw, self.params, table, lr, 1.0 - lr * wd,
+                                                   rms=self.cfg.update == "rms")
+                    else:
+                        kernels.fused_apply(update[gi], self.params, table, lr, 1.0 - lr * wd)
                 if self._torch_params:
                     if wd:
                         torch._foreach_mul_(self._torch_params, 1.0 - lr * wd)

@@ -203,3 +203,23 @@ def test_corrupt_payload_is_refused_after_the_decode_is_graph_captured():
     out = run_threads(2, body)
     assert [o[:3] for o in out] == [(1, "checksum mismatch", True)] * 2, out
     assert out[0][3] == out[1][3]
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_decode_apply_in_one_pass_gives_the_bits_of_decode_then_apply(rms):
+    g = torch.Generator().manual_seed(8)
+    shapes = [(128, 64), (192,), (64, 128)]
+    plan = ChunkPlan(shapes, 64)
+    for grp in plan.groups:
+        a = [torch.randn(s, generator=g).to(DEV) for s in shapes]
+        b = [t.clone() for t in a]
+        E = 8
+        idx = torch.stack([torch.randperm(grp.numel, generator=g)[:E] for _ in range(grp.n_chunks)]).to(DEV)
+        coef = torch.randn(grp.n_chunks, E, generator=g).to(DEV)
+        ch, cw = dct_basis(grp.h, DEV), dct_basis(grp.w, DEV)
+        table = kernels.TileTable(grp.slots, DEV)
+        u = torch.empty(grp.n_chunks, grp.h, grp.w, device=DEV, dtype=torch.float32 if rms else torch.bfloat16)
+        kernels.fused_decode(idx, coef, ch, cw, u, rms=rms)
+        kernels.fused_apply(u, a, table, 0.01, 0.999)
+        kernels.fused_decode_apply(idx, coef, ch, cw, b, table.sibling(), 0.01, 0.999, rms=rms)
+        assert digest(a) == digest(b)
