@@ -136,8 +136,12 @@ class DemoSync(Sync):
         # gathered into it, it becomes the momentum at commit and the old momentum the next scratch) and
         # two update buffers (one may be held for a delayed apply while the other is written)
         self._scratch = self._buffers(torch.float32)
-        self._updates = [self._buffers(self.update_dtype) for _ in range(2)]
         self._applied = [f and kernels.supports_apply(g.w) for f, g in zip(self.fused, self.plan.groups)]
+        # kernel-applied groups whose update is not held for the next commit skip the dense update buffer
+        # (an empty one stands in): commit decodes their consensus picks straight into the parameters
+        self._decode_at_commit = [a and not cfg.delayed_apply for a in self._applied]
+        self._updates = [[torch.zeros(0 if skip else g.n_chunks, g.h, g.w, device=self.device, dtype=self.update_dtype)
+                          for g, skip in zip(self.plan.groups, self._decode_at_commit)] for _ in range(2)]
         self._grad_tables = {gi: kernels.TileTable(self.plan.groups[gi].slots, self.device)
                              for gi, f in enumerate(self.fused) if f}
         # the same offsets for the parameters; its own table: the addresses it caches differ
@@ -153,9 +157,6 @@ class DemoSync(Sync):
         self._out_views = {id(b): ViewCache(lambda bs: [v for gi in torch_out for v in self.plan.group_views(bs, gi)])
                            for b in self._updates}
         self._torch_params = [self.params[s.index] for s in out_slots]
-        # kernel-applied groups whose update is not held for the next commit skip the dense update buffer:
-        # commit decodes their consensus picks straight into the parameters
-        self._decode_at_commit = [a and not cfg.delayed_apply for a in self._applied]
         # CUDA: decode + validation + consensus replayed as CUDA graphs (see `_decode_graphed`)
         self._graphs: dict | None = {} if self.device.type == "cuda" and any(self.fused) else None
 

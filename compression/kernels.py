@@ -1,18 +1,21 @@
-"""Fused Triton kernels for the DeMo codec on CUDA: one program per 2-D chunk, the chunk kept on chip.
+"""Fused Triton kernels for the DeMo codec on CUDA: one program per chunk, the chunk kept on chip.
 
-Owns `fused_encode` and `fused_decode`, the GPU fast path of `compression.demo` for chunk groups whose
-sides are powers of two in [16, 128] (the 64x64 tiles of every matrix). The torch path in `compression.demo`
-is the reference; these kernels compute the same math with fewer trips through memory:
+Owns `fused_encode`, `fused_decode`, `fused_apply`, `fused_decode_apply` and `TileTable`, the GPU fast path
+of `compression.demo` for chunk groups whose sides are powers of two in [16, 128] (the 64x64 tiles of every
+matrix) or `1 x w` runs of such a width (vectors; 16 per program). The torch path in `compression.demo` is
+the reference; these kernels compute the same math with fewer trips through memory:
 - `fused_encode`: m' = decay * m + lr * grad (the gradient read straight from the parameter-shaped `.grad`
-  through a per-chunk offset table), the 2-D DCT (two `tl.dot`s, 3xTF32 by default: fp32-accurate on
-  tensor cores), top-k |coefficient| by k rounds of argmax (descending, ties to the lower index, zero
-  picks last), the error feedback m' - idct(picks) as k rank-1 updates, and a per-chunk finite flag.
-  Memory: read m and grad once, write the residual once (the torch path makes ~15 passes and a top-k).
+  through a `TileTable`), the DCT (`tl.dot`s in 3xTF32: fp32-accurate on tensor cores), top-k |coefficient|
+  by k max-reductions over int64 keys (descending, ties to the lower index, zero picks last), the error
+  feedback m' - idct(picks) as k rank-1 updates, and a per-chunk non-finite count. Memory: read m and grad
+  once, write the residual once (the torch path makes ~15 passes and a radix top-k).
 - `fused_decode`: sign (or unit-RMS) of sum_e coef_e * outer(C_h[row_e], C_w[col_e]) per chunk, written in
-  the update buffer's dtype. The sum runs over the picks in a fixed order with plain fp32 multiply-adds,
-  so it depends only on the gathered bytes and the compiled kernel: every replica on the same GPU kind and
-  Triton build gets the same bits.
-Both need Triton; `available()` says whether it imports. `TRITON_INTERPRET=1` (set before import) runs the
+  the update buffer's dtype. The sum runs over the picks in a fixed order with plain fp32 multiply-adds (no
+  tensor cores), so it depends only on the gathered bytes and the compiled kernel: every replica on the
+  same GPU kind and Triton build gets the same bits.
+- `fused_apply`: p <- p * (1 - lr * wd) - lr * u straight into the parameters; `fused_decode_apply` does
+  both in one pass without storing u (same bits).
+All need Triton; `available()` says whether it imports. `TRITON_INTERPRET=1` (set before import) runs the
 kernels on CPU tensors through Triton's interpreter: that is how the unit tests check them without a GPU.
 """
 from __future__ import annotations
