@@ -245,13 +245,15 @@ class DemoSync(Sync):
         """Decode, validation and consensus as one CUDA graph replay (a few hundred small kernels would
         otherwise cost more host time than GPU time), then one host sync to read the checks.
 
-        One graph per (world size, target update buffer): the first use runs eagerly (compiles, builds the
-        constants), the second captures. The consensus is computed before the checks are read, on clamped
+        One graph per (world size, target update buffer), for the current world size only: the first use
+        runs eagerly (compiles, builds the constants), the second captures. The consensus is computed before the checks are read, on clamped
         indices; a failed check raises here and the update is never marked pending.
         """
         key = (gathered.shape[0], id(update))
         entry = self._graphs.get(key)
         if entry is None:
+            # a new world size: graphs of the old one go (each holds its own memory pool)
+            self._graphs = {k: v for k, v in self._graphs.items() if k[0] == key[0]}
             checks, sparse = self._decode_into(gathered, update)
             self._graphs[key] = "warm"
             self.wire.raise_first_failure(checks)
