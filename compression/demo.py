@@ -142,10 +142,10 @@ class DemoSync(Sync):
         self._decode_at_commit = [a and not cfg.delayed_apply for a in self._applied]
         self._updates = [[torch.zeros(0 if skip else g.n_chunks, g.h, g.w, device=self.device, dtype=self.update_dtype)
                           for g, skip in zip(self.plan.groups, self._decode_at_commit)] for _ in range(2)]
-        self._grad_tables = {gi: kernels.TileTable(self.plan.groups[gi].slots, self.device)
-                             for gi, f in enumerate(self.fused) if f}
-        # the same offsets for the parameters; its own table: the addresses it caches differ
-        self._param_tables = {gi: self._grad_tables[gi].sibling() for gi, a in enumerate(self._applied) if a}
+        # where each fused group's chunks sit inside the gradients and the parameters, and where those are
+        self._tables = {gi: kernels.TileTable(self.plan.groups[gi].slots, self.device)
+                        for gi, f in enumerate(self.fused) if f}
+        self._grad_addrs, self._param_addrs = kernels.Addresses(self.device), kernels.Addresses(self.device)
         torch_in = [gi for gi, f in enumerate(self.fused) if not f]
         torch_out = [gi for gi, a in enumerate(self._applied) if not a]
         in_slots = [s for gi in torch_in for s in self.plan.groups[gi].slots]
@@ -164,18 +164,18 @@ class DemoSync(Sync):
         """Per chunk group: whether `compression.kernels` encodes and decodes it (`sync.kernels`)."""
         if mode not in ("auto", "torch", "triton"):
             raise ValueError(f"sync.kernels: '{mode}' must be auto, torch or triton")
+        none = [False] * len(self.plan.groups)
         if mode == "torch" or (mode == "auto" and self.device.type != "cuda"):
-            return [False] * len(self.plan.groups)
-        if not kernels.available(self.device):
+            return none
+        dtypes = {p.dtype for p in self.params}
+        problem = ("Triton does not import here or the device is a CPU (pip install triton; on CPU only with "
+                   "TRITON_INTERPRET=1); use auto or torch" if not kernels.available(self.device) else
+                   f"the fused kernels read float32 gradients; these parameters are {sorted(map(str, dtypes))} "
+                   "(use sync.kernels=torch)" if dtypes != {torch.float32} else None)
+        if problem:
             if mode == "auto":
-                return [False] * len(self.plan.groups)
-            raise ValueError("sync.kernels=triton: Triton does not import here or the device is a CPU "
-                             "(pip install triton; on CPU only with TRITON_INTERPRET=1); use auto or torch")
-        if any(p.dtype != torch.float32 for p in self.params):
-            if mode == "auto":
-                return [False] * len(self.plan.groups)
-            raise ValueError("sync.kernels=triton: the fused kernels read float32 gradients; these parameters "
-                             f"are {sorted({str(p.dtype) for p in self.params})} (use sync.kernels=torch)")
+                return none
+            raise ValueError(f"sync.kernels=triton: {problem}")
         return [kernels.supports(g.h, g.w, k) for g, k in zip(self.plan.groups, self.ks)]
 
     def _buffers(self, dtype) -> list[torch.Tensor]:
@@ -198,13 +198,14 @@ class DemoSync(Sync):
         for gi, (m, g) in enumerate(zip(self.momentum, new_m)):
             if not self.fused[gi]:
                 torch.mul(m, self.cfg.decay, out=g)
-        if len(self._grad_tables) < len(self.fused):
+        if not all(self.fused):
             torch._foreach_add_(self._in_views[id(new_m)](new_m), self._grad_tiles(grads), alpha=lr)
+        grad_deltas = self._grad_addrs.deltas(grads) if self._tables else None
         picks_i, picks_v, finite = [], [], []
         for gi, (g, (ch, cw), k) in enumerate(zip(new_m, self.bases, self.ks)):
             if self.fused[gi]:
-                idx, val, bad = kernels.fused_encode(self.momentum[gi], g, grads, self._grad_tables[gi], ch, cw, k,
-                                                     self.cfg.decay, lr)
+                idx, val, bad = kernels.fused_encode(self.momentum[gi], g, grads, grad_deltas, self._tables[gi],
+                                                     ch, cw, k, self.cfg.decay, lr)
                 finite.append((bad == 0).all())
             else:
                 idx, val = encode_chunks(g, ch, cw, k)
@@ -313,13 +314,14 @@ class DemoSync(Sync):
                 if wd:
                     torch._foreach_mul_(self.params, 1.0 - lr * wd)
             else:
-                for gi, table in self._param_tables.items():  # decay and update in one pass
+                deltas = self._param_addrs.deltas(self.params) if any(self._applied) else None
+                for gi in (gi for gi, a in enumerate(self._applied) if a):  # decay and update in one pass
                     if gi in sparse:  # decode and apply in one pass: the update is never stored
                         ch, cw = self.bases[gi]
-                        kernels.fused_decode_apply(*sparse[gi], ch, cw, self.params, table, lr, 1.0 - lr * wd,
-                                                   rms=self.cfg.update == "rms")
+                        kernels.fused_decode_apply(*sparse[gi], ch, cw, self.params, deltas, self._tables[gi], lr,
+                                                   1.0 - lr * wd, rms=self.cfg.update == "rms")
                     else:
-                        kernels.fused_apply(update[gi], self.params, table, lr, 1.0 - lr * wd)
+                        kernels.fused_apply(update[gi], self.params, deltas, self._tables[gi], lr, 1.0 - lr * wd)
                 if self._torch_params:
                     if wd:
                         torch._foreach_mul_(self._torch_params, 1.0 - lr * wd)

@@ -1,11 +1,11 @@
 """Fused Triton kernels for the DeMo codec on CUDA: one program per chunk, the chunk kept on chip.
 
-Owns `fused_encode`, `fused_decode`, `fused_apply`, `fused_decode_apply` and `TileTable`, the GPU fast path
-of `compression.demo` for chunk groups whose sides are powers of two in [16, 128] (the 64x64 tiles of every
-matrix) or `1 x w` runs of such a width (vectors; 16 per program). The torch path in `compression.demo` is
+Owns `fused_encode`, `fused_decode`, `fused_apply`, `fused_decode_apply`, `TileTable` and `Addresses`, the
+GPU fast path of `compression.demo` for chunk groups whose sides are powers of two in [16, 128] (the 64x64
+tiles of every matrix) or `1 x w` runs of such a width (vectors; 16 per program). The torch path in `compression.demo` is
 the reference; these kernels compute the same math with fewer trips through memory:
 - `fused_encode`: m' = decay * m + lr * grad (the gradient read straight from the parameter-shaped `.grad`
-  through a `TileTable`), the DCT (`tl.dot`s in 3xTF32: fp32-accurate on tensor cores), top-k |coefficient|
+  through a `TileTable` and `Addresses`), the DCT (`tl.dot`s in 3xTF32: fp32-accurate on tensor cores), top-k |coefficient|
   by k max-reductions over int64 keys (descending, ties to the lower index, zero picks last), the error
   feedback m' - idct(picks) as k rank-1 updates, and a per-chunk non-finite count. Memory: read m and grad
   once, write the residual once (the torch path makes ~15 passes and a radix top-k).
@@ -66,10 +66,28 @@ def supports_apply(w: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _topk_keys(y, pos, NPOS: tl.constexpr):
+        """One int64 key per coefficient: |y|'s bits (monotonic for non-negative floats; NaN above inf), then
+        the position reversed (ties go to the lower index), then y's sign bit. A max-reduction over keys
+        gives a pick's value and position at once; a taken key becomes -1, below every other."""
+        a = tl.abs(y)
+        return (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((NPOS - 1 - pos) << 1) | (y < 0).to(tl.int64)
+
+    @triton.jit
+    def _unkey(best, NPOS: tl.constexpr):
+        """(position, signed value) of a key from `_topk_keys`."""
+        mag = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+        return NPOS - 1 - ((best >> 1) & (NPOS - 1)), tl.where((best & 1) == 1, -mag, mag)
+
+    @triton.jit
+    def _non_finite(y):
+        a = tl.abs(y)
+        return tl.where(a == a, a == float("inf"), True).to(tl.int32)
+
+    @triton.jit
     def _encode_kernel(m_ptr, out_ptr, g_ptr, g_delta_ptr, c_param_ptr, c_off_ptr, c_stride_ptr,
                        ch_ptr, cw_ptr, idx_ptr, val_ptr, bad_ptr, decay, lr,
-                       H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr,
-                       RESID_DOT: tl.constexpr):
+                       H: tl.constexpr, W: tl.constexpr, K: tl.constexpr, PREC: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         rh = tl.arange(0, H)
         rw = tl.arange(0, W)
@@ -84,32 +102,17 @@ if triton is not None:
         ch = tl.load(ch_ptr + rh[:, None] * H + rh[None, :])      # C_h [H, H]
         cwt = tl.load(cw_ptr + rw[None, :] * W + rw[:, None])     # C_w^T [W, W]
         y = tl.dot(tl.dot(ch, x, input_precision=PREC), cwt, input_precision=PREC)
-        a = tl.abs(y)
-        bad = tl.sum(tl.sum(tl.where(a == a, a == float("inf"), True).to(tl.int32), 1), 0)  # NaN or inf
-        tl.store(bad_ptr + n, bad)
-        # one int64 key per coefficient: |y|'s bits (monotonic for non-negative floats; NaN above inf),
-        # then the position reversed (ties go to the lower index), then y's sign bit. One max-reduction
-        # per pick gives the value and where it is; a pick's key becomes -1, below every other key.
-        pos = loc.to(tl.int64)
-        key = ((a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((H * W - 1 - pos) << 1)
-               | (y < 0).to(tl.int64))
+        tl.store(bad_ptr + n, tl.sum(tl.sum(_non_finite(y), 1), 0))
+        key = _topk_keys(y, loc.to(tl.int64), H * W)
         for e in tl.static_range(K):
             best = tl.max(tl.max(key, 1), 0)
-            i = H * W - 1 - ((best >> 1) & (H * W - 1))
-            mag = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            v = tl.where((best & 1) == 1, -mag, mag)
+            i, v = _unkey(best, H * W)
             key = tl.where(key == best, -1, key)
             tl.store(idx_ptr + n * K + e, i)
             tl.store(val_ptr + n * K + e, v)
-            if not RESID_DOT:
-                row = tl.load(ch_ptr + (i // W) * H + rh)         # basis function of frequency i // W over h
-                col = tl.load(cw_ptr + (i % W) * W + rw)
-                x = x - (v * row)[:, None] * col[None, :]
-        if RESID_DOT:  # x - C_h^T @ picks @ C_w on the tensor cores
-            cht = tl.load(ch_ptr + rh[None, :] * H + rh[:, None])
-            cw = tl.load(cw_ptr + rw[:, None] * W + rw[None, :])
-            sparse = tl.where(key == -1, y, 0.0)
-            x = x - tl.dot(tl.dot(cht, sparse, input_precision=PREC), cw, input_precision=PREC)
+            row = tl.load(ch_ptr + (i // W) * H + rh)             # basis function of frequency i // W over h
+            col = tl.load(cw_ptr + (i % W) * W + rw)
+            x = x - (v * row)[:, None] * col[None, :]              # error feedback: a rank-1 update per pick
         tl.store(out_ptr + n * (H * W) + loc, x)
 
     @triton.jit
@@ -139,7 +142,6 @@ if triton is not None:
         else:
             tl.store(out_ptr + n * (H * W) + rh[:, None] * W + rw[None, :], u.to(out_ptr.dtype.element_ty))
 
-
     @triton.jit
     def _encode_rows_kernel(m_ptr, out_ptr, g_ptr, g_delta_ptr, c_param_ptr, c_off_ptr, cw_ptr, idx_ptr, val_ptr,
                             bad_ptr, n_chunks, decay, lr, W: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
@@ -156,15 +158,11 @@ if triton is not None:
         x = m * decay + g * lr
         cwt = tl.load(cw_ptr + rw[None, :] * W + rw[:, None])
         y = tl.dot(x, cwt, input_precision=PREC)
-        a = tl.abs(y)
-        tl.store(bad_ptr + q, tl.sum(tl.where(a == a, a == float("inf"), True).to(tl.int32), 1), mask=ok)
-        pos = rw[None, :].to(tl.int64)
-        key = (a.to(tl.int32, bitcast=True).to(tl.int64) << 32) | ((W - 1 - pos) << 1) | (y < 0).to(tl.int64)
+        tl.store(bad_ptr + q, tl.sum(_non_finite(y), 1), mask=ok)
+        key = _topk_keys(y, rw[None, :].to(tl.int64), W)
         for e in tl.static_range(K):
             best = tl.max(key, 1)
-            i = W - 1 - ((best >> 1) & (W - 1))
-            mag = (best >> 32).to(tl.int32).to(tl.float32, bitcast=True)
-            v = tl.where((best & 1) == 1, -mag, mag)
+            i, v = _unkey(best, W)
             key = tl.where(key == best[:, None], -1, key)
             tl.store(idx_ptr + q * K + e, i, mask=ok)
             tl.store(val_ptr + q * K + e, v, mask=ok)
@@ -216,15 +214,11 @@ if triton is not None:
         tl.store(addr, p * wdm - lr * u, mask=mask)
 
 
-
-
 class TileTable:
     """Where every chunk of a group lives inside parameter-shaped tensors (gradients, parameters), as offsets.
 
-    Static per chunk: its parameter, the offset of its tile in that parameter, the parameter's row length.
-    Per step: each gradient's address relative to the first one (`deltas`), rebuilt only when an address
-    changed (the caching allocator usually hands `zero_grad(set_to_none=True)`'s fresh gradients the same
-    memory as last step). All tensors must be float32 and contiguous: the caller checks.
+    Per chunk: its parameter, the offset of its tile in that parameter, the parameter's row length. The
+    same table serves the gradients and the parameters; where those tensors are is `Addresses`' job.
     """
 
     def __init__(self, slots, device):
@@ -239,20 +233,23 @@ class TileTable:
         self.c_param = torch.cat(params).to(device)
         self.c_off = torch.cat(offs).to(device)
         self.c_stride = torch.cat(strides).to(device)
+
+
+class Addresses:
+    """Each tensor's address relative to the first one's (the kernels' base pointer), in elements, on the
+    device: one instance per set of tensors (the gradients; the parameters), shared by every group.
+
+    Re-sent only when an address changed (the caching allocator usually hands `zero_grad(set_to_none=True)`'s
+    fresh gradients the same memory as last step). The tensors must be float32 and contiguous: the caller
+    checks.
+    """
+
+    def __init__(self, device):
         self.device = device
         self._ptrs: list[int] | None = None
         self._deltas: torch.Tensor | None = None
 
-    def sibling(self) -> "TileTable":
-        """The same chunk offsets for another set of tensors of these shapes (its own address cache)."""
-        twin = TileTable.__new__(TileTable)
-        twin.c_param, twin.c_off, twin.c_stride, twin.device = self.c_param, self.c_off, self.c_stride, self.device
-        twin.n_chunks = self.n_chunks
-        twin._ptrs, twin._deltas = None, None
-        return twin
-
     def deltas(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """Element offsets of `tensors` from `tensors[0]` (the kernels' base pointer), on the device."""
         ptrs = [t.data_ptr() for t in tensors]
         if ptrs != self._ptrs:
             base = ptrs[0]
@@ -263,10 +260,11 @@ class TileTable:
         return self._deltas
 
 
-def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], table: TileTable,
-                 ch: torch.Tensor, cw: torch.Tensor, k: int, decay: float, lr: float, precision: str = "tf32x3",
-                 resid_dot: bool = False, num_warps: int | None = None):
+def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], deltas: torch.Tensor,
+                 table: TileTable, ch: torch.Tensor, cw: torch.Tensor, k: int, decay: float, lr: float,
+                 precision: str = "tf32x3"):
     """out = residual of (decay * m + lr * grad) after its top-k DCT picks; m ([N, h, w]) is not modified.
+    `deltas` = `Addresses.deltas(grads)`.
 
     Returns (indices [N, k] int64, values [N, k] float32 sorted by |value| descending, bad [N] int32 = the
     count of non-finite coefficients per chunk).
@@ -275,61 +273,60 @@ def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], 
     idx = torch.empty(N, k, dtype=torch.int64, device=m.device)
     val = torch.empty(N, k, dtype=torch.float32, device=m.device)
     bad = torch.empty(N, dtype=torch.int32, device=m.device)
-    if h == 1:
-        with _launch:
-            _encode_rows_kernel[(triton.cdiv(N, ROWS),)](
-                m, out, grads[0], table.deltas(grads), table.c_param, table.c_off, cw, idx, val, bad, N,
-                float(decay), float(lr), W=w, K=k, R=ROWS, PREC=precision, num_warps=4)
-        return idx, val, bad
     with _launch:
-        _encode_kernel[(N,)](m, out, grads[0], table.deltas(grads), table.c_param, table.c_off, table.c_stride,
-                             ch, cw, idx, val, bad, float(decay), float(lr),
-                             H=h, W=w, K=k, PREC=precision, RESID_DOT=resid_dot,
-                             num_warps=num_warps or 4)
+        if h == 1:
+            _encode_rows_kernel[(triton.cdiv(N, ROWS),)](
+                m, out, grads[0], deltas, table.c_param, table.c_off, cw, idx, val, bad, N,
+                float(decay), float(lr), W=w, K=k, R=ROWS, PREC=precision, num_warps=4)
+        else:
+            _encode_kernel[(N,)](m, out, grads[0], deltas, table.c_param, table.c_off, table.c_stride,
+                                 ch, cw, idx, val, bad, float(decay), float(lr), H=h, W=w, K=k, PREC=precision,
+                                 num_warps=4)
     return idx, val, bad
-
-
-def fused_decode(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, out: torch.Tensor,
-                 rms: bool = False) -> torch.Tensor:
-    """out[n] = sign (or x / rms(x)) of idct(sparse coefficients `coef` at flat positions `idx`, both [N, E])."""
-    N, h, w = out.shape
-    _decode(idx, coef, ch, cw, out, N, h, w, rms, None)
-    return out
-
-
-def fused_decode_apply(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor,
-                       params: list[torch.Tensor], table: TileTable, lr: float, wdm: float, rms: bool = False) -> None:
-    """`fused_decode` then `fused_apply` in one pass, the update never written: p <- p * wdm - lr * u for
-    every chunk of a group (`table`). The same bits as the two kernels: the same sum, and the update
-    dtype (bf16 for signs, fp32 for `rms`) holds u exactly."""
-    N, h, w = table.n_chunks, ch.shape[0], cw.shape[0]
-    _decode(idx, coef, ch, cw, params[0], N, h, w, rms, (table.deltas(params), table, lr, wdm))
 
 
 DECODE_WARPS = 2   # warps per 2-D chunk program of the decode kernels (2: 0.50 ms, 8: 0.52-0.61 on an H100)
 
 
-def _decode(idx, coef, ch, cw, out, N, h, w, rms, apply):
-    E = idx.shape[1]
+def fused_decode(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, out: torch.Tensor,
+                 rms: bool = False) -> torch.Tensor:
+    """out[n] = sign (or x / rms(x)) of idct(sparse coefficients `coef` at flat positions `idx`, both [N, E])."""
+    _decode(idx, coef, ch, cw, out, out.shape[0], rms, apply=False, deltas=out, table=None, lr=0.0, wdm=1.0)
+    return out
+
+
+def fused_decode_apply(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor,
+                       params: list[torch.Tensor], deltas: torch.Tensor, table: TileTable, lr: float, wdm: float,
+                       rms: bool = False) -> None:
+    """`fused_decode` then `fused_apply` in one pass, the update never written: p <- p * wdm - lr * u for
+    every chunk of a group (`table`; `deltas` = `Addresses.deltas(params)`). The same bits as the two
+    kernels: the same sum, and the update dtype (bf16 for signs, fp32 for `rms`) holds u exactly."""
+    _decode(idx, coef, ch, cw, params[0], table.n_chunks, rms, apply=True, deltas=deltas, table=table, lr=lr, wdm=wdm)
+
+
+def _decode(idx, coef, ch, cw, out, N, rms, apply, deltas, table, lr, wdm):
+    """Launch the decode kernel of the group's chunk shape; `out` is the update buffer, or with `apply`
+    the first parameter (the base of `deltas`)."""
+    h, w, E = ch.shape[0], cw.shape[0], idx.shape[1]
     idx, coef = idx.contiguous(), coef.to(torch.float32).contiguous()
-    deltas, table, lr, wdm = apply if apply else (out, None, 0.0, 1.0)
-    c_param, c_off, c_stride = (table.c_param, table.c_off, table.c_stride) if table else (out, out, out)
+    c_param, c_off, c_stride = (table.c_param, table.c_off, table.c_stride) if apply else (out, out, out)
     with _launch:
         if h == 1:
             _decode_rows_kernel[(triton.cdiv(N, ROWS),)](idx, coef, cw, out, N, deltas, c_param, c_off,
                                                          float(lr), float(wdm), W=w, E=E, R=ROWS, RMS=bool(rms),
-                                                         APPLY=apply is not None, num_warps=4)
+                                                         APPLY=apply, num_warps=4)
         else:
             _decode_kernel[(N,)](idx, coef, ch, cw, out, deltas, c_param, c_off, c_stride, float(lr), float(wdm),
-                                 H=h, W=w, E=E, RMS=bool(rms), APPLY=apply is not None,
+                                 H=h, W=w, E=E, RMS=bool(rms), APPLY=apply,
                                  num_warps=DECODE_WARPS if h * w >= 4096 else 4)
 
 
-def fused_apply(update: torch.Tensor, params: list[torch.Tensor], table: TileTable, lr: float, wdm: float) -> None:
+def fused_apply(update: torch.Tensor, params: list[torch.Tensor], deltas: torch.Tensor, table: TileTable,
+                lr: float, wdm: float) -> None:
     """p <- p * wdm - lr * u for every chunk of one group (`update` [N, h, w]), in the parameters themselves."""
     N, h, w = update.shape
     rows = N * h
     with _launch:
-        _apply_kernel[(triton.cdiv(rows, APPLY_ROWS),)](update, params[0], table.deltas(params), table.c_param,
+        _apply_kernel[(triton.cdiv(rows, APPLY_ROWS),)](update, params[0], deltas, table.c_param,
                                                         table.c_off, table.c_stride, rows, float(lr), float(wdm),
                                                         H=h, W=w, R=APPLY_ROWS, num_warps=4)

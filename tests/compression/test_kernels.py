@@ -27,21 +27,20 @@ def _group_setup(shapes, chunk, seed=0):
     return plan, grads, grp, m
 
 
-@pytest.mark.parametrize("shapes,chunk,k,resid_dot", [
-    ([(128, 192), (64, 64, 2), (64,)], 64, 4, False),   # two matrices (one 3-D) share the 64x64 group
-    ([(128, 192), (64, 64, 2)], 64, 4, True),            # residual through tensor-core matmuls
-    ([(32, 48), (16, 80)], 16, 7, False),
-    ([(192,), (320,), (64,)], 64, 3, False),             # vectors: 1 x 64 chunks, 16 per program (one partial)
+@pytest.mark.parametrize("shapes,chunk,k", [
+    ([(128, 192), (64, 64, 2), (64,)], 64, 4),   # two matrices (one 3-D) share the 64x64 group
+    ([(32, 48), (16, 80)], 16, 7),
+    ([(192,), (320,), (64,)], 64, 3),            # vectors: 1 x 64 chunks, 16 per program (one partial)
 ])
-def test_fused_encode_matches_the_torch_path(shapes, chunk, k, resid_dot):
+def test_fused_encode_matches_the_torch_path(shapes, chunk, k):
     plan, grads, grp, m = _group_setup(shapes, chunk)
     ch, cw = dct_basis(grp.h, DEV), dct_basis(grp.w, DEV)
     ref = 0.9 * m + 0.25 * plan.gather(grads, DEV)[0]
     ref_idx, ref_val = encode_chunks(ref, ch, cw, k)  # ref becomes the residual
     before = m.clone()
     out = torch.empty_like(m)
-    idx, val, bad = kernels.fused_encode(m, out, grads, kernels.TileTable(grp.slots, DEV), ch, cw, k, 0.9, 0.25,
-                                         resid_dot=resid_dot)
+    idx, val, bad = kernels.fused_encode(m, out, grads, kernels.Addresses(DEV).deltas(grads),
+                                         kernels.TileTable(grp.slots, DEV), ch, cw, k, 0.9, 0.25)
     assert torch.equal(m, before), "the committed momentum must not change"
     assert torch.equal(idx, ref_idx)
     assert torch.allclose(val, ref_val, rtol=1e-4, atol=1e-5)
@@ -57,7 +56,8 @@ def test_fused_encode_flags_non_finite_chunks_and_keeps_picks_unique():
     grads[1][3, 70] = float("nan")  # second parameter, its second tile -> chunk 2
     ch, cw = dct_basis(64, DEV), dct_basis(64, DEV)
     out = torch.empty_like(m)
-    idx, val, bad = kernels.fused_encode(m, out, grads, kernels.TileTable(grp.slots, DEV), ch, cw, 4, 0.9, 1.0)
+    idx, val, bad = kernels.fused_encode(m, out, grads, kernels.Addresses(DEV).deltas(grads),
+                                         kernels.TileTable(grp.slots, DEV), ch, cw, 4, 0.9, 1.0)
     assert bad.tolist()[:2] == [0, 0] and bad[2] > 0
     assert (val[0] == 0).all() and len(set(idx[0].tolist())) == 4
 
@@ -93,7 +93,8 @@ def test_fused_apply_decays_and_steps_every_tile_in_place():
         want = [p.clone() for p in params]
         for s, tile in zip(grp.slots, plan.group_views([u if i == gi else None for i in range(len(plan.groups))], gi)):
             s.tiles(want[s.index]).mul_(0.99).add_(tile, alpha=-0.5)
-        kernels.fused_apply(u, params, kernels.TileTable(grp.slots, DEV), 0.5, 0.99)
+        kernels.fused_apply(u, params, kernels.Addresses(DEV).deltas(params), kernels.TileTable(grp.slots, DEV),
+                            0.5, 0.99)
         for p, w in zip(params, want):
             assert torch.allclose(p, w, rtol=1e-6, atol=1e-6)
 
@@ -220,6 +221,6 @@ def test_decode_apply_in_one_pass_gives_the_bits_of_decode_then_apply(rms):
         table = kernels.TileTable(grp.slots, DEV)
         u = torch.empty(grp.n_chunks, grp.h, grp.w, device=DEV, dtype=torch.float32 if rms else torch.bfloat16)
         kernels.fused_decode(idx, coef, ch, cw, u, rms=rms)
-        kernels.fused_apply(u, a, table, 0.01, 0.999)
-        kernels.fused_decode_apply(idx, coef, ch, cw, b, table.sibling(), 0.01, 0.999, rms=rms)
+        kernels.fused_apply(u, a, kernels.Addresses(DEV).deltas(a), table, 0.01, 0.999)
+        kernels.fused_decode_apply(idx, coef, ch, cw, b, kernels.Addresses(DEV).deltas(b), table, 0.01, 0.999, rms=rms)
         assert digest(a) == digest(b)
