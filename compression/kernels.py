@@ -260,6 +260,13 @@ class Addresses:
         return self._deltas
 
 
+# registers per thread of the 2-D encode kernel: Triton's choice (184 for 64x64 chunks) fits 2 programs of 4
+# warps on an SM; 168 fits 3 without spilling (65536 registers per SM on every CUDA GPU since Kepler):
+# 1.585 -> 1.385 ms for GPT-2-small's 39,792 chunks on an H100. 128 fits 4 but spills: 1.71 ms. Larger
+# chunks keep Triton's choice (a cap would only add spills).
+ENCODE_MAXNREG = 168
+
+
 def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], deltas: torch.Tensor,
                  table: TileTable, ch: torch.Tensor, cw: torch.Tensor, k: int, decay: float, lr: float,
                  precision: str = "tf32x3"):
@@ -281,7 +288,8 @@ def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], 
         else:
             _encode_kernel[(N,)](m, out, grads[0], deltas, table.c_param, table.c_off, table.c_stride,
                                  ch, cw, idx, val, bad, float(decay), float(lr), H=h, W=w, K=k, PREC=precision,
-                                 num_warps=4)
+                                 num_warps=4,
+                                 **({} if INTERPRET or h * w > 4096 else {"maxnreg": ENCODE_MAXNREG}))
     return idx, val, bad
 
 
