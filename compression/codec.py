@@ -1,7 +1,9 @@
 """The DeMo wire format: bit packing, one payload per worker per step, validation of received payloads.
 
 Owns: `Framing` (the header, checksum and header checks every payload kind shares; DiLoCo's `DeltaWire`
-builds on it too), `WireFormat` (layout, `encode`, `decode`), `pack_bits`/`unpack_bits`, `PayloadError`.
+builds on it too), `WireFormat` (layout, `encode`, `decode`), `Sections` (how a group's section is packed and
+unpacked; torch ops here, one Triton kernel each way in `compression.kernels`), `pack_bits`/`unpack_bits`,
+`PayloadError`.
 Promises:
 - a payload's size depends only on the model's chunk groups, `topk` and `value_bits` (so it goes through
   an all-gather of fixed-size uint8 buffers);
@@ -217,6 +219,55 @@ class Framing:
             raise PayloadError(bad_rank, reasons[bad_check])
 
 
+class Sections:
+    """How one chunk group's section of a payload is packed and unpacked, with torch ops (any device).
+
+    `compression.kernels.TritonSections` does the same for sign payloads in one kernel per group and
+    direction on CUDA; `takes(spec)` says which groups an implementation handles (the rest come here).
+    Both give the same bytes, and the same indices, values, masks and check flags from them.
+    """
+
+    def takes(self, spec: GroupSpec) -> bool:
+        return True
+
+    def pack(self, idx: torch.Tensor, val: torch.Tensor, spec: GroupSpec, out: torch.Tensor) -> None:
+        """Write the group's section (`[N, k]` picks sorted by |value| descending) into `out`, uint8
+        `[spec.nbytes]`."""
+        parts = [pack_bits(idx, spec.index_bits)]
+        if spec.value_bits == 1:
+            parts += [pack_bits((val != 0).sum(1), spec.count_bits), pack_bits(val < 0, 1)]
+        else:
+            parts.append(val.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1))
+        torch.cat(parts, out=out)
+
+    def unpack(self, sec: torch.Tensor, spec: GroupSpec, validate: bool, clamp: bool):
+        """`[W, spec.nbytes]` sections -> (indices [W, N, k] int64, values [W, N, k] float32, weight masks
+        [W, N, k], ok [W, 3] bool or None): the checks of `WireFormat.check_reasons`, in that order.
+        `clamp` clamps the indices into the chunk (implementations may always do it)."""
+        W, N, k, dev = sec.shape[0], spec.n_chunks, spec.k, sec.device
+        ib, cb = spec.index_bytes, spec.count_bytes
+        idx = unpack_bits(sec[:, :ib], spec.index_bits, N * k).view(W, N, k)
+        if spec.value_bits == 1:
+            counts = unpack_bits(sec[:, ib:ib + cb], spec.count_bits, N).view(W, N, 1)
+            signs = unpack_bits(sec[:, ib + cb:], 1, N * k).view(W, N, k)
+            mask = (_shifts(k, dev, torch.int64) < counts).to(torch.float32)
+            vals = (1.0 - 2.0 * signs.to(torch.float32)) * mask
+            first = (counts <= k).flatten(1).all(1) if validate else None
+        else:
+            vals = _fresh(sec[:, ib:]).view(torch.bfloat16).view(W, N, k).to(torch.float32)
+            mask = torch.ones_like(vals)
+            first = torch.isfinite(vals).flatten(1).all(1) if validate else None
+        ok = None
+        if validate:
+            srt = idx.sort(-1).values
+            ok = torch.stack([first, (idx < spec.numel).flatten(1).all(1),
+                              (srt[..., 1:] != srt[..., :-1]).flatten(1).all(1)], 1)
+        return (idx.clamp(0, spec.numel - 1) if clamp else idx), vals, mask, ok
+
+
+TORCH_SECTIONS = Sections()
+
+
 class WireFormat(Framing):
     """Fixed layout of one worker's DeMo payload for a given model, topk and value_bits."""
 
@@ -228,63 +279,50 @@ class WireFormat(Framing):
 
     # ---- encode ----------------------------------------------------------------------------------
     def encode(self, indices: list[torch.Tensor], values: list[torch.Tensor], rank: int, step: int,
-               weight: float | torch.Tensor) -> torch.Tensor:
+               weight: float | torch.Tensor, sections: Sections = TORCH_SECTIONS) -> torch.Tensor:
         """Per-group picks (`[N, k]` indices, `[N, k]` values sorted by |value| descending) -> uint8 payload.
 
         `weight` may be a 0-d float64 device tensor (e.g. NaN to poison a payload without a host sync).
+        `sections` packs the groups it takes (the others go through torch ops): the bytes are the same.
         """
         device = indices[0].device if indices else torch.device("cpu")
-        parts = [self.header(rank, step, weight, device)]
+        buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        buf[:HEADER_BYTES] = self.header(rank, step, weight, device)
+        off = HEADER_BYTES
         for spec, idx, val in zip(self.groups, indices, values):
-            parts.append(pack_bits(idx, spec.index_bits))
-            if spec.value_bits == 1:
-                parts.append(pack_bits((val != 0).sum(1), spec.count_bits))
-                parts.append(pack_bits(val < 0, 1))
-            else:
-                parts.append(val.to(torch.bfloat16).contiguous().view(torch.uint8).reshape(-1))
-        return self.seal(torch.cat(parts))
+            (sections if sections.takes(spec) else TORCH_SECTIONS).pack(idx, val, spec, buf[off:off + spec.nbytes])
+            off += spec.nbytes
+        return self.seal(buf)
 
     # ---- decode + validate -----------------------------------------------------------------------
-    def decode(self, gathered: torch.Tensor, validate: bool = True, defer: bool = False):
+    def decode(self, gathered: torch.Tensor, validate: bool = True, defer: bool = False,
+               sections: Sections = TORCH_SECTIONS):
         """`[W, nbytes]` payloads in rank order -> (weights [W] f32, per group (indices [W,N,k], values [W,N,k])).
 
         Values of picks past a chunk's nonzero count are 0 and their weight mask is 0 (`masks` per group).
         `defer=True` raises nothing and returns the checks too, `(weights, groups, checks)`, for a caller
         that runs this without a host sync (a CUDA graph) and calls `raise_flags` itself; indices are then
         clamped into range, so unchecked data can be computed on safely before it is refused.
+        `sections` unpacks the groups it takes (same results as the torch ops).
         """
         weights64, checks = self.check_header(gathered, validate)
-        W, dev = gathered.shape[0], gathered.device
         out, off = [], HEADER_BYTES
         for gi, spec in enumerate(self.groups):
-            N, k = spec.n_chunks, spec.k
-            sec = gathered[:, off:off + spec.index_bytes]
-            off += spec.index_bytes
-            idx = unpack_bits(sec, spec.index_bits, N * k).view(W, N, k)
-            if spec.value_bits == 1:
-                counts = unpack_bits(gathered[:, off:off + spec.count_bytes], spec.count_bits, N).view(W, N, 1)
-                off += spec.count_bytes
-                signs = unpack_bits(gathered[:, off:off + spec.value_bytes], 1, N * k).view(W, N, k)
-                off += spec.value_bytes
-                mask = _shifts(k, dev, torch.int64) < counts
-                vals = (1.0 - 2.0 * signs.to(torch.float32)) * mask
-                if validate:
-                    checks.append((f"group {gi}: nonzero count above topk={k}", (counts <= k).flatten(1).all(1)))
-            else:
-                raw = _fresh(gathered[:, off:off + spec.value_bytes])
-                off += spec.value_bytes
-                vals = raw.view(torch.bfloat16).view(W, N, k).to(torch.float32)
-                mask = torch.ones_like(vals)
-                if validate:
-                    checks.append((f"group {gi}: non-finite value", torch.isfinite(vals).flatten(1).all(1)))
+            impl = sections if sections.takes(spec) else TORCH_SECTIONS
+            idx, vals, mask, ok = impl.unpack(gathered[:, off:off + spec.nbytes], spec, validate, clamp=defer)
+            off += spec.nbytes
             if validate:
-                srt = idx.sort(-1).values
-                checks.append((f"group {gi}: index out of range (chunk has {spec.numel} coefficients)",
-                               (idx < spec.numel).flatten(1).all(1)))
-                checks.append((f"group {gi}: duplicate index within a chunk",
-                               (srt[..., 1:] != srt[..., :-1]).flatten(1).all(1)))
-            out.append((idx.clamp(0, spec.numel - 1) if defer else idx, vals, mask))
+                checks += [(reason, ok[:, c]) for c, reason in enumerate(self.check_reasons(gi))]
+            out.append((idx, vals, mask))
         if defer:
             return weights64.to(torch.float32), out, checks
         self.raise_first_failure(checks)  # the one host sync of validation
         return weights64.to(torch.float32), out
+
+    def check_reasons(self, gi: int) -> list[str]:
+        """What each column of a group's `ok` flags checks (`Sections.unpack`)."""
+        spec = self.groups[gi]
+        return [f"group {gi}: nonzero count above topk={spec.k}" if spec.value_bits == 1 else
+                f"group {gi}: non-finite value",
+                f"group {gi}: index out of range (chunk has {spec.numel} coefficients)",
+                f"group {gi}: duplicate index within a chunk"]

@@ -31,7 +31,7 @@ import time
 import torch
 
 from compression import kernels
-from compression.codec import GroupSpec, WireFormat
+from compression.codec import TORCH_SECTIONS, GroupSpec, WireFormat
 from compression.communicator import Communicator
 from compression.config import SyncConfig
 from compression.dct import ChunkPlan, ViewCache, dct2, dct_basis, sparse_idct2
@@ -124,6 +124,8 @@ class DemoSync(Sync):
         # groups the fused kernels take read the gradients and write the parameters themselves (through
         # offset tables); the others go through torch ops on per-parameter views
         self.fused = self._fused_groups(cfg.kernels)
+        # with the kernels on, the payload's sign sections are packed and unpacked by one kernel each too
+        self._sections = kernels.TritonSections() if any(self.fused) else TORCH_SECTIONS
         # sign updates are exact in any float dtype: bf16 halves their memory traffic for the kernels;
         # on the torch path the params' dtype saves a conversion at commit
         self.update_dtype = (torch.bfloat16 if any(self.fused) and cfg.update == "sign" else
@@ -216,11 +218,12 @@ class DemoSync(Sync):
         # us included, then rejects it in validation, so nobody is left waiting in the collective
         finite = torch.stack(finite).all()
         w = torch.full((), float(weight), dtype=torch.float64, device=self.device).masked_fill_(~finite, float("nan"))
-        payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w)
+        payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w, self._sections)
         gathered, t1, t2 = self._timed(self.comm.allgather, payload)
         update = self._updates[1] if self.held is self._updates[0] else self._updates[0]
         if self._graphs is None:
-            weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
+            weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads,
+                                               sections=self._sections)
             sparse = {gi: self._consensus(weights, idx, vals, mask, gi, out=update[gi])
                       for gi, (idx, vals, mask) in enumerate(groups)}
         else:
@@ -237,7 +240,8 @@ class DemoSync(Sync):
     def _decode_into(self, gathered: torch.Tensor, update: list[torch.Tensor]) -> tuple[list, dict]:
         """Decode and consensus without a host sync: (the validation checks, not yet looked at; the consensus
         picks of the groups whose update is applied straight from them)."""
-        weights, groups, checks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, defer=True)
+        weights, groups, checks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, defer=True,
+                                                   sections=self._sections)
         sparse = {gi: self._consensus(weights, idx, vals, mask, gi, out=update[gi])
                   for gi, (idx, vals, mask) in enumerate(groups)}
         return checks, sparse

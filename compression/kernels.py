@@ -26,7 +26,7 @@ import threading
 
 import torch
 
-from compression.codec import to_device
+from compression.codec import GroupSpec, Sections, to_device
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch path
     import triton
@@ -214,6 +214,83 @@ if triton is not None:
         tl.store(addr, p * wdm - lr * u, mask=mask)
 
 
+    @triton.jit
+    def _read_bits(base, pos, BITS: tl.constexpr, nbytes, live):
+        """The BITS-bit little-endian field at bit `pos` of a byte section (BITS <= 25: four bytes hold it);
+        bytes at or past `nbytes` read as 0."""
+        b = pos >> 3
+        w = tl.zeros(pos.shape, dtype=tl.int64)
+        for j in tl.static_range(4):
+            w = w | (tl.load(base + b + j, mask=live & (b + j < nbytes), other=0).to(tl.int64) << (8 * j))
+        return (w >> (pos & 7)) & ((1 << BITS) - 1)
+
+    @triton.jit
+    def _pack_field(src_ptr, out_ptr, start, nbytes, nvals, BITS: tl.constexpr, MODE: tl.constexpr,
+                    K: tl.constexpr, BLOCK: tl.constexpr):
+        """Bytes [start, start + BLOCK) of one bit-packed field array: MODE 0 the int values at src, 1 the
+        count of nonzero floats in each row of K at src, 2 the sign bits (x < 0) of the floats at src."""
+        j = start + tl.arange(0, BLOCK).to(tl.int64)
+        ok = j < nbytes
+        byte = tl.zeros((BLOCK,), dtype=tl.int32)
+        for t in tl.static_range(8):
+            q = (j * 8 + t) // BITS      # the field this bit belongs to, and the bit within it
+            r = ((j * 8 + t) % BITS).to(tl.int32)
+            live = ok & (q < nvals)
+            if MODE == 0:
+                v = tl.load(src_ptr + q, mask=live, other=0).to(tl.int32)
+            elif MODE == 1:
+                v = tl.zeros((BLOCK,), dtype=tl.int32)
+                for e in tl.static_range(K):
+                    v += (tl.load(src_ptr + q * K + e, mask=live, other=0.0) != 0).to(tl.int32)
+            else:
+                v = (tl.load(src_ptr + q, mask=live, other=0.0) < 0).to(tl.int32)
+            byte = byte | (((v >> r) & 1) << t)
+        tl.store(out_ptr + j, byte.to(tl.uint8), mask=ok)
+
+    @triton.jit
+    def _pack_kernel(idx_ptr, val_ptr, out_ptr, N, IB, CB, NB, PI, PC,
+                     K: tl.constexpr, IBITS: tl.constexpr, CBITS: tl.constexpr, BLOCK: tl.constexpr):
+        """One sign-payload group section, `codec.Sections.pack`'s bytes: the first PI programs write the
+        indices, the next PC the nonzero counts, the rest the signs."""
+        pid = tl.program_id(0)
+        if pid < PI:
+            _pack_field(idx_ptr, out_ptr, pid * BLOCK, IB, N * K, IBITS, 0, K, BLOCK)
+        elif pid < PI + PC:
+            _pack_field(val_ptr, out_ptr + IB, (pid - PI) * BLOCK, CB, N, CBITS, 1, K, BLOCK)
+        else:
+            _pack_field(val_ptr, out_ptr + IB + CB, (pid - PI - PC) * BLOCK, NB - IB - CB, N * K, 1, 2, K, BLOCK)
+
+    @triton.jit
+    def _unpack_kernel(sec_ptr, row_stride, idx_ptr, val_ptr, mask_ptr, flag_ptr, N, IB, CB, NB, NUMEL,
+                       K: tl.constexpr, KP: tl.constexpr, IBITS: tl.constexpr, CBITS: tl.constexpr,
+                       BLOCK: tl.constexpr):
+        """`codec.Sections.unpack` of a sign-payload group for BLOCK chunks of one rank's section: indices
+        (clamped), values, weight masks, and the rank's check flags raised with atomic max (count above k,
+        index out of range, duplicate index in a chunk)."""
+        r = tl.program_id(1).to(tl.int64)
+        n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.arange(0, KP)
+        live_n = n < N
+        live = live_n[:, None] & (e[None, :] < K)
+        base = sec_ptr + r * row_stride
+        q = n[:, None] * K + e[None, :]
+        idx = _read_bits(base, q * IBITS, IBITS, IB, live)
+        cnt = _read_bits(base + IB, n * CBITS, CBITS, CB, live_n)
+        sgn = _read_bits(base + IB + CB, q, 1, NB - IB - CB, live)
+        m = (e[None, :] < cnt[:, None]).to(tl.float32)
+        out = r * N * K + q
+        tl.store(idx_ptr + out, tl.minimum(idx, NUMEL - 1), mask=live)
+        tl.store(val_ptr + out, (1.0 - 2.0 * sgn.to(tl.float32)) * m, mask=live)
+        tl.store(mask_ptr + out, m, mask=live)
+        bad_cnt = tl.max((live_n & (cnt > K)).to(tl.int32), 0)
+        bad_rng = tl.max(tl.max((live & (idx >= NUMEL)).to(tl.int32), 1), 0)
+        same = ((idx[:, :, None] == idx[:, None, :]) & (e[:, None] < e[None, :])[None, :, :]
+                & live[:, :, None] & live[:, None, :])
+        bad_dup = tl.max(tl.max(tl.max(same.to(tl.int32), 2), 1), 0)
+        tl.atomic_max(flag_ptr + r * 3, bad_cnt)
+        tl.atomic_max(flag_ptr + r * 3 + 1, bad_rng)
+        tl.atomic_max(flag_ptr + r * 3 + 2, bad_dup)
+
 class TileTable:
     """Where every chunk of a group lives inside parameter-shaped tensors (gradients, parameters), as offsets.
 
@@ -338,3 +415,41 @@ def fused_apply(update: torch.Tensor, params: list[torch.Tensor], deltas: torch.
         _apply_kernel[(triton.cdiv(rows, APPLY_ROWS),)](update, params[0], deltas, table.c_param,
                                                         table.c_off, table.c_stride, rows, float(lr), float(wdm),
                                                         H=h, W=w, R=APPLY_ROWS, num_warps=4)
+
+
+PACK_BLOCK = 512  # payload bytes per program of the pack kernel
+
+
+class TritonSections(Sections):
+    """`codec.Sections` for sign payloads (value_bits 1) in one kernel per group and direction: the ~25
+    torch ops of bit packing, and the ~30 of unpacking and checking, per group per step, become one launch
+    each. Same bytes, indices, values, masks and flags as the torch ops (tested); the indices are always
+    clamped. Groups with bf16 values, more than 32 picks or fields wider than 24 bits stay on torch."""
+
+    def takes(self, spec: GroupSpec) -> bool:
+        return spec.value_bits == 1 and spec.k <= 32 and spec.index_bits <= 24 and spec.count_bits <= 24
+
+    def pack(self, idx, val, spec, out) -> None:
+        with _launch:
+            pi, pc = triton.cdiv(spec.index_bytes, PACK_BLOCK), triton.cdiv(spec.count_bytes, PACK_BLOCK)
+            ps = triton.cdiv(spec.value_bytes, PACK_BLOCK)
+            _pack_kernel[(pi + pc + ps,)](
+                idx.contiguous(), val.contiguous(), out, spec.n_chunks, spec.index_bytes, spec.count_bytes,
+                spec.nbytes, pi, pc, K=spec.k, IBITS=spec.index_bits, CBITS=spec.count_bits, BLOCK=PACK_BLOCK,
+                num_warps=4)
+
+    def unpack(self, sec, spec, validate, clamp):
+        W, N, k, dev = sec.shape[0], spec.n_chunks, spec.k, sec.device
+        if sec.stride(1) != 1:
+            sec = sec.contiguous()
+        idx = torch.empty(W, N, k, dtype=torch.int64, device=dev)
+        vals = torch.empty(W, N, k, dtype=torch.float32, device=dev)
+        mask = torch.empty_like(vals)
+        flags = torch.zeros(W, 3, dtype=torch.int32, device=dev)
+        kp = max(2, triton.next_power_of_2(k))
+        block = max(1, min(256, 4096 // (kp * kp)))
+        with _launch:
+            _unpack_kernel[(triton.cdiv(N, block), W)](
+                sec, sec.stride(0), idx, vals, mask, flags, N, spec.index_bytes, spec.count_bytes, spec.nbytes,
+                spec.numel, K=k, KP=kp, IBITS=spec.index_bits, CBITS=spec.count_bits, BLOCK=block, num_warps=4)
+        return idx, vals, mask, (flags == 0) if validate else None

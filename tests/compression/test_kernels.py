@@ -224,3 +224,43 @@ def test_decode_apply_in_one_pass_gives_the_bits_of_decode_then_apply(rms):
         kernels.fused_apply(u, a, kernels.Addresses(DEV).deltas(a), table, 0.01, 0.999)
         kernels.fused_decode_apply(idx, coef, ch, cw, b, kernels.Addresses(DEV).deltas(b), table, 0.01, 0.999, rms=rms)
         assert digest(a) == digest(b)
+
+
+@pytest.mark.parametrize("n_chunks,numel,k", [(7, 4096, 4), (33, 64, 3), (5, 48, 7)])
+def test_triton_sections_pack_and_unpack_exactly_as_the_torch_ops(n_chunks, numel, k):
+    """`kernels.TritonSections` against `codec.Sections`: the same payload bytes, then from clean and
+    from corrupted payloads (a count above k, an index out of range, a duplicate, random bytes) the same
+    indices, values, masks and check flags."""
+    from compression.codec import TORCH_SECTIONS, GroupSpec, WireFormat
+
+    g = torch.Generator().manual_seed(n_chunks)
+    spec = GroupSpec(n_chunks, numel, k, 1)
+    wire = WireFormat([spec])
+    fast = kernels.TritonSections()
+    assert fast.takes(spec) and not fast.takes(GroupSpec(n_chunks, numel, k, 16))
+    idx = torch.stack([torch.randperm(numel, generator=g)[:k] for _ in range(n_chunks)]).to(DEV)
+    val = torch.randn(n_chunks, k, generator=g)
+    val = val.gather(1, val.abs().argsort(1, descending=True))
+    val[1, k - 2:] = 0.0        # a chunk with fewer nonzero picks than k
+    val = val.to(DEV)
+    ref = wire.encode([idx], [val], rank=0, step=3, weight=1.0)
+    got = wire.encode([idx], [val], rank=0, step=3, weight=1.0, sections=fast)
+    assert torch.equal(ref, got)
+
+    rows = [ref.clone() for _ in range(5)]
+    body = slice(32, 32 + spec.nbytes)
+    rows[1][32 + spec.index_bytes] = 0xFF                 # first chunk's count field all ones: above k
+    rows[2][32:32 + 2] = 0xFF                             # first index all ones: out of range unless 2**bits
+    rows[3][32:32 + spec.index_bytes] = 0                 # every index 0: duplicates
+    rows[4][body] = torch.randint(0, 256, (spec.nbytes,), generator=g, dtype=torch.uint8).to(DEV)
+    gathered = torch.stack(rows)
+    for clamp in (False, True):
+        a = TORCH_SECTIONS.unpack(gathered[:, body], spec, validate=True, clamp=True)
+        b = fast.unpack(gathered[:, body], spec, validate=True, clamp=clamp)
+        for x, y, what in zip(a, b, ("indices", "values", "masks", "flags")):
+            assert x.dtype == y.dtype and torch.equal(x, y), what
+    flags = a[3]
+    assert flags[0].all()
+    assert bool(flags[1, 0]) == (2 ** spec.count_bits - 1 <= k)    # a count field of all ones
+    assert bool(flags[2, 1]) == (numel == 2 ** spec.index_bits)     # an index of all ones
+    assert not flags[3, 2]                                          # duplicates
