@@ -1,6 +1,6 @@
 """Fused Triton kernels for the DeMo codec on CUDA: one program per chunk, the chunk kept on chip.
 
-Owns `fused_encode`, `fused_decode`, `fused_apply`, `fused_decode_apply`, `TileTable` and `Addresses`, the
+Owns `fused_encode`, `fused_decode`, `fused_apply`, `fused_decode_apply`, `TritonSections`, `TileTable` and `Addresses`, the
 GPU fast path of `compression.demo` for chunk groups whose sides are powers of two in [16, 128] (the 64x64
 tiles of every matrix) or `1 x w` runs of such a width (vectors; 16 per program). The torch path in `compression.demo` is
 the reference; these kernels compute the same math with fewer trips through memory:
@@ -15,6 +15,8 @@ the reference; these kernels compute the same math with fewer trips through memo
   same GPU kind and Triton build gets the same bits.
 - `fused_apply`: p <- p * (1 - lr * wd) - lr * u straight into the parameters; `fused_decode_apply` does
   both in one pass without storing u (same bits).
+- `TritonSections`: the wire format's sign-payload sections packed (one kernel per group) and unpacked with
+  their checks (one per group, all ranks), byte for byte and flag for flag what `codec.Sections` does.
 All need Triton; `available()` says whether it imports. `TRITON_INTERPRET=1` (set before import) runs the
 kernels on CPU tensors through Triton's interpreter: that is how the unit tests check them without a GPU.
 """
