@@ -6,10 +6,12 @@ and is associative, so the sum is the same whatever order a CPU or GPU reduces i
 same fingerprint exactly when their bits agree (one differing element always changes the sum: its
 difference times an odd weight is never 0 mod 2^64). Shapes are hashed too.
 
-Cost: this runs on every worker after every committed step, so it works on the parameters concatenated
-in chunks of up to `CHUNK` elements (a handful of kernels per chunk) rather than ~10 kernels per tensor:
-for GPT-2 small (148 tensors) that is ~50 torch ops instead of ~1,500, whose Python dispatch alone is
-~15 ms per step. Only one int64 per element size leaves the device.
+Cost: this runs on every worker after every committed step. On CUDA with Triton, one kernel reads every
+parameter once (through a per-block table of tensor offsets) and writes one partial sum per block: ~0.2 ms
+for GPT-2 small, against ~5 ms for the torch ops, whose int64 temporaries move ~100 bytes per element. The
+torch path (CPU, or no Triton) works on the parameters concatenated in chunks of up to `CHUNK` elements (a
+handful of kernels per chunk) rather than ~10 kernels per tensor. Both give the same sums (wrapping int64
+addition in any order). Only one int64 per element size leaves the device.
 """
 from __future__ import annotations
 
@@ -17,6 +19,12 @@ import hashlib
 from typing import Iterable
 
 import torch
+
+try:  # Triton ships with CUDA builds of torch; without it the torch ops below run
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
 
 _INT_VIEW = {4: torch.int32, 2: torch.int16, 8: torch.int64, 1: torch.uint8}
 _MULT = 0x9E3779B97F4A7C15 - (1 << 64)  # golden-ratio constant as a signed int64
@@ -68,6 +76,81 @@ def _stream_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+BLOCK = 4096  # elements per program of the Triton kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _fingerprint_kernel(base_ptr, blk_tensor, blk_off, t_delta, t_numel, t_start, partial_ptr, mult, salt,
+                            BLOCK: tl.constexpr):
+        """partial[pid] = sum over this block's elements of (bits + salt) * ((2 * position + 1) * mult),
+        wrapping int64; `base_ptr` is the first tensor's integer view, the others sit `t_delta` elements
+        from it."""
+        pid = tl.program_id(0)
+        t = tl.load(blk_tensor + pid)
+        off = tl.load(blk_off + pid) + tl.arange(0, BLOCK)
+        ok = off < tl.load(t_numel + t)
+        bits = tl.load(base_ptr + tl.load(t_delta + t) + off, mask=ok, other=0).to(tl.int64)
+        w = ((tl.load(t_start + t) + off) * 2 + 1) * mult
+        tl.store(partial_ptr + pid, tl.sum(tl.where(ok, (bits + salt) * w, 0), 0))
+
+
+class _BlockTable:
+    """Where each kernel block reads: its tensor and offset, the tensors' addresses relative to the first
+    and their positions in the stream. Built once per set of tensors (parameters do not move)."""
+
+    def __init__(self, views: list[torch.Tensor]):
+        elsize = views[0].element_size()
+        base = views[0].data_ptr()
+        numels = [v.numel() for v in views]
+        starts = [0]
+        for n in numels[:-1]:
+            starts.append(starts[-1] + n)
+        blk_t, blk_o = [], []
+        for i, n in enumerate(numels):
+            nb = -(-n // BLOCK)
+            blk_t.append(torch.full((nb,), i, dtype=torch.int32))
+            blk_o.append(torch.arange(nb, dtype=torch.int64) * BLOCK)
+        dev = views[0].device
+        self.blk_tensor = torch.cat(blk_t).to(dev)
+        self.blk_off = torch.cat(blk_o).to(dev)
+        if any((v.data_ptr() - base) % elsize for v in views):
+            raise ValueError("fingerprint: tensors not aligned to their element size relative to each other")
+        self.t_delta = torch.tensor([(v.data_ptr() - base) // elsize for v in views], dtype=torch.int64).to(dev)
+        self.t_numel = torch.tensor(numels, dtype=torch.int64).to(dev)
+        self.t_start = torch.tensor(starts, dtype=torch.int64).to(dev)
+        self.partial = torch.empty(self.blk_tensor.numel(), dtype=torch.int64, device=dev)
+
+
+_TABLES: dict[tuple, _BlockTable] = {}
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether the one-kernel path runs for tensors on `device` (CUDA with Triton, or Triton's interpreter)."""
+    import os
+
+    return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def triton_stream_sum(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`_stream_sum` in one kernel launch (same value). The tensors share a device and an element size."""
+    views = [_ints(t) for t in tensors]
+    key = (views[0].dtype,) + tuple((v.data_ptr(), v.numel()) for v in views)
+    table = _TABLES.get(key)
+    if table is None:
+        if len(_TABLES) > 16:  # a few live parameter sets per process; forget the rest
+            _TABLES.clear()
+        table = _TABLES[key] = _BlockTable(views)
+    _fingerprint_kernel[(table.blk_tensor.numel(),)](
+        views[0], table.blk_tensor, table.blk_off, table.t_delta, table.t_numel, table.t_start, table.partial,
+        _MULT, _SALT, BLOCK=BLOCK, num_warps=4)
+    return table.partial.sum()
+
+
+def _one_device(tensors: list[torch.Tensor]) -> bool:
+    return len({t.device for t in tensors}) == 1
+
+
 def params_fingerprint(params: Iterable[torch.Tensor]) -> str:
     params = list(params)
     if not params:
@@ -76,7 +159,9 @@ def params_fingerprint(params: Iterable[torch.Tensor]) -> str:
     for p in params:
         by_size.setdefault(p.element_size(), []).append(p)
     sizes = list(by_size)
-    sums = torch.stack([_stream_sum(by_size[s]).to(params[0].device) for s in sizes]).cpu().tolist()
+    fast = params[0].device.type == "cuda" and triton_usable(params[0].device)
+    sums = torch.stack([(triton_stream_sum if fast and _one_device(by_size[s]) else _stream_sum)(by_size[s])
+                        .to(params[0].device) for s in sizes]).cpu().tolist()
     h = hashlib.sha256()
     for s, total in zip(sizes, sums):
         h.update(s.to_bytes(1, "little"))

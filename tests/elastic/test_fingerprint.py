@@ -39,3 +39,25 @@ def test_mixed_dtypes():
     assert fp.params_fingerprint(q) != a
     assert fp.params_fingerprint([]) == "empty"
     assert fp.tensor_fingerprint(ps[0]) == fp.tensor_fingerprint(ps[0].clone())
+
+
+def test_the_one_kernel_path_gives_the_torch_sums():
+    """The Triton kernel (CUDA, or Triton's interpreter on CPU) against the chunked torch ops: same wrapping
+    int64 sums for tensors of several sizes (blocks cut across and inside them), views into one storage,
+    fp32 and 2-byte elements."""
+    import pytest
+
+    pytest.importorskip("triton")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not fp.triton_usable(dev):
+        pytest.skip("Triton imported before TRITON_INTERPRET=1 was set and no GPU")
+    g = torch.Generator().manual_seed(3)
+    store = torch.randn(20000, generator=g).to(dev)
+    ts = [torch.randn(n, generator=g).to(dev) for n in (5000, 1, 4096, 300)] + [store[7:9000], store[9000:]]
+    assert int(fp.triton_stream_sum(ts)) == int(fp._stream_sum(ts))
+    assert int(fp.triton_stream_sum(ts)) == int(fp._stream_sum(ts))  # the cached table
+    half = [t.to(torch.bfloat16) for t in ts[:4]]
+    assert int(fp.triton_stream_sum(half)) == int(fp._stream_sum(half))
+    q = [t.clone() for t in ts]
+    q[5].view(torch.int32)[-1] ^= 1
+    assert int(fp.triton_stream_sum(q)) != int(fp.triton_stream_sum(ts))
