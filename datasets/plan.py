@@ -288,6 +288,11 @@ class DataPlan:
         if len(self._pending) >= self.max_pending:
             raise PlanError(f"assign(step={step}): {len(self._pending)} steps pending "
                             f"({sorted(self._pending)}); commit or abort one first (max_pending={self.max_pending})")
+        drawn = self._draw(shares)
+        self._pending[step] = drawn
+        return {rank: [r for _, r in got] for rank, got in drawn.items()}
+
+    def _draw(self, shares: Mapping[int, int]) -> dict[int, list[_Drawn]]:
         drawn: dict[int, list[_Drawn]] = {}
         for rank in sorted(shares):
             budget = float(shares[rank])
@@ -303,7 +308,20 @@ class DataPlan:
                 got.append((epoch, r))
                 budget -= len(r) * avg
             drawn[rank] = got
-        self._pending[step] = drawn
+        return drawn
+
+    def peek(self, shares: Mapping[int, int]) -> dict[int, list[DocRange]]:
+        """What the next `assign` with these shares will hand out if no step is aborted before it, without
+        changing the plan: a prefetch hint (workers read and tokenize it during the current step). Nothing
+        is promised about it; only `assign` delivers."""
+        saved = (self.epoch, self._order, self._cursor_unit, self._cursor_row, collections.deque(self._returned),
+                 set(self._records))
+        try:
+            drawn = self._draw(shares)
+        finally:
+            self.epoch, self._order, self._cursor_unit, self._cursor_row, self._returned = saved[:5]
+            for e in set(self._records) - saved[5]:  # a rollover while peeking made a record
+                del self._records[e]
         return {rank: [r for _, r in got] for rank, got in drawn.items()}
 
     def commit(self, step: int, dropped: Iterable = ()) -> None:

@@ -71,6 +71,7 @@ class TrainSection:
     pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
     start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready
     log_every: int = 10              # plain log line cadence when not on a terminal
+    prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
 
 
 @dataclass

@@ -563,7 +563,11 @@ class Coordinator:
         t0 = time.time()
         # the decision to commit the previous step rides on this step's call: one RPC per step
         commit_first, self.pending_commit = self.pending_commit, None
-        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first): h
+        # what the next step will likely bring, read by the workers while this one computes (a hint: the
+        # plan is unchanged; an abort or a new share split only makes the workers read again)
+        hint = (self.plan.peek({r: s for r, s in enumerate(shares)})
+                if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
+        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first, hint.get(r)): h
                 for r, h in enumerate(members)}
         if kill_victim is not None:
             time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 import time
 import traceback
 from typing import Any
@@ -79,6 +80,8 @@ class WorkerReplica:
         self.pending_step: int | None = None
         self.last_fingerprint = ""
         self.tokens_per_s = 0.0
+        # the next step's likely documents, read in a background thread: (ranges, thread, result box)
+        self._ahead: tuple[tuple, threading.Thread, dict] | None = None
 
     # ---- membership ----------------------------------------------------------------------
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
@@ -111,9 +114,10 @@ class WorkerReplica:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any],
-             commit_first: int | None = None) -> dict:
+             commit_first: int | None = None, prefetch: list[DocRange] | None = None) -> dict:
         """Commit step `commit_first` if given (the coordinator's decision rides on the next step's call:
-        one RPC per step), then compute and exchange step `step`."""
+        one RPC per step), then compute and exchange step `step`. `prefetch`: the documents the next step
+        will likely bring (`DataPlan.peek`), read and tokenized in the background while this step computes."""
         t0 = time.time()
         committed = {}
         if commit_first is not None:
@@ -122,7 +126,7 @@ class WorkerReplica:
         self.pending_step = step
         boundary = sync_boundary(self.cfg, step)
         try:
-            tokens, loss_sum, n_docs, dropped, read_s = self._forward_backward(ranges)
+            tokens, loss_sum, n_docs, dropped, read_s = self._forward_backward(ranges, prefetch)
         except Exception as e:
             # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
             # weight, so every rank rejects this step at once instead of blocking on us.
@@ -165,10 +169,40 @@ class WorkerReplica:
         )
         return report
 
-    def _forward_backward(self, ranges: list[DocRange]) -> tuple[int, float, int, list, float]:
+    def _read(self, ranges: list[DocRange]):
+        """This step's documents: from the background read if it fetched exactly these ranges, else now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            key, thread, box = ahead
+            thread.join()  # never two reads at once on the reader
+            if key == tuple(ranges) and "batch" in box:
+                return box["batch"]
+        return self.reader.read_batch(ranges)
+
+    def _read_ahead(self, ranges: list[DocRange] | None) -> None:
+        """Start reading `ranges` in the background. A failure is dropped here: the step that needs these
+        documents reads them again and reports it."""
+        if not ranges:
+            return
+        box: dict = {}
+
+        def run():
+            try:
+                box["batch"] = self.reader.read_batch(ranges)
+            except Exception:
+                log.debug("%s: background read of the next step's documents failed", self.worker_id,
+                          exc_info=True)
+
+        thread = threading.Thread(target=run, name=f"{self.worker_id}-read-ahead", daemon=True)
+        thread.start()
+        self._ahead = (tuple(ranges), thread, box)
+
+    def _forward_backward(self, ranges: list[DocRange],
+                          prefetch: list[DocRange] | None = None) -> tuple[int, float, int, list, float]:
         t0 = time.time()
-        batch = self.reader.read_batch(ranges)
+        batch = self._read(ranges)
         read_s = time.time() - t0
+        self._read_ahead(prefetch)  # overlaps this step's compute
         micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
         inputs, targets = pack(batch.docs, self.cfg.train.seq_len, self.tokenizer.eot)
         tokens = int((targets >= 0).sum())
@@ -320,9 +354,10 @@ class Worker:
         self.r.join_group(world_size, rank, generation, backend, group_name)
         return True
 
-    def step(self, step: int, ranges: list, lr: float, chaos: dict, commit_first: int | None = None) -> dict:
+    def step(self, step: int, ranges: list, lr: float, chaos: dict, commit_first: int | None = None,
+             prefetch: list | None = None) -> dict:
         try:
-            report = self.r.step(step, ranges, lr, chaos, commit_first)
+            report = self.r.step(step, ranges, lr, chaos, commit_first, prefetch)
         except Exception as e:
             self.r.phase = "failed"
             return {"worker_id": self.r.worker_id, "rank": self.r.rank, "step": step, "ok": False,

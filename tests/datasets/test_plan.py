@@ -323,3 +323,27 @@ def test_state_stays_small_over_an_epoch_of_many_row_groups():
     acc = plan.accounting(0)
     assert acc["delivered_once"] == plan.documents and acc["duplicated"] == 0 and acc["skipped"] == 0
     assert max(sizes) < 20_000, max(sizes)  # spelled out per row group (version 1): 431 kB
+
+
+def test_peek_predicts_the_next_assign_and_changes_nothing():
+    """`peek` (the prefetch hint) equals the next `assign` with the same shares when nothing aborts in
+    between, leaves the state untouched (across a rollover and with ranges on the returned queue), and is
+    simply wrong, not harmful, after an abort."""
+    shards = make_shards(((10, 10), (10,)))
+    plan = DataPlan(shards, seed=3)
+    shares = {0: 2000, 1: 2500}
+    step = 0
+    while plan.epoch < 2:
+        before = json.dumps(plan.state_dict(), sort_keys=True)
+        hint = plan.peek(shares)
+        assert json.dumps(plan.state_dict(), sort_keys=True) == before
+        got = plan.assign(step, shares)
+        assert got == hint, step
+        if step == 3:                     # an aborted step: its ranges come back first, peek sees them
+            plan.abort(step)
+            hint = plan.peek(shares)
+            assert plan.assign(step, shares) == hint
+        plan.commit(step)
+        step += 1
+    acc = plan.accounting(0)
+    assert acc["delivered_once"] == 30 and acc["duplicated"] == 0 and acc["skipped"] == 0

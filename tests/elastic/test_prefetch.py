@@ -1,0 +1,62 @@
+"""Reading the next step's documents ahead (`train.prefetch`): a hit skips the read, a miss or a failed
+background read changes nothing but the time, and the trained result is the same either way."""
+import threading
+
+from datasets import DataPlan, discover
+from elastic.config import load_config
+from elastic.fingerprint import params_fingerprint
+from elastic.worker import WorkerReplica
+from compression import build_sync
+from compression.communicator import ThreadCommunicator
+
+
+def _replica(cfg, shards):
+    rep = WorkerReplica(cfg, "w0", shards, 0)
+    comm = ThreadCommunicator.group(1)[0]
+    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    reads = []
+    inner = rep.reader.read_batch
+
+    def counted(ranges):  # which thread read which ranges (the real reader does the reading)
+        reads.append((threading.current_thread().name, tuple(ranges)))
+        return inner(ranges)
+
+    rep.reader.read_batch = counted
+    return rep, reads
+
+
+def _train(cfg, shards, hints):
+    """Three steps; `hints(plan, step)` gives the prefetch ranges sent with each step."""
+    rep, reads = _replica(cfg, shards)
+    plan = DataPlan(shards, seed=0)
+    reports = []
+    for step in range(3):
+        ranges = plan.assign(step, {0: 600})[0]
+        reports.append(rep.step(step, ranges, 1e-3, {}, step - 1 if step else None, hints(plan, step)))
+        assert reports[-1]["ok"], reports[-1]
+        plan.commit(step)
+    rep.commit(2)
+    return params_fingerprint(rep.params), [(r["tokens"], r["loss"]) for r in reports], reads
+
+
+def test_prefetch_hit_miss_and_failure_train_the_same():
+    cfg = load_config("tiny", ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1"])
+    d = cfg.data
+    shards = discover(d.source, d.storage_options, text_column=d.text_column)
+    plain = _train(cfg, shards, lambda plan, step: None)
+    hit = _train(cfg, shards, lambda plan, step: plan.peek({0: 600})[0])
+    bad = [type(r)(r.shard, r.row_group, 0, 10**9) for r in plan_ranges(shards)]  # past the row group's end
+    failed = _train(cfg, shards, lambda plan, step: bad)
+    miss = _train(cfg, shards, lambda plan, step: plan.peek({0: 5000})[0])  # another share: other ranges
+    assert plain[:2] == hit[:2] == failed[:2] == miss[:2]
+    main = threading.current_thread().name
+    # a hit: steps 1 and 2 come from the background read only
+    assert [who == main for who, _ in hit[2]] == [True, False, False, False]
+    assert all(who == main for who, _ in plain[2]) and len(plain[2]) == 3
+    # a failed or wrong background read: the step reads its documents itself
+    assert [who == main for who, _ in failed[2]] == [True, False, True, False, True, False]
+    assert sum(who == main for who, _ in miss[2]) == 3
+
+
+def plan_ranges(shards):
+    return DataPlan(shards, seed=0).peek({0: 600})[0]
