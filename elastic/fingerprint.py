@@ -7,8 +7,9 @@ same fingerprint exactly when their bits agree (one differing element always cha
 difference times an odd weight is never 0 mod 2^64). Shapes are hashed too.
 
 Cost: this runs on every worker after every committed step. On CUDA with Triton, one kernel reads every
-parameter once (through a per-block table of tensor offsets) and writes one partial sum per block: ~0.2 ms
-for GPT-2 small, against ~5 ms for the torch ops, whose int64 temporaries move ~100 bytes per element. The
+parameter once (through a per-block table of tensor offsets) and writes one partial sum per block: 0.9 ms
+per fingerprint of GPT-2 small on an H100, host sync and hashing included, against 6.5 ms for the torch
+ops, whose int64 temporaries move ~100 bytes per element. The
 torch path (CPU, or no Triton) works on the parameters concatenated in chunks of up to `CHUNK` elements (a
 handful of kernels per chunk) rather than ~10 kernels per tensor. Both give the same sums (wrapping int64
 addition in any order). Only one int64 per element size leaves the device.
@@ -16,6 +17,7 @@ addition in any order). Only one int64 per element size leaves the device.
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Iterable
 
 import torch
@@ -127,8 +129,6 @@ _TABLES: dict[tuple, _BlockTable] = {}
 
 def triton_usable(device: torch.device) -> bool:
     """Whether the one-kernel path runs for tensors on `device` (CUDA with Triton, or Triton's interpreter)."""
-    import os
-
     return triton is not None and (device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1")
 
 
