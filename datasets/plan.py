@@ -324,6 +324,40 @@ class DataPlan:
                 del self._records[e]
         return {rank: [r for _, r in got] for rank, got in drawn.items()}
 
+    def resplit(self, step: int, ranges: Mapping[int, Sequence[DocRange]]) -> bool:
+        """Hand pending step `step`'s rows to the ranks differently (e.g. `balanced_split` by real token
+        counts). The rows must be exactly those drawn for the step, each once; which epoch each row was
+        drawn in is kept. Returns False, changing nothing, for a step that holds one row twice (drawn in
+        two epochs: a rollover inside a dataset smaller than a step), where rows alone are ambiguous."""
+        drawn = self._pending.get(step)
+        if drawn is None:
+            raise PlanError(f"resplit(step={step}): step is not pending (pending: {sorted(self._pending)})")
+        epoch_of: dict[tuple[int, int, int], int] = {}
+        for got in drawn.values():
+            for e, r in got:
+                for row in range(r.start, r.stop):
+                    if (r.shard, r.row_group, row) in epoch_of:
+                        return False
+                    epoch_of[(r.shard, r.row_group, row)] = e
+        seen = set()
+        new: dict[int, list[_Drawn]] = {}
+        for rank in sorted(ranges):
+            out: list[_Drawn] = []
+            for r in ranges[rank]:
+                rows = [(r.shard, r.row_group, row) for row in range(r.start, r.stop)]
+                if any(x not in epoch_of or x in seen for x in rows):
+                    raise PlanError(f"resplit(step={step}): {r} is not a row set drawn for this step, or repeats one")
+                seen.update(rows)
+                # keep ranges whole unless the epoch changes inside (a range never spans epochs when drawn)
+                for e in sorted({epoch_of[x] for x in rows}):
+                    part = [x[2] for x in rows if epoch_of[x] == e]
+                    out.append((e, DocRange(r.shard, r.row_group, part[0], part[-1] + 1)))
+            new[rank] = out
+        if len(seen) != len(epoch_of):
+            raise PlanError(f"resplit(step={step}): {len(epoch_of) - len(seen)} drawn rows are given to nobody")
+        self._pending[step] = new
+        return True
+
     def commit(self, step: int, dropped: Iterable = ()) -> None:
         """Step `step` trained and synced everywhere: its documents are delivered.
 
@@ -472,3 +506,92 @@ def _as_drop(d) -> tuple[DocRange, str]:
 def ranges_rows(ranges: Iterable[DocRange]) -> int:
     """Number of documents in `ranges`."""
     return sum(len(r) for r in ranges)
+
+
+
+def packed_rows(slots: int, seq_len: int) -> int:
+    """Training rows `datasets.pack` makes of documents needing `slots` target slots (t + 1 per document)."""
+    return -(-slots // seq_len)
+
+
+def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_len: int) -> list[int]:
+    """Cut points for a step's rows (in order, one row each with its token count; 0 for a row that yields
+    no document): rank r gets rows [cuts[r-1], cuts[r]). Contiguous runs whose packed training rows are as
+    nearly in proportion to `shares` as whole documents allow (the largest rows / share is minimal; a
+    document of t tokens takes t + 1 target slots). Every rank gets at least one row while rows remain."""
+    n, W = len(docs), len(shares)
+    if W == 0:
+        return []
+    if n <= W:
+        return [min(n, r + 1) for r in range(W)]
+    mean = sum(shares) / W
+    weight = [s / mean for s in shares]
+    slots = [t + 1 if t > 0 else 0 for _, t in docs]
+
+    prefix = [0]
+    for x in slots:
+        prefix.append(prefix[-1] + x)
+
+    def rows(i: int, j: int) -> int:  # packed rows of rows [i, j)
+        return packed_rows(prefix[j] - prefix[i], seq_len)
+
+    def cuts_at(lam: float) -> list[int] | None:
+        """Cut points keeping every rank r within lam * weight_r packed rows (at least one row each), or
+        None: which end positions each prefix of ranks can reach, then a walk back from n."""
+        caps = [math.floor(lam * w + 1e-9) for w in weight]
+        layers = [[True] + [False] * n]
+        for r in range(W):
+            reach, mark, j = layers[-1], [0] * (n + 2), 0
+            for i in range(n):
+                j = max(j, i)
+                while j < n and rows(i, j + 1) <= caps[r]:
+                    j += 1
+                if reach[i] and j > i:  # ends i+1..j are reachable from i
+                    mark[i + 1] += 1
+                    mark[j + 1] -= 1
+            nxt, run = [False] * (n + 1), 0
+            for k in range(n + 1):
+                run += mark[k]
+                nxt[k] = run > 0
+            layers.append(nxt)
+        if not layers[W][n]:
+            return None
+        cuts, pos = [n], n
+        for r in range(W - 1, 0, -1):
+            pos = max(i for i in range(pos) if layers[r][i] and rows(i, pos) <= caps[r])
+            cuts.insert(0, pos)
+        return cuts
+
+    lo, hi = 0.0, (packed_rows(sum(slots), seq_len) + 1) / min(weight)
+    best = cuts_at(hi)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        c = cuts_at(mid)
+        if c is None:
+            lo = mid
+        else:
+            best, hi = c, mid
+    return best
+
+
+def split_cost(docs: Sequence[tuple[DocRange, int]], cuts: Sequence[int], shares: Sequence[float],
+               seq_len: int) -> float:
+    """The largest packed rows / share of a split (what a step waits for: its slowest rank)."""
+    mean = sum(shares) / len(shares)
+    prev, worst = 0, 0.0
+    for r, c in enumerate(cuts):
+        rows = packed_rows(sum(t + 1 for _, t in docs[prev:c] if t > 0), seq_len)
+        worst = max(worst, rows * mean / shares[r])
+        prev = c
+    return worst
+
+
+def row_runs(rows: Sequence[DocRange]) -> list[DocRange]:
+    """Consecutive one-row ranges merged into runs."""
+    out: list[DocRange] = []
+    for d in rows:
+        if out and out[-1].shard == d.shard and out[-1].row_group == d.row_group and out[-1].stop == d.start:
+            out[-1] = DocRange(d.shard, d.row_group, out[-1].start, d.stop)
+        else:
+            out.append(d)
+    return out

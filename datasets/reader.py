@@ -73,6 +73,8 @@ class DocBatch:
     stats: ReadStats
     # rows consumed but not returned, as (DocRange, "filtered" | "unusable"): what DataPlan.commit takes
     dropped: list[tuple[DocRange, str]] = field(default_factory=list)
+    # the one-row DocRange each of `docs` came from
+    origins: list[DocRange] = field(default_factory=list)
 
     def dropped_json(self) -> list[list]:
         return [r.to_list() + [reason] for r, reason in self.dropped]
@@ -88,6 +90,37 @@ def _merge_drops(drops: list[tuple[DocRange, str]]) -> list[tuple[DocRange, str]
                 continue
         out.append((r, reason))
     return out
+
+
+def assemble(batches: Sequence[DocBatch], ranges: Sequence[DocRange]) -> tuple[DocBatch, list[DocRange]]:
+    """The batch `read_batch(ranges)` would give, put together from batches already read (of other, possibly
+    overlapping ranges): documents and drops in the order of `ranges`. Also returns the rows none of the
+    batches covers (as one-row ranges): read those, then assemble again with that batch too. Stats count
+    documents, returned documents and tokens only. A row may appear once in `ranges`."""
+    docs_of: dict[tuple[int, int, int], list[int]] = {}
+    drop_of: dict[tuple[int, int, int], str] = {}
+    for b in batches:
+        for o, d in zip(b.origins, b.docs):
+            docs_of[(o.shard, o.row_group, o.start)] = d
+        for r, reason in b.dropped:
+            for row in range(r.start, r.stop):
+                drop_of[(r.shard, r.row_group, row)] = reason
+    st = ReadStats()
+    docs, origins, drops, missing = [], [], [], []
+    for r in ranges:
+        for row in range(r.start, r.stop):
+            key = (r.shard, r.row_group, row)
+            one = DocRange(r.shard, r.row_group, row, row + 1)
+            st.documents += 1
+            if key in docs_of:
+                docs.append(docs_of[key])
+                origins.append(one)
+            elif key in drop_of:
+                drops.append((one, drop_of[key]))
+            else:
+                missing.append(one)
+    st.returned, st.tokens = len(docs), sum(len(d) for d in docs)
+    return DocBatch(docs=docs, stats=st, dropped=_merge_drops(drops), origins=origins), missing
 
 
 _CORRUPT = object()   # cache marker: this row group cannot be decoded
@@ -284,7 +317,7 @@ class ShardReader:
             log.warning("read: %d empty and %d corrupt documents skipped (counted)", st.empty, st.corrupt)
         with self._lock:
             self.stats.add(st)
-        return DocBatch(docs=docs, stats=st, dropped=_merge_drops(drops))
+        return DocBatch(docs=docs, stats=st, dropped=_merge_drops(drops), origins=origins)
 
     def read(self, ranges: Sequence[DocRange]) -> list[list[int]]:
         """Token lists of the usable documents of `ranges` (no EOT; `pack` adds the separators)."""

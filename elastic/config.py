@@ -72,6 +72,7 @@ class TrainSection:
     start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready
     log_every: int = 10              # plain log line cadence when not on a terminal
     prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
+    balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
 
 
 @dataclass

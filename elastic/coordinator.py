@@ -22,7 +22,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state
-from datasets import DataPlan, discover
+from datasets import DataPlan, DocRange, discover
+from datasets.plan import balanced_split, row_runs, split_cost
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
@@ -77,6 +78,7 @@ class Coordinator:
         self.scaled_explicitly = False
         self.scale_leaving: set[str] = set()
         self.pending_commit: int | None = None  # decided, applied by workers at their next call
+        self._ahead_counts: dict[tuple[int, int, int], int] = {}  # next step's tokens per row (`_balance`)
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
         self.node_chaos_ack = threading.Event()
@@ -386,6 +388,8 @@ class Coordinator:
             "plan": self.plan.state_dict(), "chaos": self.chaos.state_dict(),
             "summary": self.summary.state_dict(), "config": to_dict(self.cfg, redact=True),
             "next_worker_num": self.next_worker_num,
+            # the next step's split depends on them: a resumed run splits it the same way
+            "ahead_counts": [[*k, t] for k, t in sorted(self._ahead_counts.items())],
         }
         uri = self.store.write(self.step, meta, files)
         self.summary.checkpoint(uri, self.step, reason, time.time() - t0)
@@ -404,6 +408,7 @@ class Coordinator:
         meta = ckpt.meta
         self.step = int(meta["step"])
         self.plan.load_state_dict(meta["plan"])
+        self._ahead_counts = {(s, g, x): t for s, g, x, t in meta.get("ahead_counts", [])}
         if not mid_run:
             self.chaos.load_state_dict(meta.get("chaos", {}))
             self.summary.load_state_dict(meta.get("summary", {}))
@@ -547,7 +552,7 @@ class Coordinator:
             m.tokens_per_s = h.tokens_per_s
         shares = compute_shares(gen.members, self.cfg.train.batch_tokens, self.cfg.train.balance,
                                 self.cfg.train.batch_tokens_by_accelerator, self.cfg.train.seq_len)
-        assignment = self.plan.assign(step, {r: s for r, s in enumerate(shares)})
+        assignment = self._balance(step, self.plan.assign(step, {r: s for r, s in enumerate(shares)}), shares)
         lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
                    self.cfg.train.min_lr_ratio)
         due = self.chaos.due(step)
@@ -632,6 +637,34 @@ class Coordinator:
             self.summary.rejected_step(step, errors)
             return
         self.membership_change(kind, list(leaving), [], detected)
+
+    def _balance(self, step: int, assignment: dict, shares: list[int]) -> dict:
+        """Re-split `step`'s documents over the ranks by their real token counts (read ahead by the workers
+        during the previous step), so every rank packs about its share of rows and nobody waits for a peer
+        that drew longer documents. Only moves documents at the cuts between neighbouring ranks; the step's
+        documents stay the same. Without counts for every row (the first step, after a failure or a
+        membership change, a read ahead that failed) the plan's split stands."""
+        counts, self._ahead_counts = self._ahead_counts, {}
+        if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or len(assignment) < 2 or not counts:
+            return assignment
+        order = sorted(assignment)
+        rows = [(DocRange(r.shard, r.row_group, x, x + 1), counts.get((r.shard, r.row_group, x)))
+                for k in order for r in assignment[k] for x in range(r.start, r.stop)]
+        if any(t is None for _, t in rows):
+            return assignment
+        sh, seq = [shares[k] for k in order], self.cfg.train.seq_len
+        cuts, n = [], 0
+        for k in order:
+            n += sum(len(r) for r in assignment[k])
+            cuts.append(n)
+        new_cuts = balanced_split(rows, sh, seq)
+        if split_cost(rows, new_cuts, sh, seq) >= split_cost(rows, cuts, sh, seq):
+            return assignment
+        new = {k: row_runs([d for d, _ in rows[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
+        if not self.plan.resplit(step, new):
+            return assignment
+        self.summary.data["rebalanced_steps"] = self.summary.data.get("rebalanced_steps", 0) + 1
+        return new
 
     def _join_time(self, h: WorkerHandle) -> float:
         """When the capacity a joiner uses appeared: its node's first sighting, else its spawn."""
@@ -766,6 +799,8 @@ class Coordinator:
         """Every rank exchanged step `step`: it is committed (workers apply it at their next call)."""
         agree = True  # fingerprints arrive with the next call; a disagreement is recorded then
         self.plan.commit(step, dropped=[d for r in reports.values() for d in r.get("dropped", [])])
+        # what the workers read ahead for the next step, per row: `_balance` splits that step with it
+        self._ahead_counts = {(s, g, x): t for r in reports.values() for s, g, x, t in r.get("ahead_tokens", [])}
         self.pending_commit = step
         self.step = step + 1
         self.recent_step_s.append(wall)

@@ -20,6 +20,8 @@ import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
+from datasets.plan import row_runs
+from datasets.reader import assemble
 from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
 from elastic.fingerprint import params_fingerprint
@@ -161,6 +163,9 @@ class WorkerReplica:
             report.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             return report
         self.phase = "exchanged"
+        ahead = self._ahead_tokens() if self.cfg.train.balance_rows else None
+        if ahead is not None:
+            report["ahead_tokens"] = ahead
         step_s = time.time() - t0
         report.update(
             bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
@@ -170,14 +175,37 @@ class WorkerReplica:
         return report
 
     def _read(self, ranges: list[DocRange]):
-        """This step's documents: from the background read if it fetched exactly these ranges, else now."""
+        """This step's documents: from the background read where it fetched them (all, or a part when the
+        coordinator moved a few documents between ranks to balance rows: only the rest is read now)."""
         ahead, self._ahead = self._ahead, None
+        batch = None
         if ahead is not None:
             key, thread, box = ahead
             thread.join()  # never two reads at once on the reader
-            if key == tuple(ranges) and "batch" in box:
-                return box["batch"]
+            batch = box.get("batch")
+            if batch is not None and key == tuple(ranges):
+                return batch
+        rows = [(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)]
+        if batch is not None and len(set(rows)) == len(rows):  # rows name documents (see DataPlan.resplit)
+            got, missing = assemble([batch], ranges)
+            if missing and len(missing) < len(rows):
+                got, missing = assemble([batch, self.reader.read_batch(row_runs(missing))], ranges)
+            if not missing:
+                return got
         return self.reader.read_batch(ranges)
+
+    def _ahead_tokens(self) -> list[list[int]] | None:
+        """Token counts of the documents read ahead, per row ([shard, row_group, row, tokens]; 0 for a row
+        that yields no document): what the coordinator balances the next step's split with."""
+        if self._ahead is None:
+            return None
+        _, thread, box = self._ahead
+        thread.join()  # usually done long before the exchange is; waiting keeps the split deterministic
+        batch = box.get("batch")
+        if batch is None:
+            return None
+        return ([[o.shard, o.row_group, o.start, len(d)] for o, d in zip(batch.origins, batch.docs)]
+                + [[r.shard, r.row_group, x, 0] for r, _ in batch.dropped for x in range(r.start, r.stop)])
 
     def _read_ahead(self, ranges: list[DocRange] | None) -> None:
         """Start reading `ranges` in the background. A failure is dropped here: the step that needs these

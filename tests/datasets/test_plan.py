@@ -347,3 +347,50 @@ def test_peek_predicts_the_next_assign_and_changes_nothing():
         step += 1
     acc = plan.accounting(0)
     assert acc["delivered_once"] == 30 and acc["duplicated"] == 0 and acc["skipped"] == 0
+
+
+def test_balanced_split_is_optimal_against_brute_force():
+    import itertools
+
+    from datasets.plan import balanced_split, split_cost
+
+    rng = random.Random(4)
+    for trial in range(300):
+        n, W = rng.randint(1, 8), rng.randint(1, 3)
+        docs = [(DocRange(0, 0, i, i + 1), rng.choice([0, 1, 5, 40, 63, 64, 65, 200, 700])) for i in range(n)]
+        shares = [rng.choice([1000, 2000, 3000]) for _ in range(W)]
+        cuts = balanced_split(docs, shares, 64)
+        assert len(cuts) == W and cuts[-1] == n and cuts == sorted(cuts)
+        if n >= W:
+            assert all(b > a for a, b in zip([0] + cuts, cuts))  # everyone gets a row
+            best = min(split_cost(docs, list(c) + [n], shares, 64)
+                       for c in itertools.combinations(range(1, n), W - 1))
+            assert split_cost(docs, cuts, shares, 64) == best, (docs, shares, cuts)
+
+
+def test_resplit_moves_rows_between_ranks_and_keeps_exactly_once():
+    from datasets.plan import row_runs
+
+    shards = make_shards(((10, 10), (10,)))
+    plan = DataPlan(shards, seed=3)
+    step, seen_ambiguous = 0, []
+    while plan.epoch < 2:
+        a = plan.assign(step, {0: 2000, 1: 2500})
+        rows = [DocRange(r.shard, r.row_group, x, x + 1) for k in sorted(a) for r in a[k] for x in range(r.start, r.stop)]
+        ambiguous = len(set(rows)) < len(rows)  # a row of both epochs in one step (rollover, tiny data)
+        if len(rows) >= 2:
+            cut = 1 + step % (len(rows) - 1)
+            assert plan.resplit(step, {0: row_runs(rows[:cut]), 1: row_runs(rows[cut:])}) is not ambiguous
+            seen_ambiguous.append(ambiguous)
+        if step == 1:
+            with pytest.raises(PlanError, match="not a row set"):
+                plan.resplit(step, {0: [DocRange(0, 0, 0, 10)], 1: []})
+            with pytest.raises(PlanError, match="given to nobody"):
+                plan.resplit(step, {0: row_runs(rows[:1])})
+            plan.abort(step)            # the resplit ranges come back, all of them
+        else:
+            plan.commit(step)
+        step += 1
+    acc = plan.accounting(0)
+    assert acc["delivered_once"] == 30 and acc["duplicated"] == 0 and acc["skipped"] == 0
+    assert True in seen_ambiguous and False in seen_ambiguous

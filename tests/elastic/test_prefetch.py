@@ -1,5 +1,6 @@
-"""Reading the next step's documents ahead (`train.prefetch`): a hit skips the read, a miss or a failed
-background read changes nothing but the time, and the trained result is the same either way."""
+"""Reading the next step's documents ahead (`train.prefetch`): a hit skips the read, a partial hit reads only
+the rest, a miss or a failed background read changes nothing but the time, and the trained result is the
+same either way."""
 import threading
 
 from datasets import DataPlan, discover
@@ -47,8 +48,10 @@ def test_prefetch_hit_miss_and_failure_train_the_same():
     hit = _train(cfg, shards, lambda plan, step: plan.peek({0: 600})[0])
     bad = [type(r)(r.shard, r.row_group, 0, 10**9) for r in plan_ranges(shards)]  # past the row group's end
     failed = _train(cfg, shards, lambda plan, step: bad)
-    miss = _train(cfg, shards, lambda plan, step: plan.peek({0: 5000})[0])  # another share: other ranges
-    assert plain[:2] == hit[:2] == failed[:2] == miss[:2]
+    wider = _train(cfg, shards, lambda plan, step: plan.peek({0: 5000})[0])  # a superset of the next ranges
+    other = DataPlan(shards, seed=99)  # another order: other documents
+    miss = _train(cfg, shards, lambda plan, step: other.peek({0: 600})[0])
+    assert plain[:2] == hit[:2] == failed[:2] == wider[:2] == miss[:2]
     main = threading.current_thread().name
     # a hit: steps 1 and 2 come from the background read only
     assert [who == main for who, _ in hit[2]] == [True, False, False, False]
@@ -56,7 +59,30 @@ def test_prefetch_hit_miss_and_failure_train_the_same():
     # a failed or wrong background read: the step reads its documents itself
     assert [who == main for who, _ in failed[2]] == [True, False, True, False, True, False]
     assert sum(who == main for who, _ in miss[2]) == 3
+    assert sum(who == main for who, _ in wider[2]) == 1  # the next ranges come out of the wider read
 
 
 def plan_ranges(shards):
     return DataPlan(shards, seed=0).peek({0: 600})[0]
+
+
+def test_a_rebalanced_split_reads_only_the_moved_documents():
+    """When the coordinator moves documents between ranks (`_balance`), a worker takes what it read ahead
+    and reads only the rows it did not: the batch equals a plain read of the new ranges."""
+    from datasets.plan import row_runs
+
+    cfg = load_config("tiny", ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1"])
+    d = cfg.data
+    shards = discover(d.source, d.storage_options, text_column=d.text_column)
+    rep, reads = _replica(cfg, shards)
+    plan = DataPlan(shards, seed=0)
+    hint = plan.peek({0: 3000, 1: 3000})
+    rep._read_ahead(hint[0])
+    rows = [type(r)(r.shard, r.row_group, x, x + 1) for k in (0, 1) for r in hint[k] for x in range(r.start, r.stop)]
+    n0 = sum(len(r) for r in hint[0])
+    moved = row_runs(rows[:n0 + 2])                 # rank 0 takes two of rank 1's documents
+    got = rep._read(moved)
+    plain = rep.reader.read_batch(moved)
+    assert got.docs == plain.docs and got.dropped == plain.dropped
+    main = threading.current_thread().name
+    assert [(who == main, sum(len(r) for r in rs)) for who, rs in reads[:2]] == [(False, n0), (True, 2)]

@@ -11,7 +11,8 @@ from .conftest import small_config, small_overrides
 
 
 def test_short_run_completes_and_writes_summary(tmp_path, ray_cluster):
-    cfg = small_config(tmp_path, ray_cluster.address, "run.name=short", "train.steps=12")
+    # several documents per worker and step, so the coordinator can re-split steps by token counts
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=short", "train.steps=12", "train.batch_tokens=8192", "data.max_doc_tokens=8192")
     summary = train(cfg)
     on_disk = json.loads((run_dir(cfg) / "summary.json").read_text())
     assert on_disk["state"] == "FINISHED" and on_disk["steps"] == 12
@@ -27,6 +28,8 @@ def test_short_run_completes_and_writes_summary(tmp_path, ray_cluster):
     assert all(v > 0 for v in summary["bytes_sent_per_worker_total"].values())
     data = summary["data"]
     assert data["duplicated"] == 0 and data["skipped"] == 0 and data["delivered_once"] > 0
+    # the workers read each next step ahead and report its token counts: some steps get re-split by them
+    assert 0 < summary["rebalanced_steps"] < 12, summary.get("rebalanced_steps")
     assert summary["checkpoints"] and summary["checkpoints"][-1].endswith("step-00000012")
 
 
@@ -36,14 +39,19 @@ def _final_params(cfg):
 
 
 def test_stop_and_resume_equals_uninterrupted(tmp_path, ray_cluster):
-    whole = small_config(tmp_path, ray_cluster.address, "run.name=whole", "train.steps=8")
+    many = "train.batch_tokens=8192"  # several documents per worker: steps get re-split by token counts
+    long = "data.max_doc_tokens=8192"
+    whole = small_config(tmp_path, ray_cluster.address, "run.name=whole", "train.steps=8", many, long)
     train(whole)
-    part = small_config(tmp_path, ray_cluster.address, "run.name=part", "train.steps=8", "train.stop_at=4")
+    part = small_config(tmp_path, ray_cluster.address, "run.name=part", "train.steps=8", "train.stop_at=4", many, long)
     stopped = train(part)
     assert stopped["state"] == "STOPPED" and stopped["steps"] == 4
-    resumed = small_config(tmp_path, ray_cluster.address, "run.name=part", "train.steps=8")
+    resumed = small_config(tmp_path, ray_cluster.address, "run.name=part", "train.steps=8", many, long)
     summary = train(resumed)
     assert summary["resumed_from"] and summary["resumed_from"][-1]["step"] == 4
+    # steps re-split by token counts (`Coordinator._balance`) after the resume point too: the counts of the
+    # first resumed step come from the checkpoint
+    assert summary["rebalanced_steps"] > stopped.get("rebalanced_steps", 0), (stopped, summary)
     step_a, model_a, _ = _final_params(whole)
     step_b, model_b, _ = _final_params(resumed)
     assert step_a == step_b == 8
