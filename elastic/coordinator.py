@@ -663,7 +663,7 @@ class Coordinator:
         new = {k: row_runs([d for d, _ in rows[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
         if not self.plan.resplit(step, new):
             return assignment
-        self.summary.data["rebalanced_steps"] = self.summary.data.get("rebalanced_steps", 0) + 1
+        self.summary.data["rebalanced_steps"] += 1
         return new
 
     def _join_time(self, h: WorkerHandle) -> float:

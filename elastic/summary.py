@@ -40,6 +40,7 @@ class RunSummary:
             "replica_hashes_agree": True,
             "replica_disagreements": [],
             "rejected_steps": [],
+            "rebalanced_steps": 0,       # steps the coordinator re-split by token counts (train.balance_rows)
             "events": [],
             "loss_history": [],
             "step_timing": [],

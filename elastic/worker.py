@@ -51,6 +51,9 @@ def detect_accelerator(device: str) -> str:
     return "CPU"
 
 
+AHEAD_WAIT_S = 10.0  # how long a step report waits for the read-ahead's token counts
+
+
 class WorkerReplica:
     """Everything a worker does, without Ray: usable in one process for tests."""
 
@@ -200,8 +203,10 @@ class WorkerReplica:
         if self._ahead is None:
             return None
         _, thread, box = self._ahead
-        thread.join()  # usually done long before the exchange is; waiting keeps the split deterministic
-        batch = box.get("batch")
+        # usually done long before the exchange is; waiting keeps the split deterministic, but a slow source
+        # must not make this report late enough to look like a hang
+        thread.join(timeout=AHEAD_WAIT_S)
+        batch = None if thread.is_alive() else box.get("batch")
         if batch is None:
             return None
         return ([[o.shard, o.row_group, o.start, len(d)] for o, d in zip(batch.origins, batch.docs)]
