@@ -151,7 +151,7 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
                ratio_vs_dense_bf16=round(dense / sent, 1) if sent else None,
                initial_loss=summary.get("initial_loss"), final_loss=summary.get("final_loss"),
                val_loss=summary.get("val_loss"), replica_hashes_agree=summary.get("replica_hashes_agree"),
-               rebalanced_steps=summary.get("rebalanced_steps"),
+               rebalanced_steps=summary.get("rebalanced_steps"), profiles=summary.get("profiles") or None,
                loss_history=summary.get("loss_history"), membership_changes=summary.get("membership_changes"),
                world_size_history=summary.get("world_size_history"), error=summary.get("error"),
                summary_path=os.path.join(run_root, name, "summary.json"))

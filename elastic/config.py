@@ -73,6 +73,8 @@ class TrainSection:
     log_every: int = 10              # plain log line cadence when not on a terminal
     prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
+    profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
+    profile_steps: int = 3           # how many steps profile_at covers
 
 
 @dataclass
@@ -240,6 +242,7 @@ def validate(cfg: RunConfig) -> None:
            f"train.balance: '{t.balance}' must be auto, equal or throughput")
     _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0")
     _check(t.start_wait_s >= 0, f"train.start_wait_s: {t.start_wait_s} must be >= 0")
+    _check(t.profile_steps >= 1, f"train.profile_steps: {t.profile_steps} must be >= 1")
     _check(m.n_embd % m.n_head == 0,
            f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head})")
     _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,

@@ -810,6 +810,9 @@ class Coordinator:
             if rep and rep.get("ok"):
                 h.tokens_per_s = rep.get("tokens", 0) / max(1e-9, rep.get("compute_s", 1e-9))
         ok_reports = [r for r in reports.values() if r.get("ok")]
+        for r in ok_reports:  # train.profile_at: each worker's profiler summary, once
+            if r.get("profile"):
+                self.summary.data["profiles"][r["worker_id"]] = {"last_step": step, **r["profile"]}
         tokens = sum(r["tokens"] for r in ok_reports)
         loss = sum(r["loss"] * r["tokens"] for r in ok_reports) / max(1, tokens)
         self.summary.step(step, loss, tokens, ok_reports, agree, wall)

@@ -41,6 +41,7 @@ class RunSummary:
             "replica_disagreements": [],
             "rejected_steps": [],
             "rebalanced_steps": 0,       # steps the coordinator re-split by token counts (train.balance_rows)
+            "profiles": {},              # per worker: where its step time went (train.profile_at)
             "events": [],
             "loss_history": [],
             "step_timing": [],

@@ -26,6 +26,7 @@ from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
 from elastic.fingerprint import params_fingerprint
 from elastic.model import build_model
+from elastic.profiling import StepProfiler
 
 log = logging.getLogger("raydistro.worker")
 DATA_ERRORS = (DataSourceError,)
@@ -87,6 +88,7 @@ class WorkerReplica:
         self.tokens_per_s = 0.0
         # the next step's likely documents, read in a background thread: (ranges, thread, result box)
         self._ahead: tuple[tuple, threading.Thread, dict] | None = None
+        self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
 
     # ---- membership ----------------------------------------------------------------------
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
@@ -124,9 +126,11 @@ class WorkerReplica:
         one RPC per step), then compute and exchange step `step`. `prefetch`: the documents the next step
         will likely bring (`DataPlan.peek`), read and tokenized in the background while this step computes."""
         t0 = time.time()
+        self.profiler.start(step)
         committed = {}
         if commit_first is not None:
-            committed = {"committed_step": commit_first, "fingerprint": self.commit(commit_first)}
+            with self.profiler.phase("commit"):
+                committed = {"committed_step": commit_first, "fingerprint": self.commit(commit_first)}
         self.phase = "compute"
         self.pending_step = step
         boundary = sync_boundary(self.cfg, step)
@@ -154,8 +158,9 @@ class WorkerReplica:
                   "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
                   "compute_s": compute_s, "read_s": read_s, "dropped": dropped, **committed}
         try:
-            stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
-                                       boundary=boundary)
+            with self.profiler.phase("exchange"):
+                stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
+                                           boundary=boundary)
         except PayloadError as e:
             self.phase = "failed"
             report.update(ok=False, error=f"payload: {e}", bad_sender=e.sender_rank)
@@ -169,6 +174,9 @@ class WorkerReplica:
         ahead = self._ahead_tokens() if self.cfg.train.balance_rows else None
         if ahead is not None:
             report["ahead_tokens"] = ahead
+        profile = self.profiler.finish(step)
+        if profile is not None:
+            report["profile"] = profile
         step_s = time.time() - t0
         report.update(
             bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
@@ -233,31 +241,39 @@ class WorkerReplica:
     def _forward_backward(self, ranges: list[DocRange],
                           prefetch: list[DocRange] | None = None) -> tuple[int, float, int, list, float]:
         t0 = time.time()
-        batch = self._read(ranges)
+        with self.profiler.phase("read"):
+            batch = self._read(ranges)
         read_s = time.time() - t0
         self._read_ahead(prefetch)  # overlaps this step's compute
-        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
         inputs, targets = pack(batch.docs, self.cfg.train.seq_len, self.tokenizer.eot)
         tokens = int((targets >= 0).sum())
+        with self.profiler.phase("fwd_bwd"):
+            loss_acc = self._fwd_bwd(inputs, targets, tokens)
+        loss_sum = float(loss_acc)  # the one host sync of the step
+        return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s
+
+    def _fwd_bwd(self, inputs: torch.Tensor, targets: torch.Tensor, tokens: int) -> torch.Tensor:
+        """Gradients of the mean loss over `tokens` target tokens, in micro-batches; returns the summed loss
+        on the device (read once by the caller: the step's one host sync)."""
+        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
         self.model.train()
         for p in self.params:
             p.grad = None
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
         for i in range(0, inputs.size(0), micro):
-            x = inputs[i:i + micro].to(self.device, non_blocking=True)
-            y = targets[i:i + micro].to(self.device, non_blocking=True)
-            n = int((y >= 0).sum())
+            n = int((targets[i:i + micro] >= 0).sum())  # on the host copy: no device sync per micro-batch
             if n == 0:
                 continue
+            x = inputs[i:i + micro].to(self.device, non_blocking=True)
+            y = targets[i:i + micro].to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 _, loss = self.model(x, y)
             (loss * (n / max(1, tokens))).backward()
             loss_acc += loss.detach().double() * n
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
-        loss_sum = float(loss_acc)  # the one host sync of the step
-        return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s
+        return loss_acc
 
     def _leave_group(self) -> None:
         """Close our side of the failed collective now: a peer still blocked reading from us (alive

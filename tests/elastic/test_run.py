@@ -12,7 +12,8 @@ from .conftest import small_config, small_overrides
 
 def test_short_run_completes_and_writes_summary(tmp_path, ray_cluster):
     # several documents per worker and step, so the coordinator can re-split steps by token counts
-    cfg = small_config(tmp_path, ray_cluster.address, "run.name=short", "train.steps=12", "train.batch_tokens=8192", "data.max_doc_tokens=8192")
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=short", "train.steps=12", "train.batch_tokens=8192",
+                       "data.max_doc_tokens=8192", "train.profile_at=3", "train.profile_steps=1")
     summary = train(cfg)
     on_disk = json.loads((run_dir(cfg) / "summary.json").read_text())
     assert on_disk["state"] == "FINISHED" and on_disk["steps"] == 12
@@ -30,6 +31,9 @@ def test_short_run_completes_and_writes_summary(tmp_path, ray_cluster):
     assert data["duplicated"] == 0 and data["skipped"] == 0 and data["delivered_once"] > 0
     # the workers read each next step ahead and report its token counts: some steps get re-split by them
     assert 0 < summary["rebalanced_steps"] < 12, summary.get("rebalanced_steps")
+    # train.profile_at: every worker's profile of step 3 lands in the summary
+    assert len(summary["profiles"]) == 2
+    assert all(p["last_step"] == 3 and p["steps"] == 1 for p in summary["profiles"].values())
     assert summary["checkpoints"] and summary["checkpoints"][-1].endswith("step-00000012")
 
 
