@@ -508,10 +508,14 @@ def ranges_rows(ranges: Iterable[DocRange]) -> int:
     return sum(len(r) for r in ranges)
 
 
-
 def packed_rows(slots: int, seq_len: int) -> int:
     """Training rows `datasets.pack` makes of documents needing `slots` target slots (t + 1 per document)."""
     return -(-slots // seq_len)
+
+
+def _slots(docs: Sequence[tuple[DocRange, int]]) -> list[int]:
+    """Target slots per row: t + 1 for a document of t tokens, 0 for a row that yields none."""
+    return [t + 1 if t > 0 else 0 for _, t in docs]
 
 
 def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_len: int) -> list[int]:
@@ -526,8 +530,7 @@ def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float]
         return [min(n, r + 1) for r in range(W)]
     mean = sum(shares) / W
     weight = [s / mean for s in shares]
-    slots = [t + 1 if t > 0 else 0 for _, t in docs]
-
+    slots = _slots(docs)
     prefix = [0]
     for x in slots:
         prefix.append(prefix[-1] + x)
@@ -578,9 +581,10 @@ def split_cost(docs: Sequence[tuple[DocRange, int]], cuts: Sequence[int], shares
                seq_len: int) -> float:
     """The largest packed rows / share of a split (what a step waits for: its slowest rank)."""
     mean = sum(shares) / len(shares)
+    slots = _slots(docs)
     prev, worst = 0, 0.0
     for r, c in enumerate(cuts):
-        rows = packed_rows(sum(t + 1 for _, t in docs[prev:c] if t > 0), seq_len)
+        rows = packed_rows(sum(slots[prev:c]), seq_len)
         worst = max(worst, rows * mean / shares[r])
         prev = c
     return worst

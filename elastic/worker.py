@@ -196,13 +196,15 @@ class WorkerReplica:
             batch = box.get("batch")
             if batch is not None and key == tuple(ranges):
                 return batch
-        rows = [(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)]
-        if batch is not None and len(set(rows)) == len(rows):  # rows name documents (see DataPlan.resplit)
-            got, missing = assemble([batch], ranges)
-            if missing and len(missing) < len(rows):
-                got, missing = assemble([batch, self.reader.read_batch(row_runs(missing))], ranges)
-            if not missing:
-                return got
+        if batch is not None:
+            rows = {(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)}
+            n_rows = sum(len(r) for r in ranges)
+            if len(rows) == n_rows:  # rows name documents (see DataPlan.resplit)
+                got, missing = assemble([batch], ranges)
+                if missing and len(missing) < n_rows:
+                    got, missing = assemble([batch, self.reader.read_batch(row_runs(missing))], ranges)
+                if not missing:
+                    return got
         return self.reader.read_batch(ranges)
 
     def _ahead_tokens(self) -> list[list[int]] | None:
