@@ -590,6 +590,30 @@ def split_cost(docs: Sequence[tuple[DocRange, int]], cuts: Sequence[int], shares
     return worst
 
 
+def rebalance(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
+              shares: Mapping[int, float], seq_len: int) -> dict[int, list[DocRange]] | None:
+    """A better split of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's
+    token count (`tokens[(shard, row_group, row)]`, 0 for a row that yields no document): the
+    `balanced_split` of its rows in rank order, or None when it would not lower the slowest rank's packed
+    rows / share, or some row's count is unknown."""
+    order = sorted(assignment)
+    if len(order) < 2:
+        return None
+    docs = [(DocRange(r.shard, r.row_group, x, x + 1), tokens.get((r.shard, r.row_group, x)))
+            for k in order for r in assignment[k] for x in range(r.start, r.stop)]
+    if any(t is None for _, t in docs):
+        return None
+    sh = [shares[k] for k in order]
+    cuts, n = [], 0
+    for k in order:
+        n += ranges_rows(assignment[k])
+        cuts.append(n)
+    new_cuts = balanced_split(docs, sh, seq_len)
+    if split_cost(docs, new_cuts, sh, seq_len) >= split_cost(docs, cuts, sh, seq_len):
+        return None
+    return {k: row_runs([d for d, _ in docs[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
+
+
 def row_runs(rows: Sequence[DocRange]) -> list[DocRange]:
     """Consecutive one-row ranges merged into runs."""
     out: list[DocRange] = []

@@ -22,8 +22,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state
-from datasets import DataPlan, DocRange, discover
-from datasets.plan import balanced_split, row_runs, split_cost
+from datasets import DataPlan, discover
+from datasets.plan import rebalance
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
@@ -552,7 +552,8 @@ class Coordinator:
             m.tokens_per_s = h.tokens_per_s
         shares = compute_shares(gen.members, self.cfg.train.batch_tokens, self.cfg.train.balance,
                                 self.cfg.train.batch_tokens_by_accelerator, self.cfg.train.seq_len)
-        assignment = self._balance(step, self.plan.assign(step, {r: s for r, s in enumerate(shares)}), shares)
+        by_rank = {r: s for r, s in enumerate(shares)}
+        assignment = self._balance(step, self.plan.assign(step, by_rank), by_rank)
         lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
                    self.cfg.train.min_lr_ratio)
         due = self.chaos.due(step)
@@ -570,7 +571,7 @@ class Coordinator:
         commit_first, self.pending_commit = self.pending_commit, None
         # what the next step will likely bring, read by the workers while this one computes (a hint: the
         # plan is unchanged; an abort or a new share split only makes the workers read again)
-        hint = (self.plan.peek({r: s for r, s in enumerate(shares)})
+        hint = (self.plan.peek(by_rank)
                 if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
         refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first, hint.get(r)): h
                 for r, h in enumerate(members)}
@@ -638,30 +639,17 @@ class Coordinator:
             return
         self.membership_change(kind, list(leaving), [], detected)
 
-    def _balance(self, step: int, assignment: dict, shares: list[int]) -> dict:
+    def _balance(self, step: int, assignment: dict, shares: dict[int, int]) -> dict:
         """Re-split `step`'s documents over the ranks by their real token counts (read ahead by the workers
         during the previous step), so every rank packs about its share of rows and nobody waits for a peer
         that drew longer documents. Only moves documents at the cuts between neighbouring ranks; the step's
         documents stay the same. Without counts for every row (the first step, after a failure or a
         membership change, a read ahead that failed) the plan's split stands."""
         counts, self._ahead_counts = self._ahead_counts, {}
-        if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or len(assignment) < 2 or not counts:
+        if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or not counts:
             return assignment
-        order = sorted(assignment)
-        rows = [(DocRange(r.shard, r.row_group, x, x + 1), counts.get((r.shard, r.row_group, x)))
-                for k in order for r in assignment[k] for x in range(r.start, r.stop)]
-        if any(t is None for _, t in rows):
-            return assignment
-        sh, seq = [shares[k] for k in order], self.cfg.train.seq_len
-        cuts, n = [], 0
-        for k in order:
-            n += sum(len(r) for r in assignment[k])
-            cuts.append(n)
-        new_cuts = balanced_split(rows, sh, seq)
-        if split_cost(rows, new_cuts, sh, seq) >= split_cost(rows, cuts, sh, seq):
-            return assignment
-        new = {k: row_runs([d for d, _ in rows[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
-        if not self.plan.resplit(step, new):
+        new = rebalance(assignment, counts, shares, self.cfg.train.seq_len)
+        if new is None or not self.plan.resplit(step, new):
             return assignment
         self.summary.data["rebalanced_steps"] += 1
         return new

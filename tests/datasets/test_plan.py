@@ -394,3 +394,16 @@ def test_resplit_moves_rows_between_ranks_and_keeps_exactly_once():
     acc = plan.accounting(0)
     assert acc["delivered_once"] == 30 and acc["duplicated"] == 0 and acc["skipped"] == 0
     assert True in seen_ambiguous and False in seen_ambiguous
+
+
+def test_rebalance_moves_documents_only_when_the_slowest_rank_gains():
+    from datasets.plan import rebalance
+
+    a = {0: [DocRange(0, 0, 0, 3)], 1: [DocRange(0, 0, 3, 5)]}
+    tokens = {(0, 0, 0): 600, (0, 0, 1): 600, (0, 0, 2): 600, (0, 0, 3): 100, (0, 0, 4): 100}
+    new = rebalance(a, tokens, {0: 1000, 1: 1000}, 64)  # rank 0: 29 rows, rank 1: 4 -> move one document
+    assert new == {0: [DocRange(0, 0, 0, 2)], 1: [DocRange(0, 0, 2, 5)]}
+    even = {k: 200 for k in tokens}  # 3 vs 2 documents of 200: either way the slower rank packs 10 rows
+    assert rebalance(a, even, {0: 1000, 1: 1000}, 64) is None  # no gain: no churn
+    assert rebalance(a, {k: v for k, v in tokens.items() if k != (0, 0, 4)}, {0: 1, 1: 1}, 64) is None
+    assert rebalance({0: a[0]}, tokens, {0: 1}, 64) is None
