@@ -35,7 +35,8 @@ from types import SimpleNamespace
 from elastic.progress import json_only_stdout
 
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-TIMING_COLS = ("step", "t", "wall_s", "read_s", "compute_s", "codec_ms", "comm_ms", "step_s")
+TIMING_COLS = ("step", "t", "wall_s", "read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s",
+               "fwd_bwd_s")
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -101,15 +102,19 @@ def steady_state(summary: dict, warmup: int) -> dict:
         span = steady[-1]["t"] - steady[0]["t"]
         toks = cum.get(steady[-1]["step"], 0) - cum.get(steady[0]["step"], 0)
         out["tokens_per_s"] = round(toks / span, 1) if span > 0 else None
-        out["step_ms_between_commits_median"] = _median(
-            (b["t"] - a["t"]) * 1e3 for a, b in zip(steady, steady[1:]))
+        gaps = [(b["t"] - a["t"]) * 1e3 for a, b in zip(steady, steady[1:])]
+        out["step_ms_between_commits_median"] = _median(gaps)
+        out["step_ms_between_commits_mean"] = round(statistics.mean(gaps), 3)
+        out["step_ms_between_commits_p90"] = round(sorted(gaps)[int(0.9 * (len(gaps) - 1))], 3)
         out["tokens_per_worker_step_mean"] = round(
             statistics.mean(tokens[r["step"]] for r in steady[1:]) / max(1, summary.get("_workers", 1)), 1)
     if steady:
         out["step_ms_median"] = _median(r["wall_s"] * 1e3 for r in steady)
         out["phases_ms_median"] = {
+            "commit": _median(r.get("commit_s", 0.0) * 1e3 for r in steady),
             "read": _median(r["read_s"] * 1e3 for r in steady),
-            "read_plus_fwd_bwd": _median(r["compute_s"] * 1e3 for r in steady),
+            "fwd_bwd": _median(r.get("fwd_bwd_s", 0.0) * 1e3 for r in steady),
+            "commit_read_fwd_bwd": _median(r["compute_s"] * 1e3 for r in steady),
             "codec": _median(r["codec_ms"] for r in steady),
             "comm_incl_wait_for_peers": _median(r["comm_ms"] for r in steady),
             "worker_step": _median(r["step_s"] * 1e3 for r in steady),

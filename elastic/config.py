@@ -73,6 +73,7 @@ class TrainSection:
     log_every: int = 10              # plain log line cadence when not on a terminal
     prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
+    attention_warm_rows: int = 32    # CUDA: build attention graphs for micro-batches of 1..N rows before training
     profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
     profile_steps: int = 3           # how many steps profile_at covers
 
@@ -243,6 +244,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0")
     _check(t.start_wait_s >= 0, f"train.start_wait_s: {t.start_wait_s} must be >= 0")
     _check(t.profile_steps >= 1, f"train.profile_steps: {t.profile_steps} must be >= 1")
+    _check(t.attention_warm_rows >= 0,
+           f"train.attention_warm_rows: {t.attention_warm_rows} must be >= 0 (0 = build attention graphs lazily)")
     _check(m.n_embd % m.n_head == 0,
            f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head})")
     _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,

@@ -44,7 +44,7 @@ class WorkerHandle:
         self.worker_id = worker_id
         self.actor = actor
         self.info = info or {}
-        self.ready_ref = actor.info.remote()
+        self.ready_ref = actor.prepare.remote()  # info, after the worker's one-time preparation
         self.tokens_per_s = 0.0
 
 

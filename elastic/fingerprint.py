@@ -151,21 +151,54 @@ def _one_device(tensors: list[torch.Tensor]) -> bool:
     return len({t.device for t in tensors}) == 1
 
 
-def params_fingerprint(params: Iterable[torch.Tensor]) -> str:
+class PendingFingerprint:
+    """A fingerprint whose sums are still on their way from the device: `params_fingerprint_async` queues
+    the kernels and a copy to pinned host memory and returns at once; `result()` waits for that copy only.
+    A worker starts one right after it commits and reads it once the next forward/backward has synced, so
+    the host never stalls on it."""
+
+    def __init__(self, sizes: list[int], sums: torch.Tensor, shapes: list[tuple], event=None):
+        self.sizes, self._sums, self.shapes, self._event = sizes, sums, shapes, event
+        self._value: str | None = None
+
+    def result(self) -> str:
+        if self._value is None:
+            if self._event is not None:
+                self._event.synchronize()
+            h = hashlib.sha256()
+            for s, total in zip(self.sizes, self._sums.tolist()):
+                h.update(s.to_bytes(1, "little"))
+                h.update(int(total).to_bytes(8, "little", signed=True))
+            for shape in self.shapes:
+                h.update(str(shape).encode())
+            self._value = h.hexdigest()[:16]
+            self._sums = None
+        return self._value
+
+
+def params_fingerprint_async(params: Iterable[torch.Tensor]) -> PendingFingerprint:
     params = list(params)
     if not params:
-        return "empty"
+        done = PendingFingerprint([], torch.zeros(0), [])
+        done._value = "empty"
+        return done
     by_size: dict[int, list[torch.Tensor]] = {}
     for p in params:
         by_size.setdefault(p.element_size(), []).append(p)
     sizes = list(by_size)
-    fast = params[0].device.type == "cuda" and triton is not None
+    dev = params[0].device
+    fast = dev.type == "cuda" and triton is not None
     sums = torch.stack([(triton_stream_sum if fast and _one_device(by_size[s]) else _stream_sum)(by_size[s])
-                        .to(params[0].device) for s in sizes]).cpu().tolist()
-    h = hashlib.sha256()
-    for s, total in zip(sizes, sums):
-        h.update(s.to_bytes(1, "little"))
-        h.update(int(total).to_bytes(8, "little", signed=True))
-    for p in params:
-        h.update(str(tuple(p.shape)).encode())
-    return h.hexdigest()[:16]
+                        .to(dev) for s in sizes])
+    shapes = [tuple(p.shape) for p in params]
+    if dev.type != "cuda":
+        return PendingFingerprint(sizes, sums, shapes)
+    host = torch.empty(sums.shape, dtype=sums.dtype, pin_memory=True)
+    host.copy_(sums, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return PendingFingerprint(sizes, host, shapes, event)
+
+
+def params_fingerprint(params: Iterable[torch.Tensor]) -> str:
+    return params_fingerprint_async(params).result()

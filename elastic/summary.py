@@ -68,11 +68,12 @@ class RunSummary:
         d["tokens"] += tokens
         d["loss_history"].append([step, round(loss, 5), d["tokens"]])
         # per committed step: [step, unix time of the commit, coordinator wall s (step+commit RPCs), then
-        # the slowest worker's read s, compute s (read+fwd/bwd), codec ms, comm ms, step s (read..exchange)]
+        # the slowest worker's read s, compute s (commit+read+fwd/bwd), codec ms, comm ms, step s (all of the
+        # worker's step), commit s (apply the previous step), fwd/bwd s (launch to the loss read)]
         d.setdefault("step_timing", []).append(
             [step, round(time.time(), 4), round(wall, 5)]
             + [round(max((r.get(k, 0.0) for r in reports), default=0.0), 5)
-               for k in ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s")])
+               for k in ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s", "fwd_bwd_s")])
         d["replica_hashes_agree"] = d["replica_hashes_agree"] and agree
         for r in reports:
             w = r["worker_id"]

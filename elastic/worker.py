@@ -24,7 +24,8 @@ from datasets.plan import row_runs
 from datasets.reader import assemble
 from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
-from elastic.fingerprint import params_fingerprint
+from elastic.attention import AttentionShapes
+from elastic.fingerprint import PendingFingerprint, params_fingerprint, params_fingerprint_async
 from elastic.model import build_model
 from elastic.profiling import StepProfiler
 
@@ -85,10 +86,20 @@ class WorkerReplica:
         self.phase = "idle"
         self.pending_step: int | None = None
         self.last_fingerprint = ""
+        self._pending_fingerprint: PendingFingerprint | None = None
         self.tokens_per_s = 0.0
+        self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
+        self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
+        self.attention = AttentionShapes(self.device, self.micro_rows, cfg.train.attention_warm_rows)
         # the next step's likely documents, read in a background thread: (ranges, thread, result box)
         self._ahead: tuple[tuple, threading.Thread, dict] | None = None
         self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
+
+    def prepare(self) -> float:
+        """One-time work before the first step, in the thread that will run the steps: cuDNN attention
+        graphs for every micro-batch row count (see `elastic.attention`). Returns the seconds it took."""
+        return self.attention.prepare(self.model.blocks[0].attn, self.cfg.train.seq_len, self.model.shape.n_embd,
+                                      self.use_bf16)
 
     # ---- membership ----------------------------------------------------------------------
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
@@ -130,21 +141,27 @@ class WorkerReplica:
         committed = {}
         if commit_first is not None:
             with self.profiler.phase("commit"):
-                committed = {"committed_step": commit_first, "fingerprint": self.commit(commit_first)}
+                self.commit(commit_first, wait=False)  # the fingerprint is read after this step's fwd/bwd
+            committed = {"committed_step": commit_first}
+        commit_s = time.time() - t0
         self.phase = "compute"
         self.pending_step = step
         boundary = sync_boundary(self.cfg, step)
         try:
-            tokens, loss_sum, n_docs, dropped, read_s = self._forward_backward(ranges, prefetch)
+            tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(ranges, prefetch)
         except Exception as e:
             # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
             # weight, so every rank rejects this step at once instead of blocking on us.
             self._abstain(lr, boundary)
             self.phase = "failed"
+            if committed:
+                committed["fingerprint"] = self.fingerprint_result()
             return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
                     "pre_exchange": True, "error": f"{type(e).__name__}: {e}",
                     "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc(), **committed}
         compute_s = time.time() - t0
+        if committed:
+            committed["fingerprint"] = self.fingerprint_result()  # long done: the loss read synced the device
         if chaos.get("hang"):
             self.phase = "hung"
             log.warning("%s: chaos hang at step %d (stops answering until killed)", self.worker_id, step)
@@ -156,7 +173,8 @@ class WorkerReplica:
         self.phase = "exchange"
         report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
                   "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
-                  "compute_s": compute_s, "read_s": read_s, "dropped": dropped, **committed}
+                  "compute_s": compute_s, "read_s": read_s, "commit_s": commit_s, "fwd_bwd_s": fwd_bwd_s,
+                  "dropped": dropped, **committed}
         try:
             with self.profiler.phase("exchange"):
                 stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
@@ -195,7 +213,7 @@ class WorkerReplica:
             thread.join()  # never two reads at once on the reader
             batch = box.get("batch")
             if batch is not None and key == tuple(ranges):
-                return batch
+                return batch, box.get("packed")
         if batch is not None:
             rows = {(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)}
             n_rows = sum(len(r) for r in ranges)
@@ -204,8 +222,8 @@ class WorkerReplica:
                 if missing and len(missing) < n_rows:
                     got, missing = assemble([batch, self.reader.read_batch(row_runs(missing))], ranges)
                 if not missing:
-                    return got
-        return self.reader.read_batch(ranges)
+                    return got, None
+        return self.reader.read_batch(ranges), None
 
     def _ahead_tokens(self) -> list[list[int]] | None:
         """Token counts of the documents read ahead, per row ([shard, row_group, row, tokens]; 0 for a row
@@ -231,7 +249,8 @@ class WorkerReplica:
 
         def run():
             try:
-                box["batch"] = self.reader.read_batch(ranges)
+                box["batch"] = batch = self.reader.read_batch(ranges)
+                box["packed"] = self._pack(batch.docs)
             except Exception:
                 log.debug("%s: background read of the next step's documents failed", self.worker_id,
                           exc_info=True)
@@ -244,32 +263,44 @@ class WorkerReplica:
                           prefetch: list[DocRange] | None = None) -> tuple[int, float, int, list, float]:
         t0 = time.time()
         with self.profiler.phase("read"):
-            batch = self._read(ranges)
+            batch, packed = self._read(ranges)
+            inputs, targets = packed if packed is not None else self._pack(batch.docs)
         read_s = time.time() - t0
         self._read_ahead(prefetch)  # overlaps this step's compute
-        inputs, targets = pack(batch.docs, self.cfg.train.seq_len, self.tokenizer.eot)
         tokens = int((targets >= 0).sum())
+        t1 = time.time()
         with self.profiler.phase("fwd_bwd"):
             loss_acc = self._fwd_bwd(inputs, targets, tokens)
         loss_sum = float(loss_acc)  # the one host sync of the step
-        return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s
+        return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s, time.time() - t1
+
+    def _pack(self, docs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training rows of `docs`, in pinned memory on CUDA (one asynchronous copy to the device)."""
+        inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
+        if self.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return inputs, targets
 
     def _fwd_bwd(self, inputs: torch.Tensor, targets: torch.Tensor, tokens: int) -> torch.Tensor:
         """Gradients of the mean loss over `tokens` target tokens, in micro-batches; returns the summed loss
         on the device (read once by the caller: the step's one host sync)."""
-        micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
+        micro = self.micro_rows
+        self.prepare()  # no-op once done (normally by Worker.prepare, before the group formed)
         self.model.train()
         for p in self.params:
             p.grad = None
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
-        use_bf16 = self.cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
+        # one copy of the whole step up front: a copy per micro-batch from pageable memory would wait for
+        # the previous micro-batch's kernels
+        xs = inputs.to(self.device, non_blocking=True)
+        ys = targets.to(self.device, non_blocking=True)
         for i in range(0, inputs.size(0), micro):
             n = int((targets[i:i + micro] >= 0).sum())  # on the host copy: no device sync per micro-batch
             if n == 0:
                 continue
-            x = inputs[i:i + micro].to(self.device, non_blocking=True)
-            y = targets[i:i + micro].to(self.device, non_blocking=True)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            x, y = xs[i:i + micro], ys[i:i + micro]
+            with self.attention.kernels(x.size(0)), \
+                    torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
                 _, loss = self.model(x, y)
             (loss * (n / max(1, tokens))).backward()
             loss_acc += loss.detach().double() * n
@@ -303,13 +334,22 @@ class WorkerReplica:
         except Exception:
             pass
 
-    def commit(self, step: int) -> str:
+    def commit(self, step: int, wait: bool = True) -> str | None:
+        """Apply step `step`; returns the new fingerprint, or with `wait=False` leaves it computing on the
+        device (`fingerprint_result` reads it)."""
         assert self.pending_step == step, f"commit of step {step} but pending is {self.pending_step}"
         self.sync.commit()
         self.pending_step = None
         self.step_count = step + 1
         self.phase = "idle"
-        self.last_fingerprint = self.fingerprint()
+        self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+        return self.fingerprint_result() if wait else None
+
+    def fingerprint_result(self) -> str:
+        """The fingerprint the last commit started (waits for the device only if it is not done yet)."""
+        if self._pending_fingerprint is not None:
+            self.last_fingerprint = self._pending_fingerprint.result()
+            self._pending_fingerprint = None
         return self.last_fingerprint
 
     def abort(self, step: int) -> str:
@@ -325,7 +365,10 @@ class WorkerReplica:
     def fingerprint(self) -> str:
         """Of what every replica must hold bit for bit: the parameters, or the sync's global state
         (DiLoCo's local parameters drift between outer steps by design)."""
-        return params_fingerprint(self.sync.replica_tensors() if self.sync is not None else self.params)
+        return params_fingerprint(self._replica_tensors())
+
+    def _replica_tensors(self) -> list[torch.Tensor]:
+        return self.sync.replica_tensors() if self.sync is not None else self.params
 
     # ---- state ----------------------------------------------------------------------------
     def model_state(self) -> dict:
@@ -400,6 +443,13 @@ class Worker:
     @ray.method(concurrency_group="control")
     def ping(self) -> str:
         return self.r.phase
+
+    def prepare(self) -> dict:
+        """What the coordinator waits for before a new worker counts as ready: one-time work that must run
+        in the thread the steps run in (the default concurrency group's, not __init__'s), then `info`.
+        The group keeps training meanwhile."""
+        prepare_s = self.r.prepare()
+        return {**self.info(), "prepare_s": round(prepare_s, 3)}
 
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> bool:
         self.r.join_group(world_size, rank, generation, backend, group_name)

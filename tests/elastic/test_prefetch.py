@@ -35,6 +35,8 @@ def _train(cfg, shards, hints):
         ranges = plan.assign(step, {0: 600})[0]
         reports.append(rep.step(step, ranges, 1e-3, {}, step - 1 if step else None, hints(plan, step)))
         assert reports[-1]["ok"], reports[-1]
+        if step:  # the fingerprint read after the fwd/bwd is that of the committed parameters
+            assert reports[-1]["fingerprint"] == rep.fingerprint()
         plan.commit(step)
     rep.commit(2)
     return params_fingerprint(rep.params), [(r["tokens"], r["loss"]) for r in reports], reads
@@ -81,8 +83,9 @@ def test_a_rebalanced_split_reads_only_the_moved_documents():
     rows = [type(r)(r.shard, r.row_group, x, x + 1) for k in (0, 1) for r in hint[k] for x in range(r.start, r.stop)]
     n0 = sum(len(r) for r in hint[0])
     moved = row_runs(rows[:n0 + 2])                 # rank 0 takes two of rank 1's documents
-    got = rep._read(moved)
+    got, packed = rep._read(moved)
     plain = rep.reader.read_batch(moved)
     assert got.docs == plain.docs and got.dropped == plain.dropped
+    assert packed is None  # packed in the background only for an exact hit
     main = threading.current_thread().name
     assert [(who == main, sum(len(r) for r in rs)) for who, rs in reads[:2]] == [(False, n0), (True, 2)]
