@@ -72,6 +72,7 @@ class TrainSection:
     start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready
     log_every: int = 10              # plain log line cadence when not on a terminal
     prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
+    prefetch_in: str = "auto"        # auto | process | thread: where the read-ahead runs (auto: process on CUDA)
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
     attention_warm_rows: int = 32    # CUDA: build attention graphs for micro-batches of 1..N rows before training
     profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
@@ -244,6 +245,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0")
     _check(t.start_wait_s >= 0, f"train.start_wait_s: {t.start_wait_s} must be >= 0")
     _check(t.profile_steps >= 1, f"train.profile_steps: {t.profile_steps} must be >= 1")
+    _check(t.prefetch_in in ("auto", "process", "thread"),
+           f"train.prefetch_in: '{t.prefetch_in}' must be auto, process or thread")
     _check(t.attention_warm_rows >= 0,
            f"train.attention_warm_rows: {t.attention_warm_rows} must be >= 0 (0 = build attention graphs lazily)")
     _check(m.n_embd % m.n_head == 0,

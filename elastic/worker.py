@@ -7,10 +7,11 @@ in their own concurrency group so they answer even while the compute thread is s
 """
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
 import logging
 import os
 import socket
-import threading
 import time
 import traceback
 from typing import Any
@@ -21,6 +22,7 @@ import torch
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
 from datasets.plan import row_runs
+from datasets.readahead import ReadAheadProcess
 from datasets.reader import assemble
 from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
@@ -54,6 +56,14 @@ def detect_accelerator(device: str) -> str:
 
 
 AHEAD_WAIT_S = 10.0  # how long a step report waits for the read-ahead's token counts
+
+
+class _ReadAhead:
+    """The next step's likely documents (`key`: their ranges) being read in the background."""
+
+    def __init__(self, key: tuple, future: concurrent.futures.Future):
+        self.key, self.future = key, future
+        self.got = None  # (batch, (inputs, targets)) once taken
 
 
 class WorkerReplica:
@@ -91,8 +101,14 @@ class WorkerReplica:
         self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
         self.attention = AttentionShapes(self.device, self.micro_rows, cfg.train.attention_warm_rows)
-        # the next step's likely documents, read in a background thread: (ranges, thread, result box)
-        self._ahead: tuple[tuple, threading.Thread, dict] | None = None
+        # the next step's likely documents, being read in the background
+        self._ahead: _ReadAhead | None = None
+        where = cfg.train.prefetch_in
+        self._ahead_in = ("process" if self.device.type == "cuda" else "thread") if where == "auto" else where
+        self._ahead_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-read-ahead")
+        self._ahead_process = ReadAheadProcess(shards, cfg.data.storage_options, cfg.data.tokenizer, cfg.data,
+                                               cfg.train.seq_len)
+        self._ahead_broken = 0  # child processes lost in a row (3: read ahead in a thread from then on)
         self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
 
     def prepare(self) -> float:
@@ -209,11 +225,10 @@ class WorkerReplica:
         ahead, self._ahead = self._ahead, None
         batch = None
         if ahead is not None:
-            key, thread, box = ahead
-            thread.join()  # never two reads at once on the reader
-            batch = box.get("batch")
-            if batch is not None and key == tuple(ranges):
-                return batch, box.get("packed")
+            got = self._ahead_result(ahead)  # waits: never two reads at once on the reader
+            batch = got[0] if got else None
+            if batch is not None and ahead.key == tuple(ranges):
+                return got
         if batch is not None:
             rows = {(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)}
             n_rows = sum(len(r) for r in ranges)
@@ -230,34 +245,60 @@ class WorkerReplica:
         that yields no document): what the coordinator balances the next step's split with."""
         if self._ahead is None:
             return None
-        _, thread, box = self._ahead
         # usually done long before the exchange is; waiting keeps the split deterministic, but a slow source
         # must not make this report late enough to look like a hang
-        thread.join(timeout=AHEAD_WAIT_S)
-        batch = None if thread.is_alive() else box.get("batch")
-        if batch is None:
+        got = self._ahead_result(self._ahead, timeout=AHEAD_WAIT_S)
+        if got is None:
             return None
+        batch = got[0]
         return ([[o.shard, o.row_group, o.start, len(d)] for o, d in zip(batch.origins, batch.docs)]
                 + [[r.shard, r.row_group, x, 0] for r, _ in batch.dropped for x in range(r.start, r.stop)])
 
     def _read_ahead(self, ranges: list[DocRange] | None) -> None:
-        """Start reading `ranges` in the background. A failure is dropped here: the step that needs these
-        documents reads them again and reports it."""
+        """Start reading and packing `ranges` in the background: in a child process on CUDA workers, where
+        a thread's share of the GIL would slow the kernel launches (`train.prefetch_in`), else in a thread.
+        A failure is dropped here: the step that needs these documents reads them again and reports it."""
         if not ranges:
             return
-        box: dict = {}
-
-        def run():
+        ranges = list(ranges)
+        future = None
+        if self._ahead_in == "process":
             try:
-                box["batch"] = batch = self.reader.read_batch(ranges)
-                box["packed"] = self._pack(batch.docs)
+                future = self._ahead_process.submit(ranges)
             except Exception:
-                log.debug("%s: background read of the next step's documents failed", self.worker_id,
-                          exc_info=True)
+                self._child_lost()
+        if future is None:
+            future = self._ahead_thread.submit(lambda: self._pack_batch(self.reader.read_batch(ranges)))
+        self._ahead = _ReadAhead(tuple(ranges), future)
 
-        thread = threading.Thread(target=run, name=f"{self.worker_id}-read-ahead", daemon=True)
-        thread.start()
-        self._ahead = (tuple(ranges), thread, box)
+    def _ahead_result(self, ahead: "_ReadAhead", timeout: float | None = None):
+        """(batch, (inputs, targets)) of a read-ahead, or None if it failed or is not done in `timeout`."""
+        if ahead.got is not None:
+            return ahead.got
+        try:
+            got = ahead.future.result(timeout=timeout)
+        except concurrent.futures.TimeoutError:
+            return None
+        except concurrent.futures.process.BrokenProcessPool:
+            self._child_lost()
+            return None
+        except Exception:
+            log.debug("%s: background read of the next step's documents failed", self.worker_id, exc_info=True)
+            return None
+        if len(got) == 3:  # from the child: packed rows as numpy arrays
+            batch, inputs, targets = got
+            got = (batch, self._pinned(torch.from_numpy(inputs), torch.from_numpy(targets)))
+        ahead.got = got
+        self._ahead_broken = 0
+        return got
+
+    def _child_lost(self) -> None:
+        self._ahead_process.close()
+        self._ahead_broken += 1
+        if self._ahead_broken >= 3:
+            log.warning("%s: the read-ahead process died 3 times in a row; reading ahead in a thread from now on",
+                        self.worker_id)
+            self._ahead_in = "thread"
 
     def _forward_backward(self, ranges: list[DocRange],
                           prefetch: list[DocRange] | None = None) -> tuple[int, float, int, list, float]:
@@ -276,7 +317,12 @@ class WorkerReplica:
 
     def _pack(self, docs) -> tuple[torch.Tensor, torch.Tensor]:
         """Training rows of `docs`, in pinned memory on CUDA (one asynchronous copy to the device)."""
-        inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
+        return self._pinned(*pack(docs, self.cfg.train.seq_len, self.tokenizer.eot))
+
+    def _pack_batch(self, batch):
+        return batch, self._pack(batch.docs)
+
+    def _pinned(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs, targets

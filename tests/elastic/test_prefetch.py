@@ -1,6 +1,8 @@
 """Reading the next step's documents ahead (`train.prefetch`): a hit skips the read, a partial hit reads only
 the rest, a miss or a failed background read changes nothing but the time, and the trained result is the
 same either way."""
+import os
+import signal
 import threading
 
 from datasets import DataPlan, discover
@@ -26,12 +28,14 @@ def _replica(cfg, shards):
     return rep, reads
 
 
-def _train(cfg, shards, hints):
+def _train(cfg, shards, hints, before_step=None):
     """Three steps; `hints(plan, step)` gives the prefetch ranges sent with each step."""
     rep, reads = _replica(cfg, shards)
     plan = DataPlan(shards, seed=0)
     reports = []
     for step in range(3):
+        if before_step:
+            before_step(rep, step)
         ranges = plan.assign(step, {0: 600})[0]
         reports.append(rep.step(step, ranges, 1e-3, {}, step - 1 if step else None, hints(plan, step)))
         assert reports[-1]["ok"], reports[-1]
@@ -89,3 +93,28 @@ def test_a_rebalanced_split_reads_only_the_moved_documents():
     assert packed is None  # packed in the background only for an exact hit
     main = threading.current_thread().name
     assert [(who == main, sum(len(r) for r in rs)) for who, rs in reads[:2]] == [(False, n0), (True, 2)]
+
+
+def _kill_child(rep, step):
+    if step == 1:  # the child read step 1's documents; it is gone before step 2's read-ahead
+        pool = rep._ahead_process._pool
+        for pid in list(pool._processes):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_read_ahead_in_a_child_process_trains_the_same_and_survives_its_death():
+    """`train.prefetch_in=process` (the default on CUDA): the child reads and packs, the trainer only takes
+    the result; a child that dies costs the read, and the next read-ahead starts a new child."""
+    base = ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1"]
+    cfg = load_config("tiny", base + ["train.prefetch_in=process"])
+    d = cfg.data
+    shards = discover(d.source, d.storage_options, text_column=d.text_column)
+    plain = _train(load_config("tiny", base), shards, lambda plan, step: None)
+    hit = _train(cfg, shards, lambda plan, step: plan.peek({0: 600})[0])
+    killed = _train(cfg, shards, lambda plan, step: plan.peek({0: 600})[0], before_step=_kill_child)
+    assert plain[:2] == hit[:2] == killed[:2]
+    main = threading.current_thread().name
+    assert [who == main for who, _ in hit[2]] == [True]  # step 0 only: steps 1 and 2 came from the child
+    # step 2's documents were read in this process after the child died (by the thread the read-ahead falls
+    # back to, or by the step itself when the child died with the read in flight)
+    assert len(killed[2]) == 2 and killed[2][0][0] == main

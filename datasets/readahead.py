@@ -1,0 +1,66 @@
+"""Reading the next step's documents in a child process, off the trainer's GIL.
+
+A trainer that reads ahead in a thread of its own process shares the GIL with the thread that launches
+its GPU kernels: on an H100 at 8k tokens per step the launch is about as long as the GPU's work, so every
+slice the reader takes (parquet decode, tokenizer output into Python lists, packing) delays the step. On
+GPT-2-small that cost 2.6-5.5 ms of a ~39 ms forward/backward (measured, docs/BENCHMARKS.md), more than
+the read it hid. In a child process the read costs the trainer only the unpickling of the result.
+
+`ReadAheadProcess(shards, storage_options, tokenizer, cfg, seq_len).submit(ranges)` returns a Future of
+`(DocBatch, inputs, targets)`: exactly `ShardReader.read_batch(ranges)` and `pack(docs, seq_len, eot)`, the
+packed rows as numpy arrays. The child is spawned (never forked: the parent may hold threads and a CUDA
+context) on the first submit, builds its own `ShardReader`, and exits with its parent. A failed read
+raises from the Future like the reader would; a dead child gives `BrokenProcessPool` there.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import concurrent.futures.process
+import multiprocessing
+from typing import Any, Mapping, Optional, Sequence
+
+from datasets.config import DataConfig
+from datasets.packing import pack
+from datasets.plan import DocRange, ShardInfo
+
+_READER = None  # the child's ShardReader
+_SEQ_LEN = 0
+
+
+def _start_child(shards, storage_options, tokenizer: str, cfg: DataConfig, seq_len: int) -> None:
+    global _READER, _SEQ_LEN
+    from datasets.reader import ShardReader
+
+    _READER = ShardReader(shards, storage_options, tokenizer, cfg)
+    _SEQ_LEN = seq_len
+
+
+def _read_and_pack(ranges: list[DocRange]):
+    batch = _READER.read_batch(ranges)
+    inputs, targets = pack(batch.docs, _SEQ_LEN, _READER.eot)
+    return batch, inputs.numpy(), targets.numpy()
+
+
+class ReadAheadProcess:
+    """One child process that reads and packs `DocRange`s on request (see the module docstring)."""
+
+    def __init__(self, shards: Sequence[ShardInfo], storage_options: Optional[Mapping[str, Any]], tokenizer: str,
+                 cfg: DataConfig, seq_len: int):
+        self._args = (list(shards), dict(storage_options or {}), tokenizer, cfg, seq_len)
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+    def submit(self, ranges: Sequence[DocRange]) -> concurrent.futures.Future:
+        if self._pool is None:
+            self._pool = concurrent.futures.ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_child, initargs=self._args)
+        try:
+            return self._pool.submit(_read_and_pack, list(ranges))
+        except concurrent.futures.process.BrokenProcessPool:
+            self.close()  # the child died: the next submit starts a new one
+            raise
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
