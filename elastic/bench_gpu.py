@@ -19,6 +19,7 @@ run with a worker killed mid-step, the replacement joining on its GPU) and a los
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -210,9 +211,16 @@ def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> 
             x = xb.to(dev, non_blocking=True)
             y = yb.to(dev, non_blocking=True)
             opt.zero_grad(set_to_none=True)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                _, loss = ddp(x, y)
-            loss.backward()
+            # gradient accumulation over micro-batches of `micro_rows` rows, as the stack's workers do;
+            # DDP all-reduces during the last one's backward only (no_sync for the others)
+            micro = max(1, a.get("micro_rows") or rows)
+            starts = list(range(0, rows, micro))
+            for j in starts:
+                sync_now = j == starts[-1]
+                with (contextlib.nullcontext() if sync_now else ddp.no_sync()), \
+                        torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    _, loss = ddp(x[j:j + micro], y[j:j + micro])
+                (loss * (min(micro, rows - j) / rows)).backward()
             if a["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
             opt.step()
@@ -233,14 +241,15 @@ def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> 
 
 def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, model: dict, tokenizer_vocab: int,
               device: str = "cuda", lr: float = 6e-4, grad_clip: float = 1.0, bf16: bool = True,
-              seed: int = 0, threads: int = 1) -> dict:
-    """Plain DDP + fused AdamW, `world` processes (one per GPU), `rows` x `seq_len` tokens per GPU per step."""
+              seed: int = 0, threads: int = 1, micro_rows: int = 0) -> dict:
+    """Plain DDP + fused AdamW, `world` processes (one per GPU), `rows` x `seq_len` tokens per GPU per step,
+    in micro-batches of `micro_rows` rows (0: one)."""
     import torch.multiprocessing as mp
 
     backend = "nccl" if device == "cuda" else "gloo"
     a = {"device": device, "backend": backend, "model": dict(model), "tokenizer_vocab": tokenizer_vocab,
          "seed": seed, "rows": rows, "seq_len": seq_len, "steps": steps, "lr": lr, "grad_clip": grad_clip,
-         "bf16": bf16, "threads": threads}
+         "bf16": bf16, "threads": threads, "micro_rows": micro_rows}
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         path = os.path.join(tmp, "result.json")
         t0 = time.time()
@@ -254,6 +263,7 @@ def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, mode
     ring = int(2 * (world - 1) / world * numel * 4)  # DDP all-reduces fp32 gradients (ring: 2(W-1)/W x size)
     return {"config": "ddp", "path": f"torch DDP ({backend}) + fused AdamW, torch.multiprocessing", "workers": world,
             "steps": steps, "steps_measured": len(steady), "rows_per_gpu": rows, "seq_len": seq_len,
+            "micro_batch_rows": micro_rows or rows,
             "tokens_per_worker_step_mean": rows * seq_len,
             "tokens_per_s": round(tok_step * len(steady) / sum(steady), 1),
             "step_ms_median": round(statistics.median(steady) * 1e3, 3),
@@ -438,7 +448,8 @@ def run(args) -> dict:
             try:
                 r = ddp_bench(workers, args.steps, args.warmup, rows, seq, vars(base.model).copy(), tok_vocab,
                               device=device, lr=base.train.lr, grad_clip=base.train.grad_clip,
-                              bf16=base.train.dtype == "bfloat16", seed=base.run.seed)
+                              bf16=base.train.dtype == "bfloat16", seed=base.run.seed,
+                              micro_rows=max(1, base.train.micro_batch_tokens // seq))
                 r["rows_rule"] = spec
             except Exception as e:
                 r = {"config": "ddp", "workers": workers, "error": f"{type(e).__name__}: {e}"}

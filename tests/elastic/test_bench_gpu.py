@@ -14,12 +14,12 @@ TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size":
 
 def test_ddp_baseline_on_cpu_reports_the_fields():
     # one rank keeps this light on a loaded 2-core CI box; the multi-GPU path runs on the device machine
-    r = bench_gpu.ddp_bench(world=1, steps=3, warmup=1, rows=2, seq_len=32, model=TINY, tokenizer_vocab=256,
-                            device="cpu")
+    r = bench_gpu.ddp_bench(world=1, steps=3, warmup=1, rows=3, seq_len=32, model=TINY, tokenizer_vocab=256,
+                            device="cpu", micro_rows=2)  # gradient accumulation: micro-batches of 2 and 1 rows
     for key in ("tokens_per_s", "step_ms_median", "bytes_sent_per_worker_per_step", "dense_bf16_bytes",
                 "ratio_vs_dense_bf16", "final_loss", "steps_measured"):
         assert key in r, key
-    assert r["tokens_per_s"] > 0 and r["steps_measured"] == 2
+    assert r["tokens_per_s"] > 0 and r["steps_measured"] == 2 and r["micro_batch_rows"] == 2
     assert r["bytes_sent_per_worker_per_step"] == 0 and r["workers"] == 1  # one rank: no all-reduce traffic
 
 
