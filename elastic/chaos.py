@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("kill", "add", "drain", "hang", "corrupt_payload", "remove_node", "add_node")
+KINDS = ("kill", "add", "drain", "hang", "corrupt_payload", "comm_error", "remove_node", "add_node")
 
 
 @dataclass(frozen=True)
@@ -55,12 +55,19 @@ class CorruptingCommunicator:
     """Wraps a Communicator; when armed, the next all-gather sends garbage instead of our payload.
 
     The bytes on the wire really are corrupt, so the receivers' validation is what gets exercised.
+    With `fail_next`, the next collective raises instead, as a transient NCCL/gloo error would.
     """
 
     def __init__(self, inner, seed: int = 0):
         self.inner = inner
         self.armed = False
+        self.fail_next = False
         self.seed = seed
+
+    def _maybe_fail(self) -> None:
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("chaos: the collective failed on every rank (chaos.comm_error_at)")
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -74,6 +81,7 @@ class CorruptingCommunicator:
         return self.inner.world_size
 
     def allgather(self, t: torch.Tensor) -> torch.Tensor:
+        self._maybe_fail()
         if self.armed:
             self.armed = False
             g = torch.Generator().manual_seed(self.seed)
@@ -83,10 +91,12 @@ class CorruptingCommunicator:
         return self.inner.allgather(t)
 
     def allreduce_(self, t: torch.Tensor) -> None:
+        self._maybe_fail()
         if self.armed:
             self.armed = False
             t.fill_(float("nan"))
         self.inner.allreduce_(t)
 
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
+        self._maybe_fail()
         self.inner.broadcast_(t, src)

@@ -106,6 +106,7 @@ class ChaosSection:
     drain_at: list[int] = field(default_factory=list)            # a worker gets a drain notice
     hang_at: list[int] = field(default_factory=list)             # a worker stops answering mid-step
     corrupt_payload_at: list[int] = field(default_factory=list)  # a worker sends a garbage payload
+    comm_error_at: list[int] = field(default_factory=list)       # the collective fails on every rank
     remove_node_at: list[int] = field(default_factory=list)      # remove a simulated node (needs cluster.simulate)
     add_node_at: list[int] = field(default_factory=list)         # add a simulated node (needs cluster.simulate)
     seed: int = 0                                                # picks the victim ranks

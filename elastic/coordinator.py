@@ -563,6 +563,10 @@ class Coordinator:
             if e.kind in ("hang", "corrupt_payload") and len(members) > 1:
                 flags[self.chaos.pick_victim(len(members))][e.kind] = True
                 self.chaos.mark_done(e)
+            elif e.kind == "comm_error":
+                for r in flags:
+                    flags[r]["comm_error"] = True
+                self.chaos.mark_done(e)
             elif e.kind == "kill" and len(members) > 1:
                 kill_victim = members[self.chaos.pick_victim(len(members))]
                 self.chaos.mark_done(e)
@@ -629,11 +633,18 @@ class Coordinator:
             raise StepKeepsFailing(f"step {step} failed {self.failures_at_step} times in a row; last errors: "
                                    f"{errors}; run checkpointed at step {self.step}")
         kind = ("corrupt_payload" if bad_senders - {None, -1} and not origins else "hang" if hung
-                else "death" if dead else "worker_error" if origins else "step_failed")
+                else "death" if dead else "worker_error" if origins
+                else "collective_error" if any(r.get("left_group") for r in reports.values()) else "step_failed")
         log.warning("step %d failed (%s): leaving=%s errors=%s", step, kind,
                     [h.worker_id for h in leaving], errors)
         self.summary.event(step, f"step-aborted {kind} leaving={[h.worker_id for h in leaving]}")
         if not leaving:
+            if any(r.get("left_group") for r in reports.values()):
+                # the collective failed with nobody to blame (a transient NCCL/gloo error): the ranks it
+                # failed on closed their side of the group, so re-form it (same members, new generation)
+                # before the retry instead of retrying into a group that no longer exists
+                self.membership_change("regroup", [], [], detected)
+                return
             # nobody to blame (e.g. a non-finite dense all-reduce): drop the step and retry it
             self.summary.rejected_step(step, errors)
             return

@@ -172,8 +172,12 @@ class WorkerReplica:
             self.phase = "failed"
             if committed:
                 committed["fingerprint"] = self.fingerprint_result()
+            error = f"{type(e).__name__}: {e}"
+            if isinstance(e, torch.OutOfMemoryError):
+                error = (f"{type(e).__name__} with micro-batches of {self.micro_rows} rows: lower "
+                         f"train.micro_batch_tokens (now {self.cfg.train.micro_batch_tokens}). {e}")
             return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
-                    "pre_exchange": True, "error": f"{type(e).__name__}: {e}",
+                    "pre_exchange": True, "error": error,
                     "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc(), **committed}
         compute_s = time.time() - t0
         if committed:
@@ -186,6 +190,9 @@ class WorkerReplica:
         if chaos.get("corrupt_payload"):
             log.warning("%s: chaos corrupt payload at step %d", self.worker_id, step)
             self.comm.armed = True
+        if chaos.get("comm_error"):
+            log.warning("%s: chaos collective error at step %d", self.worker_id, step)
+            self.comm.fail_next = True
         self.phase = "exchange"
         report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
                   "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
@@ -202,7 +209,8 @@ class WorkerReplica:
         except Exception as e:  # a peer died mid-collective: gloo raises "Connection closed by peer"
             self.phase = "failed"
             self._leave_group()
-            report.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            report.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
+                          left_group=True)
             return report
         self.phase = "exchanged"
         ahead = self._ahead_tokens() if self.cfg.train.balance_rows else None

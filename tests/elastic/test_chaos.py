@@ -37,21 +37,23 @@ def _kinds(summary):
 
 
 def test_worker_killed_hung_or_corrupt_loses_no_documents(tmp_path, ray_cluster):
-    """demo sync, 3 workers: a kill mid-step, a silent (hung) worker, a garbage payload."""
+    """demo sync, 3 workers: a kill mid-step, a silent (hung) worker, a garbage payload, a collective that
+    fails on every rank (nobody leaves: the group is re-formed and the step retried)."""
     cfg = small_config(tmp_path, ray_cluster.address, "run.name=faults", "train.steps=40", "train.workers=3",
                        "sync.name=demo", "chaos.kill_at=[5]", "chaos.hang_at=[15]",
-                       "chaos.corrupt_payload_at=[25]", "train.step_timeout_s=6",
+                       "chaos.corrupt_payload_at=[25]", "chaos.comm_error_at=[33]", "train.step_timeout_s=6",
                        "train.min_workers=2")  # after the kill and the hang, wait for a replacement
     summary = train(cfg)
     _assert_healthy(summary, 40)
     kinds = _kinds(summary)
     # "<kind>-resume": the change left one worker, the run paused until a replacement joined
-    assert {"death", "hang", "corrupt_payload"} <= {k.removesuffix("-resume") for k in kinds}, kinds
+    assert {"death", "hang", "corrupt_payload", "regroup"} <= {k.removesuffix("-resume") for k in kinds}, kinds
     for change in summary["membership_changes"]:  # how fast is `bench-recovery`'s job, not a unit test's
         assert change["seconds_to_resume"] > 0, change
     # the garbage sender was named and evicted, the step was rejected everywhere, nothing applied
     events = " ".join(e["what"] for e in summary["events"])
     assert "step-aborted corrupt_payload" in events
+    assert "step-aborted collective_error leaving=[]" in events
     # a survivor always remained: every replacement got its state from a live peer, never from storage
     assert "state-from-peer " in events and "state-from-checkpoint" not in events, events
     # every change wrote a checkpoint
