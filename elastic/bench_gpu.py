@@ -219,7 +219,7 @@ def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> 
                 sync_now = j == starts[-1]
                 with (contextlib.nullcontext() if sync_now else ddp.no_sync()), \
                         torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    _, loss = ddp(x[j:j + micro], y[j:j + micro])
+                    loss = ddp(x[j:j + micro], y[j:j + micro])[1]
                 (loss * (min(micro, rows - j) / rows)).backward()
             if a["grad_clip"] > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), a["grad_clip"])
