@@ -565,13 +565,17 @@ def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float]
             cuts.insert(0, pos)
         return cuts
 
-    lo, hi = 0.0, (packed_rows(sum(slots), seq_len) + 1) / min(weight)
-    best = cuts_at(hi)
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        c = cuts_at(mid)
+    # feasibility only changes where some cap floor(lam * w_r) steps up, at lam = k / w_r: a binary search
+    # over those values finds the least feasible one exactly (a few cuts_at calls, not a float bisection's 40)
+    top = packed_rows(sum(slots), seq_len) + 1
+    cands = sorted({k / w for w in weight for k in range(1, top + 1)})
+    lo, hi = 0, len(cands) - 1
+    best = cuts_at(cands[hi])  # every rank may take every row: feasible
+    while lo < hi:
+        mid = (lo + hi) // 2
+        c = cuts_at(cands[mid])
         if c is None:
-            lo = mid
+            lo = mid + 1
         else:
             best, hi = c, mid
     return best
