@@ -618,6 +618,23 @@ def rebalance(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tupl
     return {k: row_runs([d for d, _ in docs[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
 
 
+def read_margin(hint: Mapping[int, Sequence[DocRange]], rows: int) -> dict[int, list[DocRange]]:
+    """For each rank of a read-ahead `hint` (rank -> ranges, in rank order), the rows next to its own that a
+    re-split may hand it: up to `rows` rows at the near end of each neighbour's ranges (`rebalance` only
+    moves documents across the cuts between neighbouring ranks). Read ahead with the rank's own rows, they
+    make such a step a hit instead of a read on the critical path."""
+    order = sorted(hint)
+    flat = {k: [DocRange(r.shard, r.row_group, x, x + 1) for r in hint[k] for x in range(r.start, r.stop)]
+            for k in order}
+    out: dict[int, list[DocRange]] = {}
+    for i, k in enumerate(order):
+        extra = flat[order[i - 1]][-rows:] if i > 0 and rows > 0 else []
+        if i + 1 < len(order) and rows > 0:
+            extra = extra + flat[order[i + 1]][:rows]
+        out[k] = row_runs(extra)
+    return out
+
+
 def row_runs(rows: Sequence[DocRange]) -> list[DocRange]:
     """Consecutive one-row ranges merged into runs."""
     out: list[DocRange] = []

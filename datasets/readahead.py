@@ -6,9 +6,9 @@ slice the reader takes (parquet decode, tokenizer output into Python lists, pack
 GPT-2-small that cost 2.6-5.5 ms of a ~39 ms forward/backward (measured, docs/BENCHMARKS.md), more than
 the read it hid. In a child process the read costs the trainer only the unpickling of the result.
 
-`ReadAheadProcess(shards, storage_options, tokenizer, cfg, seq_len).submit(ranges)` returns a Future of
-`(DocBatch, inputs, targets)`: exactly `ShardReader.read_batch(ranges)` and `pack(docs, seq_len, eot)`, the
-packed rows as numpy arrays. The child is spawned (never forked: the parent may hold threads and a CUDA
+`ReadAheadProcess(shards, storage_options, tokenizer, cfg, seq_len).submit(read, core)` returns a Future of
+`(batch, core_batch, inputs, targets)`: `ShardReader.read_batch(read)`, the part of it that is `core` (what
+`read_batch(core)` gives) and `pack(core_batch.docs, seq_len, eot)`, the packed rows as numpy arrays. The child is spawned (never forked: the parent may hold threads and a CUDA
 context) on the first submit, builds its own `ShardReader`, and exits with its parent. A failed read
 raises from the Future like the reader would; a dead child gives `BrokenProcessPool` there.
 """
@@ -35,10 +35,13 @@ def _start_child(shards, storage_options, tokenizer: str, cfg: DataConfig, seq_l
     _SEQ_LEN = seq_len
 
 
-def _read_and_pack(ranges: list[DocRange]):
-    batch = _READER.read_batch(ranges)
-    inputs, targets = pack(batch.docs, _SEQ_LEN, _READER.eot)
-    return batch, inputs.numpy(), targets.numpy()
+def _read_and_pack(read: list[DocRange], core: list[DocRange]):
+    from datasets.reader import assemble
+
+    batch = _READER.read_batch(read)
+    core_batch = batch if len(read) == len(core) else assemble([batch], core)[0]
+    inputs, targets = pack(core_batch.docs, _SEQ_LEN, _READER.eot)
+    return batch, core_batch, inputs.numpy(), targets.numpy()
 
 
 class ReadAheadProcess:
@@ -49,13 +52,14 @@ class ReadAheadProcess:
         self._args = (list(shards), dict(storage_options or {}), tokenizer, cfg, seq_len)
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
 
-    def submit(self, ranges: Sequence[DocRange]) -> concurrent.futures.Future:
+    def submit(self, read: Sequence[DocRange], core: Sequence[DocRange] | None = None) -> concurrent.futures.Future:
+        """Read `read`; pack the part of it that is `core` (default: all of it)."""
         if self._pool is None:
             self._pool = concurrent.futures.ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
                 initializer=_start_child, initargs=self._args)
         try:
-            return self._pool.submit(_read_and_pack, list(ranges))
+            return self._pool.submit(_read_and_pack, list(read), list(core if core is not None else read))
         except concurrent.futures.process.BrokenProcessPool:
             self.close()  # the child died: the next submit starts a new one
             raise

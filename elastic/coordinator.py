@@ -23,7 +23,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state
 from datasets import DataPlan, discover
-from datasets.plan import rebalance
+from datasets.plan import read_margin, rebalance
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
@@ -37,6 +37,10 @@ from elastic.worker import Worker
 log = logging.getLogger("raydistro.coordinator")
 
 GLOO_KV_KEY = "collective_group_master_address_default"
+# rows of each neighbour's read-ahead a worker reads too, so a re-split (train.balance_rows) that moves up to
+# this many documents across a cut is a read-ahead hit (on the sample corpus at 64k tokens per rank it moved
+# 1-4 of ~46 documents)
+READ_MARGIN_ROWS = 4
 
 
 class WorkerHandle:
@@ -577,7 +581,9 @@ class Coordinator:
         # plan is unchanged; an abort or a new share split only makes the workers read again)
         hint = (self.plan.peek(by_rank)
                 if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
-        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first, hint.get(r)): h
+        margin = read_margin(hint, READ_MARGIN_ROWS) if hint and self.cfg.train.balance_rows else {}
+        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first, hint.get(r),
+                                    margin.get(r)): h
                 for r, h in enumerate(members)}
         if kill_victim is not None:
             time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))

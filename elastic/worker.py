@@ -148,10 +148,12 @@ class WorkerReplica:
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any],
-             commit_first: int | None = None, prefetch: list[DocRange] | None = None) -> dict:
+             commit_first: int | None = None, prefetch: list[DocRange] | None = None,
+             prefetch_margin: list[DocRange] | None = None) -> dict:
         """Commit step `commit_first` if given (the coordinator's decision rides on the next step's call:
         one RPC per step), then compute and exchange step `step`. `prefetch`: the documents the next step
-        will likely bring (`DataPlan.peek`), read and tokenized in the background while this step computes."""
+        will likely bring (`DataPlan.peek`), read and tokenized in the background while this step computes;
+        `prefetch_margin`: neighbours' rows next to them, read too, which a re-split may move to this rank."""
         t0 = time.time()
         self.profiler.start(step)
         committed = {}
@@ -164,7 +166,8 @@ class WorkerReplica:
         self.pending_step = step
         boundary = sync_boundary(self.cfg, step)
         try:
-            tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(ranges, prefetch)
+            tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(ranges, prefetch,
+                                                                                          prefetch_margin)
         except Exception as e:
             # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
             # weight, so every rank rejects this step at once instead of blocking on us.
@@ -234,9 +237,10 @@ class WorkerReplica:
         batch = None
         if ahead is not None:
             got = self._ahead_result(ahead)  # waits: never two reads at once on the reader
-            batch = got[0] if got else None
-            if batch is not None and ahead.key == tuple(ranges):
-                return got
+            if got is not None:
+                batch, core, packed = got  # batch: all it read; core: the hinted ranges alone, packed
+                if ahead.key == tuple(ranges):
+                    return core, packed
         if batch is not None:
             rows = {(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)}
             n_rows = sum(len(r) for r in ranges)
@@ -258,29 +262,37 @@ class WorkerReplica:
         got = self._ahead_result(self._ahead, timeout=AHEAD_WAIT_S)
         if got is None:
             return None
-        batch = got[0]
+        batch = got[0]  # margin rows included: the coordinator re-splits across the cuts with them
         return ([[o.shard, o.row_group, o.start, len(d)] for o, d in zip(batch.origins, batch.docs)]
                 + [[r.shard, r.row_group, x, 0] for r, _ in batch.dropped for x in range(r.start, r.stop)])
 
-    def _read_ahead(self, ranges: list[DocRange] | None) -> None:
-        """Start reading and packing `ranges` in the background: in a child process on CUDA workers, where
-        a thread's share of the GIL would slow the kernel launches (`train.prefetch_in`), else in a thread.
-        A failure is dropped here: the step that needs these documents reads them again and reports it."""
+    def _read_ahead(self, ranges: list[DocRange] | None, margin: list[DocRange] | None = None) -> None:
+        """Start reading `ranges` and `margin` and packing `ranges` in the background: in a child process on
+        CUDA workers, where a thread's share of the GIL would slow the kernel launches
+        (`train.prefetch_in`), else in a thread. A failure is dropped here: the step that needs these
+        documents reads them again and reports it."""
         if not ranges:
             return
-        ranges = list(ranges)
+        core = list(ranges)
+        read = core + list(margin or [])
         future = None
         if self._ahead_in == "process":
             try:
-                future = self._ahead_process.submit(ranges)
+                future = self._ahead_process.submit(read, core)
             except Exception:
                 self._child_lost()
         if future is None:
-            future = self._ahead_thread.submit(lambda: self._pack_batch(self.reader.read_batch(ranges)))
-        self._ahead = _ReadAhead(tuple(ranges), future)
+            future = self._ahead_thread.submit(self._read_ahead_job, read, core)
+        self._ahead = _ReadAhead(tuple(core), future)
+
+    def _read_ahead_job(self, read: list[DocRange], core: list[DocRange]):
+        batch = self.reader.read_batch(read)
+        core_batch = batch if len(read) == len(core) else assemble([batch], core)[0]
+        return batch, core_batch, self._pack(core_batch.docs)
 
     def _ahead_result(self, ahead: "_ReadAhead", timeout: float | None = None):
-        """(batch, (inputs, targets)) of a read-ahead, or None if it failed or is not done in `timeout`."""
+        """(batch, core batch, (inputs, targets)) of a read-ahead, or None if it failed or is not done in
+        `timeout`."""
         if ahead.got is not None:
             return ahead.got
         try:
@@ -293,9 +305,9 @@ class WorkerReplica:
         except Exception:
             log.debug("%s: background read of the next step's documents failed", self.worker_id, exc_info=True)
             return None
-        if len(got) == 3:  # from the child: packed rows as numpy arrays
-            batch, inputs, targets = got
-            got = (batch, self._pinned(torch.from_numpy(inputs), torch.from_numpy(targets)))
+        if len(got) == 4:  # from the child: packed rows as numpy arrays
+            batch, core, inputs, targets = got
+            got = (batch, core, self._pinned(torch.from_numpy(inputs), torch.from_numpy(targets)))
         ahead.got = got
         self._ahead_broken = 0
         return got
@@ -308,14 +320,14 @@ class WorkerReplica:
                         self.worker_id)
             self._ahead_in = "thread"
 
-    def _forward_backward(self, ranges: list[DocRange],
-                          prefetch: list[DocRange] | None = None) -> tuple[int, float, int, list, float]:
+    def _forward_backward(self, ranges: list[DocRange], prefetch: list[DocRange] | None = None,
+                          margin: list[DocRange] | None = None) -> tuple[int, float, int, list, float, float]:
         t0 = time.time()
         with self.profiler.phase("read"):
             batch, packed = self._read(ranges)
             inputs, targets = packed if packed is not None else self._pack(batch.docs)
         read_s = time.time() - t0
-        self._read_ahead(prefetch)  # overlaps this step's compute
+        self._read_ahead(prefetch, margin)  # overlaps this step's compute
         tokens = int((targets >= 0).sum())
         t1 = time.time()
         with self.profiler.phase("fwd_bwd"):
@@ -326,9 +338,6 @@ class WorkerReplica:
     def _pack(self, docs) -> tuple[torch.Tensor, torch.Tensor]:
         """Training rows of `docs`, in pinned memory on CUDA (one asynchronous copy to the device)."""
         return self._pinned(*pack(docs, self.cfg.train.seq_len, self.tokenizer.eot))
-
-    def _pack_batch(self, batch):
-        return batch, self._pack(batch.docs)
 
     def _pinned(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":
@@ -513,9 +522,9 @@ class Worker:
         return True
 
     def step(self, step: int, ranges: list, lr: float, chaos: dict, commit_first: int | None = None,
-             prefetch: list | None = None) -> dict:
+             prefetch: list | None = None, prefetch_margin: list | None = None) -> dict:
         try:
-            report = self.r.step(step, ranges, lr, chaos, commit_first, prefetch)
+            report = self.r.step(step, ranges, lr, chaos, commit_first, prefetch, prefetch_margin)
         except Exception as e:
             self.r.phase = "failed"
             return {"worker_id": self.r.worker_id, "rank": self.r.rank, "step": step, "ok": False,

@@ -407,3 +407,15 @@ def test_rebalance_moves_documents_only_when_the_slowest_rank_gains():
     assert rebalance(a, even, {0: 1000, 1: 1000}, 64) is None  # no gain: no churn
     assert rebalance(a, {k: v for k, v in tokens.items() if k != (0, 0, 4)}, {0: 1, 1: 1}, 64) is None
     assert rebalance({0: a[0]}, tokens, {0: 1}, 64) is None
+
+
+def test_read_margin_gives_each_rank_its_neighbours_nearest_rows():
+    from datasets.plan import read_margin
+
+    hint = {0: [DocRange(0, 0, 0, 5)], 1: [DocRange(0, 0, 5, 7), DocRange(1, 0, 0, 4)], 2: [DocRange(1, 1, 0, 3)]}
+    m = read_margin(hint, 3)
+    assert m[0] == [DocRange(0, 0, 5, 7), DocRange(1, 0, 0, 1)]           # rank 1's first 3 rows
+    assert m[1] == [DocRange(0, 0, 2, 5), DocRange(1, 1, 0, 3)]           # rank 0's last 3, rank 2's first 3
+    assert m[2] == [DocRange(1, 0, 1, 4)]                                 # rank 1's last 3 rows
+    assert read_margin(hint, 0) == {0: [], 1: [], 2: []}
+    assert read_margin({0: hint[0]}, 3) == {0: []}

@@ -118,3 +118,28 @@ def test_read_ahead_in_a_child_process_trains_the_same_and_survives_its_death():
     # step 2's documents were read in this process after the child died (by the thread the read-ahead falls
     # back to, or by the step itself when the child died with the read in flight)
     assert len(killed[2]) == 2 and killed[2][0][0] == main
+
+
+def test_a_re_split_within_the_read_margin_reads_nothing_on_the_step():
+    """With the neighbours' rows next to its own read ahead too (`read_margin`), a worker handed two of rank
+    1's documents by a re-split has them already: the step reads nothing, in the thread or in the child."""
+    from datasets.plan import read_margin, row_runs
+
+    for where in ("thread", "process"):
+        cfg = load_config("tiny", ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1",
+                                   f"train.prefetch_in={where}"])
+        d = cfg.data
+        shards = discover(d.source, d.storage_options, text_column=d.text_column)
+        rep, reads = _replica(cfg, shards)
+        hint = DataPlan(shards, seed=0).peek({0: 3000, 1: 3000})
+        margin = read_margin(hint, 4)
+        rep._read_ahead(hint[0], margin[0])
+        rows = [type(r)(r.shard, r.row_group, x, x + 1) for k in (0, 1) for r in hint[k] for x in range(r.start, r.stop)]
+        n0 = sum(len(r) for r in hint[0])
+        moved = row_runs(rows[:n0 + 2])
+        got, packed = rep._read(moved)
+        plain = rep.reader.read_batch(moved)
+        assert got.docs == plain.docs and got.dropped == plain.dropped, where
+        main = threading.current_thread().name
+        assert not [rs for who, rs in reads[:-1] if who == main], (where, reads)  # the last: `plain` above
+        rep._ahead_process.close()
