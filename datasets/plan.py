@@ -565,11 +565,23 @@ def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float]
             cuts.insert(0, pos)
         return cuts
 
-    # feasibility only changes where some cap floor(lam * w_r) steps up, at lam = k / w_r: a binary search
-    # over those values finds the least feasible one exactly (a few cuts_at calls, not a float bisection's 40)
-    top = packed_rows(sum(slots), seq_len) + 1
-    cands = sorted({k / w for w in weight for k in range(1, top + 1)})
+    # feasibility only changes where some cap floor(lam * w_r) steps up, at lam = k / w_r: search those values
+    # for the least feasible one. Below the first whose caps add up to the step's packed rows nothing fits;
+    # whole documents usually fit within a candidate or two of it, so try those first, then bisect the rest.
+    need = packed_rows(sum(slots), seq_len)
+    cands = sorted({k / w for w in weight for k in range(1, need + 2)})
     lo, hi = 0, len(cands) - 1
+    while lo < hi:  # the first candidate whose caps could hold `need` rows
+        mid = (lo + hi) // 2
+        if sum(math.floor(cands[mid] * w + 1e-9) for w in weight) >= need:
+            hi = mid
+        else:
+            lo = mid + 1
+    for i in range(lo, min(lo + 2, len(cands))):
+        c = cuts_at(cands[i])
+        if c is not None:
+            return c
+    lo, hi = min(lo + 2, len(cands) - 1), len(cands) - 1
     best = cuts_at(cands[hi])  # every rank may take every row: feasible
     while lo < hi:
         mid = (lo + hi) // 2

@@ -355,8 +355,8 @@ def test_balanced_split_is_optimal_against_brute_force():
     from datasets.plan import balanced_split, split_cost
 
     rng = random.Random(4)
-    for trial in range(300):
-        n, W = rng.randint(1, 8), rng.randint(1, 3)
+    for trial in range(600):
+        n, W = rng.randint(1, 8), rng.randint(1, 4)
         docs = [(DocRange(0, 0, i, i + 1), rng.choice([0, 1, 5, 40, 63, 64, 65, 200, 700])) for i in range(n)]
         shares = [rng.choice([1000, 2000, 3000]) for _ in range(W)]
         cuts = balanced_split(docs, shares, 64)
