@@ -134,6 +134,8 @@ class DemoSync(Sync):
         self.held: list[torch.Tensor] | None = None  # delayed_apply: consensus waiting for the next commit
         self.step_count = 0
         self._pending = None
+        self._undo = None  # what undo() restores after a commit(keep_undo=True)
+        self._undo_params: list[torch.Tensor] | None = None  # the parameters' copy it restores (allocated once)
         # persistent buffers with their per-parameter views built once: the next momentum (gradients are
         # gathered into it, it becomes the momentum at commit and the old momentum the next scratch) and
         # two update buffers (one may be held for a delayed apply while the other is written)
@@ -190,6 +192,7 @@ class DemoSync(Sync):
     # ---- the two phases -----------------------------------------------------------------------------
     def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
         self._pending = None
+        self._undo = None  # a new step writes the buffers an undo would restore
         t0 = time.perf_counter()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad if p.grad.is_contiguous() else p.grad.contiguous()
                  for p in self.params]
@@ -307,9 +310,18 @@ class DemoSync(Sync):
             out.copy_(x.sign_())
         return None
 
-    def commit(self) -> None:
+    supports_undo = True
+
+    def commit(self, keep_undo: bool = False) -> None:
         if self._pending is None:
             raise RuntimeError("commit() without a successful exchange()")
+        self._undo = None
+        if keep_undo:  # a device copy of the parameters; the rest is references the commit only re-points
+            with torch.no_grad():
+                if self._undo_params is None:
+                    self._undo_params = [torch.empty_like(p) for p in self.params]
+                torch._foreach_copy_(self._undo_params, [p.detach() for p in self.params])
+            self._undo = (self._pending, self.momentum, self._scratch, self.held, self.step_count)
         new_m, update, sparse, lr, wd = self._pending
         if self.cfg.delayed_apply:
             update, self.held = self.held, update
@@ -340,6 +352,18 @@ class DemoSync(Sync):
     def abort(self) -> None:
         self._pending = None
 
+    def undo(self) -> None:
+        """Back to just before the last commit(keep_undo=True): parameters, momentum, held update, step count
+        and the pending update, bit for bit."""
+        if self._undo is None:
+            raise RuntimeError("undo() without a commit(keep_undo=True) to undo")
+        (self._pending, self.momentum, self._scratch, self.held, self.step_count), self._undo = self._undo, None
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.params], self._undo_params)
+
+    def forget_undo(self) -> None:
+        self._undo = None
+
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         sd = {"strategy": "demo", "step_count": self.step_count,
@@ -365,3 +389,4 @@ class DemoSync(Sync):
             self.held = self._updates[0]
         self.step_count = int(sd["step_count"])
         self._pending = None
+        self._undo = None

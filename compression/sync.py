@@ -10,6 +10,10 @@ Promises of every `Sync` (this is what lets the elastic coordinator guarantee "a
   strategies that apply one shared update each step; DiLoCo's global parameters and outer momentum).
 - `commit()` applies the pending update to the parameters and the strategy state, and advances `step_count`.
 - `abort()` drops the pending update: parameters and state stay exactly (bitwise) as before `exchange`.
+- Optional (`supports_undo`): `commit(keep_undo=True)` commits so that `undo()` can put parameters, state
+  and the pending update back exactly as they were before that commit (then `commit` or `abort` again);
+  `forget_undo()` drops what undo needs. A worker uses it to apply a step while it waits for the
+  coordinator's decision, instead of after it.
 - `state_dict()` holds this rank's state with tensors on CPU; `load_state_dict` restores it.
 - `rebind(comm)` switches to a new group after a membership change; local state is kept.
 """
@@ -43,6 +47,7 @@ class Sync:
     """Base class of the strategies; see the module docstring for the contract."""
 
     step_count: int = 0
+    supports_undo: bool = False
 
     def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
         raise NotImplementedError
@@ -55,6 +60,12 @@ class Sync:
 
     def abort(self) -> None:
         raise NotImplementedError
+
+    def undo(self) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot undo a commit")
+
+    def forget_undo(self) -> None:
+        pass
 
     def state_dict(self) -> dict:
         raise NotImplementedError

@@ -74,6 +74,7 @@ class TrainSection:
     prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
     prefetch_in: str = "auto"        # auto | process | thread: where the read-ahead runs (auto: process on CUDA)
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
+    apply_ahead: bool = True         # apply an exchanged step while the coordinator decides (undone on abort)
     attention_warm_rows: int = 32    # CUDA: build attention graphs for micro-batches of 1..N rows before training
     profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
     profile_steps: int = 3           # how many steps profile_at covers

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import concurrent.futures.process
 import logging
+import threading
 import os
 import socket
 import time
@@ -97,6 +98,10 @@ class WorkerReplica:
         self.pending_step: int | None = None
         self.last_fingerprint = ""
         self._pending_fingerprint: PendingFingerprint | None = None
+        # train.apply_ahead: the step applied (undo kept) in a thread while the coordinator decides
+        self._applied_ahead: int | None = None
+        self._apply_thread: threading.Thread | None = None
+        self._apply_error: BaseException | None = None
         self.tokens_per_s = 0.0
         self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
@@ -121,6 +126,7 @@ class WorkerReplica:
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
         import ray.util.collective as col
 
+        self._settle()
         t0 = time.time()
         if backend == "gloo":
             # torch's default is 30 minutes: a member that dies during the rendezvous would hold the
@@ -157,6 +163,7 @@ class WorkerReplica:
         t0 = time.time()
         self.profiler.start(step)
         committed = {}
+        self._settle(keep_step=commit_first)  # what was applied ahead stays only if this call commits it
         if commit_first is not None:
             with self.profiler.phase("commit"):
                 self.commit(commit_first, wait=False)  # the fingerprint is read after this step's fwd/bwd
@@ -222,6 +229,8 @@ class WorkerReplica:
         profile = self.profiler.finish(step)
         if profile is not None:
             report["profile"] = profile
+        if self.cfg.train.apply_ahead and self.sync.supports_undo:
+            self._apply_ahead(step)
         step_s = time.time() - t0
         report.update(
             bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
@@ -400,13 +409,51 @@ class WorkerReplica:
     def commit(self, step: int, wait: bool = True) -> str | None:
         """Apply step `step`; returns the new fingerprint, or with `wait=False` leaves it computing on the
         device (`fingerprint_result` reads it)."""
+        self._settle(keep_step=step)
         assert self.pending_step == step, f"commit of step {step} but pending is {self.pending_step}"
-        self.sync.commit()
+        if self._applied_ahead == step:  # applied while the coordinator decided: keep it
+            self._applied_ahead = None
+            self.sync.forget_undo()
+        else:
+            self.sync.commit()
+            self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
         self.pending_step = None
         self.step_count = step + 1
         self.phase = "idle"
-        self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
         return self.fingerprint_result() if wait else None
+
+    def _apply_ahead(self, step: int) -> None:
+        """Apply the exchanged step in a thread while the report travels and the coordinator decides
+        (`train.apply_ahead`): the next call's commit then only confirms it, and an abort undoes it exactly
+        (`Sync.undo`). The device work queues before the next step's, on the same stream."""
+        def run():
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.set_device(self.device)
+                self.sync.commit(keep_undo=True)
+                self._applied_ahead = step
+                self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+            except BaseException as e:  # raised where the step is confirmed or dropped
+                self._apply_error = e
+
+        self._apply_thread = threading.Thread(target=run, name=f"{self.worker_id}-apply-ahead", daemon=True)
+        self._apply_thread.start()
+
+    def _settle(self, keep_step: int | None = None) -> None:
+        """Wait for an apply-ahead; unless it applied `keep_step`, undo it (its step is not committed:
+        parameters, state and the pending update are back as the exchange left them). Everything that reads
+        or changes the parameters or the sync state calls this first."""
+        thread, self._apply_thread = self._apply_thread, None
+        if thread is not None:
+            thread.join()
+        if self._apply_error is not None:
+            error, self._apply_error = self._apply_error, None
+            self._applied_ahead = None
+            raise RuntimeError(f"applying step {self.pending_step} failed: {error}") from error
+        if self._applied_ahead is not None and self._applied_ahead != keep_step:
+            self._applied_ahead = None
+            self._pending_fingerprint = None
+            self.sync.undo()
 
     def fingerprint_result(self) -> str:
         """The fingerprint the last commit started (waits for the device only if it is not done yet)."""
@@ -416,6 +463,7 @@ class WorkerReplica:
         return self.last_fingerprint
 
     def abort(self, step: int) -> str:
+        self._settle()
         if self.pending_step is not None and self.sync is not None:
             try:
                 self.sync.abort()
@@ -428,6 +476,7 @@ class WorkerReplica:
     def fingerprint(self) -> str:
         """Of what every replica must hold bit for bit: the parameters, or the sync's global state
         (DiLoCo's local parameters drift between outer steps by design)."""
+        self._settle()
         return params_fingerprint(self._replica_tensors())
 
     def _replica_tensors(self) -> list[torch.Tensor]:
@@ -435,15 +484,19 @@ class WorkerReplica:
 
     # ---- state ----------------------------------------------------------------------------
     def model_state(self) -> dict:
+        self._settle()  # the committed parameters only
         return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
 
     def sync_state(self) -> dict:
+        self._settle()
         return self.sync.state_dict() if self.sync is not None else {}
 
     def load_model_state(self, state: dict) -> None:
+        self._settle()
         self.model.load_state_dict(state)
 
     def load_sync_state(self, state: dict) -> None:
+        self._settle()
         if state:
             self.sync.load_state_dict(state)
 
@@ -451,6 +504,7 @@ class WorkerReplica:
         """Mean loss over the held-out documents `ranges` (every token scored once)."""
         if not self.val_shards:
             raise RuntimeError("evaluate: this worker was given no held-out shards (data.val_source)")
+        self._settle()
         if self._val_reader is None:
             self._val_reader = ShardReader(self.val_shards, self.cfg.data.storage_options, self.tokenizer,
                                            self.cfg.data)

@@ -50,6 +50,39 @@ def test_exchange_then_abort_leaves_params_and_state_bitwise_unchanged():
     assert run_threads(2, body) == [True, True]
 
 
+@pytest.mark.parametrize("delayed", [False, True])
+def test_undo_of_a_commit_restores_everything_and_the_step_can_be_committed_again(delayed):
+    """commit(keep_undo=True) then undo(): parameters, state and the pending update as before the commit, bit
+    for bit; committing again then gives what one plain commit gives, and the next steps go on identically."""
+    cfg = SyncConfig(name="demo", delayed_apply=delayed)
+
+    def body(comm, undo=True):
+        model, sync = _train(comm, 3, cfg)
+        params = list(model.parameters())
+        snap = lambda: (digest(params), state_digest(sync.state_dict()), sync.step_count)  # noqa: E731
+        set_random_grads(params, torch.Generator().manual_seed(7 + comm.rank))
+        sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
+        before = snap()
+        sync.commit(keep_undo=undo)
+        applied = snap()
+        if undo:
+            sync.undo()
+        undone = snap()
+        if undo:
+            sync.commit(keep_undo=True)  # the same step again, now kept
+            sync.forget_undo()
+        again = snap()
+        set_random_grads(params, torch.Generator().manual_seed(8 + comm.rank))
+        sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
+        sync.commit()
+        return before == undone, applied == again, applied != before, digest(params)
+
+    out = run_threads(2, body)
+    assert [o[:3] for o in out] == [(True, True, True)] * 2
+    plain = run_threads(2, lambda c: body(c, undo=False))
+    assert out[0][3] == out[1][3] == plain[0][3]  # undo and redo changed nothing downstream
+
+
 def test_cached_views_follow_fresh_gradients_and_swapped_parameter_storage():
     """The sync caches its per-parameter views: gradients kept across steps or fresh ones, and parameters
     whose storage is replaced (`p.data = ...`, as some loaders do) must give the same bits."""
