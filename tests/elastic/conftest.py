@@ -36,3 +36,23 @@ def small_overrides(tmp_path, address: str) -> list[str]:
     if address:
         base.append(f"cluster.address={address}")
     return base
+
+
+SOLO = ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1"]
+
+
+def solo_replica(*overrides: str):
+    """One `WorkerReplica` on the bundled sample corpus (tiny model, demo sync over a group of one, no Ray):
+    (replica, shards) for tests that drive `step`/`commit`/`abort` directly."""
+    from compression import build_sync
+    from compression.communicator import ThreadCommunicator
+    from datasets import discover
+    from elastic.worker import WorkerReplica
+
+    cfg = load_config("tiny", SOLO + list(overrides))
+    d = cfg.data
+    shards = discover(d.source, d.storage_options, text_column=d.text_column)
+    rep = WorkerReplica(cfg, "w0", shards, 0)
+    comm = ThreadCommunicator.group(1)[0]
+    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    return rep, shards

@@ -1,20 +1,12 @@
 """Applying an exchanged step while the coordinator decides (`train.apply_ahead`): the same parameters as
 applying it at the commit, and an abort leaves exactly what an abort without it leaves."""
-from datasets import DataPlan, discover
-from elastic.config import load_config
-from elastic.worker import WorkerReplica
-from compression import build_sync
-from compression.communicator import ThreadCommunicator
+from datasets import DataPlan
+
+from .conftest import solo_replica
 
 
 def _run(apply_ahead: bool, abort_at: int | None):
-    cfg = load_config("tiny", ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1",
-                               f"train.apply_ahead={str(apply_ahead).lower()}", "sync.delayed_apply=true"])
-    d = cfg.data
-    shards = discover(d.source, d.storage_options, text_column=d.text_column)
-    rep = WorkerReplica(cfg, "w0", shards, 0)
-    comm = ThreadCommunicator.group(1)[0]
-    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    rep, shards = solo_replica(f"train.apply_ahead={str(apply_ahead).lower()}", "sync.delayed_apply=true")
     plan = DataPlan(shards, seed=0)
     prints, step, commit = [], 0, None
     while step < 5:
@@ -43,12 +35,7 @@ def test_applied_ahead_equals_applied_at_commit_with_and_without_an_abort():
 
 
 def test_state_read_while_a_step_is_applied_ahead_is_the_committed_state():
-    cfg = load_config("tiny", ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1"])
-    d = cfg.data
-    shards = discover(d.source, d.storage_options, text_column=d.text_column)
-    rep = WorkerReplica(cfg, "w0", shards, 0)
-    comm = ThreadCommunicator.group(1)[0]
-    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    rep, shards = solo_replica()
     before = rep.fingerprint()
     assert rep.step(0, DataPlan(shards, seed=0).assign(0, {0: 600})[0], 1e-3, {})["ok"]
     assert rep.fingerprint() == before  # applied ahead, not committed: readers see the committed state

@@ -1,20 +1,13 @@
 """`train.profile_at`: a worker profiles its steps with torch.profiler and reports where the time went."""
-from compression import build_sync
-from compression.communicator import ThreadCommunicator
-from datasets import DataPlan, discover
+from datasets import DataPlan
 from elastic.config import ConfigError, load_config
 from elastic.profiling import PHASES
-from elastic.worker import WorkerReplica
+
+from .conftest import solo_replica
 
 
 def test_profiled_steps_report_a_summary_once():
-    cfg = load_config("tiny", ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_layer=1",
-                               "train.profile_at=1", "train.profile_steps=2"])
-    d = cfg.data
-    shards = discover(d.source, d.storage_options, text_column=d.text_column)
-    rep = WorkerReplica(cfg, "w0", shards, 0)
-    comm = ThreadCommunicator.group(1)[0]
-    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    rep, shards = solo_replica("train.profile_at=1", "train.profile_steps=2")
     plan = DataPlan(shards, seed=0)
     reports = []
     for step in range(4):
