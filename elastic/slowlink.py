@@ -162,6 +162,30 @@ def cleanup_stale() -> list[str]:
     return removed
 
 
+def star_wire(net: Netns, roles: list[str]):
+    """One namespace per role, each with eth9 (10.99.0.N): a TUN device of a `netwire.Wire` process, which
+    carries every packet between nodes with the bandwidth and delay it is `set` to (for kernels without
+    netem). Returns (nodes, wire)."""
+    from elastic.netwire import MTU, Wire
+
+    ips = [f"{SUBNET}.{i + 1}" for i in range(len(roles))]
+    names = [f"{net.prefix}t{role}" for role in roles]
+    wire = Wire(names, ips)
+    nodes = {}
+    try:
+        for role, name, ip in zip(roles, names, ips):
+            ns = net.add(role)
+            _sh("ip", "link", "set", name, "netns", ns)
+            _sh("ip", "-n", ns, "link", "set", name, "name", IFNAME)
+            _sh("ip", "-n", ns, "link", "set", IFNAME, "mtu", str(MTU))
+            net.addr(ns, IFNAME, f"{ip}/24")
+            nodes[role] = {"ns": ns, "ip": ip}
+    except BaseException:
+        wire.close()
+        raise
+    return nodes, wire
+
+
 def star(net: Netns, roles: list[str]) -> dict[str, dict]:
     """One namespace per role, each with eth9 (10.99.0.N) to a bridge in a switch namespace."""
     sw = net.add("s")
@@ -353,7 +377,11 @@ def _stop_group(p: subprocess.Popen) -> None:
 # ---- the benchmark -----------------------------------------------------------------------------
 
 def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str, extra: list[str],
-          timeout_s: float, keep_logs: bool = False, log=lambda m: print(m, file=sys.stderr)) -> dict:
+          timeout_s: float, keep_logs: bool = False, log=lambda m: print(m, file=sys.stderr),
+          delay_ms: float = 0.0) -> dict:
+    """`delay_ms` > 0: the links go through a `netwire` process instead of veths and tbf, and every shaped
+    rate also gets `delay_ms` of one-way delay (round trip: twice that); 'unshaped' is the wire with
+    neither."""
     reason = available()
     if reason:
         raise SystemExit(f"slowlink: {reason}")
@@ -364,12 +392,16 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         log(f"slowlink: removed stale namespaces {stale}")
     root = Path(tempfile.mkdtemp(prefix="rdsl", dir="/tmp"))  # short: Ray's socket paths are long
     net = Netns()
-    ray_nodes = None
+    ray_nodes = wire = None
     results: list[dict] = []
     old = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        nodes = star(net, ["h", "a", "b"])
-        log(f"slowlink: namespaces {net.names}, {IFNAME} {[n['ip'] for n in nodes.values()]} via br0")
+        if delay_ms > 0:
+            nodes, wire = star_wire(net, ["h", "a", "b"])
+            log(f"slowlink: namespaces {net.names}, {IFNAME} {[n['ip'] for n in nodes.values()]} via netwire")
+        else:
+            nodes = star(net, ["h", "a", "b"])
+            log(f"slowlink: namespaces {net.names}, {IFNAME} {[n['ip'] for n in nodes.values()]} via br0")
         ray_nodes = RayNodes(net, nodes, root)
         ray_nodes.start()
         seen = ray_nodes.wait_nodes()
@@ -377,13 +409,18 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         run_dir = root / "runs"
         run_dir.mkdir()
         for rate in rates:
-            net.shape(rate)
-            qd = net.qdisc(nodes["a"]["ns"], IFNAME)
+            if wire is not None:
+                bps = rate_bytes_per_s(rate)
+                qd = wire.set(bps, delay_ms / 1e3 if bps else 0.0) + f" (netwire, one-way delay {delay_ms:g} ms)"
+            else:
+                net.shape(rate)
+                qd = net.qdisc(nodes["a"]["ns"], IFNAME)
             log(f"slowlink: links now {rate}: {qd}")
             for sync in syncs:
                 log(f"slowlink: training {sync} at {rate} ({steps} steps)")
                 r = train_once(net, ray_nodes, sync, rate, steps, skip, preset, extra, timeout_s, run_dir)
                 r["qdisc"] = qd
+                r["rtt_ms"] = 2 * delay_ms if wire is not None and rate_bytes_per_s(rate) else 0.0
                 results.append(r)
                 log(f"slowlink: {sync} @ {rate}: {r['tokens_per_s']:.0f} tokens/s, step "
                     f"{r['step_s_median']}, link tx {r['link_tx_bytes']}")
@@ -391,6 +428,8 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         signal.signal(signal.SIGTERM, old)
         if ray_nodes is not None:
             ray_nodes.stop()
+        if wire is not None:
+            wire.close()
         net.close()
         if keep_logs:
             log(f"slowlink: logs kept in {root}")
@@ -399,9 +438,13 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         left = [n for n in _sh("ip", "netns", "list", check=False).stdout.split() if n.startswith(net.prefix)]
         if left:
             log(f"slowlink: WARNING namespaces left: {left}")
-    return {"preset": preset, "steps": steps, "skip": skip, "overrides": extra,
-            "topology": "3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) on a bridge; tbf "
-                        "on both directions of every node's veth; bandwidth only (no netem: no delay/loss)",
+    topology = ("3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) joined by a userspace wire "
+                f"(TUN devices, elastic.netwire): each node's uplink and downlink at the rate, {delay_ms:g} ms one "
+                "way at shaped rates, 50 ms queues" if wire is not None else
+                "3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) on a bridge; tbf "
+                "on both directions of every node's veth; bandwidth only (no netem: no delay/loss)")
+    return {"preset": preset, "steps": steps, "skip": skip, "overrides": extra, "delay_ms": delay_ms,
+            "topology": topology,
             "results": results, "table": table(results)}
 
 
@@ -488,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip", type=int, default=5, help="first steps left out of the steady-state rate")
     p.add_argument("--config", default="tiny")
     p.add_argument("--timeout", type=float, default=540, help="seconds per training run")
+    p.add_argument("--delay-ms", type=float, default=0.0,
+                   help="one-way delay at shaped rates (RTT = 2x); links then go through elastic.netwire "
+                        "(a userspace wire: works without the kernel's netem)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-record", action="store_true", help="don't append to docs/BENCHMARKS.md")
     p.add_argument("--no-plot", action="store_true", help=f"don't write {PLOT.relative_to(REPO)}")
@@ -512,7 +558,8 @@ def main(argv: list[str] | None = None) -> int:
         a.overrides = out.get("overrides", [])
     else:
         try:
-            out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs)
+            out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs,
+                        delay_ms=a.delay_ms)
         except KeyboardInterrupt:
             print("slowlink: interrupted; torn down", file=sys.stderr)
             return 130
@@ -526,6 +573,7 @@ def main(argv: list[str] | None = None) -> int:
 
         append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
                    f"python -m elastic.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
+                   + (f" --delay-ms {a.delay_ms:g}" if a.delay_ms else "")
                    + (f" {' '.join(a.overrides)}" if a.overrides else ""),
                    record_text(out))
     print(json.dumps(out, indent=1, default=str) if a.json else _human(out))
@@ -547,7 +595,9 @@ def record_text(out: dict) -> str:
         parts.append(f"{sync} ({sent:,.0f} B/worker/step): {cells} tokens/s")
     load = out.get("loadavg_1m_range")
     return ("; ".join(parts) + f"; {out['preset']}, 2 workers on 2 namespace nodes, steady state steps "
-            f"{out['skip']}..{out['steps'] - 1}; bandwidth only (no netem)"
+            f"{out['skip']}..{out['steps'] - 1}; "
+            + (f"userspace wire (elastic.netwire), {2 * out['delay_ms']:g} ms RTT at shaped rates" if out.get("delay_ms")
+               else "bandwidth only (no netem)")
             + (f"; shared machine, load avg {load[0]:.0f}-{load[1]:.0f} during the runs" if load else ""))
 
 

@@ -101,3 +101,62 @@ def test_rate_parsing_and_steady_state():
     r = slowlink.steady_tokens_per_s(summary, skip=2)
     assert r["tokens_per_s"] == pytest.approx(100.0)
     assert r["steps_measured"] == 2 and r["step_s_median"] == pytest.approx(1.0)
+
+
+CONNECT_RTT = """
+import socket, time
+best = 1e9
+for _ in range(5):
+    t0 = time.perf_counter()
+    socket.create_connection(("{ip}", {port}), timeout=15).close()
+    best = min(best, time.perf_counter() - t0)
+print(best)
+"""
+
+ACCEPT = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("{ip}", {port})); s.listen(8); s.settimeout(30)
+print("ready", flush=True)
+for _ in range(5):
+    s.accept()[0].close()
+"""
+
+
+@needs_netns
+def test_netwire_gives_links_a_round_trip_time_and_a_rate():
+    """The userspace wire (for kernels without netem): 25 ms one way = a 50 ms TCP handshake, and 100 Mbit/s."""
+    net = slowlink.Netns(prefix=f"rdsl{os.getpid()}")
+    wire = None
+    try:
+        nodes, wire = slowlink.star_wire(net, ["a", "b"])
+        a, b, ip_b = nodes["a"]["ns"], nodes["b"]["ns"], nodes["b"]["ip"]
+        assert wire.set(12.5e6, 0.025).startswith("ok")
+        server = subprocess.Popen(net.exec_argv(b, sys.executable, "-c", ACCEPT.format(ip=ip_b, port=5301)),
+                                  stdout=subprocess.PIPE, text=True)
+        assert server.stdout.readline().strip() == "ready"
+        rtt = float(subprocess.run(net.exec_argv(a, sys.executable, "-c", CONNECT_RTT.format(ip=ip_b, port=5301)),
+                                   capture_output=True, text=True, check=True, timeout=60).stdout)
+        server.wait(10)
+        assert 0.049 < rtt < 0.2, f"TCP connect took {rtt * 1e3:.1f} ms through a 50 ms RTT wire"
+        tx0 = net.tx_bytes(a)
+        rate, _ = _transfer(net, a, b, ip_b, port=5302)
+        assert net.tx_bytes(a) - tx0 >= PAYLOAD  # the bytes crossed the wire's device
+        assert 3e6 < rate < 13.5e6, f"100 Mbit/s wire carried {rate / 1e6:.1f} MB/s"
+    finally:
+        if wire is not None:
+            wire.close()
+        net.close()
+
+
+def test_link_model_serializes_delays_and_drops_at_a_full_queue():
+    from elastic.netwire import LinkModel
+
+    m = LinkModel(2, rate=1000.0, delay=0.5, queue_s=0.05)
+    assert m.arrival(0, 1, 10, now=0.0) == pytest.approx(0.01 + 0.01 + 0.5)  # up, down, then the delay
+    assert m.arrival(0, 1, 10, now=0.0) == pytest.approx(0.03 + 0.5)  # queued behind the first on both links
+    for _ in range(4):  # the uplink is now busy until 0.06
+        assert m.arrival(0, 1, 10, now=0.0) is not None
+    assert m.arrival(0, 1, 10, now=0.0) is None and m.dropped == 1  # would wait > 50 ms for the uplink
+    m.set(None, 0.0)
+    assert m.arrival(1, 0, 10**6, now=2.0) == 2.0  # unshaped: at once
