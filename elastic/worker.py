@@ -64,7 +64,7 @@ class _ReadAhead:
 
     def __init__(self, key: tuple, future: concurrent.futures.Future):
         self.key, self.future = key, future
-        self.got = None  # (batch, (inputs, targets)) once taken
+        self.got = None  # (batch read, batch of `key` alone, its packed (inputs, targets)) once taken
 
 
 class WorkerReplica:
