@@ -411,7 +411,7 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         for rate in rates:
             if wire is not None:
                 bps = rate_bytes_per_s(rate)
-                qd = wire.set(bps, delay_ms / 1e3 if bps else 0.0) + f" (netwire, one-way delay {delay_ms:g} ms)"
+                qd = wire.set(bps, delay_ms / 1e3 if bps else 0.0) + " (netwire)"
             else:
                 net.shape(rate)
                 qd = net.qdisc(nodes["a"]["ns"], IFNAME)
