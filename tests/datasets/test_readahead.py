@@ -1,0 +1,48 @@
+"""`ReadAheadProcess`: the read-ahead's child process reads (here from S3, moto's server over HTTP) and packs
+exactly what the trainer would have read itself, and a failed read comes back as the reader's error."""
+import pytest
+
+from datasets import DataPlan, discover, pack
+from datasets.bench import upload_dir
+from datasets.config import DataConfig
+from datasets.readahead import ReadAheadProcess
+from datasets.reader import ShardReader
+from datasets.sources import DataSourceError
+
+from .conftest import doc_texts, write_fineweb
+
+
+def test_child_reads_and_packs_from_s3_like_the_reader(tmp_path, s3_endpoint, s3_bucket):
+    for i in range(2):
+        write_fineweb(str(tmp_path / "d" / f"00{i}_00000.parquet"), doc_texts(250, tag=f"f{i}"), row_group_rows=100)
+    upload_dir(str(tmp_path / "d"), s3_bucket, "data", s3_endpoint)
+    shards = discover(f"s3://{s3_bucket}/data/*.parquet", s3_endpoint)
+    cfg = DataConfig(tokenizer="gpt2")
+    hint = DataPlan(shards, seed=0).peek({0: 3000, 1: 3000})
+    read, core = hint[0] + hint[1], hint[0]
+    child = ReadAheadProcess(shards, s3_endpoint, "gpt2", cfg, 64)
+    try:
+        batch, core_batch, inputs, targets = child.submit(read, core).result(timeout=120)
+    finally:
+        child.close()
+    reader = ShardReader(shards, s3_endpoint, "gpt2", cfg)
+    try:
+        plain, plain_core = reader.read_batch(read), reader.read_batch(core)
+    finally:
+        reader.close()
+    assert batch.docs == plain.docs and batch.origins == plain.origins
+    assert core_batch.docs == plain_core.docs and core_batch.dropped == plain_core.dropped
+    want_in, want_t = pack(plain_core.docs, 64, reader.eot)
+    assert (inputs == want_in.numpy()).all() and (targets == want_t.numpy()).all()
+
+
+def test_a_failed_read_in_the_child_raises_the_readers_error(tmp_path):
+    write_fineweb(str(tmp_path / "000_00000.parquet"), doc_texts(50), row_group_rows=50)
+    shards = discover(str(tmp_path / "*.parquet"), {})
+    bad = [type(r)(r.shard, r.row_group, 0, 10**6) for r in DataPlan(shards, seed=0).peek({0: 100})[0]]
+    child = ReadAheadProcess(shards, {}, "bytes", DataConfig(tokenizer="bytes"), 64)
+    try:
+        with pytest.raises((DataSourceError, ValueError), match="000_00000.parquet"):
+            child.submit(bad).result(timeout=120)
+    finally:
+        child.close()
