@@ -326,12 +326,15 @@ def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path
                 plan.commit(step)
             sync()
             wall = time.perf_counter() - t0
+        from elastic.profiling import summarize
+
         ka = prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in ka)
+        prof_summary = summarize(prof.events(), 3, wall, cuda=True)  # what train.profile_at reports too
         out["profiled_steps"] = 3
-        out["profiled_wall_ms_per_step"] = round(wall * 1e3 / 3, 2)
-        out["gpu_kernel_ms_per_step"] = round(gpu_us / 1e3 / 3, 2)
-        out["gpu_busy_fraction"] = round(gpu_us / 1e6 / wall, 3)
+        out["profiled_wall_ms_per_step"] = prof_summary["wall_ms_per_step"]
+        out["gpu_kernel_ms_per_step"] = prof_summary["gpu_kernel_ms_per_step"]
+        out["gpu_busy_fraction"] = prof_summary["gpu_busy_fraction"]
+        out["profile"] = prof_summary
         table = ka.table(sort_by="self_device_time_total", row_limit=25)
         table += "\n" + ka.table(sort_by="self_cpu_time_total", row_limit=15)
     with open(result_path, "w") as f:
