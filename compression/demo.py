@@ -364,6 +364,10 @@ class DemoSync(Sync):
     def forget_undo(self) -> None:
         self._undo = None
 
+    @property
+    def can_undo(self) -> bool:
+        return self._undo is not None
+
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         sd = {"strategy": "demo", "step_count": self.step_count,

@@ -67,6 +67,10 @@ class Sync:
     def forget_undo(self) -> None:
         pass
 
+    @property
+    def can_undo(self) -> bool:
+        return False
+
     def state_dict(self) -> dict:
         raise NotImplementedError
 

@@ -102,6 +102,7 @@ class WorkerReplica:
         self._applied_ahead: int | None = None
         self._apply_thread: threading.Thread | None = None
         self._apply_error: BaseException | None = None
+        self._apply_ahead_on = cfg.train.apply_ahead
         self.tokens_per_s = 0.0
         self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
@@ -229,7 +230,7 @@ class WorkerReplica:
         profile = self.profiler.finish(step)
         if profile is not None:
             report["profile"] = profile
-        if self.cfg.train.apply_ahead and self.sync.supports_undo:
+        if self._apply_ahead_on and self.sync.supports_undo:
             self._apply_ahead(step)
         step_s = time.time() - t0
         report.update(
@@ -447,9 +448,16 @@ class WorkerReplica:
         if thread is not None:
             thread.join()
         if self._apply_error is not None:
+            # applying in a thread failed (before or during the commit): put the state back as the exchange
+            # left it and apply at the commit from now on, as with train.apply_ahead=false
             error, self._apply_error = self._apply_error, None
+            log.warning("%s: applying step %s ahead failed (%s: %s); applying at the commit from now on",
+                        self.worker_id, self.pending_step, type(error).__name__, error)
+            self._apply_ahead_on = False
+            if self.sync.can_undo:
+                self.sync.undo()
             self._applied_ahead = None
-            raise RuntimeError(f"applying step {self.pending_step} failed: {error}") from error
+            self._pending_fingerprint = None
         if self._applied_ahead is not None and self._applied_ahead != keep_step:
             self._applied_ahead = None
             self._pending_fingerprint = None

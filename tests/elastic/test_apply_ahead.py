@@ -40,3 +40,31 @@ def test_state_read_while_a_step_is_applied_ahead_is_the_committed_state():
     assert rep.step(0, DataPlan(shards, seed=0).assign(0, {0: 600})[0], 1e-3, {})["ok"]
     assert rep.fingerprint() == before  # applied ahead, not committed: readers see the committed state
     assert rep.fingerprint() != rep.commit(0)  # and the commit still applies it
+
+
+def test_a_failed_apply_ahead_falls_back_to_applying_at_the_commit():
+    """If the thread's commit raises (a device that refuses work from another thread, say), the state goes
+    back as the exchange left it, the step is applied at the commit, and later steps apply there too."""
+    rep, shards = solo_replica()
+    plain, _ = solo_replica("train.apply_ahead=false")
+    inner = rep.sync.commit
+    calls = []
+
+    def flaky(keep_undo=False):
+        calls.append(keep_undo)
+        if keep_undo and len(calls) == 1:
+            inner(keep_undo=True)  # applied, then the thread fails
+            raise RuntimeError("device refused")
+        inner(keep_undo=keep_undo)
+
+    rep.sync.commit = flaky
+    plan_a, plan_b = DataPlan(shards, seed=0), DataPlan(shards, seed=0)
+    for step in range(3):
+        got = rep.step(step, plan_a.assign(step, {0: 600})[0], 1e-3, {}, step - 1 if step else None)
+        want = plain.step(step, plan_b.assign(step, {0: 600})[0], 1e-3, {}, step - 1 if step else None)
+        assert got["ok"] and want["ok"]
+        assert got.get("fingerprint") == want.get("fingerprint"), step
+        plan_a.commit(step)
+        plan_b.commit(step)
+    assert rep.commit(2) == plain.commit(2)
+    assert calls == [True, False, False, False]  # after the failure: applied at the commit only
