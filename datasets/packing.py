@@ -35,7 +35,7 @@ def pack(docs: Sequence[Sequence[int]], seq_len: int, eot: int) -> tuple[torch.T
     for doc in docs:
         flat[pos:pos + len(doc)] = doc
         pos += len(doc) + 1  # the EOT after it is already there
-    inputs = torch.from_numpy(flat[:-1].copy())
-    targets = torch.from_numpy(flat[1:].copy())
+    inputs = torch.from_numpy(flat[:-1])
+    targets = torch.from_numpy(flat[1:].copy())  # its own memory: the padding below must not reach inputs
     targets[n_targets:] = IGNORE_INDEX
     return inputs.view(n_rows, seq_len), targets.view(n_rows, seq_len)

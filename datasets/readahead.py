@@ -35,13 +35,19 @@ def _start_child(shards, storage_options, tokenizer: str, cfg: DataConfig, seq_l
     _SEQ_LEN = seq_len
 
 
-def _read_and_pack(read: list[DocRange], core: list[DocRange]):
+def read_and_pack(reader, read: Sequence[DocRange], core: Sequence[DocRange], seq_len: int):
+    """What a read-ahead produces, in a thread or in the child: `reader.read_batch(read)`, the part of it that
+    is `core` (what `read_batch(core)` gives) and `pack(core_batch.docs, seq_len, eot)`."""
     from datasets.reader import assemble
 
-    batch = _READER.read_batch(read)
+    batch = reader.read_batch(read)
     core_batch = batch if len(read) == len(core) else assemble([batch], core)[0]
-    inputs, targets = pack(core_batch.docs, _SEQ_LEN, _READER.eot)
-    return batch, core_batch, inputs.numpy(), targets.numpy()
+    return (batch, core_batch, *pack(core_batch.docs, seq_len, reader.eot))
+
+
+def _read_and_pack(read: list[DocRange], core: list[DocRange]):
+    batch, core_batch, inputs, targets = read_and_pack(_READER, read, core, _SEQ_LEN)
+    return batch, core_batch, inputs.numpy(), targets.numpy()  # numpy: plain pickling to the parent
 
 
 class ReadAheadProcess:

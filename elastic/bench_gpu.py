@@ -34,10 +34,9 @@ import time
 from types import SimpleNamespace
 
 from elastic.progress import json_only_stdout
+from elastic.summary import STEP_TIMING_COLS
 
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
-TIMING_COLS = ("step", "t", "wall_s", "read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s",
-               "fwd_bwd_s")
 
 
 # ---- shared helpers ---------------------------------------------------------------------------------
@@ -89,7 +88,7 @@ def steady_state(summary: dict, warmup: int) -> dict:
 
     tokens/s = tokens of steps warmup+1..last / (commit time of last - commit time of step `warmup`):
     all time between commits counts (coordinator control work, RPCs, the slowest worker)."""
-    timing = [dict(zip(TIMING_COLS, row)) for row in summary.get("step_timing", [])]
+    timing = [dict(zip(STEP_TIMING_COLS, row)) for row in summary.get("step_timing", [])]
     hist = summary.get("loss_history", [])
     cum = {row[0]: row[2] for row in hist}
     tokens = {}

@@ -638,14 +638,16 @@ class Coordinator:
             self.checkpoint(reason="step-failures")
             raise StepKeepsFailing(f"step {step} failed {self.failures_at_step} times in a row; last errors: "
                                    f"{errors}; run checkpointed at step {self.step}")
+        # ranks whose collective failed closed their side of the group (worker `_leave_group`)
+        group_closed = any(r.get("left_group") for r in reports.values())
         kind = ("corrupt_payload" if bad_senders - {None, -1} and not origins else "hang" if hung
                 else "death" if dead else "worker_error" if origins
-                else "collective_error" if any(r.get("left_group") for r in reports.values()) else "step_failed")
+                else "collective_error" if group_closed else "step_failed")
         log.warning("step %d failed (%s): leaving=%s errors=%s", step, kind,
                     [h.worker_id for h in leaving], errors)
         self.summary.event(step, f"step-aborted {kind} leaving={[h.worker_id for h in leaving]}")
         if not leaving:
-            if any(r.get("left_group") for r in reports.values()):
+            if group_closed:
                 # the collective failed with nobody to blame (a transient NCCL/gloo error): the ranks it
                 # failed on closed their side of the group, so re-form it (same members, new generation)
                 # before the retry instead of retrying into a group that no longer exists

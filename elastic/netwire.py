@@ -30,7 +30,9 @@ import struct
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+REPO = Path(__file__).resolve().parent.parent
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 MTU = 9000
@@ -134,11 +136,10 @@ class Wire:
     devices disappear with it)."""
 
     def __init__(self, names: list[str], ips: list[str]):
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "elastic.netwire", "--names", ",".join(names), "--ips", ",".join(ips)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (os.path.dirname(os.path.dirname(
-                os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")) if p)})
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
         line = self.proc.stdout.readline().strip()
         if line != "ready":
             self.close()

@@ -35,6 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from elastic.summary import STEP_TIMING_COLS
+
 REPO = Path(__file__).resolve().parent.parent
 IFNAME = "eth9"
 SUBNET = "10.99.0"
@@ -304,8 +306,9 @@ def steady_tokens_per_s(summary: dict, skip: int) -> dict:
         tokens = cum[last[0]] - cum[first[0]]
         secs = last[1] - first[1]
         gaps = [b[1] - a[1] for a, b in zip(timing[skip - 1 if skip else 0:], timing[skip if skip else 1:])]
-        comm = [row[6] for row in timing[skip:]]
-        compute = [row[4] for row in timing[skip:]]
+        comm_i, compute_i = STEP_TIMING_COLS.index("comm_ms"), STEP_TIMING_COLS.index("compute_s")
+        comm = [row[comm_i] for row in timing[skip:]]
+        compute = [row[compute_i] for row in timing[skip:]]
         return {"tokens_per_s": tokens / secs if secs > 0 else None, "steps_measured": last[0] - first[0],
                 "step_s_median": statistics.median(gaps) if gaps else None,
                 # slowest worker's time inside the collective (includes waiting for the other) and

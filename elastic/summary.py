@@ -14,6 +14,14 @@ from pathlib import Path
 from elastic.config import RunConfig
 
 
+# summary.json `step_timing`, one row per committed step: the step, unix time of the commit, the coordinator's
+# wall s (dispatch -> all reports), then the slowest worker's read s, compute s (commit+read+fwd/bwd), codec ms,
+# comm ms, step s (all of the worker's step), commit s (apply the previous step), fwd/bwd s (launch to the
+# loss read)
+WORKER_TIMING = ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s", "fwd_bwd_s")
+STEP_TIMING_COLS = ("step", "t", "wall_s") + WORKER_TIMING
+
+
 class RunSummary:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -67,13 +75,9 @@ class RunSummary:
         d["steps"] = step + 1
         d["tokens"] += tokens
         d["loss_history"].append([step, round(loss, 5), d["tokens"]])
-        # per committed step: [step, unix time of the commit, coordinator wall s (step+commit RPCs), then
-        # the slowest worker's read s, compute s (commit+read+fwd/bwd), codec ms, comm ms, step s (all of the
-        # worker's step), commit s (apply the previous step), fwd/bwd s (launch to the loss read)]
-        d.setdefault("step_timing", []).append(
+        d.setdefault("step_timing", []).append(  # STEP_TIMING_COLS
             [step, round(time.time(), 4), round(wall, 5)]
-            + [round(max((r.get(k, 0.0) for r in reports), default=0.0), 5)
-               for k in ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s", "fwd_bwd_s")])
+            + [round(max((r.get(k, 0.0) for r in reports), default=0.0), 5) for k in WORKER_TIMING])
         d["replica_hashes_agree"] = d["replica_hashes_agree"] and agree
         for r in reports:
             w = r["worker_id"]

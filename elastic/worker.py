@@ -22,8 +22,8 @@ import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
-from datasets.plan import row_runs
-from datasets.readahead import ReadAheadProcess
+from datasets.plan import ranges_rows, row_runs
+from datasets.readahead import ReadAheadProcess, read_and_pack
 from datasets.reader import assemble
 from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
@@ -64,7 +64,7 @@ class _ReadAhead:
 
     def __init__(self, key: tuple, future: concurrent.futures.Future):
         self.key, self.future = key, future
-        self.got = None  # (batch read, batch of `key` alone, its packed (inputs, targets)) once taken
+        self.got = None  # (batch read, batch of `key` alone, its packed inputs, targets) once taken
 
 
 class WorkerReplica:
@@ -248,12 +248,12 @@ class WorkerReplica:
         if ahead is not None:
             got = self._ahead_result(ahead)  # waits: never two reads at once on the reader
             if got is not None:
-                batch, core, packed = got  # batch: all it read; core: the hinted ranges alone, packed
+                batch, core, inputs, targets = got  # batch: all it read; core: the hinted ranges alone, packed
                 if ahead.key == tuple(ranges):
-                    return core, packed
+                    return core, self._pinned(torch.as_tensor(inputs), torch.as_tensor(targets))
         if batch is not None:
             rows = {(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)}
-            n_rows = sum(len(r) for r in ranges)
+            n_rows = ranges_rows(ranges)
             if len(rows) == n_rows:  # rows name documents (see DataPlan.resplit)
                 got, missing = assemble([batch], ranges)
                 if missing and len(missing) < n_rows:
@@ -292,17 +292,12 @@ class WorkerReplica:
             except Exception:
                 self._child_lost()
         if future is None:
-            future = self._ahead_thread.submit(self._read_ahead_job, read, core)
+            future = self._ahead_thread.submit(read_and_pack, self.reader, read, core, self.cfg.train.seq_len)
         self._ahead = _ReadAhead(tuple(core), future)
 
-    def _read_ahead_job(self, read: list[DocRange], core: list[DocRange]):
-        batch = self.reader.read_batch(read)
-        core_batch = batch if len(read) == len(core) else assemble([batch], core)[0]
-        return batch, core_batch, self._pack(core_batch.docs)
-
     def _ahead_result(self, ahead: "_ReadAhead", timeout: float | None = None):
-        """(batch, core batch, (inputs, targets)) of a read-ahead, or None if it failed or is not done in
-        `timeout`."""
+        """(batch, core batch, inputs, targets) of a read-ahead (the packed rows as numpy arrays when they
+        come from the child), or None if it failed or is not done in `timeout`."""
         if ahead.got is not None:
             return ahead.got
         try:
@@ -315,9 +310,6 @@ class WorkerReplica:
         except Exception:
             log.debug("%s: background read of the next step's documents failed", self.worker_id, exc_info=True)
             return None
-        if len(got) == 4:  # from the child: packed rows as numpy arrays
-            batch, core, inputs, targets = got
-            got = (batch, core, self._pinned(torch.from_numpy(inputs), torch.from_numpy(targets)))
         ahead.got = got
         self._ahead_broken = 0
         return got
