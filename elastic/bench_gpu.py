@@ -151,8 +151,13 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
     res.update(steady_state(summary, warmup))
     sent = summary.get("bytes_sent_per_step_mean") or 0
     dense = summary.get("dense_equivalent_bytes_per_step") or 0
+    received = summary.get("bytes_received_per_worker_total") or {}
+    n_steps = summary.get("steps") or 0
     res.update(codec_ms_median=_round(summary.get("codec_ms_median"), 2),
                bytes_sent_per_worker_per_step=round(sent), dense_bf16_bytes=dense,
+               # an all-gather receives (W-1) payloads: this grows with the group, unlike what a worker sends
+               bytes_received_per_worker_per_step=round(statistics.mean(received.values()) / n_steps)
+               if received and n_steps else None,
                ratio_vs_dense_bf16=round(dense / sent, 1) if sent else None,
                initial_loss=summary.get("initial_loss"), final_loss=summary.get("final_loss"),
                val_loss=summary.get("val_loss"), replica_hashes_agree=summary.get("replica_hashes_agree"),
@@ -266,7 +271,8 @@ def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, mode
             "tokens_per_worker_step_mean": rows * seq_len,
             "tokens_per_s": round(tok_step * len(steady) / sum(steady), 1),
             "step_ms_median": round(statistics.median(steady) * 1e3, 3),
-            "codec_ms_median": 0.0, "bytes_sent_per_worker_per_step": ring, "dense_bf16_bytes": numel * 2,
+            "codec_ms_median": 0.0, "bytes_sent_per_worker_per_step": ring,
+            "bytes_received_per_worker_per_step": ring, "dense_bf16_bytes": numel * 2,
             "ratio_vs_dense_bf16": round(numel * 2 / ring, 2) if ring else None,
             "final_loss": round(r["losses"][-1], 5), "wall_s_total": round(time.time() - t0, 1),
             "data": "synthetic uniform tokens"}
@@ -393,6 +399,39 @@ def _human(n) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------------------
+def worker_counts(spec, device_count: int) -> list[int]:
+    """`--workers`: '' or 0 -> all visible GPUs (2 on CPU); N; or a comma list '1,2,4' (a scaling sweep)."""
+    text = str(spec or "").strip()
+    if text in ("", "0"):
+        return [device_count or 2]
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise SystemExit(f"bench-gpu: --workers {text!r}: expected a number or a comma list such as 1,2,4") from None
+    if not counts or any(c < 1 for c in counts):
+        raise SystemExit(f"bench-gpu: --workers {text!r}: every count must be >= 1")
+    if device_count and max(counts) > device_count:
+        raise SystemExit(f"bench-gpu: --workers {text!r} asks for {max(counts)} GPUs but {device_count} are visible")
+    return sorted(set(counts))
+
+
+def scaling(runs: list[dict]) -> dict:
+    """Per config: tokens/s at each worker count and the weak-scaling efficiency against the fewest workers
+    measured: (tokens/s at W / W) / (tokens/s at W0 / W0)."""
+    out: dict = {}
+    for r in runs:
+        if r.get("tokens_per_s") and not r.get("error") and r.get("config") in ("dense", "demo", "ddp") \
+                and r.get("rows_rule", "match") == "match":
+            out.setdefault(r["config"], {})[r["workers"]] = r["tokens_per_s"]
+    table = {}
+    for config, by_w in out.items():
+        w0 = min(by_w)
+        base = by_w[w0] / w0
+        table[config] = {str(w): {"tokens_per_s": tps, "scaling_efficiency": round(tps / w / base, 3),
+                                  "vs_workers": w0} for w, tps in sorted(by_w.items())}
+    return table
+
+
 def run(args) -> dict:
     import torch
 
@@ -401,7 +440,7 @@ def run(args) -> dict:
 
     machine = machine_name()
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"  # cuda.is_available: no context made
-    workers = args.workers or (torch.cuda.device_count() if device == "cuda" else 2)
+    counts_w = worker_counts(args.workers, torch.cuda.device_count() if device == "cuda" else 0)
     overrides = list(args.overrides)
     if device == "cpu":
         overrides = ["train.device=cpu", "train.dtype=float32"] + overrides
@@ -409,9 +448,9 @@ def run(args) -> dict:
     tok_vocab = get_tokenizer(base.data.tokenizer).vocab_size
     counts = param_counts(base.model, tok_vocab)
     peak = peak_flops(machine) if device == "cuda" else None
-    n_gpus = workers if device == "cuda" else 0
     result = {"machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-              "torch": torch.__version__, "preset": args.preset, "workers": workers, "device": device,
+              "torch": torch.__version__, "preset": args.preset,
+              "workers": counts_w[0] if len(counts_w) == 1 else counts_w, "device": device,
               "steps": args.steps, "warmup_steps_excluded": args.warmup, "per_gpu_tokens_requested": args.per_gpu_tokens,
               **counts, "peak_flops_per_gpu": peak,
               "mfu_definition": "6*N*tokens/s / (peak bf16 dense per GPU * GPUs); mfu: N = all params (tied "
@@ -420,42 +459,62 @@ def run(args) -> dict:
     run_root = args.run_dir or tempfile.mkdtemp(prefix="bench-gpu-runs-")
     configs = [c for c in args.configs.split(",") if c]
 
-    def add(r: dict) -> None:
-        tps = r.get("tokens_per_s")
-        r["mfu"] = mfu(tps, counts["params"], n_gpus, peak)
-        r["mfu_nonembedding"] = mfu(tps, counts["params_nonembedding"], n_gpus, peak)
-        result["runs"].append(r)
+    def save() -> None:
+        if len(counts_w) > 1:
+            result["scaling"] = scaling(result["runs"])
         if args.out:  # partial results survive a later failure
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
+
+    def add(r: dict) -> None:
+        tps = r.get("tokens_per_s")
+        n_gpus = r.get("workers", 1) if device == "cuda" else 0
+        r["mfu"] = mfu(tps, counts["params"], n_gpus, peak)
+        r["mfu_nonembedding"] = mfu(tps, counts["params_nonembedding"], n_gpus, peak)
+        result["runs"].append(r)
+        save()
         print(f"bench-gpu: {r['config']} w{r.get('workers')}: tokens/s {tps} step ms {r.get('step_ms_median')} "
               f"mfu {r['mfu']} sent {r.get('bytes_sent_per_worker_per_step')} B", file=sys.stderr, flush=True)
 
-    stack_runs = []
-    for sync in ("dense", "demo"):
-        if sync in configs:
-            try:
-                r = stack_bench(args.preset, sync, workers, args.steps, args.warmup, args.per_gpu_tokens,
-                                overrides, run_root)
-            except Exception as e:  # keep going: the other configs still say something
-                r = {"config": sync, "workers": workers, "error": f"{type(e).__name__}: {e}"}
-            stack_runs.append(r)
-            add(r)
-    if "ddp" in configs:
-        seq = base.train.seq_len
-        means = [r["tokens_per_worker_step_mean"] for r in stack_runs if r.get("tokens_per_worker_step_mean")]
-        for spec in str(args.ddp_rows).split(","):
-            rows = math.ceil(statistics.mean(means) / seq) if spec == "match" and means else (
-                max(1, args.per_gpu_tokens // seq) if spec == "match" else int(spec))
-            try:
-                r = ddp_bench(workers, args.steps, args.warmup, rows, seq, vars(base.model).copy(), tok_vocab,
-                              device=device, lr=base.train.lr, grad_clip=base.train.grad_clip,
-                              bf16=base.train.dtype == "bfloat16", seed=base.run.seed,
-                              micro_rows=max(1, base.train.micro_batch_tokens // seq))
-                r["rows_rule"] = spec
-            except Exception as e:
-                r = {"config": "ddp", "workers": workers, "error": f"{type(e).__name__}: {e}"}
-            add(r)
+    all_stack = []
+    for workers in counts_w:
+        stack_runs = []
+        for sync in ("dense", "demo"):
+            if sync in configs:
+                try:
+                    r = stack_bench(args.preset, sync, workers, args.steps, args.warmup, args.per_gpu_tokens,
+                                    overrides, run_root)
+                except Exception as e:  # keep going: the other configs still say something
+                    r = {"config": sync, "workers": workers, "error": f"{type(e).__name__}: {e}"}
+                stack_runs.append(r)
+                add(r)
+        ddp = None
+        if "ddp" in configs:
+            seq = base.train.seq_len
+            means = [r["tokens_per_worker_step_mean"] for r in stack_runs if r.get("tokens_per_worker_step_mean")]
+            for spec in str(args.ddp_rows).split(","):
+                rows = math.ceil(statistics.mean(means) / seq) if spec == "match" and means else (
+                    max(1, args.per_gpu_tokens // seq) if spec == "match" else int(spec))
+                try:
+                    r = ddp_bench(workers, args.steps, args.warmup, rows, seq, vars(base.model).copy(), tok_vocab,
+                                  device=device, lr=base.train.lr, grad_clip=base.train.grad_clip,
+                                  bf16=base.train.dtype == "bfloat16", seed=base.run.seed,
+                                  micro_rows=max(1, base.train.micro_batch_tokens // seq))
+                    r["rows_rule"] = spec
+                except Exception as e:
+                    r = {"config": "ddp", "workers": workers, "error": f"{type(e).__name__}: {e}"}
+                if spec == "match" and r.get("tokens_per_s"):
+                    ddp = r
+                add(r)
+        for r in stack_runs:
+            r["ddp_tokens_per_s_ratio"] = None
+            if ddp and r.get("tokens_per_s"):
+                r["ddp_tokens_per_s_ratio"] = round(r["tokens_per_s"] / ddp["tokens_per_s"], 3)
+                r["bytes_ratio_vs_ddp"] = round(ddp["bytes_sent_per_worker_per_step"] /
+                                                r["bytes_sent_per_worker_per_step"], 1) \
+                    if r.get("bytes_sent_per_worker_per_step") and ddp["bytes_sent_per_worker_per_step"] else None
+        all_stack += stack_runs
+    workers = counts_w[-1]
     if "profile" in configs:
         for sync in ("dense", "demo"):
             try:
@@ -478,31 +537,17 @@ def run(args) -> dict:
         except Exception as e:
             r = {"config": f"chaos-kill-{args.chaos_sync}", "workers": workers, "error": f"{type(e).__name__}: {e}"}
         add(r)
-    for r in stack_runs:
-        r["ddp_tokens_per_s_ratio"] = None
-    ddp = next((r for r in result["runs"] if r.get("config") == "ddp" and r.get("rows_rule") == "match"
-                and r.get("tokens_per_s")), None)
-    if ddp:
-        for r in stack_runs:
-            if r.get("tokens_per_s"):
-                r["ddp_tokens_per_s_ratio"] = round(r["tokens_per_s"] / ddp["tokens_per_s"], 3)
-                r["bytes_ratio_vs_ddp"] = round(ddp["bytes_sent_per_worker_per_step"] /
-                                                r["bytes_sent_per_worker_per_step"], 1) \
-                    if r.get("bytes_sent_per_worker_per_step") and ddp["bytes_sent_per_worker_per_step"] else None
-    if args.plot and any(r.get("loss_history") for r in stack_runs):
-        if stack_runs:
-            stack_runs[0]["_plot_title"] = f"{args.preset}, {workers} workers, {machine}"
+    plotted = [r for r in all_stack if r.get("loss_history") and r.get("workers") == workers]
+    if args.plot and plotted:
+        plotted[0]["_plot_title"] = f"{args.preset}, {workers} workers, {machine}"
         try:
-            result["plot"] = plot_loss([r for r in stack_runs if r.get("loss_history")], args.plot)
+            result["plot"] = plot_loss(plotted, args.plot)
         except Exception as e:  # the figures matter more than the picture
             result["plot"] = f"failed: {type(e).__name__}: {e}"
-        if stack_runs:
-            stack_runs[0].pop("_plot_title", None)
+        plotted[0].pop("_plot_title", None)
     if not args.keep_runs and not args.run_dir:
         shutil.rmtree(run_root, ignore_errors=True)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    save()
     return result
 
 
@@ -512,7 +557,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--preset", "--config", dest="preset", default="gpt2-small")
     b.add_argument("--steps", type=int, default=60)
     b.add_argument("--warmup", type=int, default=10, help="leading steps excluded from the figures")
-    b.add_argument("--workers", type=int, default=0, help="GPUs (default: all visible)")
+    b.add_argument("--workers", default="", help="GPUs per run (default: all visible), or a comma list such as "
+                                                 "1,2,4 for a scaling sweep (efficiency in the JSON's 'scaling')")
     b.add_argument("--per-gpu-tokens", type=int, default=8192, help="train.batch_tokens = this x workers")
     b.add_argument("--ddp-rows", default="match",
                    help="rows per GPU for DDP: 'match' (the stack runs' mean tokens per worker) or N, comma list")

@@ -50,3 +50,28 @@ def test_mfu_and_param_counts():
 def test_cli_has_the_subcommand():
     args = build_parser().parse_args(["bench-gpu", "--json", "--steps", "5", "--workers", "1", "train.lr=1e-3"])
     assert args.command == "bench-gpu" and args.steps == 5 and args.overrides == ["train.lr=1e-3"]
+
+
+def test_worker_counts_parse_a_sweep_and_name_a_bad_one():
+    assert bench_gpu.worker_counts("", 4) == [4] and bench_gpu.worker_counts("0", 0) == [2]
+    assert bench_gpu.worker_counts("4,1,2,2", 4) == [1, 2, 4]
+    with pytest.raises(SystemExit, match="8 GPUs but 4 are visible"):
+        bench_gpu.worker_counts("1,8", 4)
+    with pytest.raises(SystemExit, match="comma list"):
+        bench_gpu.worker_counts("two", 4)
+    with pytest.raises(SystemExit, match=">= 1"):
+        bench_gpu.worker_counts("0,2", 4)
+
+
+def test_scaling_efficiency_is_per_gpu_throughput_against_the_fewest_workers():
+    runs = [{"config": "demo", "workers": 1, "tokens_per_s": 100.0},
+            {"config": "demo", "workers": 2, "tokens_per_s": 190.0},
+            {"config": "demo", "workers": 4, "tokens_per_s": 360.0},
+            {"config": "ddp", "workers": 2, "tokens_per_s": 200.0, "rows_rule": "match"},
+            {"config": "ddp", "workers": 4, "tokens_per_s": 400.0, "rows_rule": "match"},
+            {"config": "ddp", "workers": 4, "tokens_per_s": 999.0, "rows_rule": "12"},  # not the matched one
+            {"config": "dense", "workers": 4, "error": "OOM"}]
+    s = bench_gpu.scaling(runs)
+    assert s["demo"]["2"]["scaling_efficiency"] == 0.95 and s["demo"]["4"]["scaling_efficiency"] == 0.9
+    assert s["ddp"]["4"] == {"tokens_per_s": 400.0, "scaling_efficiency": 1.0, "vs_workers": 2}
+    assert "dense" not in s
