@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
+import heapq
 import json
 import math
 import os
@@ -655,4 +656,90 @@ def row_runs(rows: Sequence[DocRange]) -> list[DocRange]:
             out[-1] = DocRange(d.shard, d.row_group, out[-1].start, d.stop)
         else:
             out.append(d)
+    return out
+
+
+@dataclass(frozen=True)
+class Window:
+    """One rank's part of a step cut at token level (`split_windows`).
+
+    The rank reads `borrow` (if any) and then `owned`, packs their stream (`EOT d EOT d ... EOT`) and trains
+    on the `rows` rows that start `skip` target slots into it. `owned` are the rows it answers for (the plan's
+    split, drop reports); `borrow` is the document before them whose tail falls into this window (its head
+    is trained by an earlier rank). `slots` is the stream's length the cut was made for (a check)."""
+    owned: tuple[DocRange, ...]
+    borrow: Optional[DocRange]
+    skip: int
+    rows: int
+    slots: int
+
+    def reads(self) -> list[DocRange]:
+        """Rows to read, in stream order."""
+        return ([self.borrow] if self.borrow is not None else []) + list(self.owned)
+
+    def to_json(self) -> dict:
+        return {"owned": [r.to_list() for r in self.owned], "borrow": self.borrow.to_list() if self.borrow else None,
+                "skip": self.skip, "rows": self.rows, "slots": self.slots}
+
+    @classmethod
+    def from_json(cls, d: Mapping) -> "Window":
+        return cls(owned=tuple(DocRange.from_list(r) for r in d["owned"]),
+                   borrow=DocRange.from_list(d["borrow"]) if d.get("borrow") else None,
+                   skip=int(d["skip"]), rows=int(d["rows"]), slots=int(d["slots"]))
+
+
+def row_shares(n_rows: int, shares: Sequence[float]) -> list[int] | None:
+    """`n_rows` training rows over ranks in proportion to `shares`: at least one each, the largest rows / share
+    as small as whole rows allow (ties to the lower rank). None if there are fewer rows than ranks."""
+    W = len(shares)
+    if W == 0 or n_rows < W or any(s <= 0 for s in shares):
+        return None
+    counts = [1] * W
+    heap = [(2 / s, r) for r, s in enumerate(shares)]  # (rows / share if it took one more, rank)
+    heapq.heapify(heap)
+    for _ in range(n_rows - W):
+        _, r = heapq.heappop(heap)
+        counts[r] += 1
+        heapq.heappush(heap, ((counts[r] + 1) / shares[r], r))
+    return counts
+
+
+def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_len: int) -> list[Window] | None:
+    """Cut one step's stream of documents between ranks at token level (a document at a cut is split).
+
+    `docs`: the step's rows in order (one row each) with their token counts, 0 for a row that yields no
+    document. Rank r gets `row_shares` rows of the step's packed stream (ceil(slots / seq_len) rows in all,
+    only the very last one padded), so ranks carry rows in proportion to `shares` instead of in whole
+    documents. Every target slot of the stream falls in exactly one window; every row is owned by exactly one
+    rank (the one whose window holds the slot predicting its first token; a row with no document: where its
+    position falls). None when the step has fewer rows than ranks (whole documents then)."""
+    W = len(shares)
+    slots = _slots(docs)
+    starts = [0]
+    for x in slots:
+        starts.append(starts[-1] + x)
+    total = starts[-1]
+    counts = row_shares(packed_rows(total, seq_len), shares) if total > 0 else None
+    if counts is None:
+        return None
+    bounds = [0]
+    for c in counts:
+        bounds.append(min(total, bounds[-1] + c * seq_len))
+    owner, r = [], 0
+    for i in range(len(docs)):
+        while r < W - 1 and starts[i] >= bounds[r + 1]:
+            r += 1
+        owner.append(r)
+    out = []
+    for r in range(W):
+        a = bounds[r]
+        mine = [i for i in range(len(docs)) if owner[i] == r]
+        # the document whose span holds this window's first slot, if it started in an earlier window
+        inside = next((i for i in range(len(docs)) if slots[i] and starts[i] < a < starts[i] + slots[i]), None)
+        first = inside if inside is not None else next((i for i in mine if slots[i]), None)
+        origin = starts[first] if first is not None else a
+        stream = ([inside] if inside is not None else []) + [i for i in mine if slots[i]]
+        out.append(Window(owned=tuple(row_runs([docs[i][0] for i in mine])),
+                          borrow=docs[inside][0] if inside is not None else None,
+                          skip=a - origin, rows=counts[r], slots=sum(slots[i] for i in stream)))
     return out

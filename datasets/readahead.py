@@ -8,16 +8,21 @@ the read it hid. In a child process the read costs the trainer only the unpickli
 
 `ReadAheadProcess(shards, storage_options, tokenizer, cfg, seq_len).submit(read, core)` returns a Future of
 `(batch, core_batch, inputs, targets)`: `ShardReader.read_batch(read)`, the part of it that is `core` (what
-`read_batch(core)` gives) and `pack(core_batch.docs, seq_len, eot)`, the packed rows as numpy arrays. The child is spawned (never forked: the parent may hold threads and a CUDA
-context) on the first submit, builds its own `ShardReader`, and exits with its parent. A failed read
-raises from the Future like the reader would; a dead child gives `BrokenProcessPool` there.
+`read_batch(core)` gives) and `pack(core_batch.docs, seq_len, eot)`, the packed rows as numpy arrays
+(documents too: int32 arrays, which unpickle without building an int object per token). The child is
+spawned (never forked: the parent may hold threads and a CUDA context) on the first submit, builds its own
+`ShardReader`, and exits with its parent. A failed read raises from the Future like the reader would; a dead
+child gives `BrokenProcessPool` there.
 """
 from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import dataclasses
 import multiprocessing
 from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
 
 from datasets.config import DataConfig
 from datasets.packing import pack
@@ -47,7 +52,13 @@ def read_and_pack(reader, read: Sequence[DocRange], core: Sequence[DocRange], se
 
 def _read_and_pack(read: list[DocRange], core: list[DocRange]):
     batch, core_batch, inputs, targets = read_and_pack(_READER, read, core, _SEQ_LEN)
-    return batch, core_batch, inputs.numpy(), targets.numpy()  # numpy: plain pickling to the parent
+    # numpy, not lists of Python ints: the parent unpickles a memcpy per document instead of building one int
+    # object per token in its result thread, which holds the GIL while the trainer launches kernels
+    arrays = {id(d): np.asarray(d, dtype=np.int32) for d in batch.docs}
+    batch = dataclasses.replace(batch, docs=[arrays[id(d)] for d in batch.docs])
+    core_batch = dataclasses.replace(core_batch, docs=[arrays.get(id(d)) if id(d) in arrays
+                                                       else np.asarray(d, dtype=np.int32) for d in core_batch.docs])
+    return batch, core_batch, inputs.numpy(), targets.numpy()
 
 
 class ReadAheadProcess:

@@ -69,7 +69,7 @@ class ReadStats:
 
 @dataclass
 class DocBatch:
-    docs: list[list[int]]
+    docs: list[list[int]]  # token ids per document (int32 numpy arrays when from the read-ahead child)
     stats: ReadStats
     # rows consumed but not returned, as (DocRange, "filtered" | "unusable"): what DataPlan.commit takes
     dropped: list[tuple[DocRange, str]] = field(default_factory=list)

@@ -74,6 +74,7 @@ class TrainSection:
     prefetch: bool = True            # workers read + tokenize the likely next step's documents during this step
     prefetch_in: str = "auto"        # auto | process | thread: where the read-ahead runs (auto: process on CUDA)
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
+    split_docs: bool = True          # with balance_rows: cut each step between ranks at token level (whole rows)
     apply_ahead: bool = True         # apply an exchanged step while the coordinator decides (undone on abort)
     attention_warm_rows: int = 32    # CUDA: build attention graphs for micro-batches of 1..N rows before training
     profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
@@ -108,6 +109,7 @@ class ChaosSection:
     hang_at: list[int] = field(default_factory=list)             # a worker stops answering mid-step
     corrupt_payload_at: list[int] = field(default_factory=list)  # a worker sends a garbage payload
     comm_error_at: list[int] = field(default_factory=list)       # the collective fails on every rank
+    window_mismatch_at: list[int] = field(default_factory=list)  # a token-level window that misfits its documents
     remove_node_at: list[int] = field(default_factory=list)      # remove a simulated node (needs cluster.simulate)
     add_node_at: list[int] = field(default_factory=list)         # add a simulated node (needs cluster.simulate)
     seed: int = 0                                                # picks the victim ranks

@@ -22,8 +22,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state
-from datasets import DataPlan, discover
-from datasets.plan import read_margin, rebalance
+from datasets import DataPlan, DocRange, discover
+from datasets.plan import read_margin, rebalance, split_windows
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
@@ -557,7 +557,7 @@ class Coordinator:
         shares = compute_shares(gen.members, self.cfg.train.batch_tokens, self.cfg.train.balance,
                                 self.cfg.train.batch_tokens_by_accelerator, self.cfg.train.seq_len)
         by_rank = {r: s for r, s in enumerate(shares)}
-        assignment = self._balance(step, self.plan.assign(step, by_rank), by_rank)
+        assignment, windows = self._balance(step, self.plan.assign(step, by_rank), by_rank)
         lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
                    self.cfg.train.min_lr_ratio)
         due = self.chaos.due(step)
@@ -571,6 +571,10 @@ class Coordinator:
                 for r in flags:
                     flags[r]["comm_error"] = True
                 self.chaos.mark_done(e)
+            elif e.kind == "window_mismatch" and windows:  # waits for a step cut at token level
+                victim = self.chaos.pick_victim(len(members))
+                windows[victim] = {**windows[victim], "slots": windows[victim]["slots"] + 1}
+                self.chaos.mark_done(e)
             elif e.kind == "kill" and len(members) > 1:
                 kill_victim = members[self.chaos.pick_victim(len(members))]
                 self.chaos.mark_done(e)
@@ -583,7 +587,7 @@ class Coordinator:
                 if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
         margin = read_margin(hint, READ_MARGIN_ROWS) if hint and self.cfg.train.balance_rows else {}
         refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first, hint.get(r),
-                                    margin.get(r)): h
+                                    margin.get(r), windows.get(r)): h
                 for r, h in enumerate(members)}
         if kill_victim is not None:
             time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
@@ -603,13 +607,15 @@ class Coordinator:
         by_id = {h.worker_id: h for h in members}
         data_errors = [r for r in reports.values() if r.get("data_error")]
         # a worker that failed before the exchange abstained with a NaN weight, so peers name it as a bad
-        # sender: it is the origin, not a garbage sender; its own report says why
-        origins = {by_id[r["worker_id"]] for r in reports.values() if r.get("pre_exchange")}
+        # sender: it is the origin, not a garbage sender; its own report says why. A window cut for other
+        # token counts than its documents have is the data's doing, not the worker's: retried in whole documents
+        mismatch = any(r.get("window_mismatch") for r in reports.values())
+        abstained = {by_id[r["worker_id"]] for r in reports.values() if r.get("pre_exchange")}
+        origins = {h for h in abstained if not reports[h.worker_id].get("window_mismatch")}
         bad_senders = {r.get("bad_sender") for r in reports.values() if r.get("bad_sender") is not None}
-        leaving = set(dead) | set(hung)
-        for rank in bad_senders:
-            if rank is not None and 0 <= rank < len(members) and members[rank] not in origins:
-                leaving.add(members[rank])
+        garbage = {members[rank] for rank in bad_senders
+                   if rank is not None and 0 <= rank < len(members) and members[rank] not in abstained}
+        leaving = set(dead) | set(hung) | garbage
         if not data_errors:
             leaving |= origins  # e.g. out of memory, a broken device: that worker leaves
         survivors = [h for h in members if h not in leaving]
@@ -640,9 +646,9 @@ class Coordinator:
                                    f"{errors}; run checkpointed at step {self.step}")
         # ranks whose collective failed closed their side of the group (worker `_leave_group`)
         group_closed = any(r.get("left_group") for r in reports.values())
-        kind = ("corrupt_payload" if bad_senders - {None, -1} and not origins else "hang" if hung
+        kind = ("corrupt_payload" if garbage and not origins else "hang" if hung
                 else "death" if dead else "worker_error" if origins
-                else "collective_error" if group_closed else "step_failed")
+                else "collective_error" if group_closed else "window_mismatch" if mismatch else "step_failed")
         log.warning("step %d failed (%s): leaving=%s errors=%s", step, kind,
                     [h.worker_id for h in leaving], errors)
         self.summary.event(step, f"step-aborted {kind} leaving={[h.worker_id for h in leaving]}")
@@ -658,20 +664,32 @@ class Coordinator:
             return
         self.membership_change(kind, list(leaving), [], detected)
 
-    def _balance(self, step: int, assignment: dict, shares: dict[int, int]) -> dict:
+    def _balance(self, step: int, assignment: dict, shares: dict[int, int]) -> tuple[dict, dict]:
         """Re-split `step`'s documents over the ranks by their real token counts (read ahead by the workers
-        during the previous step), so every rank packs about its share of rows and nobody waits for a peer
-        that drew longer documents. Only moves documents at the cuts between neighbouring ranks; the step's
-        documents stay the same. Without counts for every row (the first step, after a failure or a
-        membership change, a read ahead that failed) the plan's split stands."""
+        during the previous step), so nobody waits for a peer that drew longer documents. With
+        `train.split_docs` the step's stream is cut at token level (`split_windows`: every rank trains
+        whole rows in proportion to its share; a document at a cut is trained in part by each neighbour);
+        otherwise whole documents move at the cuts between neighbouring ranks. The step's documents stay the
+        same. Without counts for every row (the first step, after a failure or a membership change, a read
+        ahead that failed) the plan's split stands. Returns (rank -> ranges, rank -> window JSON or nothing)."""
         counts, self._ahead_counts = self._ahead_counts, {}
         if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or not counts:
-            return assignment
+            return assignment, {}
+        order = sorted(assignment)
+        if self.cfg.train.split_docs and len(order) > 1:
+            docs = [(DocRange(r.shard, r.row_group, x, x + 1), counts.get((r.shard, r.row_group, x)))
+                    for k in order for r in assignment[k] for x in range(r.start, r.stop)]
+            wins = (split_windows(docs, [shares[k] for k in order], self.cfg.train.seq_len)
+                    if all(t is not None for _, t in docs) else None)
+            if wins is not None and self.plan.resplit(step, {k: list(w.owned) for k, w in zip(order, wins)}):
+                self.summary.data["rebalanced_steps"] += 1
+                self.summary.data["split_steps"] += 1
+                return {k: list(w.owned) for k, w in zip(order, wins)}, {k: w.to_json() for k, w in zip(order, wins)}
         new = rebalance(assignment, counts, shares, self.cfg.train.seq_len)
         if new is None or not self.plan.resplit(step, new):
-            return assignment
+            return assignment, {}
         self.summary.data["rebalanced_steps"] += 1
-        return new
+        return new, {}
 
     def _join_time(self, h: WorkerHandle) -> float:
         """When the capacity a joiner uses appeared: its node's first sighting, else its spawn."""

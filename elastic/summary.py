@@ -49,6 +49,7 @@ class RunSummary:
             "replica_disagreements": [],
             "rejected_steps": [],
             "rebalanced_steps": 0,       # steps the coordinator re-split by token counts (train.balance_rows)
+            "split_steps": 0,            # of those, steps cut between ranks at token level (train.split_docs)
             "profiles": {},              # per worker: where its step time went (train.profile_at)
             "events": [],
             "loss_history": [],

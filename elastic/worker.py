@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import dataclasses
 import logging
 import threading
 import os
@@ -21,7 +22,8 @@ import ray
 import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
-from datasets import DataSourceError, DocRange, ShardReader, get_tokenizer, pack
+from datasets import DataSourceError, DocRange, ShardReader, Window, WindowMismatch, get_tokenizer, pack
+from datasets.packing import stream_slots
 from datasets.plan import ranges_rows, row_runs
 from datasets.readahead import ReadAheadProcess, read_and_pack
 from datasets.reader import assemble
@@ -156,11 +158,13 @@ class WorkerReplica:
     # ---- one step ------------------------------------------------------------------------
     def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any],
              commit_first: int | None = None, prefetch: list[DocRange] | None = None,
-             prefetch_margin: list[DocRange] | None = None) -> dict:
+             prefetch_margin: list[DocRange] | None = None, window: dict | None = None) -> dict:
         """Commit step `commit_first` if given (the coordinator's decision rides on the next step's call:
         one RPC per step), then compute and exchange step `step`. `prefetch`: the documents the next step
         will likely bring (`DataPlan.peek`), read and tokenized in the background while this step computes;
-        `prefetch_margin`: neighbours' rows next to them, read too, which a re-split may move to this rank."""
+        `prefetch_margin`: neighbours' rows next to them, read too, which a re-split may move to this rank.
+        `window` (`datasets.Window.to_json`): this step is cut between the ranks at token level; train on
+        that window of the stream of its rows (`ranges` are its owned rows) instead of on whole documents."""
         t0 = time.time()
         self.profiler.start(step)
         committed = {}
@@ -174,8 +178,8 @@ class WorkerReplica:
         self.pending_step = step
         boundary = sync_boundary(self.cfg, step)
         try:
-            tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(ranges, prefetch,
-                                                                                          prefetch_margin)
+            tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(
+                ranges, prefetch, prefetch_margin, Window.from_json(window) if window else None)
         except Exception as e:
             # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
             # weight, so every rank rejects this step at once instead of blocking on us.
@@ -188,7 +192,7 @@ class WorkerReplica:
                 error = (f"{type(e).__name__} with micro-batches of {self.micro_rows} rows: lower "
                          f"train.micro_batch_tokens (now {self.cfg.train.micro_batch_tokens}). {e}")
             return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
-                    "pre_exchange": True, "error": error,
+                    "pre_exchange": True, "error": error, "window_mismatch": isinstance(e, WindowMismatch),
                     "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc(), **committed}
         compute_s = time.time() - t0
         if committed:
@@ -323,11 +327,15 @@ class WorkerReplica:
             self._ahead_in = "thread"
 
     def _forward_backward(self, ranges: list[DocRange], prefetch: list[DocRange] | None = None,
-                          margin: list[DocRange] | None = None) -> tuple[int, float, int, list, float, float]:
+                          margin: list[DocRange] | None = None, window: Window | None = None
+                          ) -> tuple[int, float, int, list, float, float]:
         t0 = time.time()
         with self.profiler.phase("read"):
-            batch, packed = self._read(ranges)
-            inputs, targets = packed if packed is not None else self._pack(batch.docs)
+            batch, packed = self._read(window.reads() if window is not None else ranges)
+            if window is not None:
+                batch, inputs, targets = self._window(batch, packed, window)
+            else:
+                inputs, targets = packed if packed is not None else self._pack(batch.docs)
         read_s = time.time() - t0
         self._read_ahead(prefetch, margin)  # overlaps this step's compute
         tokens = int((targets >= 0).sum())
@@ -336,6 +344,24 @@ class WorkerReplica:
             loss_acc = self._fwd_bwd(inputs, targets, tokens)
         loss_sum = float(loss_acc)  # the one host sync of the step
         return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s, time.time() - t1
+
+    def _window(self, batch, packed, window: Window):
+        """This rank's rows of a step cut at token level: the window of the stream of the borrowed document
+        and its own ones. Returns (the batch of its own rows, inputs, targets); WindowMismatch if the
+        documents do not have the token counts the window was cut for (nothing is trained twice or skipped:
+        the step fails and the coordinator retries it in whole documents)."""
+        if (packed is not None and window.skip == 0 and packed[0].size(0) == window.rows
+                and stream_slots(batch.docs) == window.slots):
+            inputs, targets = packed  # the read-ahead packed exactly this
+        else:
+            inputs, targets = self._pinned(*pack(batch.docs, self.cfg.train.seq_len, self.tokenizer.eot,
+                                                 skip=window.skip, rows=window.rows, expect_slots=window.slots))
+        if window.borrow is not None:  # trained here in part, answered for (counted, committed) by its owner
+            b = window.borrow
+            if not batch.origins or batch.origins[0] != DocRange(b.shard, b.row_group, b.start, b.start + 1):
+                raise WindowMismatch(f"the window borrows {b}, which yielded no document here")
+            batch = dataclasses.replace(batch, docs=batch.docs[1:], origins=batch.origins[1:])
+        return batch, inputs, targets
 
     def _pack(self, docs) -> tuple[torch.Tensor, torch.Tensor]:
         """Training rows of `docs`, in pinned memory on CUDA (one asynchronous copy to the device)."""
@@ -576,9 +602,9 @@ class Worker:
         return True
 
     def step(self, step: int, ranges: list, lr: float, chaos: dict, commit_first: int | None = None,
-             prefetch: list | None = None, prefetch_margin: list | None = None) -> dict:
+             prefetch: list | None = None, prefetch_margin: list | None = None, window: dict | None = None) -> dict:
         try:
-            report = self.r.step(step, ranges, lr, chaos, commit_first, prefetch, prefetch_margin)
+            report = self.r.step(step, ranges, lr, chaos, commit_first, prefetch, prefetch_margin, window)
         except Exception as e:
             self.r.phase = "failed"
             return {"worker_id": self.r.worker_id, "rank": self.r.rank, "step": step, "ok": False,

@@ -419,3 +419,48 @@ def test_read_margin_gives_each_rank_its_neighbours_nearest_rows():
     assert m[2] == [DocRange(1, 0, 1, 4)]                                 # rank 1's last 3 rows
     assert read_margin(hint, 0) == {0: [], 1: [], 2: []}
     assert read_margin({0: hint[0]}, 3) == {0: []}
+
+
+def test_split_windows_train_every_target_of_the_step_once_in_rows_proportional_to_shares():
+    import torch
+
+    from datasets.packing import pack
+    from datasets.plan import Window, packed_rows, row_shares, split_windows
+
+    rng = random.Random(8)
+    seq, seen_borrow, seen_long = 16, 0, 0
+    for trial in range(400):
+        n, W = rng.randint(1, 12), rng.randint(1, 4)
+        lens = [rng.choice([0, 1, 3, 15, 16, 17, 40, 90]) for _ in range(n)]
+        rows = [DocRange(trial % 3, 0, i, i + 1) for i in range(n)]
+        text = {rows[i]: [1000 * i + j + 1 for j in range(t)] for i, t in enumerate(lens)}  # every token unique
+        shares = [rng.choice([1.0, 2.0, 3.0]) for _ in range(W)]
+        wins = split_windows(list(zip(rows, lens)), shares, seq)
+        total = sum(t + 1 for t in lens if t)
+        if total == 0 or packed_rows(total, seq) < W:
+            assert wins is None
+            continue
+        assert [w.rows for w in wins] == row_shares(packed_rows(total, seq), shares)
+        owned = [x for w in wins for r in w.owned for x in range(r.start, r.stop)]
+        assert sorted(owned) == list(range(n))                       # each row owned by exactly one rank
+        whole = pack([text[r] for r in rows if text[r]], seq, eot=0)
+        parts = []
+        for w in wins:
+            assert Window.from_json(w.to_json()) == w
+            docs = [text[one] for r in w.reads() for one in
+                    (DocRange(r.shard, r.row_group, x, x + 1) for x in range(r.start, r.stop)) if text[one]]
+            assert w.borrow is None or w.borrow.start not in [x for r in w.owned for x in range(r.start, r.stop)]
+            seen_borrow += w.borrow is not None
+            seen_long += w.borrow is not None and not any(lens[x] for r in w.owned for x in range(r.start, r.stop))
+            parts.append(pack(docs, seq, 0, skip=w.skip, rows=w.rows, expect_slots=w.slots))
+        assert torch.equal(torch.cat([x for x, _ in parts]), whole[0])   # the step's stream, cut, nothing else
+        assert torch.equal(torch.cat([y for _, y in parts]), whole[1])
+    assert seen_borrow > 100 and seen_long > 10  # cuts inside documents, and documents longer than a window
+
+
+def test_row_shares_minimise_the_slowest_rank():
+    from datasets.plan import row_shares
+
+    assert row_shares(10, [1, 1]) == [5, 5] and row_shares(11, [1, 1]) == [6, 5]
+    assert row_shares(12, [1, 2, 3]) == [2, 4, 6] and row_shares(3, [1, 100, 1]) == [1, 1, 1]
+    assert row_shares(2, [1, 1, 1]) is None and row_shares(4, []) is None

@@ -30,8 +30,10 @@ def test_child_reads_and_packs_from_s3_like_the_reader(tmp_path, s3_endpoint, s3
         plain, plain_core = reader.read_batch(read), reader.read_batch(core)
     finally:
         reader.close()
-    assert batch.docs == plain.docs and batch.origins == plain.origins
-    assert core_batch.docs == plain_core.docs and core_batch.dropped == plain_core.dropped
+    as_lists = lambda docs: [d.tolist() for d in docs]  # noqa: E731 (the child sends int32 arrays)
+    assert as_lists(batch.docs) == plain.docs and batch.origins == plain.origins
+    assert as_lists(core_batch.docs) == plain_core.docs and core_batch.dropped == plain_core.dropped
+    assert all(d.dtype.name == "int32" for d in batch.docs)
     want_in, want_t = pack(plain_core.docs, 64, reader.eot)
     assert (inputs == want_in.numpy()).all() and (targets == want_t.numpy()).all()
 

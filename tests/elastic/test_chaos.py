@@ -38,9 +38,10 @@ def _kinds(summary):
 
 def test_worker_killed_hung_or_corrupt_loses_no_documents(tmp_path, ray_cluster):
     """demo sync, 3 workers: a kill mid-step, a silent (hung) worker, a garbage payload, a collective that
-    fails on every rank (nobody leaves: the group is re-formed and the step retried)."""
+    fails on every rank (nobody leaves: the group is re-formed and the step retried), a token-level window
+    that does not fit its documents (nobody leaves: the step is retried in whole documents)."""
     cfg = small_config(tmp_path, ray_cluster.address, "run.name=faults", "train.steps=40", "train.workers=3",
-                       "sync.name=demo", "chaos.kill_at=[5]", "chaos.hang_at=[15]",
+                       "sync.name=demo", "chaos.kill_at=[5]", "chaos.hang_at=[15]", "chaos.window_mismatch_at=[20]",
                        "chaos.corrupt_payload_at=[25]", "chaos.comm_error_at=[33]", "train.step_timeout_s=6",
                        "train.min_workers=2")  # after the kill and the hang, wait for a replacement
     summary = train(cfg)
@@ -54,6 +55,7 @@ def test_worker_killed_hung_or_corrupt_loses_no_documents(tmp_path, ray_cluster)
     events = " ".join(e["what"] for e in summary["events"])
     assert "step-aborted corrupt_payload" in events
     assert "step-aborted collective_error leaving=[]" in events
+    assert "step-aborted window_mismatch leaving=[]" in events and summary["split_steps"] > 0
     # a survivor always remained: every replacement got its state from a live peer, never from storage
     assert "state-from-peer " in events and "state-from-checkpoint" not in events, events
     # every change wrote a checkpoint

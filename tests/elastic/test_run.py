@@ -31,6 +31,8 @@ def test_short_run_completes_and_writes_summary(tmp_path, ray_cluster):
     assert data["duplicated"] == 0 and data["skipped"] == 0 and data["delivered_once"] > 0
     # the workers read each next step ahead and report its token counts: some steps get re-split by them
     assert 0 < summary["rebalanced_steps"] < 12, summary.get("rebalanced_steps")
+    # ... and cut between the two ranks at token level (train.split_docs): exactly-once holds (above)
+    assert 0 < summary["split_steps"] <= summary["rebalanced_steps"], summary.get("split_steps")
     # train.profile_at: every worker's profile of step 3 lands in the summary
     assert len(summary["profiles"]) == 2
     assert all(p["last_step"] == 3 and p["steps"] == 1 for p in summary["profiles"].values())
