@@ -614,11 +614,8 @@ def rebalance(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tupl
     `balanced_split` of its rows in rank order, or None when it would not lower the slowest rank's packed
     rows / share, or some row's count is unknown."""
     order = sorted(assignment)
-    if len(order) < 2:
-        return None
-    docs = [(DocRange(r.shard, r.row_group, x, x + 1), tokens.get((r.shard, r.row_group, x)))
-            for k in order for r in assignment[k] for x in range(r.start, r.stop)]
-    if any(t is None for _, t in docs):
+    docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
+    if docs is None:
         return None
     sh = [shares[k] for k in order]
     cuts, n = [], 0
@@ -629,6 +626,24 @@ def rebalance(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tupl
     if split_cost(docs, new_cuts, sh, seq_len) >= split_cost(docs, cuts, sh, seq_len):
         return None
     return {k: row_runs([d for d, _ in docs[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
+
+
+def _counted_rows(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int]
+                  ) -> list[tuple[DocRange, int]] | None:
+    """A step's rows in rank order, one row each with its token count; None if some row's count is unknown."""
+    docs = [(DocRange(r.shard, r.row_group, x, x + 1), tokens.get((r.shard, r.row_group, x)))
+            for k in sorted(assignment) for r in assignment[k] for x in range(r.start, r.stop)]
+    return None if any(t is None for _, t in docs) else docs
+
+
+def windows_for(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
+                shares: Mapping[int, float], seq_len: int) -> dict[int, "Window"] | None:
+    """`split_windows` of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's token
+    count, per rank; None for a single rank, a row whose count is unknown, or fewer packed rows than ranks."""
+    order = sorted(assignment)
+    docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
+    wins = split_windows(docs, [shares[k] for k in order], seq_len) if docs is not None else None
+    return dict(zip(order, wins)) if wins is not None else None
 
 
 def read_margin(hint: Mapping[int, Sequence[DocRange]], rows: int) -> dict[int, list[DocRange]]:

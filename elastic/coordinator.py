@@ -22,8 +22,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state
-from datasets import DataPlan, DocRange, discover
-from datasets.plan import read_margin, rebalance, split_windows
+from datasets import DataPlan, discover
+from datasets.plan import read_margin, rebalance, windows_for
 from datasets.sources import check_text_column
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import CheckpointStore, to_bytes
@@ -675,16 +675,11 @@ class Coordinator:
         counts, self._ahead_counts = self._ahead_counts, {}
         if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or not counts:
             return assignment, {}
-        order = sorted(assignment)
-        if self.cfg.train.split_docs and len(order) > 1:
-            docs = [(DocRange(r.shard, r.row_group, x, x + 1), counts.get((r.shard, r.row_group, x)))
-                    for k in order for r in assignment[k] for x in range(r.start, r.stop)]
-            wins = (split_windows(docs, [shares[k] for k in order], self.cfg.train.seq_len)
-                    if all(t is not None for _, t in docs) else None)
-            if wins is not None and self.plan.resplit(step, {k: list(w.owned) for k, w in zip(order, wins)}):
-                self.summary.data["rebalanced_steps"] += 1
-                self.summary.data["split_steps"] += 1
-                return {k: list(w.owned) for k, w in zip(order, wins)}, {k: w.to_json() for k, w in zip(order, wins)}
+        wins = windows_for(assignment, counts, shares, self.cfg.train.seq_len) if self.cfg.train.split_docs else None
+        if wins is not None and self.plan.resplit(step, {k: list(w.owned) for k, w in wins.items()}):
+            self.summary.data["rebalanced_steps"] += 1
+            self.summary.data["split_steps"] += 1
+            return {k: list(w.owned) for k, w in wins.items()}, {k: w.to_json() for k, w in wins.items()}
         new = rebalance(assignment, counts, shares, self.cfg.train.seq_len)
         if new is None or not self.plan.resplit(step, new):
             return assignment, {}

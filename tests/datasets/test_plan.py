@@ -464,3 +464,16 @@ def test_row_shares_minimise_the_slowest_rank():
     assert row_shares(10, [1, 1]) == [5, 5] and row_shares(11, [1, 1]) == [6, 5]
     assert row_shares(12, [1, 2, 3]) == [2, 4, 6] and row_shares(3, [1, 100, 1]) == [1, 1, 1]
     assert row_shares(2, [1, 1, 1]) is None and row_shares(4, []) is None
+
+
+def test_windows_for_cuts_a_step_assignment_only_with_every_count_known():
+    from datasets.plan import split_windows, windows_for
+
+    a = {0: [DocRange(0, 0, 0, 3)], 1: [DocRange(0, 0, 3, 5)]}
+    tokens = {(0, 0, 0): 600, (0, 0, 1): 600, (0, 0, 2): 600, (0, 0, 3): 100, (0, 0, 4): 100}
+    got = windows_for(a, tokens, {0: 1.0, 1: 1.0}, 64)
+    want = split_windows([(DocRange(0, 0, x, x + 1), tokens[(0, 0, x)]) for x in range(5)], [1.0, 1.0], 64)
+    assert got == {0: want[0], 1: want[1]} and got[0].rows == got[1].rows == 16  # 2,005 slots: 32 rows
+    assert got[1].borrow == DocRange(0, 0, 1, 2)  # the cut falls inside the second document
+    assert windows_for(a, {k: v for k, v in tokens.items() if k != (0, 0, 4)}, {0: 1, 1: 1}, 64) is None
+    assert windows_for({0: a[0]}, tokens, {0: 1}, 64) is None
