@@ -551,6 +551,42 @@ def run(args) -> dict:
     return result
 
 
+RECORD_SECTION = "elastic bench-gpu: recorded runs (`python -m elastic bench-gpu ... --record`)"
+
+
+def command_line(args) -> str:
+    """The bench-gpu command that reproduces `args` (what a recorded row names)."""
+    parts = ["python -m elastic bench-gpu", f"--workers {args.workers}" if args.workers else "",
+             f"--steps {args.steps} --warmup {args.warmup} --per-gpu-tokens {args.per_gpu_tokens}",
+             f"--configs {args.configs}", f"--ddp-rows {args.ddp_rows}" if "ddp" in args.configs else "",
+             f"--preset {args.preset}" if args.preset != "gpt2-small" else "", "--cpu" if args.cpu else ""]
+    return " ".join(p for p in parts + list(args.overrides) if p)
+
+
+def record_text(res: dict) -> str:
+    """One BENCHMARKS.md result cell: every run's tokens/s (and ratio to DDP), bytes, then the scaling."""
+    parts = []
+    for r in res["runs"]:
+        head = f"{r.get('config')} w{r.get('workers')}"
+        if r.get("error"):
+            parts.append(f"{head}: error {str(r['error']).splitlines()[0][:120]}")
+            continue
+        if not r.get("tokens_per_s"):
+            continue
+        text = f"{head} {r['tokens_per_s']:,.0f} tokens/s"
+        if r.get("ddp_tokens_per_s_ratio"):
+            text += f" = **{r['ddp_tokens_per_s_ratio']:.3f}x DDP**"
+        if r.get("bytes_sent_per_worker_per_step") is not None:
+            text += f", {r['bytes_sent_per_worker_per_step']:,} B sent/worker/step"
+        if r.get("mfu"):
+            text += f", MFU {r['mfu']:.3f}"
+        parts.append(text)
+    for config, by_w in (res.get("scaling") or {}).items():
+        parts.append(f"{config} scaling efficiency " + ", ".join(
+            f"{w} GPUs {v['scaling_efficiency']}" for w, v in by_w.items()))
+    return "; ".join(parts) + f" (torch {res.get('torch')}, {res.get('date')})"
+
+
 def add_parser(sub) -> argparse.ArgumentParser:
     b = sub.add_parser("bench-gpu", help="tokens/s, MFU and bytes: dense and demo on the full stack vs torch DDP")
     b.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
@@ -571,6 +607,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--plot", default="", help="PNG of loss vs tokens of the stack runs")
     b.add_argument("--run-dir", default="", help="keep run directories here (default: a temp dir, removed)")
     b.add_argument("--keep-runs", action="store_true")
+    b.add_argument("--record", action="store_true", help="append a row (command, machine, results) to "
+                                                         "docs/BENCHMARKS.md")
     b.add_argument("overrides", nargs="*", help="key=value run-config overrides for the stack runs")
     return b
 
@@ -578,6 +616,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def main(args) -> int:
     with json_only_stdout(args.json):
         res = run(args)
+    if args.record:
+        from elastic.bench import append_row
+
+        append_row(RECORD_SECTION, command_line(args), record_text(res))
     if args.json:
         slim = dict(res)
         slim["runs"] = [{k: v for k, v in r.items() if k not in ("loss_history", "overrides")} for r in res["runs"]]

@@ -75,3 +75,21 @@ def test_scaling_efficiency_is_per_gpu_throughput_against_the_fewest_workers():
     assert s["demo"]["2"]["scaling_efficiency"] == 0.95 and s["demo"]["4"]["scaling_efficiency"] == 0.9
     assert s["ddp"]["4"] == {"tokens_per_s": 400.0, "scaling_efficiency": 1.0, "vs_workers": 2}
     assert "dense" not in s
+
+
+def test_recorded_row_names_the_command_and_every_run():
+    args = build_parser().parse_args(["bench-gpu", "--workers", "2,4", "--configs", "demo,ddp", "--per-gpu-tokens",
+                                      "65536", "train.micro_batch_tokens=32768"])
+    assert bench_gpu.command_line(args) == ("python -m elastic bench-gpu --workers 2,4 --steps 60 --warmup 10 "
+                                            "--per-gpu-tokens 65536 --configs demo,ddp --ddp-rows match "
+                                            "train.micro_batch_tokens=32768")
+    res = {"torch": "2.11", "date": "2026-11-26 13:34 UTC", "runs": [
+        {"config": "demo", "workers": 2, "tokens_per_s": 620018.6, "ddp_tokens_per_s_ratio": 0.97,
+         "bytes_sent_per_worker_per_step": 216104, "mfu": 0.2341},
+        {"config": "ddp", "workers": 2, "tokens_per_s": 638948.3, "bytes_sent_per_worker_per_step": 497903616},
+        {"config": "dense", "workers": 4, "error": "OutOfMemoryError: CUDA out of memory\nmore"}],
+        "scaling": {"demo": {"2": {"scaling_efficiency": 1.0}, "4": {"scaling_efficiency": 0.987}}}}
+    text = bench_gpu.record_text(res)
+    assert text.startswith("demo w2 620,019 tokens/s = **0.970x DDP**, 216,104 B sent/worker/step, MFU 0.234; ddp w2")
+    assert "dense w4: error OutOfMemoryError: CUDA out of memory;" in text and "more" not in text
+    assert "demo scaling efficiency 2 GPUs 1.0, 4 GPUs 0.987 (torch 2.11, 2026-11-26 13:34 UTC)" in text
