@@ -636,16 +636,6 @@ def _counted_rows(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[
     return None if any(t is None for _, t in docs) else docs
 
 
-def windows_for(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
-                shares: Mapping[int, float], seq_len: int) -> dict[int, "Window"] | None:
-    """`split_windows` of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's token
-    count, per rank; None for a single rank, a row whose count is unknown, or fewer packed rows than ranks."""
-    order = sorted(assignment)
-    docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
-    wins = split_windows(docs, [shares[k] for k in order], seq_len) if docs is not None else None
-    return dict(zip(order, wins)) if wins is not None else None
-
-
 def read_margin(hint: Mapping[int, Sequence[DocRange]], rows: int) -> dict[int, list[DocRange]]:
     """For each rank of a read-ahead `hint` (rank -> ranges, in rank order), the rows next to its own that a
     re-split may hand it: up to `rows` rows at the near end of each neighbour's ranges (`rebalance` only
@@ -758,3 +748,13 @@ def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float],
                           borrow=docs[inside][0] if inside is not None else None,
                           skip=a - origin, rows=counts[r], slots=sum(slots[i] for i in stream)))
     return out
+
+
+def windows_for(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
+                shares: Mapping[int, float], seq_len: int) -> dict[int, Window] | None:
+    """`split_windows` of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's token
+    count, per rank; None for a single rank, a row whose count is unknown, or fewer packed rows than ranks."""
+    order = sorted(assignment)
+    docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
+    wins = split_windows(docs, [shares[k] for k in order], seq_len) if docs is not None else None
+    return dict(zip(order, wins)) if wins is not None else None
