@@ -28,6 +28,7 @@ epoch they were drawn in, including ranges aborted after the rollover).
 from __future__ import annotations
 
 import base64
+import bisect
 import collections
 import hashlib
 import heapq
@@ -730,23 +731,20 @@ def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float],
     bounds = [0]
     for c in counts:
         bounds.append(min(total, bounds[-1] + c * seq_len))
-    owner, r = [], 0
-    for i in range(len(docs)):
-        while r < W - 1 and starts[i] >= bounds[r + 1]:
-            r += 1
-        owner.append(r)
-    out = []
+    # rank r owns the rows starting in [bounds[r], bounds[r+1]) (the last rank also those at the very end):
+    # contiguous runs, since starts never decrease
+    first = [bisect.bisect_left(starts, bounds[r], 0, len(docs)) for r in range(W)] + [len(docs)]
+    out, last_doc = [], None  # last_doc: the latest row so far that yields a document
     for r in range(W):
-        a = bounds[r]
-        mine = [i for i in range(len(docs)) if owner[i] == r]
+        lo, hi = first[r], first[r + 1]
         # the document whose span holds this window's first slot, if it started in an earlier window
-        inside = next((i for i in range(len(docs)) if slots[i] and starts[i] < a < starts[i] + slots[i]), None)
-        first = inside if inside is not None else next((i for i in mine if slots[i]), None)
-        origin = starts[first] if first is not None else a
-        stream = ([inside] if inside is not None else []) + [i for i in mine if slots[i]]
-        out.append(Window(owned=tuple(row_runs([docs[i][0] for i in mine])),
-                          borrow=docs[inside][0] if inside is not None else None,
-                          skip=a - origin, rows=counts[r], slots=sum(slots[i] for i in stream)))
+        borrow = last_doc if last_doc is not None and starts[last_doc] + slots[last_doc] > bounds[r] else None
+        own = [i for i in range(lo, hi) if slots[i]]
+        out.append(Window(owned=tuple(row_runs([docs[i][0] for i in range(lo, hi)])),
+                          borrow=docs[borrow][0] if borrow is not None else None,
+                          skip=bounds[r] - starts[borrow] if borrow is not None else 0, rows=counts[r],
+                          slots=sum(slots[i] for i in own) + (slots[borrow] if borrow is not None else 0)))
+        last_doc = own[-1] if own else last_doc
     return out
 
 

@@ -54,10 +54,10 @@ def _read_and_pack(read: list[DocRange], core: list[DocRange]):
     batch, core_batch, inputs, targets = read_and_pack(_READER, read, core, _SEQ_LEN)
     # numpy, not lists of Python ints: the parent unpickles a memcpy per document instead of building one int
     # object per token in its result thread, which holds the GIL while the trainer launches kernels
+    # (core's documents are batch's own objects: convert each once, and pickling sends each once)
     arrays = {id(d): np.asarray(d, dtype=np.int32) for d in batch.docs}
     batch = dataclasses.replace(batch, docs=[arrays[id(d)] for d in batch.docs])
-    core_batch = dataclasses.replace(core_batch, docs=[arrays.get(id(d)) if id(d) in arrays
-                                                       else np.asarray(d, dtype=np.int32) for d in core_batch.docs])
+    core_batch = dataclasses.replace(core_batch, docs=[arrays[id(d)] for d in core_batch.docs])
     return batch, core_batch, inputs.numpy(), targets.numpy()
 
 

@@ -676,10 +676,11 @@ class Coordinator:
         if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or not counts:
             return assignment, {}
         wins = windows_for(assignment, counts, shares, self.cfg.train.seq_len) if self.cfg.train.split_docs else None
-        if wins is not None and self.plan.resplit(step, {k: list(w.owned) for k, w in wins.items()}):
+        owned = {k: list(w.owned) for k, w in wins.items()} if wins is not None else None
+        if owned is not None and self.plan.resplit(step, owned):
             self.summary.data["rebalanced_steps"] += 1
             self.summary.data["split_steps"] += 1
-            return {k: list(w.owned) for k, w in wins.items()}, {k: w.to_json() for k, w in wins.items()}
+            return owned, {k: w.to_json() for k, w in wins.items()}
         new = rebalance(assignment, counts, shares, self.cfg.train.seq_len)
         if new is None or not self.plan.resplit(step, new):
             return assignment, {}
