@@ -139,8 +139,30 @@ class RunConfig:
     cluster: ClusterSection = field(default_factory=ClusterSection)
 
 
-SECRET_KEYS = re.compile(r"(secret|token|password|key|credential)", re.IGNORECASE)
-_SAFE_KEYS = {"text_column", "tokenizer"}
+# Credential keys are matched as whole words (segments split at _ - . and camelCase), so `batch_tokens`,
+# `max_doc_tokens` or `tokenizer` stay readable while `key`, `secret`, `auth_token`, `aws_secret_access_key`,
+# `sas_token`, `accountKey` or `connection_string` are redacted.
+_SECRET_SEGMENTS = {"key", "keys", "secret", "secrets", "token", "password", "passwd", "pwd", "passphrase",
+                    "credential", "credentials", "apikey", "sas", "sig", "signature"}
+_SECRET_KEYS_WHOLE = {"connection_string", "connectionstring", "conn_str", "auth", "authorization"}
+# inside string values: the password of `scheme://user:password@host` and the keys of Azure connection
+# strings and SAS query strings (`AccountKey=...;`, `SharedAccessSignature=...`, `sig=...`)
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(?=@)")
+_KEY_VALUE_SECRET = re.compile(r"(?P<head>(?:AccountKey|SharedAccessKey|SharedAccessSignature|sig|"
+                               r"Password|Pwd)=)[^;&\s]+", re.IGNORECASE)
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a credential (whole words only: `token` yes, `batch_tokens` no)."""
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", key).lower()
+    if words.replace("-", "_") in _SECRET_KEYS_WHOLE or key.lower() in _SECRET_KEYS_WHOLE:
+        return True
+    return any(w in _SECRET_SEGMENTS for w in re.split(r"[_.\-\s]+", words) if w)
+
+
+def redact_value(text: str) -> str:
+    """`text` with URL passwords and connection-string keys replaced by '***'."""
+    return _KEY_VALUE_SECRET.sub(r"\g<head>***", _URL_PASSWORD.sub(r"\g<head>***", text))
 
 
 def preset_names() -> list[str]:
@@ -309,17 +331,20 @@ def to_dict(cfg: RunConfig, redact: bool = True) -> dict:
 
 
 def redact_secrets(data: Any) -> Any:
-    """Replace the values of credential-like keys (storage options, tokens) so they are never saved."""
+    """Replace the values of credential keys (storage options: key, secret, token, ...) and the passwords
+    inside URLs and connection strings, so they are never shown or saved; everything else is kept as is."""
     if isinstance(data, dict):
         out = {}
         for k, v in data.items():
-            if isinstance(k, str) and SECRET_KEYS.search(k) and k not in _SAFE_KEYS and v not in (None, "", {}):
+            if isinstance(k, str) and is_secret_key(k) and v not in (None, "", {}):
                 out[k] = "***"
             else:
                 out[k] = redact_secrets(v)
         return out
-    if isinstance(data, list):
-        return [redact_secrets(v) for v in data]
+    if isinstance(data, (list, tuple)):
+        return type(data)(redact_secrets(v) for v in data)
+    if isinstance(data, str):
+        return redact_value(data)
     return copy.copy(data)
 
 

@@ -83,3 +83,47 @@ def test_file_without_text_column_is_named(tmp_path):
                           f"data.source={tmp_path}/*.parquet"], capture_output=True, text=True)
     assert out.returncode == 2
     assert "000_00000.parquet" in out.stderr and "text" in out.stderr
+
+
+def test_show_config_keeps_token_counts_readable():
+    """Redaction matches whole credential keys: `batch_tokens` & co. are counts, not credentials."""
+    out = subprocess.run([sys.executable, "-m", "elastic", "show-config", "--config", "gpt2-small"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "batch_tokens: 16384" in out.stdout
+    for key in ("micro_batch_tokens", "eval_tokens", "max_doc_tokens"):
+        line = next(ln for ln in out.stdout.splitlines() if ln.strip().startswith(key + ":"))
+        assert "***" not in line, line
+
+
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-small"])
+def test_saved_config_reloads_to_the_same_run_config(tmp_path, preset):
+    cfg = load_config(preset, ["run.name=reload", "train.eval_tokens=4096", "data.max_doc_tokens=1000",
+                               "data.storage_options={endpoint_url: http://127.0.0.1:9000, anon: true}"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+def test_credentials_are_redacted_by_whole_key_and_inside_urls():
+    data = {"storage_options": {"key": "AKIAFAKE", "secret": "s3cr3t", "token": "tok", "session_token": "st",
+                                "aws_secret_access_key": "x", "sas_token": "sv=1&sig=abc", "accountKey": "k",
+                                "password": "pw", "client_kwargs": {"region_name": "eu"},
+                                "endpoint_url": "http://admin:hunter2@minio:9000",
+                                "connection_string": "DefaultEndpointsProtocol=https;AccountName=a;AccountKey=K==",
+                                "url": "https://a.blob.core.windows.net/c?sv=2020&sig=SIGNATURE&se=1",
+                                "conn": "AccountName=a;AccountKey=K2==;EndpointSuffix=core.windows.net"},
+            "batch_tokens": 16384, "micro_batch_tokens": 8192, "eval_tokens": 4096, "max_doc_tokens": 100,
+            "tokenizer": "gpt2", "text_column": "text"}
+    out = redact_secrets(data)
+    so = out["storage_options"]
+    for k in ("key", "secret", "token", "session_token", "aws_secret_access_key", "sas_token", "accountKey",
+              "password", "connection_string"):
+        assert so[k] == "***", k
+    assert so["endpoint_url"] == "http://admin:***@minio:9000"
+    assert "SIGNATURE" not in so["url"] and "sv=2020" in so["url"]
+    assert "K2==" not in so["conn"] and "AccountName=a" in so["conn"]
+    assert so["client_kwargs"] == {"region_name": "eu"}
+    assert {k: out[k] for k in ("batch_tokens", "micro_batch_tokens", "eval_tokens", "max_doc_tokens",
+                                 "tokenizer", "text_column")} == {k: data[k] for k in (
+        "batch_tokens", "micro_batch_tokens", "eval_tokens", "max_doc_tokens", "tokenizer", "text_column")}
