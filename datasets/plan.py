@@ -80,6 +80,7 @@ class ShardInfo:
     row_group_rows: tuple[int, ...]        # rows per row group
     schema_names: tuple[str, ...]          # column names
     row_group_tokens: tuple[int, ...]      # estimated tokens per row group (text bytes / BYTES_PER_TOKEN)
+    column_types: tuple[str, ...] = ()     # arrow type of each column, as schema_names ((): not read)
 
     @property
     def rows(self) -> int:
@@ -103,6 +104,7 @@ class ShardInfo:
             row_group_rows=tuple(int(x) for x in d["row_group_rows"]),
             schema_names=tuple(d["schema_names"]),
             row_group_tokens=tuple(int(x) for x in d["row_group_tokens"]),
+            column_types=tuple(d.get("column_types", ())),
         )
 
 

@@ -9,7 +9,8 @@ Promises:
   names the URL and endpoint and what to check.
 - Credentials (key, secret, token, passwords) never appear in logs or error messages: every message built
   here passes through `redact`.
-- Errors name the bad thing: no matching files, a file whose footer is not parquet, a missing text column.
+- Errors name the bad thing: no matching files, a file whose footer is not parquet, a missing text column
+  or one that does not hold strings (`check_text_column`, from the footers: before any worker starts).
 """
 from __future__ import annotations
 
@@ -216,7 +217,8 @@ def read_footer(path: str, storage_options: Optional[Mapping[str, Any]], text_co
         # footer reads only: a small block size keeps the range requests small on object stores
         with fs.open(p, "rb", block_size=256 * 1024) as f:
             md = pq.ParquetFile(f).metadata
-        names = tuple(md.schema.to_arrow_schema().names)
+        schema = md.schema.to_arrow_schema()
+        names = tuple(schema.names)
         text_idx = names.index(text_column) if text_column in names else None
         rows, tokens = [], []
         for g in range(md.num_row_groups):
@@ -227,7 +229,7 @@ def read_footer(path: str, storage_options: Optional[Mapping[str, Any]], text_co
             else:
                 tokens.append(0)
         return ShardInfo(path=path, size=size, row_group_rows=tuple(rows), schema_names=names,
-                         row_group_tokens=tuple(tokens))
+                         row_group_tokens=tuple(tokens), column_types=tuple(str(t) for t in schema.types))
 
     try:
         return call_with_retries(read, what="reading parquet footer", url=path, storage_options=storage_options,
@@ -260,10 +262,29 @@ def discover(url: str, storage_options: Optional[Mapping[str, Any]] = None, *, t
     return shards
 
 
+# arrow types the reader takes as text: strings, and bytes it decodes as UTF-8 (a dictionary-encoded column
+# reads back as its values)
+_TEXT_TYPES = ("string", "large_string", "string_view", "binary", "large_binary", "binary_view")
+
+
+def is_text_type(arrow_type: str) -> bool:
+    """Whether a column of this arrow type (as `str(pa.DataType)`) holds text."""
+    return arrow_type in _TEXT_TYPES or (arrow_type.startswith("dictionary<values=")
+                                         and arrow_type[len("dictionary<values="):].split(",")[0] in _TEXT_TYPES)
+
+
 def check_text_column(shards: list[ShardInfo], text_column: str) -> None:
-    """Stop before training if any file lacks the text column (naming the file and what it has)."""
+    """Stop before training if any file lacks the text column or holds something else than text in it
+    (naming the file, the column and what it has): a worker would fail on every step it reads that file."""
     for sh in shards:
         if text_column not in sh.schema_names:
             raise DataSchemaError(
                 f"{sh.path}: no column {text_column!r} (columns: {', '.join(sh.schema_names)}); "
                 "set data.text_column or remove the file")
+        if sh.column_types:
+            kind = sh.column_types[sh.schema_names.index(text_column)]
+            if not is_text_type(kind):
+                text = [n for n, t in zip(sh.schema_names, sh.column_types) if is_text_type(t)]
+                raise DataSchemaError(
+                    f"{sh.path}: column {text_column!r} holds {kind}, not text (string or binary); set "
+                    f"data.text_column to a text column ({', '.join(text) if text else 'the file has none'}) or remove the file")

@@ -1,4 +1,4 @@
-"""Tokenizers that work offline: GPT-2 BPE (tiktoken) and raw UTF-8 bytes.
+"""Tokenizers that work offline: GPT-2 BPE (tiktoken), raw UTF-8 bytes, and any Hugging Face tokenizer.json.
 
 Promises:
 - `get_tokenizer("gpt2")` never touches the network. The GPT-2 vocabulary comes from the files shipped in
@@ -6,6 +6,7 @@ Promises:
   sha256 digests (the same digests tiktoken itself expects for the OpenAI download), so ids are exactly
   GPT-2's: "Hello world" -> [15496, 995], `<|endoftext|>` = 50256, vocab 50257.
 - `get_tokenizer("bytes")` needs nothing: one token per UTF-8 byte, EOT = 256, vocab 257.
+- `get_tokenizer("hf:PATH")` reads a local tokenizer.json with the `tokenizers` library (`HFTokenizer`).
 - Text is encoded as ordinary text: a document containing the literal string "<|endoftext|>" does not
   produce the EOT id (documents cannot forge boundaries).
 """
@@ -121,6 +122,93 @@ class ByteTokenizer:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
 
+# end-of-text tokens a tokenizer.json may define, in the order they are looked for when the directory has no
+# tokenizer_config.json naming its eos_token (GPT-2/Qwen, Llama 3, Llama 2/Mistral, Gemma, ChatML, BERT-style)
+EOT_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>", "<|im_end|>", "[SEP]", "<|eot_id|>")
+HF_PREFIX = "hf:"
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` through the `tokenizers` library (`data.tokenizer=hf:PATH`, PATH the
+    file or a directory holding it). Offline: only the local file is read.
+
+    - `eot`: the id of the end-of-text token: `eos_token` of a `tokenizer_config.json` next to it if there is
+      one, else the first of `EOT_CANDIDATES` the vocabulary has; none -> TokenizerError.
+    - `vocab_size`: the vocabulary with added tokens (ids are < vocab_size): the model's must be at least this.
+    - Special tokens inside a document are encoded as ordinary text (documents cannot forge boundaries), and
+      no BOS/EOS is added per document: packing puts `eot` between documents.
+    """
+
+    def __init__(self, path: str, num_threads: int = 4):
+        try:
+            from tokenizers import Tokenizer as _Tok
+        except ImportError as e:
+            raise TokenizerError("data.tokenizer=hf:... needs the `tokenizers` package: pip install -e '.[hf]'") from e
+        p = os.path.expanduser(path)
+        file = os.path.join(p, "tokenizer.json") if os.path.isdir(p) else p
+        if not os.path.isfile(file):
+            raise TokenizerError(f"data.tokenizer=hf:{path}: no tokenizer.json there; give a tokenizer.json file or "
+                                 "a directory holding one (Hugging Face's fast-tokenizer format)")
+        try:
+            self._tok = _Tok.from_file(file)
+        except Exception as e:
+            raise TokenizerError(f"data.tokenizer=hf:{path}: {file} is not a tokenizer.json the `tokenizers` "
+                                 f"library reads: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+        self._tok.encode_special_tokens = True  # "<|endoftext|>" in a document is text, not the EOT id
+        self.name = f"{HF_PREFIX}{path}"
+        self.path = file
+        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        eos = self._configured_eos(os.path.dirname(file))
+        candidates = ([eos] if eos else []) + [t for t in EOT_CANDIDATES if t != eos]
+        for tok in candidates:
+            tid = self._tok.token_to_id(tok)
+            if tid is not None:
+                self.eot, self.eot_token = tid, tok
+                break
+        else:
+            raise TokenizerError(
+                f"data.tokenizer=hf:{path}: the vocabulary has no end-of-text token (looked for "
+                f"{', '.join(candidates)}); add one as a special token, or name it as eos_token in a "
+                "tokenizer_config.json beside tokenizer.json")
+        self.vocab_size = max(self.vocab_size, self.eot + 1)
+        self._num_threads = num_threads
+
+    @staticmethod
+    def _configured_eos(directory: str) -> str | None:
+        cfg = os.path.join(directory, "tokenizer_config.json")
+        if not os.path.isfile(cfg):
+            return None
+        import json
+
+        try:
+            with open(cfg) as f:
+                eos = json.load(f).get("eos_token")
+        except (OSError, ValueError):
+            return None
+        if isinstance(eos, dict):  # {"content": "</s>", ...}
+            eos = eos.get("content")
+        return eos if isinstance(eos, str) and eos else None
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=False)
+
+
+def check_tokenizer_name(name: str) -> str | None:
+    """Why `data.tokenizer` cannot name a tokenizer (None if its form is fine; files are checked on load)."""
+    if name in ("gpt2", "bytes"):
+        return None
+    if name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX):
+        return None
+    return (f"data.tokenizer: '{name}' must be gpt2, bytes or hf:PATH (a Hugging Face tokenizer.json, or a "
+            "directory holding one)")
+
+
 @functools.lru_cache(maxsize=None)
 def get_tokenizer(name: str) -> Tokenizer:
     """The tokenizer named by `data.tokenizer` (cached per process: building GPT-2's takes ~0.1 s)."""
@@ -128,4 +216,6 @@ def get_tokenizer(name: str) -> Tokenizer:
         return GPT2Tokenizer()
     if name == "bytes":
         return ByteTokenizer()
-    raise TokenizerError(f"data.tokenizer: unknown tokenizer {name!r}; use 'gpt2' or 'bytes'")
+    if name.startswith(HF_PREFIX) and len(name) > len(HF_PREFIX):
+        return HFTokenizer(name[len(HF_PREFIX):])
+    raise TokenizerError(f"data.tokenizer: unknown tokenizer {name!r}; use 'gpt2', 'bytes' or 'hf:PATH'")

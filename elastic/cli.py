@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.add_argument("--record", action="store_true", help="append the result to docs/BENCHMARKS.md")
     r.add_argument("overrides", nargs="*")
+    ex = sub.add_parser("export", help="a run's weights as a Hugging Face model dir (safetensors + config)")
+    ex.add_argument("run_dir", help="the run directory, runs/<run.name>")
+    ex.add_argument("--out", required=True, help="directory to write (AutoModelForCausalLM.from_pretrained loads it)")
+    ex.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
+    ex.add_argument("--checkpoint", default=None, help="checkpoint URI if not the run's checkpoint.dir")
     from elastic.bench_gpu import add_parser as add_bench_gpu
 
     add_bench_gpu(sub)
@@ -94,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 print(json.dumps(summary, indent=1, default=str))
             return 0 if summary.get("state") in ("FINISHED", "STOPPED") else 1
+        if args.command == "export":
+            from elastic.export import ExportError, export_run
+
+            try:
+                info = export_run(args.run_dir, args.out, step=args.step, checkpoint=args.checkpoint)
+            except ExportError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
+            print(json.dumps(info, indent=1))
+            return 0
         if args.command == "scale":
             return scale(args.run, args.workers, args.address, args.namespace)
         if args.command == "status":

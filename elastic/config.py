@@ -90,6 +90,10 @@ class ModelSection:
     vocab_size: int = 0              # 0 = tokenizer's vocabulary padded to a multiple of 64
     dropout: float = 0.0
     tie_embeddings: bool = True
+    # a Hugging Face causal LM instead of the built-in GPT: a local directory with config.json (offline only);
+    # the shape fields above are then ignored (vocab_size, if set, overrides the config's)
+    hf: str = ""
+    hf_weights: bool = False         # with hf: load the directory's weights (else random init from run.seed)
 
 
 @dataclass
@@ -291,8 +295,10 @@ def validate(cfg: RunConfig) -> None:
     _check(s.update in ("sign", "rms"), f"sync.update: '{s.update}' must be sign or rms")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every: {cfg.checkpoint.every} must be >= 0")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: {cfg.checkpoint.keep} must be >= 1")
-    _check(cfg.data.tokenizer in ("gpt2", "bytes"),
-           f"data.tokenizer: '{cfg.data.tokenizer}' must be gpt2 or bytes")
+    from datasets.tokenizer import check_tokenizer_name
+
+    bad_tokenizer = check_tokenizer_name(cfg.data.tokenizer)
+    _check(bad_tokenizer is None, bad_tokenizer or "")
     needs_sim = cfg.chaos.remove_node_at or cfg.chaos.add_node_at
     _check(not needs_sim or bool(cfg.cluster.simulate),
            "chaos.remove_node_at/add_node_at: need a simulated cluster (cluster.simulate=[A100,L4]); "

@@ -121,9 +121,12 @@ class WorkerReplica:
 
     def prepare(self) -> float:
         """One-time work before the first step, in the thread that will run the steps: cuDNN attention
-        graphs for every micro-batch row count (see `elastic.attention`). Returns the seconds it took."""
-        return self.attention.prepare(self.model.blocks[0].attn, self.cfg.train.seq_len, self.model.shape.n_embd,
-                                      self.use_bf16)
+        graphs for every micro-batch row count (see `elastic.attention`; skipped for models that name no layer
+        for it, e.g. Hugging Face models). Returns the seconds it took."""
+        attn = self.model.warmup_attention()
+        if attn is None:
+            return 0.0
+        return self.attention.prepare(attn, self.cfg.train.seq_len, self.model.shape.n_embd, self.use_bf16)
 
     # ---- membership ----------------------------------------------------------------------
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:

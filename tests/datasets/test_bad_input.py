@@ -10,7 +10,7 @@ from datasets.config import DataConfig
 from datasets.bench import free_port, moto_s3_server, upload_dir
 from datasets.plan import DocRange
 from datasets.reader import ShardReader
-from datasets.sources import DataSchemaError, DataSourceError, DataSourceUnavailable, discover
+from datasets.sources import DataSchemaError, DataSourceError, DataSourceUnavailable, check_text_column, discover
 
 from .conftest import doc_texts, write_fineweb
 
@@ -138,3 +138,31 @@ def test_missing_object_stops_after_retries_naming_it(tmp_path, s3_endpoint, s3_
     with pytest.raises(DataSourceUnavailable, match=r"000_00000.parquet: reading row group 1 failed after 2 tries: not found"):
         reader.read([DocRange(0, 1, 0, 10)])
     reader.close()
+
+
+@pytest.mark.parametrize("column", [pa.array([1, 2, 3]), pa.array([1.5, 2.5, 3.5]),
+                                    pa.array([["a"], ["b"], ["c"]]), pa.array([True, False, True])])
+def test_non_string_text_column_stops_before_reading_naming_file_and_column(tmp_path, column):
+    """Used to pass preflight, then fail every step a worker read the file (evicting healthy workers)."""
+    pq.write_table(pa.table({"id": ["a", "b", "c"], "text": column}), tmp_path / "001_00000.parquet")
+    write_fineweb(str(tmp_path / "000_00000.parquet"), doc_texts(3))  # a good file beside it
+    shards = discover(str(tmp_path / "*.parquet"))
+    with pytest.raises(DataSchemaError) as e:
+        check_text_column(shards, "text")
+    assert str(e.value).startswith(f"{tmp_path}/001_00000.parquet: column 'text' holds {str(column.type)[:4]}")
+    assert "data.text_column" in str(e.value) and "id" in str(e.value)  # names the file's text columns
+    with pytest.raises(DataSchemaError, match="001_00000.parquet: column 'text' holds"):
+        ShardReader(shards, {}, "bytes", DataConfig())
+    check_text_column(discover(str(tmp_path / "000_*.parquet")), "text")  # string columns pass
+
+
+def test_shard_info_keeps_column_types_through_its_dict_form(tmp_path):
+    from datasets.plan import ShardInfo
+
+    pq.write_table(pa.table({"text": pa.array([b"x"], type=pa.binary()), "n": [1]}), tmp_path / "a.parquet")
+    (sh,) = discover(str(tmp_path / "a.parquet"))
+    assert sh.column_types == ("binary", "int64")
+    assert ShardInfo.from_dict(sh.to_dict()) == sh
+    check_text_column([sh], "text")  # bytes are text the reader decodes
+    with pytest.raises(DataSchemaError, match="column 'n' holds int64"):
+        check_text_column([sh], "n")
