@@ -63,10 +63,14 @@ class TrainSection:
     worker_gpus: float = -1.0        # -1 = 1 if the cluster has GPUs, else 0
     balance: str = "auto"            # auto | equal | throughput: how per-worker shares are set
     batch_tokens_by_accelerator: dict[str, int] = field(default_factory=dict)  # pin e.g. {A100: 4096}
-    eval_every: int = 0              # 0 = only at the end
+    eval_every: int = 0              # score the held-out set every N committed steps (summary val_history); 0 = only at the end
     eval_tokens: int = 16384         # held-out tokens scored for val_loss
     step_timeout_s: float = 60.0     # watchdog floor; also the first steps' limit
     hang_factor: float = 8.0         # watchdog = max(floor, factor * median recent step time)
+    silent_peer_s: float = 0.0       # no sign of life this long = evicted; 0 = max(10, 5 x median step)
+    orphan_timeout_s: float = 120.0  # a worker whose coordinator is gone for good this long exits
+    coordinator_restarts: int = 5    # Ray restarts a dead coordinator this often; it re-adopts the live workers
+    state_transfer_timeout_s: float = 300.0  # a joiner's state from a live peer, or a fingerprint, must arrive by then
     collective_timeout_s: float = 0.0  # gloo rendezvous/op timeout; 0 = max(60, 4 x step_timeout_s)
     pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
     start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready
@@ -102,6 +106,7 @@ class CheckpointSection:
     every: int = 50                  # also written at every membership change and at the end
     keep: int = 3
     storage_options: dict[str, Any] = field(default_factory=dict)
+    write_timeout_s: float = 600.0   # a checkpoint not written by then is abandoned (the previous one stays)
 
 
 @dataclass
@@ -114,6 +119,8 @@ class ChaosSection:
     corrupt_payload_at: list[int] = field(default_factory=list)  # a worker sends a garbage payload
     comm_error_at: list[int] = field(default_factory=list)       # the collective fails on every rank
     window_mismatch_at: list[int] = field(default_factory=list)  # a token-level window that misfits its documents
+    commit_error_at: list[int] = field(default_factory=list)     # applying the previous step raises on a worker
+    diverge_at: list[int] = field(default_factory=list)          # a worker's parameters drift after a commit
     remove_node_at: list[int] = field(default_factory=list)      # remove a simulated node (needs cluster.simulate)
     add_node_at: list[int] = field(default_factory=list)         # add a simulated node (needs cluster.simulate)
     seed: int = 0                                                # picks the victim ranks
@@ -272,15 +279,40 @@ def validate(cfg: RunConfig) -> None:
     _check(t.dtype in ("float32", "bfloat16"), f"train.dtype: '{t.dtype}' must be float32 or bfloat16")
     _check(t.balance in ("auto", "equal", "throughput"),
            f"train.balance: '{t.balance}' must be auto, equal or throughput")
-    _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0")
-    _check(t.start_wait_s >= 0, f"train.start_wait_s: {t.start_wait_s} must be >= 0")
+    _check(t.step_timeout_s > 0, f"train.step_timeout_s: {t.step_timeout_s} must be > 0 (seconds; the watchdog "
+                                 "floor, e.g. 60)")
+    _check(t.hang_factor > 0, f"train.hang_factor: {t.hang_factor} must be > 0 (e.g. 8: watchdog = 8 x median step)")
+    _check(t.collective_timeout_s >= 0, f"train.collective_timeout_s: {t.collective_timeout_s} must be > 0 seconds, "
+                                        "or 0 for max(60, 4 x train.step_timeout_s)")
+    _check(t.pause_timeout_s > 0, f"train.pause_timeout_s: {t.pause_timeout_s} must be > 0 (seconds to wait below "
+                                  "train.min_workers before stopping, e.g. 600)")
+    _check(t.start_wait_s >= 0, f"train.start_wait_s: {t.start_wait_s} must be >= 0 (seconds to wait for all "
+                                "train.workers; 0 = start at once with those ready)")
+    _check(t.eval_every >= 0, f"train.eval_every: {t.eval_every} must be >= 0 (0 = score the held-out set only "
+                              "at the end)")
+    _check(not cfg.data.val_source or t.eval_tokens >= 1,
+           f"train.eval_tokens: {t.eval_tokens} must be >= 1 with data.val_source set "
+           f"('{cfg.data.val_source}'); raise it or set data.val_source=null to skip evaluation")
+    _check(t.log_every >= 1, f"train.log_every: {t.log_every} must be >= 1")
+    _check(t.silent_peer_s >= 0, f"train.silent_peer_s: {t.silent_peer_s} must be >= 0 (seconds without a sign of "
+                                 "life before a worker is evicted; 0 = max(10, 5 x median step))")
+    _check(t.orphan_timeout_s > 0, f"train.orphan_timeout_s: {t.orphan_timeout_s} must be > 0 (seconds a worker "
+                                   "waits for a lost coordinator before exiting)")
+    _check(t.coordinator_restarts >= 0, f"train.coordinator_restarts: {t.coordinator_restarts} must be >= 0")
+    _check(t.state_transfer_timeout_s > 0,
+           f"train.state_transfer_timeout_s: {t.state_transfer_timeout_s} must be > 0 (seconds)")
     _check(t.profile_steps >= 1, f"train.profile_steps: {t.profile_steps} must be >= 1")
     _check(t.prefetch_in in ("auto", "process", "thread"),
            f"train.prefetch_in: '{t.prefetch_in}' must be auto, process or thread")
     _check(t.attention_warm_rows >= 0,
            f"train.attention_warm_rows: {t.attention_warm_rows} must be >= 0 (0 = build attention graphs lazily)")
+    _check(m.n_layer >= 1, f"model.n_layer: {m.n_layer} must be >= 1")
+    _check(m.n_head >= 1, f"model.n_head: {m.n_head} must be >= 1")
+    _check(m.n_embd >= 1, f"model.n_embd: {m.n_embd} must be >= 1")
     _check(m.n_embd % m.n_head == 0,
-           f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head})")
+           f"model.n_embd: {m.n_embd} must be divisible by model.n_head ({m.n_head}); "
+           f"e.g. model.n_embd={max(1, m.n_embd // m.n_head) * m.n_head} or an n_head that divides {m.n_embd}")
+    _check(0 <= m.dropout < 1, f"model.dropout: {m.dropout} must be in [0, 1)")
     _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,
            f"model.vocab_size: {m.vocab_size} must be 0 (auto) or a multiple of 64 (DCT chunks)")
     _check(s.name in ("dense", "demo", "diloco"), f"sync.name: '{s.name}' must be dense, demo or diloco")
@@ -295,10 +327,15 @@ def validate(cfg: RunConfig) -> None:
     _check(s.update in ("sign", "rms"), f"sync.update: '{s.update}' must be sign or rms")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every: {cfg.checkpoint.every} must be >= 0")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: {cfg.checkpoint.keep} must be >= 1")
+    _check(cfg.checkpoint.write_timeout_s > 0,
+           f"checkpoint.write_timeout_s: {cfg.checkpoint.write_timeout_s} must be > 0")
     from datasets.tokenizer import check_tokenizer_name
 
     bad_tokenizer = check_tokenizer_name(cfg.data.tokenizer)
     _check(bad_tokenizer is None, bad_tokenizer or "")
+    _check(cfg.data.max_doc_tokens >= 1, f"data.max_doc_tokens: {cfg.data.max_doc_tokens} must be >= 1")
+    _check(cfg.data.retries >= 0, f"data.retries: {cfg.data.retries} must be >= 0")
+    _check(cfg.data.retry_backoff_s >= 0, f"data.retry_backoff_s: {cfg.data.retry_backoff_s} must be >= 0 seconds")
     needs_sim = cfg.chaos.remove_node_at or cfg.chaos.add_node_at
     _check(not needs_sim or bool(cfg.cluster.simulate),
            "chaos.remove_node_at/add_node_at: need a simulated cluster (cluster.simulate=[A100,L4]); "

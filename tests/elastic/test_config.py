@@ -127,3 +127,39 @@ def test_credentials_are_redacted_by_whole_key_and_inside_urls():
     assert {k: out[k] for k in ("batch_tokens", "micro_batch_tokens", "eval_tokens", "max_doc_tokens",
                                  "tokenizer", "text_column")} == {k: data[k] for k in (
         "batch_tokens", "micro_batch_tokens", "eval_tokens", "max_doc_tokens", "tokenizer", "text_column")}
+
+
+@pytest.mark.parametrize("override,key,fix", [
+    ("model.n_head=0", "model.n_head", ">= 1"),
+    ("model.n_embd=130", "model.n_embd", "divisible by model.n_head"),
+    ("train.step_timeout_s=0", "train.step_timeout_s", "> 0"),
+    ("train.step_timeout_s=-5", "train.step_timeout_s", "> 0"),
+    ("train.collective_timeout_s=-1", "train.collective_timeout_s", "or 0 for"),
+    ("train.pause_timeout_s=0", "train.pause_timeout_s", "> 0"),
+    ("train.pause_timeout_s=-10", "train.pause_timeout_s", "> 0"),
+    ("train.start_wait_s=-1", "train.start_wait_s", ">= 0"),
+    ("train.hang_factor=0", "train.hang_factor", "> 0"),
+    ("train.eval_tokens=0", "train.eval_tokens", "data.val_source=null"),
+    ("train.eval_every=-1", "train.eval_every", ">= 0"),
+])
+def test_invalid_values_name_the_key_and_the_fix(override, key, fix):
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [override])  # n_head=0 used to be a ZeroDivisionError
+    msg = str(e.value)
+    assert msg.startswith(key) and fix in msg and "\n" not in msg, msg
+
+
+def test_eval_tokens_zero_is_fine_without_a_held_out_set():
+    assert load_config("tiny", ["train.eval_tokens=0", "data.val_source=null"]).train.eval_tokens == 0
+
+
+def test_file_with_a_non_string_text_column_stops_before_ray_starts(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "000_00000.parquet")
+    out = subprocess.run([sys.executable, "-m", "elastic", "train", f"run.dir={tmp_path}",
+                          f"data.source={tmp_path}/*.parquet"], capture_output=True, text=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "000_00000.parquet: column 'text' holds int64" in out.stderr
+    assert "Started a local Ray" not in out.stderr
