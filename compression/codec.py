@@ -9,7 +9,12 @@ Promises:
   an all-gather of fixed-size uint8 buffers);
 - `decode` never returns data from a payload that fails a check: it raises `PayloadError(sender_rank,
   reason)` naming the lowest bad rank, and every replica (same bytes) raises the same error;
-- everything runs on the payload's device; validation costs one device->host copy of a few flags.
+- everything runs on the payload's device; validation costs one device->host copy of a few flags;
+- a payload's weight is the number of tokens its sender trained on: it must be finite, > 0 and at most
+  `MAX_WEIGHT` (a NaN weight is a sender abstaining: it failed before the exchange and took part only so
+  nobody waits for it; its payload is refused like any other bad one, with that reason);
+- given the step a decode is for (`step`), a payload whose header carries another step (a stale or
+  replayed payload) is refused, naming its sender.
 
 Layout (little endian), header then one section per chunk group in plan order:
     magic  b"DMO1" | sender rank u32 | step i64 | weight f64 | total length u32 | checksum u32   (32 bytes)
@@ -32,6 +37,10 @@ MAGIC = b"DMO1"
 HEADER_BYTES = 32
 _HEADER = struct.Struct("<4sIqdII")
 assert _HEADER.size == HEADER_BYTES
+# The largest weight (tokens trained on by one rank since its last payload) a payload may carry: 2^40 tokens
+# is 4 TiB of int32 token ids, more than any step can hold, and keeps weight x value sums far inside float32
+# (a weight of 1e300 became inf in the float32 consensus and zeroed the update on every replica).
+MAX_WEIGHT = 2.0 ** 40
 
 
 class PayloadError(RuntimeError):
@@ -183,8 +192,12 @@ class Framing:
         head[16:24] = w.view(torch.uint8)
         return head
 
-    def check_header(self, gathered: torch.Tensor, validate: bool) -> tuple[torch.Tensor, list]:
-        """Shape check (raises), then (weights [W] float64, [(reason, ok [W] bool)] when `validate`)."""
+    def check_header(self, gathered: torch.Tensor, validate: bool,
+                     step: int | torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+        """Shape check (raises), then (weights [W] float64, [(reason, ok [W] bool)] when `validate`).
+
+        `step` (an int or a 0-d int64 tensor on the payloads' device, which a CUDA graph can read at replay):
+        the step every header must carry; None skips that check."""
         if gathered.dim() != 2 or gathered.shape[1] != self.nbytes:
             raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
                                    f"expected [world_size, {self.nbytes}]")
@@ -193,15 +206,23 @@ class Framing:
         if not validate:
             return weights64, []
         magic = _const(f"magic{self.magic!r}", dev, lambda: torch.frombuffer(bytearray(self.magic), dtype=torch.uint8))
-        return weights64, [
+        nan = torch.isnan(weights64)
+        checks = [
             (f"bad magic (not a {self.magic.decode()} payload)", (gathered[:, :4] == magic).all(1)),
             ("sender rank field does not match its position in the all-gather",
              _u32_from_bytes(gathered[:, 4:8]) == _shifts(W, dev, torch.int64)),
             (f"length field differs from the expected {self.nbytes} bytes",
              _u32_from_bytes(gathered[:, 24:28]) == self.nbytes),
             ("checksum mismatch", _u32_from_bytes(gathered[:, 28:32]) == self.checksum(gathered)),
-            ("weight is not finite or negative", torch.isfinite(weights64) & (weights64 >= 0)),
+            ("abstained (NaN weight: the sender failed before the exchange)", ~nan),
+            ("weight is infinite", torch.isfinite(weights64) | nan),
+            ("weight is not > 0 (a payload's weight is the tokens its sender trained on)", (weights64 > 0) | nan),
+            (f"weight above {MAX_WEIGHT:.0f} (2^40 tokens: more than any step holds)", ~(weights64 > MAX_WEIGHT)),
         ]
+        if step is not None:
+            steps = _fresh(gathered[:, 8:16]).view(torch.int64).reshape(W)
+            checks.append(("header step differs from this step (a stale or replayed payload)", steps == step))
+        return weights64, checks
 
     @staticmethod
     def raise_first_failure(checks: list) -> None:
@@ -296,16 +317,17 @@ class WireFormat(Framing):
 
     # ---- decode + validate -----------------------------------------------------------------------
     def decode(self, gathered: torch.Tensor, validate: bool = True, defer: bool = False,
-               sections: Sections = TORCH_SECTIONS):
+               sections: Sections = TORCH_SECTIONS, step: int | torch.Tensor | None = None):
         """`[W, nbytes]` payloads in rank order -> (weights [W] f32, per group (indices [W,N,k], values [W,N,k])).
 
         Values of picks past a chunk's nonzero count are 0 and their weight mask is 0 (`masks` per group).
         `defer=True` raises nothing and returns the checks too, `(weights, groups, checks)`, for a caller
         that runs this without a host sync (a CUDA graph) and calls `raise_flags` itself; indices are then
         clamped into range, so unchecked data can be computed on safely before it is refused.
-        `sections` unpacks the groups it takes (same results as the torch ops).
+        `sections` unpacks the groups it takes (same results as the torch ops). `step`: the step every
+        header must carry (`Framing.check_header`).
         """
-        weights64, checks = self.check_header(gathered, validate)
+        weights64, checks = self.check_header(gathered, validate, step)
         out, off = [], HEADER_BYTES
         for gi, spec in enumerate(self.groups):
             impl = sections if sections.takes(spec) else TORCH_SECTIONS

@@ -163,6 +163,8 @@ class DemoSync(Sync):
         self._torch_params = [self.params[s.index] for s in out_slots]
         # CUDA: decode + validation + consensus replayed as CUDA graphs (see `_decode_graphed`)
         self._graphs: dict | None = {} if self.device.type == "cuda" and any(self.fused) else None
+        # the step every received header must carry (a device tensor: the CUDA graph reads it at replay)
+        self._expect_step = torch.zeros((), dtype=torch.int64, device=self.device)
 
     def _fused_groups(self, mode: str) -> list[bool]:
         """Per chunk group: whether `compression.kernels` encodes and decodes it (`sync.kernels`)."""
@@ -190,7 +192,8 @@ class DemoSync(Sync):
         return self.wire.nbytes
 
     # ---- the two phases -----------------------------------------------------------------------------
-    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
+                 step: int | None = None) -> ExchangeStats:
         self._pending = None
         self._undo = None  # a new step writes the buffers an undo would restore
         t0 = time.perf_counter()
@@ -221,12 +224,14 @@ class DemoSync(Sync):
         # us included, then rejects it in validation, so nobody is left waiting in the collective
         finite = torch.stack(finite).all()
         w = torch.full((), float(weight), dtype=torch.float64, device=self.device).masked_fill_(~finite, float("nan"))
-        payload = self.wire.encode(picks_i, picks_v, self.comm.rank, self.step_count, w, self._sections)
+        seq = self.step_count if step is None else int(step)  # every peer's header must carry it
+        self._expect_step.fill_(seq)
+        payload = self.wire.encode(picks_i, picks_v, self.comm.rank, seq, w, self._sections)
         gathered, t1, t2 = self._timed(self.comm.allgather, payload)
         update = self._updates[1] if self.held is self._updates[0] else self._updates[0]
         if self._graphs is None:
             weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads,
-                                               sections=self._sections)
+                                               sections=self._sections, step=self._expect_step)
             sparse = {gi: self._consensus(weights, idx, vals, mask, gi, out=update[gi])
                       for gi, (idx, vals, mask) in enumerate(groups)}
         else:
@@ -244,7 +249,7 @@ class DemoSync(Sync):
         """Decode and consensus without a host sync: (the validation checks, not yet looked at; the consensus
         picks of the groups whose update is applied straight from them)."""
         weights, groups, checks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, defer=True,
-                                                   sections=self._sections)
+                                                   sections=self._sections, step=self._expect_step)
         sparse = {gi: self._consensus(weights, idx, vals, mask, gi, out=update[gi])
                   for gi, (idx, vals, mask) in enumerate(groups)}
         return checks, sparse

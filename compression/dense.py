@@ -57,7 +57,8 @@ class DenseSync(Sync):
         self.step_count = 0
         self._pending: tuple[torch.Tensor, float, float] | None = None
 
-    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
+                 step: int | None = None) -> ExchangeStats:
         self._pending = None
         t0 = time.perf_counter()
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]

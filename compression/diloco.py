@@ -17,7 +17,7 @@ Promises (besides the `Sync` contract):
   held gradients, as the dense baseline does); an outer step runs the inner step on the live tensors, keeps
   the results, and puts the old values back;
 - a non-finite gradient is refused by `exchange` (`PayloadError` naming this rank) before it reaches the
-  parameters; a received payload is validated like a DeMo one (size, magic, rank, checksum, weight) plus
+  parameters; a received payload is validated like a DeMo one (size, magic, rank, checksum, weight, step) plus
   finite non-negative scales and int8 values in [-127, 127].
 """
 from __future__ import annotations
@@ -56,9 +56,11 @@ class DeltaWire(Framing):
         head = self.header(rank, step, weight, delta.device)
         return self.seal(torch.cat([head, scale.view(torch.uint8), q.view(torch.uint8).reshape(-1)]))
 
-    def decode(self, gathered: torch.Tensor, validate: bool = True) -> tuple[torch.Tensor, list[tuple]]:
-        """`[W, nbytes]` -> (weights [W] float64, per rank (int8 blocks, scales): `delta(q, scale)` dequantizes)."""
-        weights, checks = self.check_header(gathered, validate)
+    def decode(self, gathered: torch.Tensor, validate: bool = True,
+               step: int | None = None) -> tuple[torch.Tensor, list[tuple]]:
+        """`[W, nbytes]` -> (weights [W] float64, per rank (int8 blocks, scales): `delta(q, scale)` dequantizes);
+        `step`: the step every header must carry."""
+        weights, checks = self.check_header(gathered, validate, step)
         W, off = gathered.shape[0], HEADER_BYTES
         scale = _fresh(gathered[:, off:off + 4 * self.n_blocks]).view(torch.float32).view(W, self.n_blocks)
         q = gathered[:, off + 4 * self.n_blocks:].view(torch.int8).view(W, self.n_blocks, self.block)
@@ -107,7 +109,8 @@ class DilocoSync(Sync):
         return torch.cat([t.detach().reshape(-1).float() for t in tensors])
 
     # ---- the two phases -----------------------------------------------------------------------------
-    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
+                 step: int | None = None) -> ExchangeStats:
         self._pending = None
         t0 = time.perf_counter()
         grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
@@ -126,9 +129,10 @@ class DilocoSync(Sync):
             theta_r, inner_state = self._inner_step_aside(pending)
             delta = self.theta_g - theta_r
             w = pending["phase_weight"] if finite else float("nan")
-            payload = self.wire.encode(delta, self.comm.rank, self.step_count, w)
+            seq = self.step_count if step is None else int(step)  # every peer's header must carry it
+            payload = self.wire.encode(delta, self.comm.rank, seq, w)
             gathered, t1, t2 = self._timed(self.comm.allgather, payload)
-            weights, ranks = self.wire.decode(gathered, validate=self.cfg.validate_payloads)
+            weights, ranks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, step=seq)
             share = (weights / weights.sum()).tolist()  # host sync (validation already made one)
             if not all(math.isfinite(x) for x in share):
                 raise PayloadError(-1, f"total weight {float(weights.sum())} of the outer step is not > 0 "

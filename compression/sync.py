@@ -5,7 +5,9 @@ Promises of every `Sync` (this is what lets the elastic coordinator guarantee "a
   validates what peers sent and computes the pending update. It modifies neither the parameters nor the
   committed state; on a bad peer payload it raises `PayloadError(sender_rank, reason)` and nothing is
   pending. Every rank passes the same `boundary`: True asks for replicas whose parameters agree after this
-  step (the last step, a checkpoint); strategies that agree after every step ignore it.
+  step (the last step, a checkpoint); strategies that agree after every step ignore it. `step` (every rank
+  passes the same; default: the Sync's own `step_count`) goes into the payload's header, and a payload that
+  carries another step (stale, replayed) is refused with `PayloadError` naming its sender.
 - `replica_tensors()` are bitwise equal on every rank after every committed step (the parameters, for the
   strategies that apply one shared update each step; DiLoCo's global parameters and outer momentum).
 - `commit()` applies the pending update to the parameters and the strategy state, and advances `step_count`.
@@ -49,7 +51,8 @@ class Sync:
     step_count: int = 0
     supports_undo: bool = False
 
-    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False) -> ExchangeStats:
+    def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
+                 step: int | None = None) -> ExchangeStats:
         raise NotImplementedError
 
     def replica_tensors(self) -> list[torch.Tensor]:
