@@ -15,9 +15,9 @@ def _storage_options(arg: str | None) -> dict:
 
 
 def cmd_prepare_sample(args) -> int:
-    from datasets.sample import build_sample
+    from datasets.sample import build_corpus
 
-    summary = build_sample(args.dest)
+    summary = build_corpus(args.corpus, args.dest)
     print(json.dumps({"dest": args.dest, **summary}, indent=None if args.json else 2))
     return 0
 
@@ -95,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("prepare-sample", help="write the Shakespeare sample as FineWeb parquet into DEST/{train,val}")
     p.add_argument("dest")
+    p.add_argument("--corpus", default="shakespeare", choices=("shakespeare", "kjv"),
+                   help="shakespeare (the bundled sample) or kjv (the King James Bible, a second real-text corpus)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_prepare_sample)
 

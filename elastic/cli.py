@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     from elastic.bench_gpu import add_parser as add_bench_gpu
 
     add_bench_gpu(sub)
+    from elastic.converge_gpu import add_parser as add_converge_gpu
+
+    add_converge_gpu(sub)
     return p
 
 
@@ -124,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
             from elastic.bench_gpu import main as bench_gpu
 
             return bench_gpu(args)
+        if args.command == "bench-converge-gpu":
+            from elastic.converge_gpu import main as converge_gpu
+
+            return converge_gpu(args)
         if args.command == "bench-recovery":
             from elastic.bench import bench_recovery, dumps
 
