@@ -198,11 +198,42 @@ def up(config: str | Path = DEFAULT_CONFIG, timeout_s: float = 90.0) -> LocalClu
         if b"block forever" in Path(cluster.log_file).read_bytes():
             cluster.pids = sorted(_our_processes(cluster))
             _save_state(cluster)
+            publish_node_types(address, doc)
             return cluster
         time.sleep(0.5)
     tail = _tail(cluster.log_file)
     down(cluster)
     raise LocalClusterError(f"head did not come up within {timeout_s:.0f}s; log tail:\n{tail}")
+
+
+def node_group_config(doc: dict):
+    """Ray's `ClusterConfig` (autoscaler.proto) of a cluster YAML: one node group per worker node type with its
+    resources and min/max count."""
+    from ray.core.generated import autoscaler_pb2
+
+    cc = autoscaler_pb2.ClusterConfig()
+    for name, spec in (doc.get("available_node_types") or {}).items():
+        if name == doc.get("head_node_type"):
+            continue
+        group = cc.node_group_configs.add()
+        group.name = name
+        group.min_count = int(spec.get("min_workers", 0) or 0)
+        group.max_count = int(spec.get("max_workers", doc.get("max_workers", 0)) or 0)
+        for key, value in (spec.get("resources") or {}).items():
+            group.resources[key] = int(value)
+    return cc
+
+
+def publish_node_types(address: str, doc: dict) -> None:
+    """Tell the cluster which node types its autoscaler may add, where Ray reads that
+    (`ray._private.state.state.get_cluster_config()`: KubeRay and autoscaler v2 report it there; the v1 autoscaler
+    this simulation runs does not). raydistro's `train.device=auto` then asks for GPU workers on a cluster that
+    starts with no GPU node, as it does on a real autoscaling cluster that reports its node types."""
+    from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE, GcsClient
+
+    gcs = GcsClient(address=address)
+    gcs.internal_kv_put(GCS_AUTOSCALER_CLUSTER_CONFIG_KEY.encode(), node_group_config(doc).SerializeToString(),
+                        True, GCS_AUTOSCALER_STATE_NAMESPACE.encode())
 
 
 # ---------------------------------------------------------------------------------------------

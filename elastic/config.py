@@ -60,7 +60,8 @@ class TrainSection:
     dtype: str = "float32"           # float32 | bfloat16 (autocast on cuda)
     threads_per_worker: int = 1      # torch CPU threads in each worker
     worker_cpus: float = 1.0
-    worker_gpus: float = -1.0        # -1 = 1 if the cluster has GPUs, else 0
+    worker_gpus: float = -1.0        # -1 = from train.device: cuda 1, cpu 0, auto 1 if the cluster has or can add GPUs
+    accelerators: list[str] = field(default_factory=list)  # e.g. [H100, A100]: only nodes of these types (GPU)
     balance: str = "auto"            # auto | equal | throughput: how per-worker shares are set
     batch_tokens_by_accelerator: dict[str, int] = field(default_factory=dict)  # pin e.g. {A100: 4096}
     eval_every: int = 0              # score the held-out set every N committed steps (summary val_history); 0 = only at the end
@@ -139,6 +140,30 @@ class ClusterSection:
 
 
 @dataclass
+class WandbSection:
+    project: str = ""                # "" = off; set (and `pip install wandb`) to log every step to W&B
+    entity: str = ""
+    mode: str = ""                   # "" = wandb's default | online | offline (files under runs/<name>/wandb) | disabled
+    run_id: str = ""                 # resume this W&B run id (default: a new one)
+
+
+@dataclass
+class MlflowSection:
+    uri: str = ""                    # "" = off; file:///abs/path or http(s)://server (`pip install mlflow`)
+    experiment: str = "raydistro"
+
+
+@dataclass
+class TrackingSection:
+    """Where a run's per-step metrics go while it trains (elastic/tracking.py)."""
+    jsonl: bool = True               # runs/<name>/metrics.jsonl, one row per committed step
+    tensorboard: bool = True         # runs/<name>/tensorboard/ event files
+    summary_every: int = 10          # rewrite summary.json every N committed steps (0 = only at the end)
+    wandb: WandbSection = field(default_factory=WandbSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+
+
+@dataclass
 class RunConfig:
     run: RunSection = field(default_factory=RunSection)
     train: TrainSection = field(default_factory=TrainSection)
@@ -148,6 +173,7 @@ class RunConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     chaos: ChaosSection = field(default_factory=ChaosSection)
     cluster: ClusterSection = field(default_factory=ClusterSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
 # Credential keys are matched as whole words (segments split at _ - . and camelCase), so `batch_tokens`,
@@ -336,6 +362,18 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.data.max_doc_tokens >= 1, f"data.max_doc_tokens: {cfg.data.max_doc_tokens} must be >= 1")
     _check(cfg.data.retries >= 0, f"data.retries: {cfg.data.retries} must be >= 0")
     _check(cfg.data.retry_backoff_s >= 0, f"data.retry_backoff_s: {cfg.data.retry_backoff_s} must be >= 0 seconds")
+    _check(cfg.tracking.summary_every >= 0,
+           f"tracking.summary_every: {cfg.tracking.summary_every} must be >= 0 (0 = summary.json only at the end)")
+    _check(cfg.tracking.wandb.mode in ("", "online", "offline", "disabled"),
+           f"tracking.wandb.mode: '{cfg.tracking.wandb.mode}' must be online, offline, disabled or empty")
+    _check(not (t.accelerators and t.device == "cpu"),
+           f"train.accelerators: {list(t.accelerators)} names GPU types but train.device=cpu; use train.device=auto "
+           "or cuda, or drop train.accelerators")
+    _check(not (t.accelerators and t.worker_gpus == 0),
+           "train.accelerators: needs GPU workers but train.worker_gpus=0; drop one of them")
+    _check(all(re.fullmatch(r"[A-Za-z0-9_.-]+", a) for a in t.accelerators),
+           f"train.accelerators: {list(t.accelerators)}: each must be an accelerator type as Ray names it "
+           "(accelerator_type:X resources), e.g. H100, A100, L4")
     needs_sim = cfg.chaos.remove_node_at or cfg.chaos.add_node_at
     _check(not needs_sim or bool(cfg.cluster.simulate),
            "chaos.remove_node_at/add_node_at: need a simulated cluster (cluster.simulate=[A100,L4]); "
