@@ -32,6 +32,7 @@ from elastic.config import (RunConfig, checkpoint_uri, collective_timeout_s, max
 from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
 from elastic.schedule import lr_at
 from elastic.summary import RunSummary
+from elastic import tracking
 from elastic.worker import Worker
 
 log = logging.getLogger("raydistro.coordinator")
@@ -41,6 +42,19 @@ GLOO_KV_KEY = "collective_group_master_address_default"
 # this many documents across a cut is a read-ahead hit (on the sample corpus at 64k tokens per rank it moved
 # 1-4 of ~46 documents)
 READ_MARGIN_ROWS = 4
+
+
+def _autoscaler_has_gpus() -> bool:
+    """Whether the cluster's autoscaler can add nodes with GPUs (Ray's reported cluster config; None where the
+    autoscaler does not report one, e.g. the v1 cluster launcher: then only train.device or
+    train.accelerators asks for GPUs)."""
+    try:
+        from ray._private import state as ray_state
+
+        most = ray_state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:
+        return False
+    return (most.get("GPU") or 0) > 0
 
 
 class WorkerHandle:
@@ -113,14 +127,30 @@ class Coordinator:
         return self._options
 
     def _resolve_worker_options(self) -> dict:
+        """What each worker asks Ray for. It follows the config, not what the cluster has at this moment (an
+        autoscaling cluster starts with no GPU node, and only demand makes it add one): `train.worker_gpus`
+        if >= 0; else 1 GPU when `train.device=cuda` or `train.accelerators` names types, 0 when
+        `train.device=cpu`, and with `auto` 1 GPU if the cluster has a GPU now or its autoscaler reports node
+        types with GPUs (Ray's cluster config: KubeRay, autoscaler v2), else 0. `train.accelerators=[H100,A100]`
+        restricts workers to nodes of those types (`accelerator_type:X`): free nodes of any listed type are used
+        (`_free_nodes`), and demand for new capacity names the first type."""
         t = self.cfg.train
+        self._accelerators = set(t.accelerators)
         gpus = t.worker_gpus
         if gpus < 0:
-            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+            if t.device == "cuda" or t.accelerators:
+                gpus = 1.0
+            elif t.device == "cpu":
+                gpus = 0.0
+            else:
+                gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 or _autoscaler_has_gpus() else 0.0
         if gpus > 0:
             # simulated GPU nodes advertise logical GPUs: only train.device=cuda means real CUDA (nccl)
             self.backend = "nccl" if t.device == "cuda" else "gloo"
-        return {"num_cpus": t.worker_cpus, "num_gpus": gpus}
+        opts: dict[str, Any] = {"num_cpus": t.worker_cpus, "num_gpus": gpus}
+        if t.accelerators:
+            opts["resources"] = {f"accelerator_type:{t.accelerators[0]}": 0.001}
+        return opts
 
     def _free_nodes(self, opts: dict) -> list[dict]:
         """Alive nodes that can host one more worker right now, with their accelerator type."""
@@ -137,6 +167,8 @@ class Coordinator:
                 continue
             acc = next((k.split(":", 1)[1] for k in node.get("Resources", {}) if k.startswith("accelerator_type:")),
                        "GPU" if node.get("Resources", {}).get("GPU") else "CPU")
+            if getattr(self, "_accelerators", None) and acc not in self._accelerators:  # train.accelerators
+                continue
             out.append({"node_id": nid, "accelerator": acc, "free": free})
         return out
 
@@ -155,7 +187,7 @@ class Coordinator:
             extra["runtime_env"] = {"env_vars": {"GLOO_SOCKET_IFNAME": self.cfg.cluster.gloo_socket_ifname}}
         actor = Worker.options(
             name=name, namespace=self.cfg.cluster.namespace, max_concurrency=1, max_restarts=0,
-            **opts, **extra,
+            **{**opts, **extra},  # a free node's type replaces train.accelerators' first
         ).remote(self.cfg, wid, self.shards_ref, self.cfg.run.seed, self.val_shards_ref)
         handle = WorkerHandle(wid, actor)
         handle.info["name"] = name
@@ -473,6 +505,7 @@ class Coordinator:
     def _finish(self, t_start: float) -> dict:
         self.summary.finish(self.step, self.plan.accounting(), time.time() - t_start, self.state)
         path = self.summary.write(run_dir(self.cfg))
+        tracking.on_finish(self)
         self.progress_info["summary_path"] = str(path)
         self.progress_info["state"] = self.state
         for h in self.members + self.pending:
@@ -842,6 +875,7 @@ class Coordinator:
             self.summary.membership_change(c["step"], c["kind"], now - c["detected_at"], c["world_size"],
                                            now - c["capacity_at"] if c.get("capacity_at") else None)
         self.open_changes = []
+        tracking.on_commit(self, step, loss, tokens, ok_reports, wall)  # metrics.jsonl, TensorBoard, W&B, MLflow
         sent = self.summary.sent_per_step_mean()  # over the run: diloco sends only at outer steps
         dense = statistics.mean(r.get("dense_equivalent_bytes", 0) for r in ok_reports) if ok_reports else 0
         self.metrics.loss.set(loss)
