@@ -19,5 +19,6 @@ class DataConfig:
     prefetch_row_groups: int = 4
     retries: int = 5
     retry_backoff_s: float = 0.5
+    read_timeout_s: float = 120.0              # a step's documents not read by then: the run stops (DataSourceUnavailable)
     # passed to fsspec: endpoint_url, key, secret, anon, ... (credentials never logged or saved)
     storage_options: dict[str, Any] = field(default_factory=dict)

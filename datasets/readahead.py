@@ -6,6 +6,10 @@ slice the reader takes (parquet decode, tokenizer output into Python lists, pack
 GPT-2-small that cost 2.6-5.5 ms of a ~39 ms forward/backward (measured, docs/BENCHMARKS.md), more than
 the read it hid. In a child process the read costs the trainer only the unpickling of the result.
 
+`wait_read(future, timeout_s, ...)` bounds how long a step waits for its documents (`data.read_timeout_s`): a
+store that stalls (answers nothing, keeps connections open) ends in `ReadTimedOut` naming the source and the
+option, which stops the run checkpointed, instead of a worker that looks hung and is killed.
+
 `ReadAheadProcess(shards, storage_options, tokenizer, cfg, seq_len).submit(read, core)` returns a Future of
 `(batch, core_batch, inputs, targets)`: `ShardReader.read_batch(read)`, the part of it that is `core` (what
 `read_batch(core)` gives) and `pack(core_batch.docs, seq_len, eot)`, the packed rows as numpy arrays
@@ -27,6 +31,29 @@ import numpy as np
 from datasets.config import DataConfig
 from datasets.packing import pack
 from datasets.plan import DocRange, ShardInfo
+from datasets.sources import DataSourceUnavailable, endpoint_of, redact
+
+
+class ReadTimedOut(DataSourceUnavailable):
+    """A step's documents did not arrive within `data.read_timeout_s` (the store is stalled or too slow)."""
+
+
+def wait_read(future: concurrent.futures.Future, timeout_s: float, *, source: str,
+              storage_options: Optional[Mapping[str, Any]], limit_s: float, what: str = "reading a step's documents"):
+    """`future.result()` within `timeout_s` seconds (what is left of the step's `limit_s` =
+    `data.read_timeout_s`), else `ReadTimedOut` naming the source, its endpoint and the option."""
+    try:
+        return future.result(timeout=max(0.0, timeout_s))
+    except concurrent.futures.TimeoutError:
+        raise read_timed_out(what, source, storage_options, limit_s) from None
+
+
+def read_timed_out(what: str, source: str, storage_options: Optional[Mapping[str, Any]],
+                   limit_s: float) -> ReadTimedOut:
+    ep = endpoint_of(source, storage_options)
+    return ReadTimedOut(redact(f"{source}: {what} took longer than data.read_timeout_s={limit_s:g}s (endpoint "
+                               f"{ep} stalled or too slow); check the store, or raise data.read_timeout_s",
+                               storage_options))
 
 _READER = None  # the child's ShardReader
 _SEQ_LEN = 0

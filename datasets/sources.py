@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import re
 import time
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
@@ -64,12 +65,16 @@ def _secret_values(storage_options: Mapping[str, Any]) -> list[str]:
     return out
 
 
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*:)[^/@\s]+(?=@)")
+
+
 def redact(text: str, storage_options: Optional[Mapping[str, Any]]) -> str:
-    """`text` with every credential value of storage_options (and the AWS env) replaced by ***."""
+    """`text` with every credential value of storage_options (and the AWS env) replaced by ***, and the
+    password of any `scheme://user:password@host` in it."""
     for v in _secret_values(storage_options or {}):
         if len(v) >= 3:
             text = text.replace(v, "***")
-    return text
+    return _URL_PASSWORD.sub(r"\g<head>***", text)
 
 
 def endpoint_of(url: str, storage_options: Optional[Mapping[str, Any]]) -> str:

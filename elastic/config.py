@@ -361,6 +361,8 @@ def validate(cfg: RunConfig) -> None:
     _check(bad_tokenizer is None, bad_tokenizer or "")
     _check(cfg.data.max_doc_tokens >= 1, f"data.max_doc_tokens: {cfg.data.max_doc_tokens} must be >= 1")
     _check(cfg.data.retries >= 0, f"data.retries: {cfg.data.retries} must be >= 0")
+    _check(cfg.data.read_timeout_s > 0, f"data.read_timeout_s: {cfg.data.read_timeout_s} must be > 0 (seconds a "
+                                        "step may wait for its documents, e.g. 120)")
     _check(cfg.data.retry_backoff_s >= 0, f"data.retry_backoff_s: {cfg.data.retry_backoff_s} must be >= 0 seconds")
     _check(cfg.tracking.summary_every >= 0,
            f"tracking.summary_every: {cfg.tracking.summary_every} must be >= 0 (0 = summary.json only at the end)")

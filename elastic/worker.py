@@ -25,7 +25,7 @@ from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, ShardReader, Window, WindowMismatch, get_tokenizer, pack
 from datasets.packing import stream_slots
 from datasets.plan import ranges_rows, row_runs
-from datasets.readahead import ReadAheadProcess, read_and_pack
+from datasets.readahead import ReadAheadProcess, read_and_pack, read_timed_out, wait_read
 from datasets.reader import assemble
 from elastic.chaos import CorruptingCommunicator
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
@@ -250,10 +250,16 @@ class WorkerReplica:
     def _read(self, ranges: list[DocRange]):
         """This step's documents: from the background read where it fetched them (all, or a part when the
         coordinator moved a few documents between ranks to balance rows: only the rest is read now)."""
+        limit = self.cfg.data.read_timeout_s  # a stalled store stops the run (data error), never looks hung
+        deadline = time.monotonic() + limit
         ahead, self._ahead = self._ahead, None
         batch = None
         if ahead is not None:
-            got = self._ahead_result(ahead)  # waits: never two reads at once on the reader
+            # waits: never two reads at once on the reader
+            got = self._ahead_result(ahead, timeout=max(0.0, deadline - time.monotonic()))
+            if got is None and not ahead.future.done():
+                raise read_timed_out("reading a step's documents", self.cfg.data.source,
+                                     self.cfg.data.storage_options, limit)
             if got is not None:
                 batch, core, inputs, targets = got  # batch: all it read; core: the hinted ranges alone, packed
                 if ahead.key == tuple(ranges):
@@ -264,10 +270,17 @@ class WorkerReplica:
             if len(rows) == n_rows:  # rows name documents (see DataPlan.resplit)
                 got, missing = assemble([batch], ranges)
                 if missing and len(missing) < n_rows:
-                    got, missing = assemble([batch, self.reader.read_batch(row_runs(missing))], ranges)
+                    got, missing = assemble([batch, self._read_now(row_runs(missing), deadline)], ranges)
                 if not missing:
                     return got, None
-        return self.reader.read_batch(ranges), None
+        return self._read_now(ranges, deadline), None
+
+    def _read_now(self, ranges: list[DocRange], deadline: float):
+        """`reader.read_batch(ranges)` by `deadline` (time.monotonic; `data.read_timeout_s`), else
+        `ReadTimedOut`. On the read-ahead thread: one read at a time on the reader."""
+        return wait_read(self._ahead_thread.submit(self.reader.read_batch, ranges), deadline - time.monotonic(),
+                         source=self.cfg.data.source, storage_options=self.cfg.data.storage_options,
+                         limit_s=self.cfg.data.read_timeout_s)
 
     def _ahead_tokens(self) -> list[list[int]] | None:
         """Token counts of the documents read ahead, per row ([shard, row_group, row, tokens]; 0 for a row

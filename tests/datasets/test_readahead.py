@@ -48,3 +48,21 @@ def test_a_failed_read_in_the_child_raises_the_readers_error(tmp_path):
             child.submit(bad).result(timeout=120)
     finally:
         child.close()
+
+
+def test_a_read_that_does_not_finish_in_time_names_the_source_and_the_option():
+    import concurrent.futures
+
+    from datasets.readahead import ReadTimedOut, wait_read
+    from datasets.sources import DataSourceUnavailable
+
+    never = concurrent.futures.Future()  # a read stuck on a store that does not answer
+    so = {"endpoint_url": "http://admin:url-pw@127.0.0.1:9", "secret": "s3cr3t-pw"}
+    with pytest.raises(ReadTimedOut) as e:
+        wait_read(never, 0.05, source="s3://b/x/*.parquet", storage_options=so, limit_s=120)
+    msg = str(e.value)
+    assert isinstance(e.value, DataSourceUnavailable)  # the coordinator's data-error path: stop, checkpointed
+    assert msg.startswith("s3://b/x/*.parquet: ") and "data.read_timeout_s=120" in msg and "url-pw" not in msg and "admin:***@" in msg
+    done = concurrent.futures.Future()
+    done.set_result("rows")
+    assert wait_read(done, 0.0, source="s3://b/x", storage_options={}, limit_s=1) == "rows"
