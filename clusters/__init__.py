@@ -1,7 +1,8 @@
 """raydistro cluster configuration and its small tooling.
 
 Owns the cluster files (``local.yaml`` for a simulated laptop/CI cluster, ``aws-mixed-gpu.yaml``,
-``gcp-mixed-gpu.yaml``, ``kuberay/raycluster.yaml``), the Grafana dashboard
+``gcp-mixed-gpu.yaml``, ``kuberay/raycluster.yaml``, ``kuberay/rayjob.yaml``, ``kuberay/podmonitor.yaml``), the
+GPU image they run (``docker/Dockerfile``), the Grafana dashboard
 (``grafana/raydistro.json``), their validation (``clusters.validate``) and the local autoscaling
 cluster (``clusters.local``). Imports nothing from ``elastic``, ``datasets`` or ``compression``.
 
@@ -16,5 +17,8 @@ SHIPPED_FILES = (
     CLUSTER_DIR / "aws-mixed-gpu.yaml",
     CLUSTER_DIR / "gcp-mixed-gpu.yaml",
     CLUSTER_DIR / "kuberay" / "raycluster.yaml",
+    CLUSTER_DIR / "kuberay" / "rayjob.yaml",
+    CLUSTER_DIR / "kuberay" / "podmonitor.yaml",
 )
+DOCKERFILE = CLUSTER_DIR / "docker" / "Dockerfile"
 GRAFANA_DASHBOARD = CLUSTER_DIR / "grafana" / "raydistro.json"

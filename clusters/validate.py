@@ -77,6 +77,10 @@ def validate_document(doc: Any, file: str) -> list[Problem]:
     """Problems in an already-parsed cluster document (cluster-launcher config or RayCluster CR)."""
     if not isinstance(doc, dict):
         return [Problem(file, "", "is not a mapping; expected a Ray cluster YAML or a KubeRay RayCluster")]
+    if doc.get("kind") == "RayJob":
+        return _validate_rayjob(doc, file)
+    if doc.get("kind") == "PodMonitor":
+        return _validate_podmonitor(doc, file)
     if doc.get("kind") == "RayCluster" or "apiVersion" in doc:
         return _validate_raycluster(doc, file)
     return _validate_launcher_config(doc, file)
@@ -210,16 +214,27 @@ def _validate_raycluster(doc: dict, file: str) -> list[Problem]:
     spec = doc.get("spec")
     if not need(isinstance(spec, dict), "spec", "is missing or not a mapping"):
         return problems
+    return problems + _raycluster_spec_rules(spec, "spec", file)
+
+
+def _raycluster_spec_rules(spec: dict, at: str, file: str) -> list[Problem]:
+    """Rules of a RayCluster spec (a RayCluster's `spec`, a RayJob's `spec.rayClusterSpec`) found at `at`."""
+    problems: list[Problem] = []
+
+    def need(cond: bool, path: str, message: str) -> bool:
+        if not cond:
+            problems.append(Problem(file, path, message))
+        return cond
 
     groups: list[tuple[str, dict]] = []
     head = spec.get("headGroupSpec")
-    if need(isinstance(head, dict), "spec.headGroupSpec", "is missing; a RayCluster needs a head group"):
-        groups.append(("spec.headGroupSpec", head))
+    if need(isinstance(head, dict), f"{at}.headGroupSpec", "is missing; a RayCluster needs a head group"):
+        groups.append((f"{at}.headGroupSpec", head))
     workers = spec.get("workerGroupSpecs", [])
-    if need(isinstance(workers, list), "spec.workerGroupSpecs", "must be a list of worker groups"):
+    if need(isinstance(workers, list), f"{at}.workerGroupSpecs", "must be a list of worker groups"):
         seen: set[str] = set()
         for i, group in enumerate(workers):
-            base = f"spec.workerGroupSpecs[{i}]"
+            base = f"{at}.workerGroupSpecs[{i}]"
             if not need(isinstance(group, dict), base, "must be a mapping"):
                 continue
             name = group.get("groupName")
@@ -234,6 +249,83 @@ def _validate_raycluster(doc: dict, file: str) -> list[Problem]:
     native_token = isinstance(auth, dict) and auth.get("mode", "token") == "token"
     for base, group in groups:
         problems += _group_rules(group, base, file, token_from_operator=native_token)
+    return problems
+
+
+def _token_env(container: dict) -> bool:
+    env = container.get("env") or []
+    return any(isinstance(e, dict) and e.get("name") == "RAY_AUTH_MODE" and e.get("value") == "token" for e in env)
+
+
+def _validate_rayjob(doc: dict, file: str) -> list[Problem]:
+    """A KubeRay RayJob: the job (entrypoint, clean-up) and its cluster (the RayCluster rules, same token rule
+    for the submitter pod that runs `ray job submit`)."""
+    problems: list[Problem] = []
+
+    def need(cond: bool, path: str, message: str) -> bool:
+        if not cond:
+            problems.append(Problem(file, path, message))
+        return cond
+
+    need(str(doc.get("apiVersion", "")).startswith("ray.io/"), "apiVersion",
+         f"{doc.get('apiVersion')!r} is not a KubeRay API version; use ray.io/v1")
+    metadata = doc.get("metadata")
+    need(isinstance(metadata, dict) and bool(metadata.get("name")), "metadata.name",
+         "is missing; every RayJob needs a name")
+    spec = doc.get("spec")
+    if not need(isinstance(spec, dict), "spec", "is missing or not a mapping"):
+        return problems
+    entry = spec.get("entrypoint")
+    need(isinstance(entry, str) and bool(entry.strip()), "spec.entrypoint",
+         "is missing; the command the job runs, e.g. 'python -m elastic train --config ...'")
+    if "shutdownAfterJobFinishes" in spec:
+        need(isinstance(spec["shutdownAfterJobFinishes"], bool), "spec.shutdownAfterJobFinishes",
+             "must be true or false")
+    if "runtimeEnvYAML" in spec:
+        need(isinstance(spec["runtimeEnvYAML"], str), "spec.runtimeEnvYAML",
+             "must be a string holding YAML (KubeRay's format), e.g. runtimeEnvYAML: |")
+    cluster = spec.get("rayClusterSpec")
+    if not need(isinstance(cluster, dict), "spec.rayClusterSpec",
+                "is missing; a RayJob that starts its own cluster describes it here (or use clusterSelector)"):
+        return problems
+    problems += _raycluster_spec_rules(cluster, "spec.rayClusterSpec", file)
+    auth = cluster.get("authOptions")
+    native_token = isinstance(auth, dict) and auth.get("mode", "token") == "token"
+    submitter = ((spec.get("submitterPodTemplate") or {}).get("spec") or {}).get("containers")
+    if not native_token:
+        need(isinstance(submitter, list) and bool(submitter) and isinstance(submitter[0], dict)
+             and _token_env(submitter[0]), "spec.submitterPodTemplate.spec.containers[0].env",
+             "does not set RAY_AUTH_MODE=token; the submitter pod calls the token-protected job API: add "
+             "{name: RAY_AUTH_MODE, value: token} and RAY_AUTH_TOKEN from the Secret")
+    return problems
+
+
+def _validate_podmonitor(doc: dict, file: str) -> list[Problem]:
+    """A Prometheus-operator PodMonitor that scrapes the Ray pods' metrics port."""
+    problems: list[Problem] = []
+
+    def need(cond: bool, path: str, message: str) -> bool:
+        if not cond:
+            problems.append(Problem(file, path, message))
+        return cond
+
+    need(str(doc.get("apiVersion", "")).startswith("monitoring.coreos.com/"), "apiVersion",
+         f"{doc.get('apiVersion')!r} is not the Prometheus operator's API; use monitoring.coreos.com/v1")
+    metadata = doc.get("metadata")
+    need(isinstance(metadata, dict) and bool(metadata.get("name")), "metadata.name", "is missing")
+    spec = doc.get("spec")
+    if not need(isinstance(spec, dict), "spec", "is missing or not a mapping"):
+        return problems
+    selector = spec.get("selector")
+    need(isinstance(selector, dict) and bool(selector.get("matchLabels") or selector.get("matchExpressions")),
+         "spec.selector", "is missing or empty; select the Ray pods, e.g. matchLabels: {ray.io/is-ray-node: \"yes\"}")
+    endpoints = spec.get("podMetricsEndpoints")
+    if need(isinstance(endpoints, list) and bool(endpoints), "spec.podMetricsEndpoints",
+            "is missing; list the metrics port, e.g. [{port: metrics}]"):
+        for i, ep in enumerate(endpoints):
+            need(isinstance(ep, dict) and isinstance(ep.get("port"), str) and bool(ep.get("port")),
+                 f"spec.podMetricsEndpoints[{i}].port",
+                 "must name the container port Ray exports metrics on (e.g. metrics, containerPort 8080)")
     return problems
 
 

@@ -1,6 +1,7 @@
 """`python -m clusters validate`: shipped files pass; each rule fails naming the file and the key."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,60 @@ def test_grafana_dashboard_charts_every_exported_metric_by_run_with_real_labels(
         if any(n in ("raydistro_bytes_sent", "raydistro_bytes_received", "raydistro_membership_changes")
                for n in used):
             assert "rate(" in e or "increase(" in e, f"a counter charted without rate/increase: {e}"
+
+
+# --- RayJob, PodMonitor, the GPU image ---------------------------------------------------------------------
+
+RAYJOB = REPO / "clusters" / "kuberay" / "rayjob.yaml"
+PODMON = REPO / "clusters" / "kuberay" / "podmonitor.yaml"
+
+
+def test_rayjob_needs_an_entrypoint_its_cluster_rules_and_a_token_for_the_submitter(tmp_path):
+    def no_entry(d):
+        d["spec"].pop("entrypoint")
+
+    def submitter_without_token(d):
+        d["spec"]["submitterPodTemplate"]["spec"]["containers"][0]["env"] = []
+
+    def open_dashboard(d):
+        d["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] = "0.0.0.0"
+
+    for edit, where in ((no_entry, "spec.entrypoint: is missing"),
+                        (submitter_without_token, "spec.submitterPodTemplate.spec.containers[0].env: does not set"),
+                        (open_dashboard, "spec.rayClusterSpec.headGroupSpec.rayStartParams.dashboard-host: is 0.0.0.0")):
+        bad = _broken_copy(tmp_path, RAYJOB, edit)
+        assert any(where in m for m in _messages(bad)), (where, _messages(bad))
+
+
+def test_podmonitor_names_the_metrics_port_and_selects_ray_pods(tmp_path):
+    bad = _broken_copy(tmp_path, PODMON, lambda d: d["spec"]["podMetricsEndpoints"][0].pop("port"))
+    assert any("spec.podMetricsEndpoints[0].port: must name" in m for m in _messages(bad))
+    bad = _broken_copy(tmp_path, PODMON, lambda d: d["spec"].update(selector={}))
+    assert any("spec.selector: is missing or empty" in m for m in _messages(bad))
+    # the port it scrapes is the one every Ray container of the KubeRay manifests declares
+    port = yaml.safe_load(PODMON.read_text())["spec"]["podMetricsEndpoints"][0]["port"]
+    for path in (KUBE, RAYJOB):
+        doc = yaml.safe_load(path.read_text())
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+            ports = group["template"]["spec"]["containers"][0].get("ports", [])
+            assert any(p.get("name") == port and p.get("containerPort") == 8080 for p in ports), (path, group)
+            assert group["rayStartParams"].get("metrics-export-port") == "8080", (path, group)
+
+
+def test_cloud_files_run_the_projects_gpu_image_and_install_nothing_at_boot():
+    from clusters import DOCKERFILE
+
+    pinned = re.search(r'"ray\[default,train\]>=([0-9.]+),', (REPO / "pyproject.toml").read_text()).group(1)
+    base = re.search(r"^FROM rayproject/ray:([0-9.]+)-py\d+-gpu$", DOCKERFILE.read_text(), re.M)
+    assert base and base.group(1).startswith(pinned), (pinned, base)
+    assert '".[hf]"' in DOCKERFILE.read_text()
+    images = set()
+    for path in (AWS, GCP):
+        doc = yaml.safe_load(path.read_text())
+        images.add(doc["docker"]["image"])
+        assert not any("pip install" in c and ("torch" in c or "raydistro" in c)
+                       for c in doc["setup_commands"] + doc["worker_setup_commands"]), path
+    for path in (KUBE, RAYJOB):
+        images |= set(re.findall(r"^\s*image: (\S+)", path.read_text(), re.M))
+    assert len(images) == 1 and "raydistro" in images.pop()
