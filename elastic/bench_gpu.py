@@ -34,6 +34,7 @@ import time
 from types import SimpleNamespace
 
 from elastic.progress import json_only_stdout
+from elastic.messages import StepCall
 from elastic.summary import STEP_TIMING_COLS
 
 PEAK_BF16_DENSE = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -304,7 +305,7 @@ def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path
     for step in range(steps):
         ranges = plan.assign(step, {0: per_gpu_tokens})[0]
         t0 = time.perf_counter()
-        rep_ = rep.step(step, ranges, 1e-4, {})
+        rep_ = rep.step(StepCall(step, ranges, 1e-4))
         t1 = time.perf_counter()
         rep.commit(step)
         sync()
@@ -313,8 +314,8 @@ def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path
         sync()
         t3 = time.perf_counter()
         plan.commit(step)
-        rows.append({"tokens": rep_["tokens"], "step_ms": (t1 - t0) * 1e3, "read_ms": rep_["read_s"] * 1e3,
-                     "read_fwd_bwd_ms": rep_["compute_s"] * 1e3, "codec_ms": rep_["codec_ms"],
+        rows.append({"tokens": rep_.tokens, "step_ms": (t1 - t0) * 1e3, "read_ms": rep_.read_s * 1e3,
+                     "read_fwd_bwd_ms": rep_.compute_s * 1e3, "codec_ms": rep_.codec_ms,
                      "commit_incl_fingerprint_ms": (t2 - t1) * 1e3, "fingerprint_ms": (t3 - t2) * 1e3})
     warm = rows[2:] or rows
     out = {k: round(statistics.median(r[k] for r in warm), 2) for k in warm[0]}
@@ -326,7 +327,7 @@ def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path
             t0 = time.perf_counter()
             for step in range(steps, steps + 3):
                 ranges = plan.assign(step, {0: per_gpu_tokens})[0]
-                rep.step(step, ranges, 1e-4, {})
+                rep.step(StepCall(step, ranges, 1e-4))
                 rep.commit(step)
                 plan.commit(step)
             sync()

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("kill", "add", "drain", "hang", "corrupt_payload", "comm_error", "window_mismatch", "remove_node", "add_node")
+KINDS = ("kill", "add", "drain", "hang", "corrupt_payload", "comm_error", "window_mismatch", "commit_error", "diverge",
+         "remove_node", "add_node")
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import sys
+import time
 
 from datasets import DataSourceError, PlanStateMismatch, SampleBuildError, TokenizerError
 from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_config, preset_names, run_dir, to_yaml
@@ -314,6 +315,88 @@ def _strip_ansi(record: logging.LogRecord) -> bool:
     return True
 
 
+def _start_or_attach(cfg, discovered: dict | None = None):
+    """The run's coordinator: a new detached one, or the live one of a run of this name (a driver that died
+    and was run again, a `ray job submit` again)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from elastic.coordinator import CoordinatorActor, coordinator_name
+
+    name, ns = coordinator_name(cfg), cfg.cluster.namespace
+    try:
+        coord = ray.get_actor(name, namespace=ns)
+    except ValueError:
+        coord = None
+    if coord is not None:
+        try:
+            info = ray.get(coord.progress.remote(), timeout=30)
+        except Exception as e:
+            raise RunAlreadyLive(f"run.name={cfg.run.name}: a coordinator of that name exists on this cluster "
+                                 f"(namespace {ns}) but does not answer ({type(e).__name__}); wait for it to restart "
+                                 "or stop it, or pick another run.name") from e
+        log.warning("run %s is live (step %s/%s, %s): following it instead of starting a second one",
+                    cfg.run.name, info.get("step"), info.get("total"), info.get("state"))
+        coord.driver_attached.remote()
+        return coord
+    # the coordinator outlives its driver (detached; restarted by Ray if its process dies) and stays on the
+    # head node, never on a worker node that a spot reclaim or scale-down can take away
+    head = next((n["NodeID"] for n in ray.nodes() if n.get("Alive") and "node:__internal_head__" in n.get("Resources", {})),
+                ray.get_runtime_context().get_node_id())
+    try:  # the GCS registers the name synchronously: a name taken meanwhile raises here
+        coord = CoordinatorActor.options(
+            name=name, namespace=ns, lifetime="detached", max_restarts=cfg.train.coordinator_restarts,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False),
+        ).remote(cfg)
+    except ValueError as e:
+        if "already taken" in str(e):
+            return _start_or_attach(cfg, discovered)
+        raise
+    coord.start.remote(discovered)
+    return coord
+
+
+TERMINAL = ("FINISHED", "STOPPED", "ERRORED")
+
+
+def _follow(cfg, coord, view, node_chaos) -> tuple[dict | None, str]:
+    """Show the run's progress until it ends; returns (its summary, "") or (None, why it failed). A coordinator
+    that is restarting does not answer for a while: keep asking, as long as its name lives."""
+    import ray
+
+    from elastic.coordinator import coordinator_name
+
+    silent_since = None
+    while True:
+        try:
+            progress = ray.get(coord.progress.remote(), timeout=10)
+            silent_since = None
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+            silent_since = silent_since or time.time()
+            try:
+                ray.get_actor(coordinator_name(cfg), namespace=cfg.cluster.namespace)
+            except ValueError:
+                return None, f"the coordinator is gone ({type(e).__name__})"
+            if time.time() - silent_since > 600:
+                return None, "the coordinator did not answer for 600 s"
+            time.sleep(0.5)
+            continue
+        view.update(progress)
+        if "node_chaos_step" in progress:  # the coordinator holds that step for us
+            node_chaos.poll(progress["node_chaos_step"], progress.get("member_nodes"))
+            coord.node_chaos_done.remote(progress["node_chaos_step"])
+        if progress.get("state") in TERMINAL:
+            try:
+                summary = ray.get(coord.result.remote(60), timeout=90)
+            except Exception as e:
+                cause = getattr(e, "cause", None) or e
+                error = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                log.error("run failed: %s", error)
+                return None, error
+            return summary, ""
+        time.sleep(0.25)
+
+
 def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
     """Run (or resume) a training run to completion; returns summary.json's content.
 
@@ -335,33 +418,14 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
         if not isinstance(sys.stdout, colorama.ansitowin32.StreamWrapper):
             colorama.init(strip=True)
 
-    from elastic.coordinator import CoordinatorActor
     from elastic.progress import ProgressView
 
     out = run_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
     with RayRuntime(cfg, log_to_driver=progress_stream is not sys.stderr) as runtime:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-        # the coordinator lives and dies with its driver: keep it on the driver's node (the head under
-        # `ray job submit`), never on a worker node that a spot reclaim or scale-down can take away
-        name, ns = f"raydistro/{cfg.run.name}/coordinator", cfg.cluster.namespace
-        try:  # the GCS registers the name synchronously: a taken name raises here
-            coord = CoordinatorActor.options(
-                name=name, namespace=ns,
-                scheduling_strategy=NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
-                                                                   soft=False),
-            ).remote(cfg, discovered)
-        except ValueError as e:
-            if "already taken" in str(e):
-                raise RunAlreadyLive(
-                    f"run.name={cfg.run.name}: a run of that name is live on this cluster (namespace {ns}); two "
-                    f"drivers would write the same checkpoints. Watch it with `python -m elastic status "
-                    f"{cfg.run.name}`, stop it with `ray job stop` (or Ctrl-C on its driver) and submit again to "
-                    "resume, or pick another run.name") from e
-            raise
-        run_ref = coord.run.remote()
+        coord = _start_or_attach(cfg, discovered)
+        started_at = time.time()
         stopping = {"n": 0}
 
         def on_signal(signum, frame):
@@ -377,26 +441,14 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
         view = ProgressView(cfg, progress_stream)
         try:
             with view:
-                while True:
-                    ready, _ = ray.wait([run_ref], timeout=0.25)
-                    try:
-                        progress = ray.get(coord.progress.remote(), timeout=10)
-                        view.update(progress)
-                        if "node_chaos_step" in progress:  # the coordinator holds that step for us
-                            node_chaos.poll(progress["node_chaos_step"], progress.get("member_nodes"))
-                            coord.node_chaos_done.remote(progress["node_chaos_step"])
-                    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
-                        pass
-                    if ready:
-                        break
-            try:
-                summary = ray.get(run_ref)
-            except (ray.exceptions.RayTaskError, ray.exceptions.RayActorError) as e:
-                log.error("run failed: %s", str(getattr(e, "cause", None) or e).splitlines()[0])
-                summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").exists() \
-                    else {"state": "ERRORED", "error": str(e)}
+                summary, error = _follow(cfg, coord, view, node_chaos)
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
+        if summary is None:  # the run failed: summary.json counts only if this run wrote it
+            path = out / "summary.json"
+            fresh = path.exists() and path.stat().st_mtime >= started_at
+            summary = json.loads(path.read_text()) if fresh else {"error": error}
+            summary["state"] = "ERRORED"
     view.final(summary, out)
     return summary

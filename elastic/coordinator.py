@@ -25,11 +25,18 @@ from compression.sync import joiners_need_peer_state
 from datasets import DataPlan, discover
 from datasets.plan import read_margin, rebalance, windows_for
 from datasets.sources import check_text_column
+from elastic import rendezvous
 from elastic.chaos import ChaosSchedule
-from elastic.checkpoint import CheckpointStore, to_bytes
+from elastic.checkpoint import (CheckpointFailed, CheckpointStore, CheckpointWriter, files_by_rank, first_line,
+                                sync_file_for)
 from elastic.config import (RunConfig, checkpoint_uri, collective_timeout_s, max_workers,
                             periodic_checkpoint_due, run_dir, to_dict)
-from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
+from elastic.journal import Journal, RayKV
+from elastic.membership import Member, MembershipGeneration, compute_shares
+from elastic.messages import StepCall, StepChaos, StepReport, WorkerStatus
+from elastic.policy import (CoordinatorState, Liveness, PeerObservation, ScalingObservation, StepOutcome,
+                            capped_scale_target, decide_failure, decide_scaling, fault_time, liveness,
+                            resolve_fingerprints, silent_peer_limit, spawn_backoff_s)
 from elastic.schedule import lr_at
 from elastic.summary import RunSummary
 from elastic import tracking
@@ -37,11 +44,11 @@ from elastic.worker import Worker
 
 log = logging.getLogger("raydistro.coordinator")
 
-GLOO_KV_KEY = "collective_group_master_address_default"
 # rows of each neighbour's read-ahead a worker reads too, so a re-split (train.balance_rows) that moves up to
 # this many documents across a cut is a read-ahead hit (on the sample corpus at 64k tokens per rank it moved
 # 1-4 of ~46 documents)
 READ_MARGIN_ROWS = 4
+PING_EVERY_S = 0.5  # while a step is out, the workers not yet reported are pinged this often (liveness)
 
 
 def _autoscaler_has_gpus() -> bool:
@@ -58,12 +65,17 @@ def _autoscaler_has_gpus() -> bool:
 
 
 class WorkerHandle:
-    def __init__(self, worker_id: str, actor, info: dict | None = None):
+    def __init__(self, worker_id: str, actor, info: dict | None = None, adopted: bool = False):
         self.worker_id = worker_id
         self.actor = actor
         self.info = info or {}
-        self.ready_ref = actor.prepare.remote()  # info, after the worker's one-time preparation
+        # info, after the worker's one-time preparation (an adopted worker did that for the old coordinator)
+        self.ready_ref = None if adopted else actor.prepare.remote()
         self.tokens_per_s = 0.0
+        self.last_seen = time.time()  # its last sign of life: a report or an answered ping
+
+    def __repr__(self) -> str:
+        return self.worker_id
 
 
 class Coordinator:
@@ -72,7 +84,7 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, discovered: dict | None = None):
         self.cfg = cfg
         self.discovered = dict(discovered or {})  # shard lists the driver's preflight already read
-        self.state = "FORMING"
+        self.state = CoordinatorState.FORMING
         self.lock = threading.Lock()
         self.stop_requested = False
         self.target_workers = cfg.train.workers
@@ -86,6 +98,7 @@ class Coordinator:
         self.summary = RunSummary(cfg)
         self.progress_info: dict[str, Any] = {}
         self.store = CheckpointStore(checkpoint_uri(cfg), cfg.checkpoint.keep, cfg.checkpoint.storage_options)
+        self.ckpt_writer = CheckpointWriter(self.store)  # checkpoints being written (`checkpoint`)
         self.backend = "gloo"
         self.draining: set[str] = set()
         self.open_changes: list[dict] = []
@@ -100,12 +113,23 @@ class Coordinator:
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
         self.node_chaos_ack = threading.Event()
+        # what a restarted coordinator (or one a new driver starts) needs to adopt the live group
+        self.journal = Journal(RayKV(), cfg.cluster.namespace, cfg.run.name)
+        self.took_over_by = ""           # "" for a fresh start; else who adopted the live group
+        self.strikes: dict[str, int] = {}  # replica fingerprint disagreements per worker
+        self.spawn_failures, self.last_spawn_failure_at = 0, 0.0
+        self.commit_failed: list[WorkerHandle] = []  # their commit raised outside a step: they must leave
+        self._joining: list[WorkerHandle] = []  # ready, being added by a membership change
         from elastic.metrics import RunMetrics
 
         self.metrics = RunMetrics(cfg.run.name)
 
     # ---- setup -----------------------------------------------------------------------------
-    def _load_data(self) -> None:
+    def _load_data(self, known: tuple | None = None) -> None:
+        """The shard lists (`known`: the ones an adopted run's journal holds; else the driver's preflight's,
+        else read here) and the data plan over them."""
+        if known is not None:
+            self.discovered = {"data.source": known[0], "data.val_source": known[1]}
         d, found = self.cfg.data, self.discovered
         # bad data stops the run here, with the file named, not later inside a worker
         self.shards = found.get("data.source") or discover(
@@ -185,10 +209,13 @@ class Coordinator:
             extra["resources"] = {f"accelerator_type:{node['accelerator']}": 0.001}
         if self.cfg.cluster.gloo_socket_ifname:  # gloo must bind the interface peers can reach
             extra["runtime_env"] = {"env_vars": {"GLOO_SOCKET_IFNAME": self.cfg.cluster.gloo_socket_ifname}}
+        # detached: workers outlive a coordinator (or driver) that dies, so a new one adopts them mid-run;
+        # each watches for its coordinator and exits if it is gone for good (train.orphan_timeout_s)
         actor = Worker.options(
             name=name, namespace=self.cfg.cluster.namespace, max_concurrency=1, max_restarts=0,
-            **{**opts, **extra},  # a free node's type replaces train.accelerators' first
+            lifetime="detached", **{**opts, **extra},  # a free node's type replaces train.accelerators' first
         ).remote(self.cfg, wid, self.shards_ref, self.cfg.run.seed, self.val_shards_ref)
+        actor.set_coordinator.remote(coordinator_name(self.cfg), self.cfg.cluster.namespace)
         handle = WorkerHandle(wid, actor)
         handle.info["name"] = name
         handle.info["spawned_at"] = time.time()
@@ -198,7 +225,7 @@ class Coordinator:
     def _spawn_up_to(self, n: int) -> None:
         """Ask for workers until members + pending reach n; free nodes first, then plain demand."""
         want = n - len(self.members) - len(self.pending)
-        if want <= 0:
+        if want <= 0 or time.time() - self.last_spawn_failure_at < spawn_backoff_s(self.spawn_failures):
             return
         opts = self._worker_options()
         used_nodes = {h.info.get("node_id") for h in self.members}
@@ -214,6 +241,8 @@ class Coordinator:
         for i in range(want):
             node = free[i] if i < len(free) else None
             self.pending.append(self.spawn_worker(node))
+        if hasattr(self, "plan"):
+            self._journal()  # a coordinator that takes over must know them, to clean them up
 
     def _ready_pending(self, timeout: float = 0.0) -> list[WorkerHandle]:
         if not self.pending:
@@ -226,10 +255,18 @@ class Coordinator:
                 self.pending.remove(h)
                 try:
                     h.info.update(ray.get(h.ready_ref))
-                    h.info["ready_at"] = time.time()
+                    h.info["ready_at"] = h.last_seen = time.time()
                     out.append(h)
-                except RayActorError as e:
-                    log.warning("worker %s failed to start: %s", h.worker_id, e)
+                    self.spawn_failures = 0
+                except Exception as e:  # died starting (RayActorError) or its prepare() raised (RayTaskError)
+                    cause = getattr(e, "cause", None) or e
+                    why = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                    log.warning("worker %s failed to start (%s); asking for another after a back-off",
+                                h.worker_id, why)
+                    self.summary.event(self.step, f"worker-start-failed {h.worker_id}: {why}")
+                    kill_quietly(h.actor)
+                    self.spawn_failures += 1
+                    self.last_spawn_failure_at = time.time()
         return out
 
     # ---- membership changes ----------------------------------------------------------------
@@ -245,44 +282,83 @@ class Coordinator:
                 ckpt = ckpt or self.store.load_latest()
         world, g = len(self.members), self.generation.generation
         if ckpt is not None:
-            model = ckpt.tensor_file("model.pt")
-            model_ref = ray.put(model)
-            loads = []
-            for r, h in enumerate(self.members):
-                name = f"sync-rank{r}.pt"
-                sync = ckpt.tensor_file(name) if name in ckpt.files else (
-                    ckpt.tensor_file("sync-rank0.pt") if self._replicated_sync() and "sync-rank0.pt" in ckpt.files
-                    else None)
-                loads.append(h.actor.load_state.remote(model_ref, sync, self.step))
+            # every member reads its own part straight from storage, checked against the manifest
+            loads = [h.actor.load_checkpoint.remote(ckpt.uri, ckpt.records,
+                                                    sync_file_for(r, ckpt.records, self._replicated_sync()), self.step)
+                     for r, h in enumerate(self.members)]
             prints = ray.get(loads)
             self._check_agree(prints, "after loading the checkpoint")
             self.summary.event(self.step, f"state-from-checkpoint {ckpt.uri}")
         elif joiners and source is not None:
-            # joiners get parameters (and replicated optimizer state) from a live peer via the object store
-            model_ref = source.actor.model_state.remote()
-            sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
-            loads = [h.actor.load_state.remote(model_ref, sync_ref, self.step) for h in joiners]
-            ray.get(loads)
-            self.summary.event(self.step, f"state-from-peer {source.worker_id} -> "
-                                          f"{','.join(h.worker_id for h in joiners)}")
-            prints = ray.get([h.actor.fingerprint.remote() for h in self.members])
-            self._check_agree(prints, "after a join")
+            self._give_state(joiners, source)
         self.summary.world_size(self.step, world, g, [m.accelerator for m in self.generation.members])
         self.metrics.world_size.set(world)
         self.metrics.generation.set(g)
 
+    def _call_all(self, handles: list[WorkerHandle], call, timeout: float) -> tuple[dict, list[WorkerHandle]]:
+        """`call(h)` (an ObjectRef) on every handle, waited for at most `timeout` in all. Returns (handle ->
+        value, the handles whose call raised or did not answer in time)."""
+        refs = {call(h): h for h in handles}
+        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+        out, failed = {}, [refs[r] for r in late]
+        for ref in ready:
+            try:
+                out[refs[ref]] = ray.get(ref)
+                refs[ref].last_seen = time.time()
+            except Exception as e:
+                log.warning("%s: %s", refs[ref].worker_id, str(getattr(e, "cause", None) or e).splitlines()[0])
+                failed.append(refs[ref])
+        return out, failed
+
+    def _give_state(self, joiners: list[WorkerHandle], source: WorkerHandle) -> None:
+        """Joiners get the parameters (and replicated optimizer state) from a live peer through the object
+        store, never from storage. Everything is bounded by train.state_transfer_timeout_s: a joiner that fails
+        or stalls is dropped, a source that does is replaced by another survivor, and the group re-forms
+        without whoever was dropped (a membership change inside a membership change)."""
+        limit = self.cfg.train.state_transfer_timeout_s
+        for _ in range(4):
+            model_ref = source.actor.model_state.remote()
+            sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
+            ready, _ = ray.wait([r for r in (model_ref, sync_ref) if r is not None], num_returns=1 + bool(sync_ref),
+                                timeout=limit)
+            try:
+                ray.get(ready, timeout=0)
+                if len(ready) != 1 + bool(sync_ref):
+                    raise GetTimeoutError(f"no state within train.state_transfer_timeout_s={limit:.0f}s")
+            except Exception as e:
+                log.warning("state source %s failed: %s", source.worker_id, str(e).splitlines()[0])
+                self.summary.event(self.step, f"state-source-lost {source.worker_id}")
+                self._remove([source], kill=True)
+                source = next((h for h in self.members if h not in joiners), None)
+                if source is None:
+                    raise StateSourceLost("every replica holding the run's state was lost during a join") from e
+                continue
+            _, failed = self._call_all(joiners, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
+                                       limit)
+            joiners = [h for h in joiners if h not in failed]
+            prints, silent = self._call_all(self.members, lambda h: h.actor.fingerprint.remote(), limit)
+            failed += [h for h in silent if h not in failed and h is not source]
+            if failed:
+                self.summary.event(self.step, f"joiners-dropped {[h.worker_id for h in failed]}")
+                self._remove(failed, kill=True)
+                self._set_members(list(self.members))
+                self._join_all()
+            if joiners:
+                self.summary.event(self.step, f"state-from-peer {source.worker_id} -> "
+                                              f"{','.join(h.worker_id for h in joiners)}")
+            self._check_agree([p for h, p in prints.items() if h in self.members], "after a join")
+            return
+        raise StateSourceLost("state transfer to the joiners kept failing")
+
     def _join_all(self, attempts: int = 4) -> None:
         """Form the collective group of the current members; members that die meanwhile are dropped
         and the group is formed again without them (a membership change inside a membership change)."""
-        from ray.experimental import internal_kv
-
         for attempt in range(attempts):
             g = self.generation.generation
-            group = "default" if self.backend == "gloo" else f"raydistro-{self.cfg.run.name}-g{g}"
-            try:  # a rank 0 that died during a previous rendezvous can leave its address behind
-                internal_kv._internal_kv_del(GLOO_KV_KEY)
-            except Exception:
-                pass
+            # the run's own name per generation (elastic.rendezvous): concurrent runs on one cluster never meet
+            group = rendezvous.group_name(self.cfg.run.name, g)
+            # a rank 0 that died during a previous rendezvous can leave its address behind: this run's only
+            rendezvous.forget_rendezvous(self.cfg.run.name)
             alive = []
             for h in self.members:
                 try:
@@ -346,24 +422,24 @@ class Coordinator:
             if h in self.members:
                 self.members.remove(h)
             if kill:
-                try:
-                    ray.kill(h.actor, no_restart=True)
-                except Exception:
-                    pass
+                kill_quietly(h.actor)
 
     def membership_change(self, kind: str, leaving: list[WorkerHandle], joiners: list[WorkerHandle],
-                          detected_at: float, capacity_at: float | None = None) -> None:
-        """Stop the generation, checkpoint, re-form with new ranks; seconds_to_resume runs from
-        `detected_at` (the death noticed, the joiner ready) to the next committed step. For joins,
-        `capacity_at` (node appeared / worker requested) gives seconds_from_capacity as well."""
-        self.state = "RESIZING"
+                          fault_at: float, capacity_at: float | None = None, detected_at: float | None = None) -> None:
+        """Stop the generation, checkpoint, re-form with new ranks. seconds_to_resume runs from `fault_at` (the
+        last sign of life of who left, a kill, the joiner ready) to the next committed step; `detected_at`
+        (when the coordinator noticed) says how much of that was detection. For joins, `capacity_at` (node
+        appeared / worker requested) gives seconds_from_capacity as well."""
+        self.state = CoordinatorState.RESIZING
         self._flush_commit()
+        leaving = list(leaving) + [h for h in self.commit_failed if h not in leaving]
+        self.commit_failed = []
         survivors = [h for h in self.members if h not in leaving]
         self._remove(leaving, kill=True)
         source = survivors[0] if survivors else None
         self.metrics.membership_changes.inc()
         if len(survivors) + len(joiners) < self.cfg.train.min_workers:
-            self._pause(kind, joiners, detected_at)
+            self._pause(kind, joiners, fault_at)
             return
         if source is not None:
             self.checkpoint(reason=kind)
@@ -372,13 +448,15 @@ class Coordinator:
             self.members = []
             ckpt = self.restore(mid_run=True)
             self._form_group(joiners, None, ckpt)
-        self.open_changes.append({"step": self.step, "kind": kind, "detected_at": detected_at,
-                                  "world_size": len(self.members), "capacity_at": capacity_at})
-        self.state = "RUNNING"
+        self.open_changes.append({"step": self.step, "kind": kind, "fault_at": fault_at,
+                                  "detected_at": detected_at or fault_at, "world_size": len(self.members),
+                                  "capacity_at": capacity_at})
+        self._journal()
+        self.state = CoordinatorState.RUNNING
 
-    def _pause(self, kind: str, joiners: list[WorkerHandle], detected_at: float) -> None:
+    def _pause(self, kind: str, joiners: list[WorkerHandle], fault_at: float) -> None:
         """Below train.min_workers: checkpoint what survives, wait for capacity, then resume."""
-        self.state = "PAUSED"
+        self.state = CoordinatorState.PAUSED
         if self.members:
             self.checkpoint(reason=f"{kind}-pause")
         log.warning("only %d workers (< train.min_workers=%d): paused, waiting for capacity",
@@ -397,40 +475,104 @@ class Coordinator:
             self._form_group(joiners, source)
         else:
             self._form_group(joiners, None, ckpt)
-        self.open_changes.append({"step": self.step, "kind": f"{kind}-resume", "detected_at": detected_at,
-                                  "world_size": len(self.members)})
-        self.state = "RUNNING"
+        self.open_changes.append({"step": self.step, "kind": f"{kind}-resume", "fault_at": fault_at,
+                                  "detected_at": fault_at, "world_size": len(self.members)})
+        self._journal()
+        self.state = CoordinatorState.RUNNING
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, reason: str) -> str | None:
+        """Start a checkpoint of the committed state; training goes on while it is written.
+
+        Each member copies its own part to host memory (one quick call) and writes it in the background:
+        rank 0 the parameters, the sync state once if it is replicated, else every rank its own
+        (`files_by_rank`). Once every writer has reported its files' checksums, meta.json and COMMIT are
+        written (`_poll_checkpoints`, after every step). Returns the checkpoint's URI (None: not started)."""
         self._flush_commit()
+        w = self.ckpt_writer
         if not self.members:
             return None
-        t0 = time.time()
-        model_ref = self.members[0].actor.model_state.remote()
-        sync_refs = [h.actor.sync_state.remote() for h in self.members]
-        try:
-            model = ray.get(model_ref, timeout=120)
-            syncs = ray.get(sync_refs, timeout=120)
-        except (RayActorError, GetTimeoutError) as e:
-            log.warning("checkpoint at step %d skipped: a worker did not answer (%s)", self.step, e)
+        if not w.should_start(reason):
+            log.info("periodic checkpoint at step %d skipped: %s is still being written", self.step,
+                     w.in_flight[-1].uri)
             return None
-        files = {"model.pt": to_bytes(model)}
-        for r, s in enumerate(syncs):
-            files[f"sync-rank{r}.pt"] = to_bytes(s)
         meta = {
             "step": self.step, "reason": reason, "generation": self.generation.generation,
             "members": [asdict(m) for m in self.generation.members],
+            "ranks": [h.worker_id for h in self.members],  # sync-rank{r}.pt was written by ranks[r]
             "plan": self.plan.state_dict(), "chaos": self.chaos.state_dict(),
             "summary": self.summary.state_dict(), "config": to_dict(self.cfg, redact=True),
             "next_worker_num": self.next_worker_num,
             # the next step's split depends on them: a resumed run splits it the same way
             "ahead_counts": [[*k, t] for k, t in sorted(self._ahead_counts.items())],
         }
-        uri = self.store.write(self.step, meta, files)
-        self.summary.checkpoint(uri, self.step, reason, time.time() - t0)
-        log.info("checkpoint %s (%s) in %.2fs", uri, reason, time.time() - t0)
-        return uri
+        try:
+            ck = w.begin(self.step, reason, meta)
+        except Exception as e:  # the store cannot even be listed or its directory made
+            w.last_error = f"{type(e).__name__}: {first_line(e)}"
+            log.warning("checkpoint at step %d (%s) not started: %s; the previous one stays", self.step, reason,
+                        w.last_error)
+            self.summary.event(self.step, f"checkpoint-failed {self.store.uri} ({reason}): {w.last_error}")
+            return None
+        for h, files in zip(self.members, files_by_rank(len(self.members), self._replicated_sync())):
+            ck.snapshots[h.actor.snapshot.remote(self.step, ck.uri, files)] = h.worker_id
+            ck.writers[h.actor.snapshot_written.remote(ck.uri)] = (h.worker_id, files)
+        self._poll_checkpoints()
+        return ck.uri
+
+    def _poll_checkpoints(self, wait_s: float = 0.0) -> list:
+        """Take what the in-flight checkpoints' writers reported (without blocking, unless `wait_s`),
+        commit those complete (in the writer's thread), report those finished; returns them."""
+        w, deadline, finished = self.ckpt_writer, time.time() + wait_s, []
+        while True:
+            refs = {ref: ck for ck in w.in_flight for ref in [*ck.pending, *ck.snapshots]}
+            wait = max(0.0, min(0.2, deadline - time.time()))
+            if refs:
+                ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=wait)
+                for ref in ready:
+                    ck = refs[ref]
+                    if ref in ck.snapshots:
+                        ck.snapshots.pop(ref)
+                        try:
+                            ck.snapshot_s = max(ck.snapshot_s, ray.get(ref))
+                        except Exception:
+                            pass  # the same error reaches its writer's report
+                    elif ref in ck.writers:
+                        try:
+                            ck.deliver(ref, ray.get(ref))
+                        except Exception as e:
+                            cause = getattr(e, "cause", None) or e  # a RayTaskError wraps the worker's own
+                            ck.fail(ck.writers[ref][0], f"{type(cause).__name__}: {first_line(cause)}")
+            finished += w.advance(0.0 if refs else wait)
+            if not w.in_flight or time.time() >= deadline:
+                break
+        for ck in finished:
+            if ck.error is None:
+                self.summary.checkpoint(ck.uri, ck.step, ck.reason, time.time() - ck.started)
+                log.info("checkpoint %s (%s) committed %.2fs after it started; the snapshot held training %.3fs",
+                         ck.uri, ck.reason, time.time() - ck.started, ck.snapshot_s)
+            else:
+                log.warning(w.failure(ck))
+                self.summary.event(ck.step, f"checkpoint-failed {ck.uri} ({ck.reason}): {ck.error}")
+        return finished
+
+    def _checkpoint_now(self, reason: str) -> None:
+        """A checkpoint the run ends on (stop, end, error), waited for: CheckpointFailed if it was not
+        written (the previous one stays)."""
+        uri = self.checkpoint(reason)
+        if uri is None and not self.members:
+            return
+        limit = self.cfg.checkpoint.write_timeout_s + 30
+        finished = self._poll_checkpoints(wait_s=limit)
+        if self.ckpt_writer.in_flight:
+            self.ckpt_writer.abandon(f"not written within {limit:.0f}s (checkpoint.write_timeout_s)")
+            finished += self._poll_checkpoints(wait_s=30)
+        ours = [ck for ck in finished if ck.uri == uri]
+        if uri is None or not ours or ours[0].error is not None:
+            why = ours[0].error if ours else self.ckpt_writer.last_error
+            raise CheckpointFailed(f"the {reason} checkpoint at step {self.step} could not be written "
+                                   f"({uri or self.store.uri}): {why}; the last committed checkpoint is "
+                                   f"{self.ckpt_writer.last_committed or 'one written before this run, if any'}")
 
     def restore(self, mid_run: bool = False):
         """Load the latest valid checkpoint's step and data cursor (and, at start, its history).
@@ -438,7 +580,9 @@ class Coordinator:
         `mid_run`: every replica was lost; the model and cursor go back to the checkpoint together (so
         documents after it are delivered again, once, to the model that did not see them), while this
         run's own record of events stays."""
-        ckpt = self.store.load_latest()
+        if mid_run:  # a checkpoint whose files are written may be committing right now
+            self._poll_checkpoints(wait_s=self.cfg.checkpoint.write_timeout_s)
+        ckpt = self.store.load_latest()  # checked against its manifest; the files themselves stay in storage
         if ckpt is None:
             return None
         meta = ckpt.meta
@@ -449,17 +593,51 @@ class Coordinator:
             self.chaos.load_state_dict(meta.get("chaos", {}))
             self.summary.load_state_dict(meta.get("summary", {}))
             self.next_worker_num = int(meta.get("next_worker_num", 0))
+        self.ckpt_writer.last_committed = ckpt.uri
         log.info("resuming from %s at step %d", ckpt.uri, self.step)
         self.summary.resumed_from(ckpt.uri, self.step)
         return ckpt
 
     # ---- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
+        """The run, as states: FORMING (or ADOPTING a live group) -> RUNNING, with RESIZING and PAUSED at
+        membership changes -> STOPPING (final checkpoint, evaluation) -> FINISHED | STOPPED; ERRORED with the
+        run checkpointed when a decision says stop or something unforeseen raises."""
         t_start = time.time()
         self._watch_nodes()
         self.started_at = time.time()
+        if not self._adopt():
+            self._form_first_group()
+        self.state = CoordinatorState.RUNNING
+        try:
+            while not self.stop_requested and self.step < self.cfg.train.steps:
+                self._one_step()
+                if self.cfg.train.stop_at and self.step >= self.cfg.train.stop_at:
+                    self.summary.event(self.step, "stop_at reached")
+                    self.stop_requested = True
+            self.state = CoordinatorState.STOPPING
+            self._checkpoint_now(reason="stop" if self.stop_requested else "end")  # waits; raises if not written
+            if not self.stop_requested or self.step >= self.cfg.train.steps:
+                self._final_eval()
+            self.state = CoordinatorState.STOPPED if self.stop_requested else CoordinatorState.FINISHED
+        except Exception as e:
+            self.state = CoordinatorState.ERRORED
+            cause = getattr(e, "cause", None) or e  # a RayTaskError wraps the worker's own exception
+            self.summary.error(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+            try:
+                self._checkpoint_now(reason="error")  # and waits for any still being written
+            except Exception:
+                log.exception("could not checkpoint after the error")
+            self._finish(t_start)
+            raise
+        return self._finish(t_start)
+
+    def _form_first_group(self) -> None:
+        """FORMING: the data, the latest checkpoint if any, the first workers, the first group."""
+        self.state = CoordinatorState.FORMING
         self._load_data()
         ckpt = self.restore()
+        self.journal.start((self.shards, self.val_shards), self.summary.journal_rows())
         self._spawn_up_to(self.cfg.train.workers)
         # wait for every initial worker for a while, then start with those ready (at least min_workers)
         t = self.cfg.train
@@ -472,47 +650,109 @@ class Coordinator:
                 break
             if time.time() > give_up:
                 raise PausedTooLong("no capacity for train.min_workers workers; check the cluster's resources")
+            self._spawn_up_to(self.cfg.train.workers)  # replaces workers that failed to start (with a back-off)
         # initial replicas are built from the same seed; a checkpoint overrides them
         self._form_group(joiners, None, ckpt)
         if ckpt is None:
-            prints = ray.get([h.actor.fingerprint.remote() for h in self.members])
-            self._check_agree(prints, "at start")
-        self.state = "RUNNING"
+            prints, _ = self._call_all(self.members, lambda h: h.actor.fingerprint.remote(),
+                                       self.cfg.train.state_transfer_timeout_s)
+            self._check_agree(list(prints.values()), "at start")
         self.summary.started(self.step)
-        try:
-            while self.step < self.cfg.train.steps and not self.stop_requested:
-                self._one_step()
-                if self.cfg.train.stop_at and self.step >= self.cfg.train.stop_at:
-                    self.summary.event(self.step, "stop_at reached")
-                    self.stop_requested = True
-            self.state = "STOPPED" if self.stop_requested else "FINISHING"
-            self.checkpoint(reason="stop" if self.stop_requested else "end")
-            if not self.stop_requested or self.step >= self.cfg.train.steps:
-                self._final_eval()
-            self.state = "STOPPED" if self.stop_requested else "FINISHED"
-        except Exception as e:
-            self.state = "ERRORED"
-            cause = getattr(e, "cause", None) or e  # a RayTaskError wraps the worker's own exception
-            self.summary.error(f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}")
+        self._journal()
+
+    # ---- a new coordinator takes over ----------------------------------------------------------------
+    def _journal(self) -> None:
+        """Record the control state (elastic/journal.py) before any decision in it reaches a worker."""
+        joining = [h for h in self.pending + self._joining if h not in self.members]
+        head = {
+            "step": self.step, "pending_commit": self.pending_commit, "generation": self.generation.generation,
+            "members": [{"worker_id": h.worker_id, "info": h.info, "tokens_per_s": h.tokens_per_s}
+                        for h in self.members],
+            "others": [h.info.get("name") for h in joining if h.info.get("name")],
+            "plan": self.plan.state_dict(), "chaos": self.chaos.state_dict(), "next_worker_num": self.next_worker_num,
+            "ahead_counts": [[*k, t] for k, t in sorted(self._ahead_counts.items())],
+            "target_workers": self.target_workers, "scaled_explicitly": self.scaled_explicitly,
+            "backend": self.backend, "recent_step_s": self.recent_step_s, "open_changes": self.open_changes,
+            "summary": self.summary.journal_state(), "started_at": self.started_at, "t": time.time(),
+        }
+        self.journal.record(head, self.summary.journal_row())
+
+    def _adopt(self) -> bool:
+        """ADOPTING: if this run's journal says it is live, take over the workers that are still alive (they
+        are detached: they outlived the coordinator or the driver that died), finish or drop the one step
+        that may have been in flight, and go on from the last committed step. Returns False when there is
+        nothing to adopt (then the run starts from its latest checkpoint, as a fresh one would)."""
+        rec = self.journal.load()
+        if rec is None:
+            return False
+        head, rows, shards = rec
+        self.state = CoordinatorState.ADOPTING
+        ns = self.cfg.cluster.namespace
+        for name in head.get("others", []):  # spawned or joining, not members yet: their setup died with us
             try:
-                self.checkpoint(reason="error")
-            except Exception:
-                log.exception("could not checkpoint after the error")
-            self._finish(t_start)
-            raise
-        return self._finish(t_start)
+                kill_quietly(ray.get_actor(name, namespace=ns))
+            except ValueError:
+                pass
+        handles = []
+        for m in head["members"]:
+            try:
+                actor = ray.get_actor(m["info"]["name"], namespace=ns)
+            except ValueError:
+                continue
+            h = WorkerHandle(m["worker_id"], actor, dict(m["info"]), adopted=True)
+            h.tokens_per_s = m.get("tokens_per_s", 0.0)
+            handles.append(h)
+        t0 = time.time()
+        limit = max(30.0, silent_peer_limit(self.cfg.train.silent_peer_s, head.get("recent_step_s", [])))
+        # each worker finishes the old coordinator's step call first (it runs on the same lane), then applies
+        # the step the journal says is committed, or drops the one it never committed
+        states, lost = self._call_all(handles, lambda h: h.actor.adopt.remote(head["pending_commit"]), limit)
+        step = int(head["step"])
+        lost += [h for h, (count, _) in states.items() if count != step]
+        alive = [h for h in handles if h not in lost]
+        for h in lost:
+            kill_quietly(h.actor)
+        if not alive:
+            log.warning("adopting run %s: no live worker holds step %d; starting from the latest checkpoint",
+                        self.cfg.run.name, step)
+            self.journal.finish()
+            return False
+        self._load_data(shards)
+        self.plan.load_state_dict(head["plan"])
+        self.step = step
+        self.chaos.load_state_dict(head["chaos"])
+        self.next_worker_num = int(head["next_worker_num"])
+        self._ahead_counts = {(s_, g, x): t for s_, g, x, t in head["ahead_counts"]}
+        self.target_workers, self.scaled_explicitly = head["target_workers"], head["scaled_explicitly"]
+        self.backend, self.recent_step_s = head["backend"], list(head["recent_step_s"])
+        self.summary.load_journal(head["summary"], rows)
+        self.journal.start(shards, self.summary.journal_rows())
+        self.generation = MembershipGeneration(int(head["generation"]))
+        self.members = alive
+        self.took_over_by = "a restarted coordinator" if ray.get_runtime_context().was_current_actor_reconstructed \
+            else "a new coordinator"
+        self.summary.took_over(step, f"{self.took_over_by}: {len(alive)} live workers"
+                                     + (f", {len(lost)} lost" if lost else ""))
+        log.warning("took over run %s at step %d with %d live workers (%s)", self.cfg.run.name, step, len(alive),
+                    self.took_over_by)
+        self._check_agree([p for _, p in states.values()], "after the take-over")
+        # the old collective group may have lost a member or be mid-failure: re-form it (a new generation),
+        # with a checkpoint as at any membership change
+        self.open_changes = list(head.get("open_changes", []))
+        # seconds_to_resume from the last record the old coordinator made (it died after that)
+        self.membership_change("takeover" if not lost else "takeover-lost", lost, [], head.get("t", t0),
+                               detected_at=t0)
+        return True
 
     def _finish(self, t_start: float) -> dict:
-        self.summary.finish(self.step, self.plan.accounting(), time.time() - t_start, self.state)
+        self.summary.finish(self.step, self.plan.accounting(), time.time() - t_start, self.state.value)
         path = self.summary.write(run_dir(self.cfg))
         tracking.on_finish(self)
         self.progress_info["summary_path"] = str(path)
-        self.progress_info["state"] = self.state
+        self.progress_info["state"] = self.state.value
+        self.journal.finish()  # ended (checkpointed): a later run with this name resumes from storage
         for h in self.members + self.pending:
-            try:
-                ray.kill(h.actor, no_restart=True)
-            except Exception:
-                pass
+            kill_quietly(h.actor)
         return self.summary.data
 
     def _final_eval(self) -> None:
@@ -558,30 +798,40 @@ class Coordinator:
             if h.info.get("node_id") in self._draining_nodes and h.worker_id not in self.draining:
                 self.draining.add(h.worker_id)
                 self.summary.event(self.step, f"node-drain {h.worker_id}")
-        if self.draining:
-            leaving = [h for h in self.members if h.worker_id in self.draining]
-            self.draining.clear()
-            # drained workers leave after their last committed step; the target shrinks with them
-            # (a scale request already set the target it wants)
-            shrink = len([h for h in leaving if h.worker_id not in self.scale_leaving])
-            self.scale_leaving.clear()
-            self.target_workers = max(self.cfg.train.min_workers, self.target_workers - shrink)
-            self.membership_change("scale" if not shrink else "drain", leaving, [], time.time())
-        # keep demand for up to train.max_workers outstanding: an autoscaler sees it and adds nodes
         mx = max_workers(self.cfg)
-        grow = mx > self.cfg.train.workers and not self.scaled_explicitly  # `scale N` overrides growth
-        want = max(self.target_workers, mx) if grow else self.target_workers
-        while self.pending and len(self.members) + len(self.pending) > want:  # asked for fewer: cancel
-            extra = self.pending.pop()
-            ray.kill(extra.actor, no_restart=True)
-        self._spawn_up_to(want)
+        with self.lock:  # `request_scale` adds to these from another thread
+            draining, self.draining = self.draining, set()
+            scale_leaving = list(self.scale_leaving) if draining else []
+            if draining:
+                self.scale_leaving.clear()
+            decision = decide_scaling(ScalingObservation(
+                members=[h.worker_id for h in self.members], pending=len(self.pending), ready=[],
+                target=self.target_workers, min_workers=self.cfg.train.min_workers, max_workers=mx,
+                # keep demand for up to train.max_workers outstanding (an autoscaler sees it and adds nodes),
+                # unless `scale N` set the size
+                grow=mx > self.cfg.train.workers and not self.scaled_explicitly,
+                draining=sorted(draining), scale_leaving=scale_leaving, spawn_failures=self.spawn_failures,
+                now=time.time(), last_spawn_failure_at=self.last_spawn_failure_at))
+            self.target_workers = decision.target
+        if decision.leave:
+            leaving = [h for h in self.members if h.worker_id in decision.leave]
+            self.membership_change(decision.leave_kind, leaving, [], time.time())
+        for _ in range(decision.cancel):  # asked for more than the run wants now: withdraw the newest requests
+            kill_quietly(self.pending.pop().actor)
+        if decision.spawn:
+            self._spawn_up_to(len(self.members) + len(self.pending) + decision.spawn)
         return self._ready_pending(timeout=0.0)
 
     def _one_step(self) -> None:
+        """RUNNING: one step: membership first (joiners, drains, failed commits), then the step call to every
+        rank, the reports under the liveness watch, and the failure policy's decision carried out."""
         joiners = self._control()
-        if joiners:
-            self.membership_change("join", [], joiners, min(j.info["ready_at"] for j in joiners),
-                                   capacity_at=min(self._join_time(j) for j in joiners))
+        if joiners or self.commit_failed:
+            self._joining = joiners
+            ready = min((j.info["ready_at"] for j in joiners), default=time.time())
+            self.membership_change("join" if joiners else "commit_error", [], joiners, ready,
+                                   capacity_at=min(self._join_time(j) for j in joiners) if joiners else None)
+            self._joining = []
         step = self.step
         members = list(self.members)
         gen = self.generation
@@ -593,16 +843,87 @@ class Coordinator:
         assignment, windows = self._balance(step, self.plan.assign(step, by_rank), by_rank)
         lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
                    self.cfg.train.min_lr_ratio)
-        due = self.chaos.due(step)
-        flags: dict[int, dict] = {r: {} for r in range(len(members))}
+        # the decision to commit the previous step rides on this step's call: one RPC per step
+        commit_first, self.pending_commit = self.pending_commit, None
+        chaos, kill_victim = self._chaos_for(step, members, windows, commit_first)
+        t0 = time.time()
+        # what the next step will likely bring, read by the workers while this one computes (a hint: the
+        # plan is unchanged; an abort or a new share split only makes the workers read again)
+        hint = (self.plan.peek(by_rank)
+                if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
+        margin = read_margin(hint, READ_MARGIN_ROWS) if hint and self.cfg.train.balance_rows else {}
+        refs = {h.actor.step.remote(StepCall(step, assignment.get(r, []), lr, chaos[r], commit_first, hint.get(r),
+                                             margin.get(r), windows.get(r))): h
+                for r, h in enumerate(members)}
+        killed_at = None
+        if kill_victim is not None:
+            time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
+            self.summary.event(step, f"chaos-kill {kill_victim.worker_id}")
+            killed_at = time.time()
+            kill_quietly(kill_victim.actor)
+        reports, dead, lv, observed = self._collect(refs, t0)
+        detected = time.time()
+        outcome = StepOutcome(step, [h.worker_id for h in members], reports, [h.worker_id for h in dead],
+                              lv.silent, lv.stuck, lv.collective_stuck,
+                              attempts=self.failures_at_step + 1 if self.failed_step == step else 1)
+        verdict = None
+        if commit_first is not None:
+            prints = {w: r.fingerprint for w, r in reports.items()
+                      if r.committed_step == commit_first and r.fingerprint and not r.commit_failed}
+            verdict = resolve_fingerprints(prints, outcome.members, self.strikes)
+        decision = decide_failure(outcome)
+        if decision.commits and (verdict is None or verdict.agree):
+            self._finish_commit(step, members, reports, time.time() - t0)
+            return
+        # ---- the step failed: nobody applies it; survivors drop it; its rows go back to the plan ---------
+        by_id = {h.worker_id: h for h in members}
+        leaving = [by_id[w] for w in decision.leaving]
+        if verdict is not None and not verdict.agree:
+            self.summary.replicas_disagree(step, f"after step {commit_first}", sorted(set(prints.values())))
+            leaving += [by_id[w] for w in verdict.evict if by_id[w] not in leaving]
+        survivors = [h for h in members if h not in leaving]
+        _, cannot_abort = self._call_all(survivors, lambda h: h.actor.abort.remote(step), 30.0)
+        leaving += cannot_abort  # a survivor that cannot even abort leaves too
+        self.plan.abort(step)
+        if verdict is not None and not verdict.agree:
+            self._resync([by_id[w] for w in verdict.resync if by_id[w] not in leaving], by_id[verdict.source])
+        if decision.action == "stop":
+            self.summary.event(step, f"step-aborted {decision.kind}")
+            self.checkpoint(reason=decision.kind.replace("_", "-"))
+            if decision.kind == "data_error":
+                # the data source is down for everyone: stop with the run checkpointed, nothing lost
+                raise DataUnavailable(f"step {step}: {decision.reason} (run checkpointed at step {self.step}; "
+                                      "resubmit to resume once the source is back)")
+            raise StepKeepsFailing(f"{decision.reason}; run checkpointed at step {self.step}")
+        self.failures_at_step, self.failed_step = outcome.attempts, step
+        log.warning("step %d failed (%s): leaving=%s errors=%s", step, decision.kind or "replica_mismatch",
+                    [h.worker_id for h in leaving], decision.reason)
+        self.summary.event(step, f"step-aborted {decision.kind or 'replica-mismatch'} "
+                                 f"leaving={[h.worker_id for h in leaving]}")
+        if leaving:
+            fault_at = killed_at or fault_time(observed, [h.worker_id for h in leaving], detected)
+            self.membership_change(decision.kind if decision.action == "evict" else "replica_mismatch", leaving, [],
+                                   fault_at, detected_at=detected)
+        elif decision.action == "regroup":
+            self.membership_change(decision.kind, [], [], detected)
+        elif decision.action == "retry":
+            self.summary.rejected_step(step, {w: r.error for w, r in reports.items() if not r.ok})
+
+    def _chaos_for(self, step: int, members: list[WorkerHandle], windows: dict,
+                   commit_first: int | None) -> tuple[dict[int, StepChaos], WorkerHandle | None]:
+        """This step's injected faults (`chaos` config), per rank, and a worker to kill mid-step."""
+        chaos = {r: StepChaos() for r in range(len(members))}
         kill_victim = None
-        for e in due:
+        for e in self.chaos.due(step):
             if e.kind in ("hang", "corrupt_payload") and len(members) > 1:
-                flags[self.chaos.pick_victim(len(members))][e.kind] = True
+                setattr(chaos[self.chaos.pick_victim(len(members))], e.kind, True)
+                self.chaos.mark_done(e)
+            elif e.kind in ("commit_error", "diverge") and len(members) > 1 and commit_first is not None:
+                setattr(chaos[self.chaos.pick_victim(len(members))], e.kind, True)
                 self.chaos.mark_done(e)
             elif e.kind == "comm_error":
-                for r in flags:
-                    flags[r]["comm_error"] = True
+                for c in chaos.values():
+                    c.comm_error = True
                 self.chaos.mark_done(e)
             elif e.kind == "window_mismatch" and windows:  # waits for a step cut at token level
                 victim = self.chaos.pick_victim(len(members))
@@ -611,91 +932,19 @@ class Coordinator:
             elif e.kind == "kill" and len(members) > 1:
                 kill_victim = members[self.chaos.pick_victim(len(members))]
                 self.chaos.mark_done(e)
-        t0 = time.time()
-        # the decision to commit the previous step rides on this step's call: one RPC per step
-        commit_first, self.pending_commit = self.pending_commit, None
-        # what the next step will likely bring, read by the workers while this one computes (a hint: the
-        # plan is unchanged; an abort or a new share split only makes the workers read again)
-        hint = (self.plan.peek(by_rank)
-                if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
-        margin = read_margin(hint, READ_MARGIN_ROWS) if hint and self.cfg.train.balance_rows else {}
-        refs = {h.actor.step.remote(step, assignment.get(r, []), lr, flags[r], commit_first, hint.get(r),
-                                    margin.get(r), windows.get(r)): h
-                for r, h in enumerate(members)}
-        if kill_victim is not None:
-            time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
-            self.summary.event(step, f"chaos-kill {kill_victim.worker_id}")
-            ray.kill(kill_victim.actor, no_restart=True)
-        reports, dead, hung = self._collect(refs, t0)
-        if commit_first is not None:
-            prints = [r["fingerprint"] for r in reports.values() if r.get("committed_step") == commit_first]
-            if prints:
-                self._check_agree(prints, f"after step {commit_first}")
-        failed = dead or hung or any(not r.get("ok") for r in reports.values())
-        if not failed:
-            self._finish_commit(step, members, reports, time.time() - t0)
+        return chaos, kill_victim
+
+    def _resync(self, targets: list[WorkerHandle], source: WorkerHandle) -> None:
+        """Replicas whose fingerprint disagreed with the majority get the majority's parameters (and replicated
+        sync state) from `source`, through the object store; their own per-rank sync state stays."""
+        if not targets:
             return
-        # ---- the step failed: nobody applies it; find who must leave; retry the step -----------
-        detected = time.time()
-        by_id = {h.worker_id: h for h in members}
-        data_errors = [r for r in reports.values() if r.get("data_error")]
-        # a worker that failed before the exchange abstained with a NaN weight, so peers name it as a bad
-        # sender: it is the origin, not a garbage sender; its own report says why. A window cut for other
-        # token counts than its documents have is the data's doing, not the worker's: retried in whole documents
-        mismatch = any(r.get("window_mismatch") for r in reports.values())
-        abstained = {by_id[r["worker_id"]] for r in reports.values() if r.get("pre_exchange")}
-        origins = {h for h in abstained if not reports[h.worker_id].get("window_mismatch")}
-        bad_senders = {r.get("bad_sender") for r in reports.values() if r.get("bad_sender") is not None}
-        garbage = {members[rank] for rank in bad_senders
-                   if rank is not None and 0 <= rank < len(members) and members[rank] not in abstained}
-        leaving = set(dead) | set(hung) | garbage
-        if not data_errors:
-            leaving |= origins  # e.g. out of memory, a broken device: that worker leaves
-        survivors = [h for h in members if h not in leaving]
-        aborts = [h.actor.abort.remote(step) for h in survivors]
-        try:
-            ray.get(aborts, timeout=30)
-        except Exception as e:  # a survivor that cannot even abort leaves too
-            log.warning("abort failed on a survivor: %s", e)
-            for h, ref in zip(survivors, aborts):
-                try:
-                    ray.get(ref, timeout=0)
-                except Exception:
-                    leaving.add(h)
-        self.plan.abort(step)
-        errors = {h.worker_id: reports.get(h.worker_id, {}).get("error") for h in members
-                  if not reports.get(h.worker_id, {}).get("ok")}
-        if data_errors:
-            # the data source is down for everyone: stop with the run checkpointed, nothing lost
-            self.summary.event(step, "step-aborted data-source-error")
-            self.checkpoint(reason="data-error")
-            raise DataUnavailable(f"step {step}: {data_errors[0]['error']} (run checkpointed at step {self.step}; "
-                                  "resubmit to resume once the source is back)")
-        self.failures_at_step = self.failures_at_step + 1 if self.failed_step == step else 1
-        self.failed_step = step
-        if self.failures_at_step > MAX_ATTEMPTS_PER_STEP:
-            self.checkpoint(reason="step-failures")
-            raise StepKeepsFailing(f"step {step} failed {self.failures_at_step} times in a row; last errors: "
-                                   f"{errors}; run checkpointed at step {self.step}")
-        # ranks whose collective failed closed their side of the group (worker `_leave_group`)
-        group_closed = any(r.get("left_group") for r in reports.values())
-        kind = ("corrupt_payload" if garbage and not origins else "hang" if hung
-                else "death" if dead else "worker_error" if origins
-                else "collective_error" if group_closed else "window_mismatch" if mismatch else "step_failed")
-        log.warning("step %d failed (%s): leaving=%s errors=%s", step, kind,
-                    [h.worker_id for h in leaving], errors)
-        self.summary.event(step, f"step-aborted {kind} leaving={[h.worker_id for h in leaving]}")
-        if not leaving:
-            if group_closed:
-                # the collective failed with nobody to blame (a transient NCCL/gloo error): the ranks it
-                # failed on closed their side of the group, so re-form it (same members, new generation)
-                # before the retry instead of retrying into a group that no longer exists
-                self.membership_change("regroup", [], [], detected)
-                return
-            # nobody to blame (e.g. a non-finite dense all-reduce): drop the step and retry it
-            self.summary.rejected_step(step, errors)
-            return
-        self.membership_change(kind, list(leaving), [], detected)
+        model_ref = source.actor.model_state.remote()
+        sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
+        _, failed = self._call_all(targets, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
+                                   self.cfg.train.state_transfer_timeout_s)
+        self.commit_failed += failed  # could not be repaired: they leave at the next membership check
+        self.summary.event(self.step, f"resync {[h.worker_id for h in targets]} from {source.worker_id}")
 
     def _balance(self, step: int, assignment: dict, shares: dict[int, int]) -> tuple[dict, dict]:
         """Re-split `step`'s documents over the ranks by their real token counts (read ahead by the workers
@@ -773,65 +1022,106 @@ class Coordinator:
             if node.get("Alive") and node["NodeID"] not in self.node_first_seen:
                 self.node_first_seen[node["NodeID"]] = now
 
-    def _collect(self, refs: dict, t0: float) -> tuple[dict, list, list]:
-        """Wait for every report under the watchdog; classify dead and hung workers."""
-        timeout = watchdog_timeout(self.recent_step_s, self.cfg.train.step_timeout_s, self.cfg.train.hang_factor)
-        pending = list(refs)
-        reports: dict[str, dict] = {}
+    def _collect(self, refs: dict, t0: float) -> tuple[dict[str, StepReport], list[WorkerHandle], Liveness,
+                                                          dict[str, PeerObservation]]:
+        """Wait for every report of a step, watching the workers still out: every PING_EVERY_S they are asked
+        for their status on their control lane, which answers even while the step thread is blocked in a
+        collective. A worker with no sign of life for `train.silent_peer_s` (a frozen VM, a partition) is
+        silent; one that answers but makes no progress where it must is stuck; everybody waiting inside the
+        collective with nobody to blame is a stuck collective. Silent and stuck workers are killed (SIGKILL
+        ends a frozen process too), which closes their connections; the survivors' collectives are then
+        aborted if they do not fail on their own, so no survivor is ever killed for a peer's fault.
+        Returns (reports, dead, liveness verdict, each worker's last sign of life)."""
+        limit = silent_peer_limit(self.cfg.train.silent_peer_s, self.recent_step_s)
+        out = dict(refs)  # step ref -> handle, not reported yet
+        reports: dict[str, StepReport] = {}
         dead: list[WorkerHandle] = []
-        hung: list[WorkerHandle] = []
-        deadline = t0 + timeout
-        first_failure_at = None
-        while pending:
-            # once one worker failed, the others fail fast (gloo reports closed peers in ~30 ms)
-            limit = deadline if first_failure_at is None else min(deadline, first_failure_at + 10.0)
-            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, limit - time.time()))
-            if not ready:
-                break
+        # for the verdict, nobody is older than the dispatch (the coordinator may have been busy before it)
+        obs = {h.worker_id: PeerObservation(last_seen=max(h.last_seen, t0), progress_at=t0) for h in out.values()}
+        pings: dict = {}  # status ref -> handle
+        next_ping, failed_at, lv = t0 + PING_EVERY_S, None, Liveness()
+        while out:
+            ready, _ = ray.wait(list(out) + list(pings), num_returns=1, timeout=max(0.0, next_ping - time.time()))
+            now = time.time()
             for ref in ready:
-                h = refs[ref]
-                try:
-                    rep = ray.get(ref)
-                    reports[h.worker_id] = rep
-                    if not rep.get("ok"):
-                        first_failure_at = first_failure_at or time.time()
-                except RayActorError:
-                    dead.append(h)
-                    first_failure_at = first_failure_at or time.time()
-        if pending:
-            # stragglers: alive but silent is a hang; a worker that does not answer a ping is gone
-            phases = {}
-            for ref in pending:
-                h = refs[ref]
-                try:
-                    phases[h] = ray.get(h.actor.ping.remote(), timeout=5)
-                except Exception:
-                    dead.append(h)
-            if dead:
-                # a peer is gone: the others are blocked on it (or slow), not hung; gloo fails them when
-                # it sees the closed connection, at the latest at the collective timeout
-                grace = collective_timeout_s(self.cfg) + 5.0
-                hung += [h for h, phase in phases.items() if phase == "hung"]
-            else:
-                grace = 15.0
-                hung += [h for h, phase in phases.items() if phase in ("hung", "compute")]
-                if not hung:  # all stuck in the exchange: nobody to blame but everybody waits
-                    hung = list(phases)
-            for h in hung:
-                ray.kill(h.actor, no_restart=True)
-            # the others were waiting for the hung or dead peer; they now fail fast, collect them
-            rest = [r for r in pending if refs[r] not in hung and refs[r] not in dead]
-            if rest:
-                ready, still = ray.wait(rest, num_returns=len(rest), timeout=grace)
-                for ref in ready:
+                if ref in out:
+                    h = out.pop(ref)
+                    report = self._report_of(ref, h)
+                    if report is None:
+                        dead.append(h)
+                    else:
+                        reports[h.worker_id] = report
+                        h.last_seen = now
+                    if report is None or not report.ok:
+                        failed_at = failed_at or now
+                else:
+                    h = pings.pop(ref)
                     try:
-                        reports[refs[ref].worker_id] = ray.get(ref)
-                    except RayActorError:
-                        dead.append(refs[ref])
-                for ref in still:
-                    hung.append(refs[ref])
-                    ray.kill(refs[ref].actor, no_restart=True)
-        return reports, dead, hung
+                        st: WorkerStatus = ray.get(ref)
+                    except Exception:
+                        continue  # a dead worker shows on its step call
+                    o = obs[h.worker_id]
+                    h.last_seen = o.last_seen = now
+                    if st.progress != o.progress or st.phase != o.phase:
+                        o.progress, o.phase, o.progress_at = st.progress, st.phase, now
+            if not out or now < next_ping:
+                continue
+            next_ping = now + PING_EVERY_S
+            asked = set(pings.values())
+            for h in out.values():
+                if h not in asked:
+                    pings[h.actor.status.remote()] = h
+            lv = liveness({h.worker_id: obs[h.worker_id] for h in out.values()}, now, limit, now - t0)
+            # once one rank failed, the others fail fast on gloo (a closed peer: ~30 ms); NCCL has no timeout
+            if lv.anyone or (failed_at is not None and now - failed_at > 2.0):
+                break
+        if out:
+            self._unblock(out, lv, limit, reports, dead)
+        seen = {h.worker_id: PeerObservation(last_seen=h.last_seen) for h in refs.values()}
+        return reports, dead, lv, seen
+
+    def _report_of(self, ref, h: WorkerHandle) -> StepReport | None:
+        """A worker's step report; None if the worker died (its process or node is gone)."""
+        try:
+            return ray.get(ref)
+        except RayActorError:
+            return None
+        except Exception as e:  # the call itself raised (not the step, which reports its own errors)
+            report = StepReport(h.worker_id, -1, -1, ok=False)
+            report.update_error(getattr(e, "cause", None) or e, pre_exchange=True)
+            return report
+
+    def _unblock(self, out: dict, lv: Liveness, limit: float, reports: dict, dead: list) -> None:
+        """Release the survivors of a failed step: kill who is silent or stuck, abort the collectives the
+        others are blocked in, and collect their reports. Only a survivor that stays blocked after its
+        communicator was aborted (a backend that cannot abort) is killed, as a last resort, and named."""
+        by_id = {h.worker_id: h for h in out.values()}
+        for w in lv.silent + lv.stuck:
+            log.warning("%s is %s (no %s for %.0f s): evicting it", w, "silent" if w in lv.silent else "stuck",
+                        "sign of life" if w in lv.silent else "progress", limit)
+            kill_quietly(by_id[w].actor)
+        rest = {ref: h for ref, h in out.items() if h.worker_id not in lv.silent + lv.stuck}
+        for attempt in range(2):
+            if not rest:
+                return
+            ready, _ = ray.wait(list(rest), num_returns=len(rest), timeout=2.0 if attempt == 0 else max(5.0, limit))
+            for ref in ready:
+                h = rest.pop(ref)
+                report = self._report_of(ref, h)
+                if report is None:
+                    dead.append(h)
+                else:
+                    reports[h.worker_id] = report
+                    h.last_seen = time.time()
+            if rest and attempt == 0:
+                g = self.generation.generation
+                for h in rest.values():
+                    h.actor.abort_collective.remote(g)
+        for h in rest.values():
+            log.error("%s stays blocked in the collective after its communicator was aborted: killing it", h.worker_id)
+            self.summary.event(self.step, f"unblock-failed {h.worker_id}")
+            lv.stuck.append(h.worker_id)
+            kill_quietly(h.actor)
 
     def _flush_commit(self) -> None:
         """Apply a decided-but-not-yet-sent commit on every member now (before a checkpoint, a membership
@@ -839,59 +1129,75 @@ class Coordinator:
         step, self.pending_commit = self.pending_commit, None
         if step is None:
             return
-        refs = [(h, h.actor.commit.remote(step)) for h in self.members]
-        prints = []
-        for h, ref in refs:
-            try:
-                prints.append(ray.get(ref, timeout=60))
-            except Exception as e:
-                log.warning("commit of step %d on %s: %s", step, h.worker_id, str(e).splitlines()[0])
+        prints, failed = self._call_all(self.members, lambda h: h.actor.commit.remote(step),
+                                        self.cfg.train.state_transfer_timeout_s)
+        # the step stays committed (the others applied it); who failed to apply it must leave: its parameters
+        # may be half-updated. The next membership check (or the one under way) evicts them.
+        self.commit_failed += [h for h in failed if h not in self.commit_failed]
+        if failed:
+            self.summary.event(step, f"commit-failed {[h.worker_id for h in failed]}")
         if prints:
-            self._check_agree(prints, f"after step {step}")
+            verdict = resolve_fingerprints({h.worker_id: p for h, p in prints.items()},
+                                           [h.worker_id for h in self.members], self.strikes)
+            if not verdict.agree:
+                self.summary.replicas_disagree(step, f"after step {step}", sorted(set(prints.values())))
+                by_id = {h.worker_id: h for h in self.members}
+                self.commit_failed += [by_id[w] for w in verdict.evict]
+                self._resync([by_id[w] for w in verdict.resync], by_id[verdict.source])
 
     def _finish_commit(self, step, members, reports, wall) -> None:
         """Every rank exchanged step `step`: it is committed (workers apply it at their next call)."""
         agree = True  # fingerprints arrive with the next call; a disagreement is recorded then
-        self.plan.commit(step, dropped=[d for r in reports.values() for d in r.get("dropped", [])])
+        self.plan.commit(step, dropped=[d for r in reports.values() for d in r.dropped])
         # what the workers read ahead for the next step, per row: `_balance` splits that step with it
-        self._ahead_counts = {(s, g, x): t for r in reports.values() for s, g, x, t in r.get("ahead_tokens", [])}
+        self._ahead_counts = {(s, g, x): t for r in reports.values() for s, g, x, t in r.ahead_tokens or []}
         self.pending_commit = step
         self.step = step + 1
         self.recent_step_s.append(wall)
         self.recent_step_s = self.recent_step_s[-50:]
         for h in members:
             rep = reports.get(h.worker_id)
-            if rep and rep.get("ok"):
-                h.tokens_per_s = rep.get("tokens", 0) / max(1e-9, rep.get("compute_s", 1e-9))
-        ok_reports = [r for r in reports.values() if r.get("ok")]
+            if rep and rep.ok:
+                h.tokens_per_s = rep.tokens_per_s()
+        ok_reports = [r for r in reports.values() if r.ok]
         for r in ok_reports:  # train.profile_at: each worker's profiler summary, once
-            if r.get("profile"):
-                self.summary.data["profiles"][r["worker_id"]] = {"last_step": step, **r["profile"]}
-        tokens = sum(r["tokens"] for r in ok_reports)
-        loss = sum(r["loss"] * r["tokens"] for r in ok_reports) / max(1, tokens)
+            if r.profile:
+                self.summary.data["profiles"][r.worker_id] = {"last_step": step, **r.profile}
+        tokens = sum(r.tokens for r in ok_reports)
+        loss = sum(r.loss * r.tokens for r in ok_reports) / max(1, tokens)
         self.summary.step(step, loss, tokens, ok_reports, agree, wall)
         now = time.time()
         for c in self.open_changes:
-            self.summary.membership_change(c["step"], c["kind"], now - c["detected_at"], c["world_size"],
-                                           now - c["capacity_at"] if c.get("capacity_at") else None)
+            self.summary.membership_change(c["step"], c["kind"], now - c["fault_at"], c["world_size"],
+                                           now - c["capacity_at"] if c.get("capacity_at") else None,
+                                           detection_s=c["detected_at"] - c["fault_at"])
         self.open_changes = []
         tracking.on_commit(self, step, loss, tokens, ok_reports, wall)  # metrics.jsonl, TensorBoard, W&B, MLflow
+        self._journal()  # durable before the decision leaves with the next call (or a flush)
         sent = self.summary.sent_per_step_mean()  # over the run: diloco sends only at outer steps
-        dense = statistics.mean(r.get("dense_equivalent_bytes", 0) for r in ok_reports) if ok_reports else 0
+        dense = statistics.mean(r.dense_equivalent_bytes for r in ok_reports) if ok_reports else 0
         self.metrics.loss.set(loss)
         self.metrics.step.set(self.step)
         self.metrics.tokens_per_s.set(tokens / max(1e-9, wall))
         if sent:
             self.metrics.compression_ratio.set(dense / sent)
-        self.metrics.data_lag_s.set(max((r.get("read_s", 0.0) for r in ok_reports), default=0.0))
+        self.metrics.data_lag_s.set(max((r.read_s for r in ok_reports), default=0.0))
         with self.lock:
             self.progress_info.update(
                 step=self.step, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens / max(1e-9, wall),
                 bytes_sent=sent, dense_bytes=dense, world_size=len(members),
-                generation=self.generation.generation, state=self.state,
+                generation=self.generation.generation, state=self.state.value,
                 accelerators=[m.accelerator for m in self.generation.members],
                 changes=len(self.summary.data["membership_changes"]),
             )
+        every = self.cfg.train.eval_every
+        if every and self.step % every == 0 and self.step < self.cfg.train.steps:  # the last: _final_eval
+            self._flush_commit()  # score the committed parameters
+            try:
+                self._final_eval()
+            except Exception as e:  # a member lost meanwhile is the next step's failure to handle, not this
+                log.warning("held-out evaluation at step %d failed: %s", self.step, str(e).splitlines()[0])
+        self._poll_checkpoints()  # the writes of earlier checkpoints: commit those done, never wait
         if periodic_checkpoint_due(self.cfg, self.step):
             self.checkpoint(reason="periodic")
 
@@ -901,30 +1207,54 @@ class Coordinator:
             info = dict(self.progress_info)
         info.setdefault("step", self.step)
         info.setdefault("total", self.cfg.train.steps)
-        info["state"] = self.state
+        info["state"] = self.state.value
+        info["resumed_from_step"] = self.summary.data.get("resumed_from_step")
         info["recent_events"] = self.summary.data["events"][-5:]
         info["change_kinds"] = dict(Counter(c["kind"] for c in self.summary.data["membership_changes"]))
         return info
 
     def request_scale(self, n: int) -> int:
-        self.scaled_explicitly = True
-        self.target_workers = max(self.cfg.train.min_workers, int(n))
-        if self.target_workers < len(self.members):
-            extra = len(self.members) - self.target_workers
-            for h in self.members[-extra:]:
-                self.draining.add(h.worker_id)
-                self.scale_leaving.add(h.worker_id)
-        self.summary.event(self.step, f"scale-request {n}")
-        return self.target_workers
+        """`python -m elastic scale RUN N` (another thread than the loop's): the target, within
+        [train.min_workers, train.max_workers]; returns the target set."""
+        lo, hi = self.cfg.train.min_workers, max_workers(self.cfg)
+        target = capped_scale_target(n, lo, hi)
+        note = ""
+        if target != int(n):
+            bound = "train.max_workers" if target == hi and int(n) > hi else "train.min_workers"
+            note = (f" capped at {bound}={target}" if bound == "train.max_workers" else f" raised to {bound}={target}")
+            log.warning("scale request for %d workers%s (rerun with a larger %s to go beyond it)", int(n), note, bound)
+        with self.lock:  # the loop reads and clears these between steps (`_control`)
+            self.scaled_explicitly = True
+            self.target_workers = target
+            if self.target_workers < len(self.members):
+                extra = len(self.members) - self.target_workers
+                for h in self.members[-extra:]:
+                    self.draining.add(h.worker_id)
+                    self.scale_leaving.add(h.worker_id)
+        self.summary.event(self.step, f"scale-request {n}{note}")
+        return target
 
     def request_stop(self) -> None:
         self.stop_requested = True
 
 
-MAX_ATTEMPTS_PER_STEP = 5
+def coordinator_name(cfg: RunConfig) -> str:
+    return f"raydistro/{cfg.run.name}/coordinator"
+
+
+def kill_quietly(actor) -> None:
+    """ray.kill for an actor that may be gone already (SIGKILL: also ends a frozen process)."""
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:
+        pass
 
 
 class PausedTooLong(RuntimeError):
+    pass
+
+
+class StateSourceLost(RuntimeError):
     pass
 
 
@@ -938,26 +1268,78 @@ class StepKeepsFailing(RuntimeError):
 
 @ray.remote(num_cpus=0, max_concurrency=8)
 class CoordinatorActor:
-    """Actor shell (named raydistro/<run>/coordinator); `run` blocks, the rest answer meanwhile."""
+    """Actor shell, named raydistro/<run>/coordinator, detached and restartable (`train.coordinator_restarts`):
+    the run lives in a thread of its own (`start`), so it goes on without its driver, and a coordinator that
+    Ray restarts after its process died takes the live group over by itself (`Coordinator._adopt`). A driver,
+    the first or one run again, calls `start` (idempotent), watches `progress`, and collects `result`."""
 
-    def __init__(self, cfg: RunConfig, discovered: dict | None = None):
+    LINGER_S = 600.0  # after the end, how long the result waits for a driver before the actor exits
+
+    def __init__(self, cfg: RunConfig):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        self.c = Coordinator(cfg, discovered)
+        self.c = Coordinator(cfg)
+        self._thread: threading.Thread | None = None
+        self._done = threading.Event()
+        self._fetched = threading.Event()
+        self._result: dict | None = None
+        self._error: BaseException | None = None
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            log.warning("coordinator of run %s restarted: taking over the live workers", cfg.run.name)
+            self.start()
 
     def __repr__(self) -> str:
         # taken once by Ray after __init__ (dashboard actor list, log prefix): no stale live fields there
         if self.c.generation.generation < 0:
             return f"Coordinator({self.c.cfg.run.name} sync={self.c.cfg.sync.name} steps={self.c.cfg.train.steps})"
         p = self.c.progress_info
-        return (f"Coordinator({self.c.cfg.run.name} {self.c.state} gen={self.c.generation.generation} "
+        return (f"Coordinator({self.c.cfg.run.name} {self.c.state.value} gen={self.c.generation.generation} "
                 f"step={self.c.step}/{self.c.cfg.train.steps} world={len(self.c.members)} "
                 f"tok/s={p.get('tokens_per_s', 0):.0f})")
 
-    def run(self) -> dict:
-        return self.c.run()
+    def start(self, discovered: dict | None = None) -> str:
+        """Start the run if it is not running yet; returns its state. `discovered`: the driver's preflight."""
+        if self._thread is None:
+            if discovered:
+                self.c.discovered = dict(discovered)
+            self._thread = threading.Thread(target=self._run, name="coordinator-run", daemon=True)
+            self._thread.start()
+        return self.c.state.value
+
+    def _run(self) -> None:
+        try:
+            self._result = self.c.run()
+        except BaseException as e:  # noqa: BLE001 - handed to the driver by `result`
+            self._error = e
+            log.error("run %s ended with an error: %s", self.c.cfg.run.name, e)
+        finally:
+            self._done.set()
+        # nobody may be watching (the driver died): leave the result a while, then free the name
+        if not self._fetched.wait(self.LINGER_S):
+            log.warning("no driver collected the result of run %s; exiting (summary.json has it)", self.c.cfg.run.name)
+        time.sleep(0.5)  # let the `result` reply leave first
+        ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+    def result(self, timeout: float | None = None) -> dict:
+        """The run's summary once it ended (raises what ended it); then the actor exits."""
+        if not self._done.wait(timeout):
+            raise GetTimeoutError(f"run {self.c.cfg.run.name} still going")
+        self._fetched.set()
+        if self._error is not None:
+            raise self._error
+        return self._result
 
     def progress(self) -> dict:
         return self.c.progress()
+
+    def driver_attached(self) -> None:
+        """A driver run again (the first one died) follows this run from here on."""
+        self.start()
+        self.c.summary.took_over(self.c.step, "a new driver")
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
 
     def scale(self, n: int) -> int:
         return self.c.request_scale(n)

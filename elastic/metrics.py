@@ -76,13 +76,14 @@ class WorkerMetrics:
         for m in (self.tokens_per_s, self.step_seconds, self.bytes_sent, self.bytes_received, self.codec_ms):
             m.set_default_tags(tags)
 
-    def record_step(self, report: dict) -> None:
-        self.tokens_per_s.set(report["tokens"] / max(1e-9, report["compute_s"]))
-        self.step_seconds.set(report.get("step_s", 0.0))
-        for counter, key in ((self.bytes_sent, "bytes_sent"), (self.bytes_received, "bytes_received")):
-            if report.get(key, 0) > 0:  # ray's Counter rejects increments of 0
-                counter.inc(float(report[key]))
-        self.codec_ms.set(report.get("codec_ms", 0.0))
+    def record_step(self, report) -> None:
+        """`report`: an ok elastic.messages.StepReport."""
+        self.tokens_per_s.set(report.tokens_per_s())
+        self.step_seconds.set(report.step_s)
+        for counter, n in ((self.bytes_sent, report.bytes_sent), (self.bytes_received, report.bytes_received)):
+            if n > 0:  # ray's Counter rejects increments of 0
+                counter.inc(float(n))
+        self.codec_ms.set(report.codec_ms)
 
 
 class RunMetrics:

@@ -20,6 +20,8 @@ from elastic.config import RunConfig
 # loss read)
 WORKER_TIMING = ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s", "fwd_bwd_s")
 STEP_TIMING_COLS = ("step", "t", "wall_s") + WORKER_TIMING
+# per-step lists: journaled a row at a time, not rewritten whole every step
+JOURNAL_ROW_KEYS = ("loss_history", "step_timing")
 
 
 class RunSummary:
@@ -35,6 +37,7 @@ class RunSummary:
             "final_loss": None,
             "val_loss": None,
             "val_tokens": 0,
+            "val_history": [],           # {step, val_loss, val_tokens}: every train.eval_every steps and at the end
             "world_size_history": [],
             "bytes_sent_per_worker_total": {},
             "bytes_received_per_worker_total": {},
@@ -55,6 +58,7 @@ class RunSummary:
             "loss_history": [],
             "step_timing": [],
             "resumed_from": [],
+            "resumed_from_step": None,   # where the latest new coordinator or driver took over (or resumed)
             "data": {},
             "wall_s": 0.0,
             "state": "RUNNING",
@@ -63,12 +67,14 @@ class RunSummary:
         self._codec_ms: list[float] = []
         self._sent_per_step: list[float] = []
         self._sent_sum = 0.0
+        self._last_row: list | None = None
 
     # ---- recording --------------------------------------------------------------------------
     def started(self, step: int) -> None:
         self.data["events"].append({"step": step, "what": "started", "t": time.time()})
 
-    def step(self, step: int, loss: float, tokens: int, reports: list[dict], agree: bool, wall: float) -> None:
+    def step(self, step: int, loss: float, tokens: int, reports: list, agree: bool, wall: float) -> None:
+        """`reports`: the step's ok elastic.messages.StepReport of every rank."""
         d = self.data
         if d["initial_loss"] is None:
             d["initial_loss"] = loss
@@ -78,21 +84,22 @@ class RunSummary:
         d["loss_history"].append([step, round(loss, 5), d["tokens"]])
         d.setdefault("step_timing", []).append(  # STEP_TIMING_COLS
             [step, round(time.time(), 4), round(wall, 5)]
-            + [round(max((r.get(k, 0.0) for r in reports), default=0.0), 5) for k in WORKER_TIMING])
+            + [round(max((getattr(r, k) for r in reports), default=0.0), 5) for k in WORKER_TIMING])
         d["replica_hashes_agree"] = d["replica_hashes_agree"] and agree
         for r in reports:
-            w = r["worker_id"]
-            d["bytes_sent_per_worker_total"][w] = d["bytes_sent_per_worker_total"].get(w, 0) + r.get("bytes_sent", 0)
-            d["bytes_received_per_worker_total"][w] = (
-                d["bytes_received_per_worker_total"].get(w, 0) + r.get("bytes_received", 0))
-            self._codec_ms.append(r.get("codec_ms", 0.0))
+            w = r.worker_id
+            d["bytes_sent_per_worker_total"][w] = d["bytes_sent_per_worker_total"].get(w, 0) + r.bytes_sent
+            d["bytes_received_per_worker_total"][w] = d["bytes_received_per_worker_total"].get(w, 0) + r.bytes_received
+            self._codec_ms.append(r.codec_ms)
+        self._last_row = [d["loss_history"][-1], d["step_timing"][-1], [r.codec_ms for r in reports], None]
         if reports:
-            dense = reports[0].get("dense_equivalent_bytes", 0)
-            sent = statistics.mean(r.get("bytes_sent", 0) for r in reports)
+            dense = reports[0].dense_equivalent_bytes
+            sent = statistics.mean(r.bytes_sent for r in reports)
             d["dense_equivalent_bytes_per_step"] = dense
             d["dense_equivalent_bytes"] += dense
             self._sent_per_step.append(sent)
             self._sent_sum += sent
+            self._last_row[3] = sent
 
     def sent_per_step_mean(self) -> float:
         """Mean bytes sent per worker per step so far (diloco sends only at outer steps)."""
@@ -103,10 +110,14 @@ class RunSummary:
             {"step": step, "world_size": world, "generation": generation, "accelerators": accelerators})
 
     def membership_change(self, step: int, kind: str, seconds: float, world: int,
-                          from_capacity: float | None = None) -> None:
+                          from_capacity: float | None = None, detection_s: float | None = None) -> None:
+        """`seconds`: from the fault (the last sign of life of who left; a joiner ready) to the next committed
+        step; `detection_s`: of that, how long it took to notice."""
         change = {"step": step, "kind": kind, "seconds_to_resume": round(seconds, 3), "world_size": world}
         if from_capacity is not None:
             change["seconds_from_capacity"] = round(from_capacity, 3)
+        if detection_s is not None:
+            change["detection_s"] = round(detection_s, 3)
         self.data["membership_changes"].append(change)
 
     def checkpoint(self, uri: str, step: int, reason: str, seconds: float) -> None:
@@ -126,9 +137,17 @@ class RunSummary:
     def val(self, step: int, loss: float, tokens: int) -> None:
         self.data["val_loss"] = loss
         self.data["val_tokens"] = tokens
+        self.data["val_history"].append({"step": step, "val_loss": loss, "val_tokens": tokens})
 
     def resumed_from(self, uri: str, step: int) -> None:
         self.data["resumed_from"].append({"uri": uri, "step": step})
+        self.data["resumed_from_step"] = step
+
+    def took_over(self, step: int, who: str) -> None:
+        """A new coordinator (restarted, or started by a new driver) adopted the live group at `step`."""
+        self.data["resumed_from"].append({"live_group": who, "step": step, "t": time.time()})
+        self.data["resumed_from_step"] = step
+        self.event(step, f"took-over {who}")
 
     def error(self, message: str) -> None:
         self.data["error"] = message
@@ -149,6 +168,28 @@ class RunSummary:
     # ---- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"data": self.data, "codec_ms": self._codec_ms[-1000:], "sent": self._sent_per_step[-1000:]}
+
+    # ---- the coordinator's journal (elastic/journal.py): a small state plus one row per committed step ---
+    def journal_state(self) -> dict:
+        return {"data": {k: v for k, v in self.data.items() if k not in JOURNAL_ROW_KEYS}}
+
+    def journal_row(self) -> list | None:
+        """The last committed step's row, once (None if no step committed since the last call)."""
+        row, self._last_row = self._last_row, None
+        return row
+
+    def journal_rows(self) -> list:
+        """Rows of the steps recorded so far (e.g. restored from a checkpoint), to seed a journal with."""
+        d = self.data
+        return [[lh, st, [], None] for lh, st in zip(d["loss_history"], d["step_timing"])]
+
+    def load_journal(self, state: dict, rows: list) -> None:
+        self.data.update(state.get("data", {}))
+        self.data["loss_history"] = [r[0] for r in rows]
+        self.data["step_timing"] = [r[1] for r in rows]
+        self._codec_ms = [c for r in rows[-1000:] for c in r[2]]
+        self._sent_per_step = [r[3] for r in rows if r[3] is not None]
+        self._sent_sum = sum(self._sent_per_step)
 
     def load_state_dict(self, sd: dict) -> None:
         if not sd:

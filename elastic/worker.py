@@ -27,10 +27,13 @@ from datasets.packing import stream_slots
 from datasets.plan import ranges_rows, row_runs
 from datasets.readahead import ReadAheadProcess, read_and_pack, read_timed_out, wait_read
 from datasets.reader import assemble
+from elastic import rendezvous
 from elastic.chaos import CorruptingCommunicator
+from elastic.checkpoint import BackgroundWrites, HostSnapshot, load_file, load_tensors, state_trees
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
 from elastic.attention import AttentionShapes
 from elastic.fingerprint import PendingFingerprint, params_fingerprint, params_fingerprint_async
+from elastic.messages import StepCall, StepReport, WorkerStatus
 from elastic.model import build_model
 from elastic.profiling import StepProfiler
 
@@ -97,6 +100,7 @@ class WorkerReplica:
         self.generation = -1
         self.step_count = 0  # committed steps applied to these parameters
         self.phase = "idle"
+        self.progress = 0  # bumped at every phase change and micro-batch: what liveness pings look at
         self.pending_step: int | None = None
         self.last_fingerprint = ""
         self._pending_fingerprint: PendingFingerprint | None = None
@@ -118,6 +122,7 @@ class WorkerReplica:
                                                cfg.train.seq_len)
         self._ahead_broken = 0  # child processes lost in a row (3: read ahead in a thread from then on)
         self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
+        self.checkpoint_writes = BackgroundWrites(worker_id)  # this worker's part of checkpoints, written in a thread
 
     def prepare(self) -> float:
         """One-time work before the first step, in the thread that will run the steps: cuDNN attention
@@ -130,8 +135,6 @@ class WorkerReplica:
 
     # ---- membership ----------------------------------------------------------------------
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
-        import ray.util.collective as col
-
         self._settle()
         t0 = time.time()
         if backend == "gloo":
@@ -142,10 +145,8 @@ class WorkerReplica:
             import torch.distributed.distributed_c10d as c10d
 
             c10d.default_pg_timeout = datetime.timedelta(seconds=collective_timeout_s(self.cfg))
-        for name in {group_name, "default"}:
-            if col.is_group_initialized(name):
-                col.destroy_collective_group(name)
-        col.init_collective_group(world_size, rank, backend=backend, group_name=group_name)
+        # the previous generation's group goes first, with its communicators and NCCL store actor
+        rendezvous.join(world_size, rank, backend, group_name, previous=self.group_name)
         comm = CorruptingCommunicator(RayCollectiveCommunicator(group_name), seed=generation * 131 + rank)
         if self.sync is None:
             self.sync = build_sync(self.cfg.sync, self.params, comm)
@@ -159,93 +160,112 @@ class WorkerReplica:
                  world_size, time.time() - t0)
 
     # ---- one step ------------------------------------------------------------------------
-    def step(self, step: int, ranges: list[DocRange], lr: float, chaos: dict[str, Any],
-             commit_first: int | None = None, prefetch: list[DocRange] | None = None,
-             prefetch_margin: list[DocRange] | None = None, window: dict | None = None) -> dict:
-        """Commit step `commit_first` if given (the coordinator's decision rides on the next step's call:
-        one RPC per step), then compute and exchange step `step`. `prefetch`: the documents the next step
-        will likely bring (`DataPlan.peek`), read and tokenized in the background while this step computes;
-        `prefetch_margin`: neighbours' rows next to them, read too, which a re-split may move to this rank.
-        `window` (`datasets.Window.to_json`): this step is cut between the ranks at token level; train on
-        that window of the stream of its rows (`ranges` are its owned rows) instead of on whole documents."""
+    def step(self, call: StepCall) -> StepReport:
+        """Commit step `call.commit_first` if given (the coordinator's decision rides on the next step's call:
+        one RPC per step), then compute and exchange step `call.step`. `call.prefetch`: the documents the next
+        step will likely bring (`DataPlan.peek`), read and tokenized in the background while this step
+        computes; `call.prefetch_margin`: neighbours' rows next to them, read too, which a re-split may move to
+        this rank. `call.window` (`datasets.Window.to_json`): this step is cut between the ranks at token
+        level; train on that window of the stream of its rows (`call.ranges` are its owned rows).
+
+        Whatever fails here, the worker still takes part in the step's collective (abstaining with a NaN
+        weight), so its peers reject the step at once instead of blocking on it."""
         t0 = time.time()
+        step, chaos = call.step, call.chaos
         self.profiler.start(step)
-        committed = {}
-        self._settle(keep_step=commit_first)  # what was applied ahead stays only if this call commits it
-        if commit_first is not None:
-            with self.profiler.phase("commit"):
-                self.commit(commit_first, wait=False)  # the fingerprint is read after this step's fwd/bwd
-            committed = {"committed_step": commit_first}
-        commit_s = time.time() - t0
-        self.phase = "compute"
-        self.pending_step = step
+        report = StepReport(self.worker_id, self.rank, step, ok=False)
+        self._settle(keep_step=call.commit_first)  # what was applied ahead stays only if this call commits it
+        self._bump("compute")
         boundary = sync_boundary(self.cfg, step)
+        if call.commit_first is not None:
+            report.committed_step = call.commit_first
+            try:
+                if chaos.commit_error:
+                    raise torch.OutOfMemoryError("chaos.commit_error_at: applying the step ran out of memory")
+                with self.profiler.phase("commit"):
+                    self.commit(call.commit_first, wait=False)  # the fingerprint is read after the fwd/bwd
+                if chaos.diverge:  # a replica that drifts (bad memory, a nondeterministic kernel)
+                    log.warning("%s: chaos diverge after step %d", self.worker_id, call.commit_first)
+                    with torch.no_grad():
+                        self.params[0].view(-1)[0] += 1e-3
+                    self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+            except Exception as e:
+                # the parameters may be half-updated: this replica must not train on, nor be anyone's source.
+                # Its peers applied the step: it is committed; this rank takes part in the collective only to
+                # release them, and the coordinator evicts it.
+                self.pending_step = step
+                self._abstain(call.lr, boundary)
+                self._bump("failed")
+                report.update_error(e, commit_failed=True, pre_exchange=True)
+                report.traceback = traceback.format_exc()
+                return report
+        report.commit_s = time.time() - t0
+        self.pending_step = step
+        self._bump("compute")
         try:
             tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(
-                ranges, prefetch, prefetch_margin, Window.from_json(window) if window else None)
+                call.ranges, call.prefetch, call.prefetch_margin,
+                Window.from_json(call.window) if call.window else None)
         except Exception as e:
-            # Peers are already waiting inside the collective: take part anyway, abstaining with a NaN
-            # weight, so every rank rejects this step at once instead of blocking on us.
-            self._abstain(lr, boundary)
-            self.phase = "failed"
-            if committed:
-                committed["fingerprint"] = self.fingerprint_result()
-            error = f"{type(e).__name__}: {e}"
+            self._abstain(call.lr, boundary)
+            self._bump("failed")
+            if call.commit_first is not None:
+                report.fingerprint = self.fingerprint_result()
+            error = None
             if isinstance(e, torch.OutOfMemoryError):
                 error = (f"{type(e).__name__} with micro-batches of {self.micro_rows} rows: lower "
                          f"train.micro_batch_tokens (now {self.cfg.train.micro_batch_tokens}). {e}")
-            return {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": False,
-                    "pre_exchange": True, "error": error, "window_mismatch": isinstance(e, WindowMismatch),
-                    "data_error": isinstance(e, DATA_ERRORS), "traceback": traceback.format_exc(), **committed}
-        compute_s = time.time() - t0
-        if committed:
-            committed["fingerprint"] = self.fingerprint_result()  # long done: the loss read synced the device
-        if chaos.get("hang"):
+            report.update_error(e, error=error, pre_exchange=True, window_mismatch=isinstance(e, WindowMismatch),
+                                data_error=isinstance(e, DATA_ERRORS))
+            report.traceback = traceback.format_exc()
+            return report
+        report.compute_s = time.time() - t0
+        if call.commit_first is not None:
+            report.fingerprint = self.fingerprint_result()  # long done: the loss read synced the device
+        if chaos.hang:
             self.phase = "hung"
             log.warning("%s: chaos hang at step %d (stops answering until killed)", self.worker_id, step)
             while True:
                 time.sleep(3600)
-        if chaos.get("corrupt_payload"):
+        if chaos.corrupt_payload:
             log.warning("%s: chaos corrupt payload at step %d", self.worker_id, step)
             self.comm.armed = True
-        if chaos.get("comm_error"):
+        if chaos.comm_error:
             log.warning("%s: chaos collective error at step %d", self.worker_id, step)
             self.comm.fail_next = True
-        self.phase = "exchange"
-        report = {"worker_id": self.worker_id, "rank": self.rank, "step": step, "ok": True,
-                  "tokens": tokens, "docs": n_docs, "loss": loss_sum / max(1, tokens),
-                  "compute_s": compute_s, "read_s": read_s, "commit_s": commit_s, "fwd_bwd_s": fwd_bwd_s,
-                  "dropped": dropped, **committed}
+        self._bump("exchange")
+        report.tokens, report.docs, report.loss = tokens, n_docs, loss_sum / max(1, tokens)
+        report.read_s, report.fwd_bwd_s, report.dropped = read_s, fwd_bwd_s, dropped
         try:
             with self.profiler.phase("exchange"):
-                stats = self.sync.exchange(lr=lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
-                                           boundary=boundary)
+                stats = self.sync.exchange(lr=call.lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
+                                           boundary=boundary, step=step)  # the header's step: replays are refused
         except PayloadError as e:
-            self.phase = "failed"
-            report.update(ok=False, error=f"payload: {e}", bad_sender=e.sender_rank)
+            self._bump("failed")
+            report.error, report.bad_sender = f"payload: {e}", e.sender_rank
             return report
         except Exception as e:  # a peer died mid-collective: gloo raises "Connection closed by peer"
-            self.phase = "failed"
+            self._bump("failed")
             self._leave_group()
-            report.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}",
-                          left_group=True)
+            report.update_error(e, left_group=True)
             return report
-        self.phase = "exchanged"
-        ahead = self._ahead_tokens() if self.cfg.train.balance_rows else None
-        if ahead is not None:
-            report["ahead_tokens"] = ahead
-        profile = self.profiler.finish(step)
-        if profile is not None:
-            report["profile"] = profile
+        self._bump("exchanged")
+        report.ok = True
+        if self.cfg.train.balance_rows:
+            report.ahead_tokens = self._ahead_tokens()
+        report.profile = self.profiler.finish(step)
         if self._apply_ahead_on and self.sync.supports_undo:
             self._apply_ahead(step)
-        step_s = time.time() - t0
-        report.update(
-            bytes_sent=stats.bytes_sent, bytes_received=stats.bytes_received,
-            dense_equivalent_bytes=stats.dense_equivalent_bytes, codec_ms=stats.codec_ms,
-            comm_ms=stats.comm_ms, step_s=step_s,
-        )
+        report.step_s = time.time() - t0
+        report.bytes_sent, report.bytes_received = stats.bytes_sent, stats.bytes_received
+        report.dense_equivalent_bytes, report.codec_ms, report.comm_ms = (
+            stats.dense_equivalent_bytes, stats.codec_ms, stats.comm_ms)
         return report
+
+    def _bump(self, phase: str) -> None:
+        """A sign of progress the coordinator's pings see (`WorkerStatus.progress`)."""
+        self.phase = phase
+        self.progress += 1
 
     def _read(self, ranges: list[DocRange]):
         """This step's documents: from the background read where it fetched them (all, or a part when the
@@ -346,12 +366,14 @@ class WorkerReplica:
                           margin: list[DocRange] | None = None, window: Window | None = None
                           ) -> tuple[int, float, int, list, float, float]:
         t0 = time.time()
+        self._bump("read")  # bounded by data.read_timeout_s, not by the liveness limit
         with self.profiler.phase("read"):
             batch, packed = self._read(window.reads() if window is not None else ranges)
             if window is not None:
                 batch, inputs, targets = self._window(batch, packed, window)
             else:
                 inputs, targets = packed if packed is not None else self._pack(batch.docs)
+        self._bump("compute")
         read_s = time.time() - t0
         self._read_ahead(prefetch, margin)  # overlaps this step's compute
         tokens = int((targets >= 0).sum())
@@ -411,6 +433,7 @@ class WorkerReplica:
                 loss = self.model(x, y)[1]  # not the logits: they would stay alive through the next forward
             (loss * (n / max(1, tokens))).backward()
             loss_acc += loss.detach().double() * n
+            self.progress += 1
         if self.cfg.train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.train.grad_clip)
         return loss_acc
@@ -418,14 +441,7 @@ class WorkerReplica:
     def _leave_group(self) -> None:
         """Close our side of the failed collective now: a peer still blocked reading from us (alive
         but no longer sending) then gets "connection closed" at once instead of waiting for a timeout."""
-        import ray.util.collective as col
-
-        for name in {self.group_name, "default"}:
-            try:
-                if name and col.is_group_initialized(name):
-                    col.destroy_collective_group(name)
-            except Exception:
-                log.debug("destroying collective group %s failed", name, exc_info=True)
+        rendezvous.leave(self.group_name)
 
     def _abstain(self, lr: float, boundary: bool) -> None:
         if self.sync is None:
@@ -433,7 +449,8 @@ class WorkerReplica:
         for p in self.params:
             p.grad = torch.zeros_like(p)
         try:
-            self.sync.exchange(lr=lr, weight=float("nan"), weight_decay=0.0, boundary=boundary)
+            self.sync.exchange(lr=lr, weight=float("nan"), weight_decay=0.0, boundary=boundary,
+                               step=self.pending_step)
         except Exception:
             pass  # expected: our own NaN weight is rejected too
         try:
@@ -542,6 +559,41 @@ class WorkerReplica:
         if state:
             self.sync.load_state_dict(state)
 
+    def snapshot(self, step: int, dir_uri: str, files: dict[str, str]) -> float:
+        """Start writing this worker's part of the checkpoint at `step` to `dir_uri`: `files` maps a file name
+        to what it holds ("model": the parameters, "sync": this rank's sync state). The committed state is
+        copied to host memory (on CUDA: pinned buffers, copies queued on the training stream, no wait) and
+        the files are serialized and written by a thread; `snapshot_written` returns their records. Returns
+        the seconds this call held the worker."""
+        t0 = time.perf_counter()
+        try:
+            self._settle()  # the committed state only
+            if self.step_count != step:
+                raise RuntimeError(f"{self.worker_id}: checkpoint of step {step} asked, but {self.step_count} "
+                                   "steps are committed here")
+            # on a CPU worker the state dicts hold the live tensors: copy them before training goes on
+            snap = HostSnapshot(state_trees(files, self.model, self.sync), clone_host=self.device.type != "cuda")
+            self.checkpoint_writes.start(dir_uri, snap, self.cfg.checkpoint.storage_options)
+        except BaseException as e:
+            self.checkpoint_writes.failed(dir_uri, e)
+            raise
+        return time.perf_counter() - t0
+
+    def snapshot_written(self, dir_uri: str) -> dict:
+        """{file name: {sha256, bytes}} once this worker's files for `dir_uri` are written; raises the
+        storage's error (or TimeoutError after checkpoint.write_timeout_s)."""
+        return self.checkpoint_writes.result(dir_uri, self.cfg.checkpoint.write_timeout_s)
+
+    def load_checkpoint(self, dir_uri: str, records: dict, sync_name: str | None, step_count: int) -> str:
+        """Load the parameters (and `sync_name`'s sync state) of the checkpoint at `dir_uri` straight from
+        storage, each file checked against the manifest `records`; returns the new fingerprint."""
+        so = self.cfg.checkpoint.storage_options
+        self.load_model_state(load_tensors(load_file(dir_uri, "model.pt", records["model.pt"], so)))
+        if sync_name is not None:
+            self.load_sync_state(load_tensors(load_file(dir_uri, sync_name, records[sync_name], so)))
+        self.step_count = step_count
+        return self.fingerprint()
+
     def evaluate(self, ranges: list[DocRange]) -> dict:
         """Mean loss over the held-out documents `ranges` (every token scored once)."""
         if not self.val_shards:
@@ -569,6 +621,35 @@ class WorkerReplica:
         return {"val_loss": total / max(1, count), "val_tokens": count}
 
 
+def abort_communicators(group_name: str) -> bool:
+    """Abort the communicator of a ray.util.collective group from another thread, so a collective blocked on
+    a silent peer raises in the step thread. NCCL: `ncclCommAbort` on every communicator of the group; gloo:
+    the torch process group's `abort`. Best effort: False if the backend offers no abort."""
+    try:
+        from ray.util.collective.collective import _group_mgr
+    except Exception:
+        return False
+    group = _group_mgr.get_group_by_name(group_name) if group_name else None
+    if group is None:
+        return False
+    done = False
+    for comms in getattr(group, "_dev_comm_map", {}).values():  # NCCL: cupy communicators per device set
+        for comm in comms:
+            try:
+                comm.abort()
+                done = True
+            except Exception:
+                log.debug("NCCL abort failed", exc_info=True)
+    pg = getattr(group, "_pg", None)  # gloo: torch.distributed's process group
+    if pg is not None and hasattr(pg, "abort"):
+        try:
+            pg.abort()
+            done = True
+        except Exception:
+            log.debug("gloo abort failed", exc_info=True)
+    return done
+
+
 @ray.remote(concurrency_groups={"control": 4})
 class Worker:
     """Ray actor shell around WorkerReplica (named raydistro/<run>/worker-<n>[<accelerator>])."""
@@ -581,6 +662,8 @@ class Worker:
         if cfg.cluster.gloo_socket_ifname:
             os.environ["GLOO_SOCKET_IFNAME"] = cfg.cluster.gloo_socket_ifname
         self.r = WorkerReplica(cfg, worker_id, shards, seed, val_shards)
+        self._coordinator: tuple[str, str] | None = None
+        self._orphan_watch: threading.Thread | None = None
         self.accelerator = detect_accelerator(str(self.r.device))
         from elastic.metrics import WorkerMetrics
 
@@ -606,6 +689,50 @@ class Worker:
     def ping(self) -> str:
         return self.r.phase
 
+    @ray.method(concurrency_group="control")
+    def status(self) -> WorkerStatus:
+        """Where this worker is, answered even while its step thread is blocked in a collective: the
+        coordinator's liveness pings, and a restarted coordinator adopting the group."""
+        r = self.r
+        return WorkerStatus(r.worker_id, r.phase, r.progress, r.generation, r.rank, r.step_count, r.pending_step,
+                            os.getpid(), self.info())
+
+    @ray.method(concurrency_group="control")
+    def abort_collective(self, generation: int) -> bool:
+        """Unblock this worker's step thread from a collective of `generation` whose peer went silent: abort
+        the communicator (NCCL: ncclCommAbort; gloo: the process group's abort), so the blocked call raises and
+        the step reports `left_group`. Returns whether there was anything to abort."""
+        if generation != self.r.generation or self.r.phase != "exchange":
+            return False
+        return abort_communicators(self.r.group_name)
+
+    @ray.method(concurrency_group="control")
+    def set_coordinator(self, name: str, namespace: str) -> None:
+        """The coordinator this worker serves: a detached worker whose coordinator is gone for good (not
+        restarting) for `train.orphan_timeout_s` exits, so a lost control plane never strands GPUs."""
+        self._coordinator = (name, namespace)
+        if self._orphan_watch is None:
+            self._orphan_watch = threading.Thread(target=self._watch_coordinator, name="orphan-watch", daemon=True)
+            self._orphan_watch.start()
+
+    def _watch_coordinator(self) -> None:
+        limit = self.r.cfg.train.orphan_timeout_s
+        gone_since = None
+        while True:
+            time.sleep(min(5.0, max(0.5, limit / 4)))
+            name, ns = self._coordinator
+            try:
+                ray.get_actor(name, namespace=ns)  # restarting counts as alive: its name stays registered
+                gone_since = None
+            except ValueError:
+                gone_since = gone_since or time.time()
+                if time.time() - gone_since > limit:
+                    log.error("%s: coordinator %s is gone for %.0f s (train.orphan_timeout_s); exiting",
+                              self.r.worker_id, name, limit)
+                    os._exit(0)
+            except Exception:  # the GCS is unreachable for a moment: not a verdict
+                pass
+
     def prepare(self) -> dict:
         """What the coordinator waits for before a new worker counts as ready: one-time work that must run
         in the thread the steps run in (the default concurrency group's, not __init__'s), then `info`.
@@ -617,16 +744,17 @@ class Worker:
         self.r.join_group(world_size, rank, generation, backend, group_name)
         return True
 
-    def step(self, step: int, ranges: list, lr: float, chaos: dict, commit_first: int | None = None,
-             prefetch: list | None = None, prefetch_margin: list | None = None, window: dict | None = None) -> dict:
+    def step(self, call: StepCall) -> StepReport:
         try:
-            report = self.r.step(step, ranges, lr, chaos, commit_first, prefetch, prefetch_margin, window)
+            report = self.r.step(call)
         except Exception as e:
             self.r.phase = "failed"
-            return {"worker_id": self.r.worker_id, "rank": self.r.rank, "step": step, "ok": False,
-                    "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
-        if report.get("ok"):
-            self.r.tokens_per_s = report["tokens"] / max(1e-9, report["compute_s"])
+            report = StepReport(self.r.worker_id, self.r.rank, call.step, ok=False)
+            report.update_error(e)
+            report.traceback = traceback.format_exc()
+            return report
+        if report.ok:
+            self.r.tokens_per_s = report.tokens_per_s()
             try:
                 self.metrics.record_step(report)
             except Exception:  # metrics are for people watching; they never fail a step
@@ -635,6 +763,20 @@ class Worker:
 
     def commit(self, step: int) -> str:
         return self.r.commit(step)
+
+    def adopt(self, committed: int | None) -> tuple[int, str]:
+        """A new coordinator takes this worker over. Runs on the step lane, so after whatever step call the
+        old coordinator left in flight. `committed`: the step the journal says is committed but may not have
+        been applied here yet. Any other exchanged step was never committed: it is dropped. Returns
+        (committed steps applied, fingerprint)."""
+        r = self.r
+        if r.pending_step is not None:
+            if committed is not None and r.pending_step == committed:
+                r.commit(committed)
+            else:
+                r.abort(r.pending_step)
+        r.phase = "idle"
+        return r.step_count, r.fingerprint()
 
     def abort(self, step: int) -> str:
         return self.r.abort(step)
@@ -651,6 +793,16 @@ class Worker:
             self.r.load_sync_state(sync_state)
         self.r.step_count = step_count
         return self.r.fingerprint()
+
+    def snapshot(self, step: int, dir_uri: str, files: dict) -> float:
+        return self.r.snapshot(step, dir_uri, files)
+
+    @ray.method(concurrency_group="control")  # waits for the write thread while steps go on
+    def snapshot_written(self, dir_uri: str) -> dict:
+        return self.r.snapshot_written(dir_uri)
+
+    def load_checkpoint(self, dir_uri: str, records: dict, sync_name: str | None, step_count: int) -> str:
+        return self.r.load_checkpoint(dir_uri, records, sync_name, step_count)
 
     def fingerprint(self) -> str:
         return self.r.fingerprint()

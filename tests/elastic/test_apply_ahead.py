@@ -3,6 +3,7 @@ applying it at the commit, and an abort leaves exactly what an abort without it 
 from datasets import DataPlan
 
 from .conftest import solo_replica
+from elastic.messages import StepCall
 
 
 def _run(apply_ahead: bool, abort_at: int | None):
@@ -11,10 +12,10 @@ def _run(apply_ahead: bool, abort_at: int | None):
     prints, step, commit = [], 0, None
     while step < 5:
         ranges = plan.assign(step, {0: 600})[0]
-        report = rep.step(step, ranges, 1e-3, {}, commit)
-        assert report["ok"], report
+        report = rep.step(StepCall(step, ranges, 1e-3, commit_first=commit))
+        assert report.ok, report
         if commit is not None:
-            prints.append(report["fingerprint"])
+            prints.append(report.fingerprint)
         if step == abort_at:
             prints.append(rep.abort(step))  # the coordinator drops this step: it runs again
             plan.abort(step)
@@ -37,7 +38,7 @@ def test_applied_ahead_equals_applied_at_commit_with_and_without_an_abort():
 def test_state_read_while_a_step_is_applied_ahead_is_the_committed_state():
     rep, shards = solo_replica()
     before = rep.fingerprint()
-    assert rep.step(0, DataPlan(shards, seed=0).assign(0, {0: 600})[0], 1e-3, {})["ok"]
+    assert rep.step(StepCall(0, DataPlan(shards, seed=0).assign(0, {0: 600})[0], 1e-3)).ok
     assert rep.fingerprint() == before  # applied ahead, not committed: readers see the committed state
     assert rep.fingerprint() != rep.commit(0)  # and the commit still applies it
 
@@ -60,10 +61,11 @@ def test_a_failed_apply_ahead_falls_back_to_applying_at_the_commit():
     rep.sync.commit = flaky
     plan_a, plan_b = DataPlan(shards, seed=0), DataPlan(shards, seed=0)
     for step in range(3):
-        got = rep.step(step, plan_a.assign(step, {0: 600})[0], 1e-3, {}, step - 1 if step else None)
-        want = plain.step(step, plan_b.assign(step, {0: 600})[0], 1e-3, {}, step - 1 if step else None)
-        assert got["ok"] and want["ok"]
-        assert got.get("fingerprint") == want.get("fingerprint"), step
+        got = rep.step(StepCall(step, plan_a.assign(step, {0: 600})[0], 1e-3, commit_first=step - 1 if step else None))
+        want = plain.step(StepCall(step, plan_b.assign(step, {0: 600})[0], 1e-3,
+                                   commit_first=step - 1 if step else None))
+        assert got.ok and want.ok
+        assert got.fingerprint == want.fingerprint, step
         plan_a.commit(step)
         plan_b.commit(step)
     assert rep.commit(2) == plain.commit(2)

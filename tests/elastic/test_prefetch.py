@@ -11,6 +11,7 @@ from elastic.fingerprint import params_fingerprint
 from elastic.worker import WorkerReplica
 from compression import build_sync
 from compression.communicator import ThreadCommunicator
+from elastic.messages import StepCall
 
 
 def _replica(cfg, shards):
@@ -37,13 +38,14 @@ def _train(cfg, shards, hints, before_step=None):
         if before_step:
             before_step(rep, step)
         ranges = plan.assign(step, {0: 600})[0]
-        reports.append(rep.step(step, ranges, 1e-3, {}, step - 1 if step else None, hints(plan, step)))
-        assert reports[-1]["ok"], reports[-1]
+        reports.append(rep.step(StepCall(step, ranges, 1e-3, commit_first=step - 1 if step else None,
+                                         prefetch=hints(plan, step))))
+        assert reports[-1].ok, reports[-1]
         if step:  # the fingerprint read after the fwd/bwd is that of the committed parameters
-            assert reports[-1]["fingerprint"] == rep.fingerprint()
+            assert reports[-1].fingerprint == rep.fingerprint()
         plan.commit(step)
     rep.commit(2)
-    return params_fingerprint(rep.params), [(r["tokens"], r["loss"]) for r in reports], reads
+    return params_fingerprint(rep.params), [(r.tokens, r.loss) for r in reports], reads
 
 
 def test_prefetch_hit_miss_and_failure_train_the_same():

@@ -1,6 +1,7 @@
 """`train.profile_at`: a worker profiles its steps with torch.profiler and reports where the time went."""
 from datasets import DataPlan
 from elastic.config import ConfigError, load_config
+from elastic.messages import StepCall
 from elastic.profiling import PHASES
 
 from .conftest import solo_replica
@@ -11,10 +12,11 @@ def test_profiled_steps_report_a_summary_once():
     plan = DataPlan(shards, seed=0)
     reports = []
     for step in range(4):
-        reports.append(rep.step(step, plan.assign(step, {0: 600})[0], 1e-3, {}, step - 1 if step else None))
+        reports.append(rep.step(StepCall(step, plan.assign(step, {0: 600})[0], 1e-3,
+                                         commit_first=step - 1 if step else None)))
         plan.commit(step)
-    assert [("profile" in r) for r in reports] == [False, False, True, False]
-    prof = reports[2]["profile"]
+    assert [r.profile is not None for r in reports] == [False, False, True, False]
+    prof = reports[2].profile
     assert prof["steps"] == 2 and prof["wall_ms_per_step"] > 0
     assert set(prof["phases_cpu_ms_per_step"]) == set(PHASES)
     assert prof["phases_cpu_ms_per_step"]["fwd_bwd"] > 0 and prof["phases_cpu_ms_per_step"]["commit"] > 0

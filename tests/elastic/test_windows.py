@@ -6,6 +6,7 @@ from datasets.plan import split_windows
 from elastic.config import load_config
 
 from .test_prefetch import _replica
+from elastic.messages import StepCall
 
 
 def _setup():
@@ -30,13 +31,13 @@ def test_windows_train_each_target_of_the_step_once():
     got = []
     for rank, w in enumerate(wins):
         rep, _ = _replica(cfg, shards)
-        report = rep.step(0, list(w.owned), 1e-3, {}, window=w.to_json())
-        assert report["ok"], report
+        report = rep.step(StepCall(0, list(w.owned), 1e-3, window=w.to_json()))
+        assert report.ok, report
         got.append(report)
-    assert sum(r["tokens"] for r in got) == whole
-    assert all(r["tokens"] <= 64 * w.rows for r, w in zip(got, wins))
+    assert sum(r.tokens for r in got) == whole
+    assert all(r.tokens <= 64 * w.rows for r, w in zip(got, wins))
     # documents are counted by the rank that owns them, not by the one that borrows a part
-    assert sum(r["docs"] for r in got) == len(batch.docs)
+    assert sum(r.docs for r in got) == len(batch.docs)
 
 
 def test_a_window_cut_for_other_token_counts_fails_the_step_and_says_so():
@@ -45,6 +46,6 @@ def test_a_window_cut_for_other_token_counts_fails_the_step_and_says_so():
     ranges = plan.assign(0, {0: 600})[0]
     rep, _ = _replica(cfg, shards)
     wrong = {"owned": [r.to_list() for r in ranges], "borrow": None, "skip": 0, "rows": 2, "slots": 7}
-    report = rep.step(0, ranges, 1e-3, {}, window=wrong)
-    assert not report["ok"] and report["window_mismatch"] and report["pre_exchange"]
-    assert "cut for 7 target slots" in report["error"]
+    report = rep.step(StepCall(0, ranges, 1e-3, window=wrong))
+    assert not report.ok and report.window_mismatch and report.pre_exchange
+    assert "cut for 7 target slots" in report.error
