@@ -9,8 +9,9 @@ Driven by the coordinator: `on_commit(coordinator, step, loss, tokens, reports, 
   compression_ratio (dense / sent this step), world_size, generation, accelerators, val_loss (when the held-out
   set was scored since the last row), and the membership changes and events recorded since the last row
   (`membership`, `events`). The last row of a run has `"final": true` with the end state.
-- `tensorboard/`: TensorBoard event files (tensorboardX, which ray[train] brings) with the same scalars
-  (train/*, cluster/*, val/loss) and the membership changes as text; flushed every step.
+- `tensorboard/`: a TensorBoard event file (`EventFile`: tensorboardX's protos, which ray[train] brings, written
+  synchronously) with the same scalars (train/*, cluster/*, val/loss) and the membership changes as text; on
+  disk at every step.
 - W&B when `tracking.wandb.project` is set and `wandb` is installed (`tracking.wandb.mode=offline` writes
   under runs/<name>/wandb without an account); MLflow when `tracking.mlflow.uri` is set and `mlflow` is
   installed (`file:///abs/path` or a server URL). Installed but unusable (no login, server down): a warning,
@@ -23,7 +24,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
 from elastic.config import RunConfig, run_dir, to_dict
@@ -47,6 +50,46 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[key] = v
     return out
+
+
+class EventFile:
+    """A TensorBoard event file written synchronously: every `flush()` leaves every event on disk (tensorboardX's
+    SummaryWriter queues events to a thread and its flush() does not wait for that queue). Uses tensorboardX's
+    protos and TFRecord framing (masked CRC32C), the format TensorBoard reads."""
+
+    def __init__(self, logdir: Path):
+        import socket
+
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.record_writer import RecordWriter
+
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}.raydistro"
+        self._writer = RecordWriter(str(logdir / name))
+        self._writer.write(Event(wall_time=time.time(), file_version="brain.Event:2").SerializeToString())
+        self._writer.flush()
+
+    def _write(self, summary, step: int) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        self._writer.write(Event(wall_time=time.time(), step=int(step), summary=summary).SerializeToString())
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        self._write(Summary(value=[Summary.Value(tag=tag, simple_value=float(value))]), step)
+
+    def add_text(self, tag: str, text: str, step: int) -> None:
+        from tensorboardX.summary import text as text_summary
+
+        self._write(text_summary(tag, text), step)
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
 
 
 class RunTracker:
@@ -79,9 +122,7 @@ class RunTracker:
         return None
 
     def _open_tensorboard(self):
-        from tensorboardX import SummaryWriter
-
-        return SummaryWriter(logdir=str(self.dir / "tensorboard"), flush_secs=5)
+        return EventFile(self.dir / "tensorboard")
 
     def _open_wandb(self):
         import wandb
@@ -96,17 +137,20 @@ class RunTracker:
         return wandb.init(**kwargs)
 
     def _open_mlflow(self):
-        import mlflow
-
         m = self.t.mlflow
-        mlflow.set_tracking_uri(m.uri)
-        mlflow.set_experiment(m.experiment)
-        run = mlflow.start_run(run_name=self.cfg.run.name)
-        params = {k: str(v)[:250] for k, v in _flat(to_dict(self.cfg, redact=True)).items()}
-        items = list(params.items())
-        for i in range(0, len(items), 90):  # the REST API takes at most 100 params per call
-            mlflow.log_params(dict(items[i:i + 90]))
-        return run
+        if m.uri.startswith("file:"):  # MLflow 3 keeps its file store only on request; the user asked for one
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=m.uri)
+        exp = client.get_experiment_by_name(m.experiment)
+        exp_id = exp.experiment_id if exp is not None else client.create_experiment(m.experiment)
+        run = client.create_run(exp_id, run_name=self.cfg.run.name, tags={"raydistro.run": self.cfg.run.name})
+        params = [Param(k, str(v)[:250]) for k, v in _flat(to_dict(self.cfg, redact=True)).items()]
+        for i in range(0, len(params), 90):  # the REST API takes at most 100 params per call
+            client.log_batch(run.info.run_id, params=params[i:i + 90])
+        return client, run.info.run_id
 
     def _each(self, name: str, fn) -> None:
         sink = getattr(self, f"_{name}")
@@ -182,10 +226,13 @@ class RunTracker:
         self._each("tb", tb)
         self._each("wandb", lambda run: run.log(scalars, step=step))
 
-        def ml(_run):
-            import mlflow
+        def ml(sink):
+            from mlflow.entities import Metric
 
-            mlflow.log_metrics({k.replace("/", "."): float(v) for k, v in scalars.items()}, step=step)
+            client, run_id = sink
+            ts = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(k.replace("/", "."), float(v), ts, step)
+                                              for k, v in scalars.items()])
 
         self._each("mlflow", ml)
 
@@ -215,12 +262,11 @@ class RunTracker:
         self._each("tb", lambda w: w.close())
         self._each("wandb", lambda run: run.finish(exit_code=0 if d.get("state") in ("FINISHED", "STOPPED") else 1))
 
-        def ml(_run):
-            import mlflow
-
+        def ml(sink):
+            client, run_id = sink
             if d.get("val_loss") is not None:
-                mlflow.log_metric("val.loss", float(d["val_loss"]), step=row["step"])
-            mlflow.end_run(status="FINISHED" if d.get("state") in ("FINISHED", "STOPPED") else "FAILED")
+                client.log_metric(run_id, "val.loss", float(d["val_loss"]), step=row["step"])
+            client.set_terminated(run_id, "FINISHED" if d.get("state") in ("FINISHED", "STOPPED") else "FAILED")
 
         self._each("mlflow", ml)
         self._tb = self._wandb = self._mlflow = None
