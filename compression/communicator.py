@@ -31,7 +31,8 @@ class RayCollectiveCommunicator:
     """`ray.util.collective` (gloo: CPU tensors, nccl: CUDA tensors); call inside a Ray actor of the group.
 
     The group must already exist (`init_collective_group` in the actor, or `create_collective_group` from
-    the driver). With gloo, membership changes need `group_name="default"` (see docs/compression.md).
+    the driver). With gloo, a group re-formed with another world size needs torch's default process
+    group destroyed first in every member (see docs/compression.md).
     """
 
     def __init__(self, group_name: str = "default", rank: int | None = None, world_size: int | None = None):
