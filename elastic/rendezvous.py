@@ -33,13 +33,20 @@ def rendezvous_key(group: str) -> str:
     return KEY_PREFIX + group
 
 
-def forget_rendezvous(run_name: str) -> int:
+# NCCL store actors are named sha256("<devices>@<group>"); a worker with one GPU sees it as device 0
+_NCCL_DEVICE_KEYS = tuple(str(d) for d in range(16))
+
+
+def forget_rendezvous(run_name: str, generation: int | None = None) -> int:
     """Delete every rendezvous key this run left in the cluster's KV (a rank 0 that died during a rendezvous
-    leaves its address behind); other runs' keys are untouched. Returns how many were deleted."""
+    leaves its address behind) and, given the generation being formed, the NCCL store actors of this run's
+    earlier generations that are still alive (one whose rank 0 died before destroying its group); other
+    runs' keys and actors are untouched. Returns how many keys and actors were deleted."""
     from ray.experimental import internal_kv
 
+    deleted = _forget_nccl_stores(run_name, generation) if generation else 0
+
     prefix = rendezvous_key(group_name(run_name, 0))[:-1]  # "...raydistro-<run>-g"
-    deleted = 0
     try:
         keys = internal_kv._internal_kv_list(prefix)
     except Exception:
@@ -54,6 +61,25 @@ def forget_rendezvous(run_name: str) -> int:
             except Exception:
                 log.debug("deleting rendezvous key %s failed", name, exc_info=True)
     return deleted
+
+
+def _forget_nccl_stores(run_name: str, generation: int) -> int:
+    import ray
+    from ray.util.collective.const import get_store_name
+
+    try:
+        alive = set(ray.util.list_named_actors())  # this namespace: where the run's workers made them
+    except Exception:
+        log.debug("listing named actors failed", exc_info=True)
+        return 0
+    stale = {get_store_name(f"{key}@{group_name(run_name, g)}") for g in range(generation)
+             for key in _NCCL_DEVICE_KEYS} & alive
+    for name in stale:
+        try:
+            ray.kill(ray.get_actor(name), no_restart=True)
+        except Exception:  # gone meanwhile
+            log.debug("killing NCCL store actor %s failed", name, exc_info=True)
+    return len(stale)
 
 
 def join(world_size: int, rank: int, backend: str, group: str, previous: str = "") -> None:

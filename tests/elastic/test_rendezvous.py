@@ -87,6 +87,17 @@ def test_regroups_with_other_world_sizes_keep_only_the_current_group(connected):
     assert internal_kv._internal_kv_get(other) is not None  # another run's key stays
     internal_kv._internal_kv_del(other)
     assert _named_actors() == before
+    # an NCCL unique-id store (a detached actor named after its group) whose rank 0 died before destroying
+    # its group: the coordinator removes those of its run's earlier generations, and no other run's
+    from ray.util.collective.const import get_store_name
+
+    ours = get_store_name(f"0@{rendezvous.group_name('leak', 1)}")
+    theirs = get_store_name(f"0@{rendezvous.group_name('other', 1)}")
+    stores = [Member.options(name=n, lifetime="detached").remote() for n in (ours, theirs)]
+    ray.get([m.held.remote() for m in stores])
+    assert rendezvous.forget_rendezvous("leak", generation=3) == 1
+    assert _named_actors() == before | {("raydistro", theirs)}
+    ray.kill(stores[1])
     for m in members:
         ray.kill(m)
 
