@@ -205,6 +205,11 @@ def load_file(dir_uri: str, name: str, record: dict, storage_options: dict | Non
     return read_checked(fs, f"{root}/{name}", record, f"{dir_uri.rstrip('/')}/{name}")
 
 
+def _is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
 def load_tensors(data: bytes) -> Any:
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -340,7 +345,8 @@ class CheckpointStore:
             version = self._newest.get(step, -1) + 1
             self._newest[step] = version
             self._claimed.add((step, version))
-        self.fs.makedirs(self._dir(step, version), exist_ok=True)  # local paths; a no-op on object stores
+        if _is_local(self.fs):  # object stores have no directories: nothing to ask a (maybe slow) store here
+            self.fs.makedirs(self._dir(step, version), exist_ok=True)
         return version, self.public_uri(step, version)
 
     def commit(self, step: int, version: int, meta: dict, records: Mapping[str, dict]) -> str:
@@ -381,15 +387,69 @@ class CheckpointStore:
 
 
 # ---- the worker's side: snapshot, then write in the background -------------------------------------
+def state_trees(files: Mapping[str, str], model: torch.nn.Module, sync) -> dict[str, Any]:
+    """The live (device) state behind each file of `files` ({name: "model" | "sync"}): the model's
+    state_dict, or the sync's state_dict ({} without a sync)."""
+    trees: dict[str, Any] = {}
+    for name, what in files.items():
+        if what == "model":
+            trees[name] = model.state_dict()
+        elif what == "sync":
+            trees[name] = sync.state_dict() if sync is not None else {}
+        else:
+            raise ValueError(f"checkpoint file {name} holds '{what}'; expected model or sync")
+    return trees
+
+
+class PinnedPool:
+    """Pinned host buffers kept from one snapshot to the next. Pinning memory costs far more than copying
+    into it, so every checkpoint after a worker's first reuses the buffers of the one before (given back
+    once its write is done); at most as many buffers of a shape are kept as one snapshot used."""
+
+    def __init__(self):
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._peak: dict[tuple, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        key = (tuple(shape), dtype)
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                return free.pop()
+        return torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def give_back(self, buffers: list[torch.Tensor]) -> None:
+        counts: dict[tuple, int] = {}
+        for b in buffers:
+            key = (tuple(b.shape), b.dtype)
+            counts[key] = counts.get(key, 0) + 1
+        with self._lock:
+            for key, n in counts.items():
+                self._peak[key] = max(self._peak.get(key, 0), n)
+            for b in buffers:
+                key = (tuple(b.shape), b.dtype)
+                free = self._free.setdefault(key, [])
+                if len(free) < self._peak[key]:
+                    free.append(b)
+
+    def pooled_bytes(self) -> int:
+        with self._lock:
+            return sum(b.numel() * b.element_size() for bs in self._free.values() for b in bs)
+
+
 class HostSnapshot:
     """A copy of state trees (nested dicts/lists of tensors) in host memory, taken without waiting for
-    the device: CUDA tensors are copied into pinned buffers with non_blocking copies queued on the current
-    stream (so later in-place updates of the parameters queue after them) and an event marks their end;
-    host tensors are cloned when `clone_host` (on a CPU worker they are the live state itself)."""
+    the device: CUDA tensors are copied into pinned buffers (from `pool`, reused across checkpoints) with
+    non_blocking copies queued on the current stream (so later in-place updates of the parameters queue
+    after them), and an event marks their end; host tensors are cloned when `clone_host` (on a CPU worker
+    they are the live state itself)."""
 
-    def __init__(self, trees: dict[str, Any], clone_host: bool):
+    def __init__(self, trees: dict[str, Any], clone_host: bool, pool: PinnedPool | None = None):
         self.event = None
         self.bytes = 0
+        self.pool = pool
+        self.pinned: list[torch.Tensor] = []  # buffers taken from `pool`, given back by `release`
         self.trees = {name: self._copy(tree, clone_host) for name, tree in trees.items()}
         if self.event is not None:
             self.event.record()
@@ -401,7 +461,11 @@ class HostSnapshot:
             if t.device.type == "cuda":
                 if self.event is None:
                     self.event = torch.cuda.Event()
-                buf = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)
+                if self.pool is not None:
+                    buf = self.pool.take(t.size(), t.dtype)
+                    self.pinned.append(buf)
+                else:
+                    buf = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)
                 buf.copy_(t, non_blocking=True)
                 return buf
             return t.clone() if clone_host else t
@@ -416,6 +480,13 @@ class HostSnapshot:
         if self.event is not None:
             self.event.synchronize()
 
+    def release(self) -> None:
+        """The files are written: drop the copies, the pinned buffers go back to the pool."""
+        self.trees = {}
+        if self.pool is not None and self.pinned:
+            self.pool.give_back(self.pinned)
+        self.pinned = []
+
 
 class BackgroundWrites:
     """A worker's checkpoint writes: `start` queues a snapshot's files for one thread (writes run one at a
@@ -423,6 +494,7 @@ class BackgroundWrites:
 
     def __init__(self, name: str = "checkpoint"):
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write")
+        self.pinned = PinnedPool()  # for this worker's snapshots (`HostSnapshot(..., pool=writes.pinned)`)
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._cv = threading.Condition()
 
@@ -443,10 +515,14 @@ class BackgroundWrites:
     @staticmethod
     def _write(dir_uri: str, snap: HostSnapshot, storage_options: dict) -> dict:
         t0 = time.perf_counter()
-        snap.wait()
-        fs, root = fsspec.core.url_to_fs(dir_uri.rstrip("/"), **storage_options)
-        fs.makedirs(root, exist_ok=True)
-        records = {name: write_file(fs, f"{root}/{name}", tree) for name, tree in snap.trees.items()}
+        try:
+            snap.wait()
+            fs, root = fsspec.core.url_to_fs(dir_uri.rstrip("/"), **storage_options)
+            if _is_local(fs):
+                fs.makedirs(root, exist_ok=True)
+            records = {name: write_file(fs, f"{root}/{name}", tree) for name, tree in snap.trees.items()}
+        finally:
+            snap.release()
         log.info("wrote %s to %s in %.2fs", sorted(records), dir_uri, time.perf_counter() - t0)
         return records
 
@@ -471,6 +547,11 @@ class BackgroundWrites:
                 with self._cv:
                     self._futures.pop(dir_uri, None)
         return records
+
+    def in_flight(self) -> int:
+        """How many writes are queued or running."""
+        with self._cv:
+            return sum(not f.done() for f in self._futures.values())
 
     def wait_all(self, timeout: float | None = None) -> None:
         """Block until every queued write has finished (succeeded or failed)."""

@@ -515,6 +515,8 @@ class Coordinator:
             self.summary.event(self.step, f"checkpoint-failed {self.store.uri} ({reason}): {w.last_error}")
             return None
         for h, files in zip(self.members, files_by_rank(len(self.members), self._replicated_sync())):
+            if not files:  # a replica of what another rank writes: nothing of its own
+                continue
             ck.snapshots[h.actor.snapshot.remote(self.step, ck.uri, files)] = h.worker_id
             ck.writers[h.actor.snapshot_written.remote(ck.uri)] = (h.worker_id, files)
         self._poll_checkpoints()

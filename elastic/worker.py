@@ -572,7 +572,8 @@ class WorkerReplica:
                 raise RuntimeError(f"{self.worker_id}: checkpoint of step {step} asked, but {self.step_count} "
                                    "steps are committed here")
             # on a CPU worker the state dicts hold the live tensors: copy them before training goes on
-            snap = HostSnapshot(state_trees(files, self.model, self.sync), clone_host=self.device.type != "cuda")
+            snap = HostSnapshot(state_trees(files, self.model, self.sync), clone_host=self.device.type != "cuda",
+                                pool=self.checkpoint_writes.pinned)
             self.checkpoint_writes.start(dir_uri, snap, self.cfg.checkpoint.storage_options)
         except BaseException as e:
             self.checkpoint_writes.failed(dir_uri, e)

@@ -4,9 +4,18 @@ Real S3 over HTTP (moto's server on 127.0.0.1), real s3fs: keep-N pruning, a cut
 skipped, and a run that stops with its checkpoints in a bucket and resumes from them.
 """
 import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import boto3
+import botocore.config
 import pytest
+import ray
 import torch
 from moto.server import ThreadedMotoServer
 
@@ -69,3 +78,146 @@ def test_run_stops_with_checkpoints_in_a_bucket_and_resumes_from_them(tmp_path, 
     assert "secret: '***'" in saved and "testing" not in saved
     meta = s3.get_object(Bucket="ckpt", Key="runs/s3ck/step-00000010/meta.json")["Body"].read().decode()
     assert "endpoint_url" in meta and "testing" not in meta
+
+
+# ---- storage errors during a real run: moto in its own process, frozen by SIGSTOP (by its PID) ------------
+@pytest.fixture
+def moto_process():
+    """A moto S3 server in a process of its own (so it can be frozen), a bucket, and storage options whose
+    timeouts are short: a frozen store fails a write in seconds instead of minutes."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing",
+                      aws_secret_access_key="testing",
+                      config=botocore.config.Config(connect_timeout=2, read_timeout=2, retries={"max_attempts": 0}))
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                s3.create_bucket(Bucket="ckpt")
+                break
+            except Exception:
+                if time.time() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        opts = (f"{{endpoint_url: '{endpoint}', key: testing, secret: testing, config_kwargs: "
+                "{connect_timeout: 1, read_timeout: 1, retries: {total_max_attempts: 1}}}")
+        yield proc, s3, opts
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _commits(s3, prefix: str) -> list[str]:
+    """The checkpoint directories under `prefix` that have a COMMIT, oldest first."""
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="ckpt", Prefix=prefix).get("Contents", [])]
+    return sorted(k.rsplit("/", 2)[-2] for k in keys if k.endswith("/COMMIT"))
+
+
+def _wait_for(cond, what: str, limit: float = 240.0):
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.1)
+    raise AssertionError(f"gave up waiting for {what}")
+
+
+class StorageFault(threading.Thread):
+    """Freezes the store once the run has committed a checkpoint; `then(coord, s3, events)` does the rest."""
+
+    def __init__(self, run: str, proc, s3, then):
+        super().__init__(daemon=True)
+        self.run_name, self.proc, self.s3, self.then = run, proc, s3, then
+        self.before: list[str] = []
+        self.events: list[str] = []
+        self.error = None
+
+    def coordinator(self):
+        return ray.get_actor(f"raydistro/{self.run_name}/coordinator", namespace="raydistro")
+
+    def watch_events(self, coord) -> list[str]:
+        for e in ray.get(coord.progress.remote(), timeout=10)["recent_events"]:
+            if e["what"] not in self.events:
+                self.events.append(e["what"])
+        return self.events
+
+    def run(self):  # noqa: D401 - threading.Thread's entry point
+        try:
+            self.before = _wait_for(lambda: _commits(self.s3, f"runs/{self.run_name}/"), "a first checkpoint")
+            coord = self.coordinator()
+            os.kill(self.proc.pid, signal.SIGSTOP)  # the store stops answering mid-run
+            self.then(self, coord)
+        except Exception as e:  # surfaced by the test
+            self.error = e
+            os.kill(self.proc.pid, signal.SIGCONT)
+
+
+def test_storage_error_mid_run_keeps_the_previous_checkpoint_and_training_goes_on(tmp_path, ray_cluster,
+                                                                                   moto_process):
+    proc, s3, opts = moto_process
+
+    def then(fault, coord):
+        _wait_for(lambda: any(e.startswith("checkpoint-failed") for e in fault.watch_events(coord)),
+                  "a checkpoint-failed event")
+        os.kill(proc.pid, signal.SIGCONT)  # the store is back: later checkpoints commit again
+        _wait_for(lambda: len(_commits(s3, "runs/s3fail/")) > len(fault.before) + 1, "commits after the fault")
+        coord.stop.remote()
+
+    fault = StorageFault("s3fail", proc, s3, then)
+    fault.start()
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=s3fail", "checkpoint.dir=s3://ckpt/runs/s3fail",
+                       f"checkpoint.storage_options={opts}", "train.steps=100000", "checkpoint.every=3",
+                       "checkpoint.keep=100", "checkpoint.write_timeout_s=60")
+    summary = train(cfg)
+    fault.join(60)
+    assert fault.error is None, fault.error
+    assert summary["state"] == "STOPPED", summary.get("error")
+    failed = [e for e in fault.events if e.startswith("checkpoint-failed")]
+    # the event names the checkpoint and the storage's error
+    m = re.match(r"checkpoint-failed (s3://ckpt/runs/s3fail/(step-\d{8}(?:\.\d+)?)) \((\w[\w-]*)\): (\S+): (\w+)",
+                 failed[0])
+    assert m, failed
+    uri, name = m.group(1), m.group(2)
+    assert m.group(5) not in ("KeyError", "AssertionError", "TypeError"), failed[0]  # a storage error, not a bug
+    assert name not in _commits(s3, "runs/s3fail/")  # never committed
+    # the checkpoint committed before the fault is intact and loads; training went on past the failed one
+    store = CheckpointStore("s3://ckpt/runs/s3fail", storage_options=cfg.checkpoint.storage_options)
+    last_good = fault.before[-1]
+    assert store.read(int(last_good[5:13])).uri.endswith(last_good)
+    latest = store.load_latest()
+    assert latest.step == summary["steps"] > int(name[5:13]) and latest.meta["reason"] == "stop"
+    assert summary["checkpoints"][-1] == latest.uri and uri not in summary["checkpoints"]
+    assert summary["data"]["duplicated"] == 0 and summary["data"]["skipped"] == 0
+
+
+def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_with_a_clear_error(tmp_path, ray_cluster,
+                                                                                   moto_process):
+    proc, s3, opts = moto_process
+
+    def then(fault, coord):
+        coord.stop.remote()  # the stop checkpoint meets a frozen store
+
+    fault = StorageFault("s3final", proc, s3, then)
+    fault.start()
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=s3final", "checkpoint.dir=s3://ckpt/runs/s3final",
+                       f"checkpoint.storage_options={opts}", "train.steps=100000", "checkpoint.every=3",
+                       "checkpoint.keep=100", "checkpoint.write_timeout_s=60")
+    summary = train(cfg)
+    fault.join(60)
+    os.kill(proc.pid, signal.SIGCONT)
+    assert fault.error is None, fault.error
+    assert summary["state"] == "ERRORED"
+    assert re.search(r"CheckpointFailed: the stop checkpoint at step \d+ could not be written "
+                     r"\(s3://ckpt/runs/s3final/step-\d{8}", summary["error"]), summary["error"]
+    # what was committed before stays, and is what a resubmitted run resumes from
+    latest = CheckpointStore("s3://ckpt/runs/s3final", storage_options=cfg.checkpoint.storage_options).load_latest()
+    assert latest is not None and latest.meta["reason"] == "periodic"
+    assert latest.uri.rsplit("/", 1)[-1] in _commits(s3, "runs/s3final/")
