@@ -122,6 +122,7 @@ class ChaosSection:
     window_mismatch_at: list[int] = field(default_factory=list)  # a token-level window that misfits its documents
     commit_error_at: list[int] = field(default_factory=list)     # applying the previous step raises on a worker
     diverge_at: list[int] = field(default_factory=list)          # a worker's parameters drift after a commit
+    prepare_error: list[str] = field(default_factory=list)       # these workers' setup raises (e.g. [w3])
     remove_node_at: list[int] = field(default_factory=list)      # remove a simulated node (needs cluster.simulate)
     add_node_at: list[int] = field(default_factory=list)         # add a simulated node (needs cluster.simulate)
     seed: int = 0                                                # picks the victim ranks

@@ -906,8 +906,8 @@ class Coordinator:
             fault_at = killed_at or fault_time(observed, [h.worker_id for h in leaving], detected)
             self.membership_change(decision.kind if decision.action == "evict" else "replica_mismatch", leaving, [],
                                    fault_at, detected_at=detected)
-        elif decision.action == "regroup":
-            self.membership_change(decision.kind, [], [], detected)
+        elif decision.action == "regroup":  # same members, a new generation
+            self.membership_change("regroup", [], [], detected)
         elif decision.action == "retry":
             self.summary.rejected_step(step, {w: r.error for w, r in reports.items() if not r.ok})
 
@@ -1211,6 +1211,8 @@ class Coordinator:
         info.setdefault("total", self.cfg.train.steps)
         info["state"] = self.state.value
         info["resumed_from_step"] = self.summary.data.get("resumed_from_step")
+        info["members"] = [{"worker_id": h.worker_id, "pid": h.info.get("pid"), "node_id": h.info.get("node_id"),
+                            "accelerator": h.info.get("accelerator")} for h in list(self.members)]
         info["recent_events"] = self.summary.data["events"][-5:]
         info["change_kinds"] = dict(Counter(c["kind"] for c in self.summary.data["membership_changes"]))
         return info

@@ -155,7 +155,7 @@ def decide_failure(o: StepOutcome) -> FailureDecision:
         if o.collective_stuck or any(r.left_group for r in failed.values()):
             # the collective failed with nobody to blame (a transient NCCL/gloo error): its ranks closed
             # their side, so re-form the group before the retry instead of retrying into a closed one
-            return FailureDecision("regroup", "regroup" if not o.collective_stuck else "collective_stuck",
+            return FailureDecision("regroup", "collective_error" if not o.collective_stuck else "collective_stuck",
                                    reason=errors)
         return FailureDecision("retry", "window_mismatch" if any(r.window_mismatch for r in failed.values())
                                else "rejected", reason=errors)

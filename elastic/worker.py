@@ -738,6 +738,8 @@ class Worker:
         """What the coordinator waits for before a new worker counts as ready: one-time work that must run
         in the thread the steps run in (the default concurrency group's, not __init__'s), then `info`.
         The group keeps training meanwhile."""
+        if self.r.worker_id in self.r.cfg.chaos.prepare_error:
+            raise RuntimeError(f"chaos.prepare_error: {self.r.worker_id}'s setup fails")
         prepare_s = self.r.prepare()
         return {**self.info(), "prepare_s": round(prepare_s, 3)}
 
