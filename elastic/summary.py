@@ -30,7 +30,8 @@ class RunSummary:
         self.data: dict = {
             "run_name": cfg.run.name,
             "sync": cfg.sync.name,
-            "model": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head},
+            "model": {"n_layer": cfg.model.n_layer, "n_embd": cfg.model.n_embd, "n_head": cfg.model.n_head,
+                      **({"hf": cfg.model.hf} if cfg.model.hf else {})},  # model.hf: the shape is config.json's
             "steps": 0,
             "tokens": 0,
             "initial_loss": None,

@@ -80,7 +80,7 @@ def test_hf_llama_with_hf_tokenizer_demo_sync_survives_a_kill_exports_and_loads(
     assert any("state-from-peer" in e["what"] for e in summary["events"]), summary["events"]
     assert summary["replica_hashes_agree"] is True
     assert summary["data"]["duplicated"] == 0 and summary["data"]["skipped"] == 0
-    assert summary["bytes_sent_per_worker_total"] and summary["model"]
+    assert summary["bytes_sent_per_worker_total"] and summary["model"]["hf"] == str(llama)
     # during the run: rows and event files were there, and summary.json said RUNNING
     assert seen_during.get("rows", 0) >= 2 and seen_during["tensorboard"], seen_during
     assert seen_during["summary_state"] in (None, "RUNNING"), seen_during
