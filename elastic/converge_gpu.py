@@ -122,6 +122,37 @@ class Diverged(RuntimeError):
 
 
 # ---- one run ------------------------------------------------------------------------------------------------
+def best_labels(path: str) -> dict[str, str]:
+    """{sync name: label of its lowest val loss} over the runs of a saved study (the tuning corpus)."""
+    with open(path) as f:
+        runs = [r for r in json.load(f)["runs"] if "val_loss" in r]
+    best: dict[str, dict] = {}
+    for r in runs:
+        if r["sync"] not in best or r["val_loss"] < best[r["sync"]]["val_loss"]:
+            best[r["sync"]] = r
+    return {k: v["label"] for k, v in best.items()}
+
+
+def resolve_best(spec: str, best_from: str) -> str:
+    """Replace 'dense@best' / 'demo@best' entries of a --runs spec by the best run of that sync in
+    `best_from` (a JSON of this command): tune on one corpus, confirm the same settings on another."""
+    if "@best" not in spec:
+        return spec
+    if not best_from:
+        raise SystemExit("bench-converge-gpu: --runs uses NAME@best but no --best-from JSON was given")
+    best = best_labels(best_from)
+    out = []
+    for part in (p.strip() for p in spec.split(";") if p.strip()):
+        if part.endswith("@best"):
+            name = part[:-len("@best")]
+            if name not in best:
+                raise SystemExit(f"bench-converge-gpu: {best_from} has no finished {name} run for {part}")
+            part = best[name]
+        if part not in out:
+            out.append(part)
+    return ";".join(out)
+
+
 def parse_runs(spec: str) -> list[tuple[str, str, list[str]]]:
     """'dense; demo:sync.decay=0.99,train.lr=1e-3' -> [(label, sync name, overrides)]."""
     runs = []
@@ -237,14 +268,15 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
 
 # ---- the study ----------------------------------------------------------------------------------------------
 def study(preset: str, data: str, runs: str, workers: list[int], overrides: list[str], eval_every: int,
-          out_dir: str | None, budget_s: float, log=print) -> dict:
+          out_dir: str | None, budget_s: float, log=print, tag: str = "") -> dict:
     from elastic.config import load_config
 
     base = load_config(preset, list(overrides))
     train_tok = corpus_tokens(data, "train", base.data.tokenizer)
     val_tok = corpus_tokens(data, "val", base.data.tokenizer)
     t0 = time.time()
-    result: dict = {"preset": preset, "data": os.path.basename(os.path.normpath(data)), "overrides": overrides,
+    result: dict = {"preset": preset, "data": os.path.basename(os.path.normpath(data)), "tag": tag,
+                    "overrides": overrides,
                     "workers": workers, "runs_spec": runs, "machine": _machine(),
                     "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                     "train_tokens_in_corpus": int(len(train_tok)), "val_tokens_in_corpus": int(len(val_tok)),
@@ -305,9 +337,13 @@ def _machine() -> str:
     return f"{platform.machine()} CPU x{os.cpu_count()}"
 
 
+def _stem(result: dict) -> str:
+    return f"converge-{result['preset']}-{result['data']}" + (f"-{result['tag']}" if result.get("tag") else "")
+
+
 def write_json(result: dict, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"converge-{result['preset']}-{result['data']}.json")
+    path = os.path.join(out_dir, f"{_stem(result)}.json")
     with open(path, "w") as f:
         json.dump(result, f, indent=1)
     return path
@@ -399,6 +435,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", default="", help="directory for the JSON (written after every run) and the PNG")
     p.add_argument("--plot", default="", help="PNG path (default: OUT/converge-<preset>-<data>.png)")
     p.add_argument("--budget-s", type=float, default=0.0, help="start no run after this many seconds (0: no limit)")
+    p.add_argument("--tag", default="", help="suffix of the output file names")
+    p.add_argument("--best-from", default="", help="a JSON of this command: 'dense@best' / 'demo@best' in --runs "
+                                                   "stand for its best run of that sync")
     p.add_argument("--record", action="store_true", help="append rows to docs/BENCHMARKS.md")
     p.add_argument("--from-json", default="", help="re-plot / record a saved result instead of training")
     p.add_argument("overrides", nargs="*", help="key=value for every run, e.g. train.steps=300")
@@ -411,12 +450,14 @@ def main(args) -> int:
         command = result.get("command", _command(args))
     else:
         workers = [int(w) for w in str(args.workers).split(",") if w.strip()]
+        args.runs = resolve_best(args.runs, args.best_from)
         result = study(args.config, args.data, args.runs, workers, args.overrides, args.eval_every,
-                       args.out or None, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True))
+                       args.out or None, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True),
+                       tag=args.tag)
         command = result["command"] = _command(args)
         if args.out:
             write_json(result, args.out)
-    png = args.plot or (os.path.join(args.out, f"converge-{result['preset']}-{result['data']}.png") if args.out else "")
+    png = args.plot or (os.path.join(args.out, f"{_stem(result)}.png") if args.out else "")
     if png:
         png = plot(result, png)
         result["plot"] = png
