@@ -204,8 +204,15 @@ class HFCausalLM(nn.Module):
             vocab_size=int(c.vocab_size),
             tie_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
         )
+        # learned absolute positions (GPT-2, OPT, ...) end at the config's count; rotary ones (Llama, Qwen, ...) go on
+        rotary = any(getattr(c, k, None) for k in ("rope_theta", "rope_parameters", "rope_scaling", "rotary_dim"))
+        self.max_positions = None if rotary else (getattr(c, "n_positions", None)
+                                                  or getattr(c, "max_position_embeddings", None))
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        if self.max_positions and idx.size(1) > self.max_positions:
+            raise ValueError(f"rows of {idx.size(1)} tokens exceed the model's {self.max_positions} learned positions "
+                             "(config.json n_positions/max_position_embeddings); lower train.seq_len")
         logits = self.hf(input_ids=idx, use_cache=False).logits
         if targets is None:
             return logits, None

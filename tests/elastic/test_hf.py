@@ -146,3 +146,15 @@ def test_export_cli_and_bad_step(llama, tmp_path):
 def test_tokenizer_trained_offline_is_deterministic(tmp_path):
     a, b = build_tokenizer(tmp_path / "a"), build_tokenizer(tmp_path / "b")
     assert a.read_text() == b.read_text()
+
+
+def test_rows_longer_than_learned_positions_name_the_fix(tmp_path, llama):
+    from transformers import GPT2Config
+
+    GPT2Config(vocab_size=301, n_positions=32, n_embd=32, n_layer=1, n_head=2).save_pretrained(tmp_path)
+    gpt2 = build_model(load_config("tiny", [f"model.hf={tmp_path}"]).model, 301, 0)
+    assert gpt2.max_positions == 32 and gpt2(torch.zeros(1, 32, dtype=torch.long))[0].shape == (1, 32, 301)
+    with pytest.raises(ValueError, match="exceed the model's 32 learned positions .* lower train.seq_len"):
+        gpt2(torch.zeros(1, 33, dtype=torch.long))
+    # rotary positions have no such end
+    assert build_model(_cfg(llama).model, 301, 0).max_positions is None
