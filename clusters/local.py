@@ -226,9 +226,10 @@ def node_group_config(doc: dict):
 
 def publish_node_types(address: str, doc: dict) -> None:
     """Tell the cluster which node types its autoscaler may add, where Ray reads that
-    (`ray._private.state.state.get_cluster_config()`: KubeRay and autoscaler v2 report it there; the v1 autoscaler
-    this simulation runs does not). raydistro's `train.device=auto` then asks for GPU workers on a cluster that
-    starts with no GPU node, as it does on a real autoscaling cluster that reports its node types."""
+    (`ray._private.state.state.get_cluster_config()`, the autoscaler's ClusterConfig in the GCS, which Ray Train
+    reads too; in Ray 2.60 none of the open-source autoscalers writes it, this simulation's v1 autoscaler
+    included). raydistro's `train.device=auto` then asks for GPU workers on a cluster that starts with no GPU
+    node; on clusters that publish no config, `train.device=cuda` does."""
     from ray._raylet import GCS_AUTOSCALER_CLUSTER_CONFIG_KEY, GCS_AUTOSCALER_STATE_NAMESPACE, GcsClient
 
     gcs = GcsClient(address=address)

@@ -52,9 +52,9 @@ PING_EVERY_S = 0.5  # while a step is out, the workers not yet reported are ping
 
 
 def _autoscaler_has_gpus() -> bool:
-    """Whether the cluster's autoscaler can add nodes with GPUs (Ray's reported cluster config; None where the
-    autoscaler does not report one, e.g. the v1 cluster launcher: then only train.device or
-    train.accelerators asks for GPUs)."""
+    """Whether Ray's cluster config (the autoscaler's node types in the GCS) lists nodes with GPUs. Absent where
+    nobody published one (Ray 2.60's own autoscalers do not): then only train.device=cuda or train.accelerators
+    asks for GPUs."""
     try:
         from ray._private import state as ray_state
 
@@ -154,8 +154,8 @@ class Coordinator:
         """What each worker asks Ray for. It follows the config, not what the cluster has at this moment (an
         autoscaling cluster starts with no GPU node, and only demand makes it add one): `train.worker_gpus`
         if >= 0; else 1 GPU when `train.device=cuda` or `train.accelerators` names types, 0 when
-        `train.device=cpu`, and with `auto` 1 GPU if the cluster has a GPU now or its autoscaler reports node
-        types with GPUs (Ray's cluster config: KubeRay, autoscaler v2), else 0. `train.accelerators=[H100,A100]`
+        `train.device=cpu`, and with `auto` 1 GPU if the cluster has a GPU now or Ray's cluster config lists node
+        types with GPUs (`python -m clusters local up` writes one; Ray 2.60's own autoscalers do not), else 0. `train.accelerators=[H100,A100]`
         restricts workers to nodes of those types (`accelerator_type:X`): free nodes of any listed type are used
         (`_free_nodes`), and demand for new capacity names the first type."""
         t = self.cfg.train
