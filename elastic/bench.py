@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import signal
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,48 +97,140 @@ def bench_converge(preset: str, overrides: list[str], syncs: list[str], record: 
     return out
 
 
+class ExternalFaults:
+    """Faults from outside the run, as users meet them, applied by the driver's process while it trains:
+    SIGSTOP on a worker's process (a frozen VM, a partition) and SIGKILL on the coordinator's. Each is timed
+    by this clock, at the moment of the signal. Only processes of the cluster this driver started are touched,
+    by PID."""
+
+    def __init__(self, run: str, namespace: str, plan: list[tuple[int, str]]):
+        self.run, self.namespace, self.todo = run, namespace, sorted(plan)
+        self.done: list[dict] = []
+        self.stopped_pids: list[int] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="external-faults", daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(10)
+        for pid in self.stopped_pids:  # Ray ended them when it evicted them; make sure
+            for sig in (signal.SIGCONT, signal.SIGKILL):
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    break
+
+    def _loop(self) -> None:
+        import ray
+
+        coord = None
+        while self.todo and not self._stop.is_set():
+            time.sleep(0.05)
+            try:
+                if not ray.is_initialized():
+                    continue
+                coord = coord or ray.get_actor(f"raydistro/{self.run}/coordinator", namespace=self.namespace)
+                p = ray.get(coord.progress.remote(), timeout=10)
+            except Exception:
+                continue  # not started yet, or restarting
+            step, kind = self.todo[0]
+            if p.get("step", 0) < step or p.get("state") != "RUNNING" or len(p.get("members", [])) < 2:
+                continue
+            if kind == "sigstop":
+                victim = p["members"][-1]  # never rank 0: it serves joiners
+                os.kill(victim["pid"], signal.SIGSTOP)
+                self.stopped_pids.append(victim["pid"])
+                who = victim["worker_id"]
+            else:
+                pid = ray.get(coord.pid.remote(), timeout=10)
+                os.kill(pid, signal.SIGKILL)
+                who, coord = "coordinator", None
+            self.done.append({"kind": kind, "t": time.time(), "step": p["step"], "who": who})
+            self.todo.pop(0)
+
+
+def _first_commit_after(summary: dict, t: float, at_least_step: int = 0) -> float | None:
+    """Seconds from `t` to the first step committed after it (summary.json step_timing: [step, t, ...])."""
+    after = [row[1] for row in summary.get("step_timing", []) if row[1] > t and row[0] >= at_least_step]
+    return min(after) - t if after else None
+
+
+def _stats(values: list[float]) -> dict:
+    values = [round(v, 3) for v in values if v is not None]
+    return {"n": len(values), "median": statistics.median(values) if values else None, "values": values}
+
+
 def bench_recovery(events: int = 5, overrides: list[str] | None = None, record: bool = False) -> dict:
-    """Seconds from a worker's death to the next committed step, and from a new node's appearance
-    to its first contributed step, on a simulated multi-node cluster (ray.cluster_utils.Cluster)."""
+    """What a user feels, on a simulated multi-node cluster (ray.cluster_utils.Cluster), in one run:
+    - a worker killed mid-step: seconds from the kill to the next committed step;
+    - a worker frozen (SIGSTOP from outside): from the signal to the next committed step, against
+      `train.silent_peer_s`;
+    - a joiner (a replacement, or a node added): from its being ready to its first contributed step, and from
+      the node's appearance;
+    - the coordinator's process killed (SIGKILL from outside): from the kill to the next committed step, and
+      whether the run finished with no operator action."""
     from elastic.cli import train
 
     spacing = 60
     kills = [20 + i * 2 * spacing for i in range(events)]
     removes = [20 + spacing + i * 2 * spacing for i in range(events)]
     adds = [s + 5 for s in removes]
+    silents = [k + spacing // 2 for k in kills]
     steps = adds[-1] + spacing
+    coordinator_kill = steps - spacing // 2
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfg = load_config("tiny", [
         f"run.name=bench-recovery-{stamp}", f"train.steps={steps}", "train.workers=3",
         "cluster.simulate=[A100,L4,L4]", "data.tokenizer=bytes", "data.max_doc_tokens=256",
         "model.n_layer=2", "model.n_embd=128", "model.block_size=128", "train.seq_len=128",
-        "train.batch_tokens=1536", "train.step_timeout_s=10", "checkpoint.every=0",
+        "train.batch_tokens=1536", "train.step_timeout_s=10", "train.silent_peer_s=5", "checkpoint.every=0",
         f"chaos.kill_at=[{','.join(map(str, kills))}]",
         f"chaos.remove_node_at=[{','.join(map(str, removes))}]",
         f"chaos.add_node_at=[{','.join(map(str, adds))}]",
         *(overrides or []),
     ])
-    s = train(cfg, progress_stream=sys.stderr)
+    plan = [(s, "sigstop") for s in silents] + [(coordinator_kill, "sigkill-coordinator")]
+    with ExternalFaults(cfg.run.name, cfg.cluster.namespace, plan) as faults:
+        s = train(cfg, progress_stream=sys.stderr)
     changes = s["membership_changes"]
     deaths = [c["seconds_to_resume"] for c in changes if c["kind"] == "death"]
-    node_joins = [c["seconds_from_capacity"] for c in changes
-                  if c["kind"] == "join" and "seconds_from_capacity" in c]
+    joins = [c["seconds_to_resume"] for c in changes if c["kind"] == "join"]
+    node_joins = [c["seconds_from_capacity"] for c in changes if c["kind"] == "join" and "seconds_from_capacity" in c]
+    silent_changes = [c for c in changes if c["kind"] == "silent_peer"]
+    stopped = [f for f in faults.done if f["kind"] == "sigstop"]
+    silent = [_first_commit_after(s, f["t"], c["step"]) for f, c in zip(stopped, silent_changes)]
+    coord = [_first_commit_after(s, f["t"]) for f in faults.done if f["kind"] == "sigkill-coordinator"]
+    limit = cfg.train.silent_peer_s
     out = {
         "state": s["state"], "steps": s["steps"],
-        "death_to_next_step_s": {"n": len(deaths), "median": statistics.median(deaths) if deaths else None,
-                                 "values": deaths},
-        "capacity_to_first_contributed_step_s": {
-            "n": len(node_joins), "median": statistics.median(node_joins) if node_joins else None,
-            "values": node_joins},
+        "death_to_next_step_s": _stats(deaths),
+        "sigstop_to_next_step_s": {**_stats(silent), "silent_peer_s": limit, "target_s": limit + 2,
+                                   "signals": len(stopped), "evictions": len(silent_changes),
+                                   "detection_s": _stats([c.get("detection_s") for c in silent_changes])},
+        "joiner_ready_to_first_contributed_step_s": _stats(joins),
+        "capacity_to_first_contributed_step_s": _stats(node_joins),
+        "coordinator_kill_to_next_step_s": {**_stats(coord), "finished_without_operator": s["state"] == "FINISHED",
+                                            "resumed_from_step": s.get("resumed_from_step")},
         "replica_hashes_agree": s["replica_hashes_agree"], "data": s["data"],
     }
     if record:
-        append_row("Recovery: death -> next step, new capacity -> first contributed step",
+        def med(key):
+            m = out[key]["median"]
+            return "n/a" if m is None else f"{m:.2f} s (n={out[key]['n']})"
+
+        append_row("Recovery: from the fault to the next committed step",
                    "python -m elastic bench-recovery --json",
-                   f"death->next step median {out['death_to_next_step_s']['median']:.2f} s (n={len(deaths)}); "
-                   f"new node/worker -> first contributed step median "
-                   f"{out['capacity_to_first_contributed_step_s']['median']:.2f} s (n={len(node_joins)}); "
-                   f"simulated A100/L4 nodes on one machine, CPU workers")
+                   f"kill -> next step {med('death_to_next_step_s')}; SIGSTOP -> next step "
+                   f"{med('sigstop_to_next_step_s')} with silent_peer_s={limit:g}; joiner ready -> first "
+                   f"contributed step {med('joiner_ready_to_first_contributed_step_s')}; new node -> first contributed "
+                   f"step {med('capacity_to_first_contributed_step_s')}; coordinator SIGKILL -> next step "
+                   f"{med('coordinator_kill_to_next_step_s')}, run {s['state']} with no operator action; replicas "
+                   f"agree {s['replica_hashes_agree']}, duplicated {s['data'].get('duplicated')} skipped "
+                   f"{s['data'].get('skipped')}; simulated A100/L4 nodes on one machine, CPU workers")
     return out
 
 

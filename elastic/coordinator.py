@@ -11,6 +11,8 @@ none does, and every document is delivered exactly once.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import statistics
 import threading
 import time
@@ -20,6 +22,7 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from compression.sync import joiners_need_peer_state
 from datasets import DataPlan, discover
@@ -32,7 +35,7 @@ from elastic.checkpoint import (CheckpointFailed, CheckpointStore, CheckpointWri
 from elastic.config import (RunConfig, checkpoint_uri, collective_timeout_s, max_workers,
                             periodic_checkpoint_due, run_dir, to_dict)
 from elastic.journal import Journal, RayKV
-from elastic.membership import Member, MembershipGeneration, compute_shares
+from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
 from elastic.messages import StepCall, StepChaos, StepReport, WorkerStatus
 from elastic.policy import (CoordinatorState, Liveness, PeerObservation, ScalingObservation, StepOutcome,
                             capped_scale_target, decide_failure, decide_scaling, fault_time, liveness,
@@ -864,7 +867,7 @@ class Coordinator:
             killed_at = time.time()
             kill_quietly(kill_victim.actor)
         reports, dead, lv, observed = self._collect(refs, t0)
-        detected = time.time()
+        detected = lv.noticed_at or time.time()
         outcome = StepOutcome(step, [h.worker_id for h in members], reports, [h.worker_id for h in dead],
                               lv.silent, lv.stuck, lv.collective_stuck,
                               attempts=self.failures_at_step + 1 if self.failed_step == step else 1)
@@ -1035,6 +1038,7 @@ class Coordinator:
         aborted if they do not fail on their own, so no survivor is ever killed for a peer's fault.
         Returns (reports, dead, liveness verdict, each worker's last sign of life)."""
         limit = silent_peer_limit(self.cfg.train.silent_peer_s, self.recent_step_s)
+        watchdog = watchdog_timeout(self.recent_step_s, self.cfg.train.step_timeout_s, self.cfg.train.hang_factor)
         out = dict(refs)  # step ref -> handle, not reported yet
         reports: dict[str, StepReport] = {}
         dead: list[WorkerHandle] = []
@@ -1073,10 +1077,11 @@ class Coordinator:
             for h in out.values():
                 if h not in asked:
                     pings[h.actor.status.remote()] = h
-            lv = liveness({h.worker_id: obs[h.worker_id] for h in out.values()}, now, limit, now - t0)
+            lv = liveness({h.worker_id: obs[h.worker_id] for h in out.values()}, now, limit, now - t0, watchdog)
             # once one rank failed, the others fail fast on gloo (a closed peer: ~30 ms); NCCL has no timeout
             if lv.anyone or (failed_at is not None and now - failed_at > 2.0):
                 break
+        lv.noticed_at = failed_at or (time.time() if lv.anyone else 0.0)
         if out:
             self._unblock(out, lv, limit, reports, dead)
         seen = {h.worker_id: PeerObservation(last_seen=h.last_seen) for h in refs.values()}
@@ -1101,7 +1106,7 @@ class Coordinator:
         for w in lv.silent + lv.stuck:
             log.warning("%s is %s (no %s for %.0f s): evicting it", w, "silent" if w in lv.silent else "stuck",
                         "sign of life" if w in lv.silent else "progress", limit)
-            kill_quietly(by_id[w].actor)
+            sigkill(by_id[w])
         rest = {ref: h for ref, h in out.items() if h.worker_id not in lv.silent + lv.stuck}
         for attempt in range(2):
             if not rest:
@@ -1244,6 +1249,29 @@ class Coordinator:
 
 def coordinator_name(cfg: RunConfig) -> str:
     return f"raydistro/{cfg.run.name}/coordinator"
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def _sigkill_pid(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def sigkill(h: WorkerHandle) -> None:
+    """End a worker now, even a frozen one: SIGKILL to its process from a task on its node (~0.4 s; Ray's own
+    kill first asks a process to exit and waits `kill_worker_timeout_milliseconds`, 5 s, for a frozen one),
+    then Ray's kill for its bookkeeping. The process dying closes its connections, which releases the peers
+    blocked on it in a collective."""
+    pid, node = h.info.get("pid"), h.info.get("node_id")
+    if pid and node:
+        try:
+            _sigkill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pid)
+        except Exception:
+            log.debug("could not send SIGKILL to %s", h.worker_id, exc_info=True)
+    kill_quietly(h.actor)
 
 
 def kill_quietly(actor) -> None:

@@ -67,19 +67,23 @@ class Liveness:
     silent: list[str] = field(default_factory=list)   # no sign of life for the limit: a frozen VM, a partition
     stuck: list[str] = field(default_factory=list)    # answers, but makes no progress where it must
     collective_stuck: bool = False                    # everyone waits in the exchange, nobody to blame
+    noticed_at: float = 0.0                           # when the coordinator knew something was wrong
 
     @property
     def anyone(self) -> bool:
         return bool(self.silent or self.stuck or self.collective_stuck)
 
 
-def liveness(pending: dict[str, PeerObservation], now: float, limit_s: float, waited_s: float) -> Liveness:
-    """Classify the workers whose reports are still missing. `waited_s`: how long the step has run."""
+def liveness(pending: dict[str, PeerObservation], now: float, limit_s: float, waited_s: float,
+             watchdog_s: float = float("inf")) -> Liveness:
+    """Classify the workers whose reports are still missing. `waited_s`: how long the step has run;
+    `watchdog_s` (`membership.watchdog_timeout`): past it, a worker still computing while its peers wait is a
+    straggler too slow to keep (a step that takes `train.hang_factor` x the median), evicted as stuck."""
     out = Liveness()
     for wid, o in sorted(pending.items()):
         if now - o.last_seen > limit_s:
             out.silent.append(wid)
-        elif o.phase in WORKING_PHASES and now - o.progress_at > limit_s:
+        elif o.phase in WORKING_PHASES and (now - o.progress_at > limit_s or waited_s > watchdog_s):
             out.stuck.append(wid)
     if not out.silent and not out.stuck and pending and waited_s > limit_s and all(
             o.phase == "exchange" and now - o.progress_at > limit_s for o in pending.values()):

@@ -106,6 +106,10 @@ def test_liveness_silent_stuck_and_waiting():
     }
     lv = liveness(pending, now, limit_s=10.0, waited_s=30.0)
     assert lv.silent == ["frozen"] and lv.stuck == ["hung"] and not lv.collective_stuck
+    # a straggler that keeps computing past the watchdog while its peers wait
+    slow = {"slow": PeerObservation(last_seen=99.9, phase="compute", progress=7, progress_at=99.0)}
+    assert liveness(slow, now, 10.0, waited_s=30.0).stuck == []
+    assert liveness(slow, now, 10.0, waited_s=30.0, watchdog_s=25.0).stuck == ["slow"]
     # everyone inside the exchange for longer than the limit, nobody silent: nobody to blame
     lv = liveness({"a": pending["waiting"], "b": pending["waiting"]}, now, 10.0, 30.0)
     assert lv.collective_stuck and not lv.silent and not lv.stuck
