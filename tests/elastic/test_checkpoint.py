@@ -196,3 +196,16 @@ def test_cut_short_sync_file_in_the_latest_is_skipped(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         assert store.load_latest().step == 1
     assert "step-00000002/sync-rank1.pt: checksum mismatch" in caplog.text
+
+
+def test_pinned_buffers_are_reused_up_to_what_one_snapshot_used():
+    from elastic.checkpoint import PinnedPool
+
+    pool = PinnedPool()
+    a, b, c = torch.zeros(4), torch.zeros(4), torch.zeros(2, 2)
+    pool.give_back([a, b, c])  # what one snapshot used: two of shape (4,), one of (2, 2)
+    assert {id(pool.take(torch.Size([4]), torch.float32)) for _ in range(2)} == {id(a), id(b)}
+    assert pool.take(torch.Size([2, 2]), torch.float32) is c
+    pool.give_back([a, b, c])
+    pool.give_back([torch.zeros(2, 2)])  # an extra buffer from a second snapshot in flight is not kept
+    assert pool.pooled_bytes() == (4 + 4 + 4) * 4
