@@ -315,6 +315,30 @@ def _strip_ansi(record: logging.LogRecord) -> bool:
     return True
 
 
+def _live_coordinator(name: str, ns: str, wait_s: float = 30.0):
+    """(handle, progress) of a live coordinator of this name, or None once the name is free. A run whose result
+    a driver already took is leaving: wait for its name to go. One that does not answer is restarting."""
+    import ray
+
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            coord = ray.get_actor(name, namespace=ns)
+        except ValueError:
+            return None
+        try:
+            info = ray.get(coord.progress.remote(), timeout=10)
+            if not info.get("result_taken"):
+                return coord, info
+        except Exception as e:
+            if time.time() > deadline:
+                raise RunAlreadyLive(f"{name} (namespace {ns}) exists but does not answer ({type(e).__name__}); wait "
+                                     "for it to restart or stop it, or pick another run.name") from e
+        if time.time() > deadline:
+            raise RunAlreadyLive(f"{name} (namespace {ns}) ended but does not leave; try again shortly")
+        time.sleep(0.2)
+
+
 def _start_or_attach(cfg, discovered: dict | None = None):
     """The run's coordinator: a new detached one, or the live one of a run of this name (a driver that died
     and was run again, a `ray job submit` again)."""
@@ -324,17 +348,9 @@ def _start_or_attach(cfg, discovered: dict | None = None):
     from elastic.coordinator import CoordinatorActor, coordinator_name
 
     name, ns = coordinator_name(cfg), cfg.cluster.namespace
-    try:
-        coord = ray.get_actor(name, namespace=ns)
-    except ValueError:
-        coord = None
-    if coord is not None:
-        try:
-            info = ray.get(coord.progress.remote(), timeout=30)
-        except Exception as e:
-            raise RunAlreadyLive(f"run.name={cfg.run.name}: a coordinator of that name exists on this cluster "
-                                 f"(namespace {ns}) but does not answer ({type(e).__name__}); wait for it to restart "
-                                 "or stop it, or pick another run.name") from e
+    live = _live_coordinator(name, ns)
+    if live is not None:
+        coord, info = live
         log.warning("run %s is live (step %s/%s, %s): following it instead of starting a second one",
                     cfg.run.name, info.get("step"), info.get("total"), info.get("state"))
         coord.driver_attached.remote()

@@ -611,10 +611,10 @@ class Coordinator:
         t_start = time.time()
         self._watch_nodes()
         self.started_at = time.time()
-        if not self._adopt():
-            self._form_first_group()
-        self.state = CoordinatorState.RUNNING
         try:
+            if not self._adopt():
+                self._form_first_group()
+            self.state = CoordinatorState.RUNNING
             while not self.stop_requested and self.step < self.cfg.train.steps:
                 self._one_step()
                 if self.cfg.train.stop_at and self.step >= self.cfg.train.stop_at:
@@ -750,7 +750,8 @@ class Coordinator:
         return True
 
     def _finish(self, t_start: float) -> dict:
-        self.summary.finish(self.step, self.plan.accounting(), time.time() - t_start, self.state.value)
+        accounting = self.plan.accounting() if hasattr(self, "plan") else {}  # no plan: bad data before it
+        self.summary.finish(self.step, accounting, time.time() - t_start, self.state.value)
         path = self.summary.write(run_dir(self.cfg))
         tracking.on_finish(self)
         self.progress_info["summary_path"] = str(path)
@@ -1361,7 +1362,8 @@ class CoordinatorActor:
         return self._result
 
     def progress(self) -> dict:
-        return self.c.progress()
+        # a run whose result a driver already took is over: its name is about to be free for the next run
+        return {**self.c.progress(), "result_taken": self._fetched.is_set()}
 
     def driver_attached(self) -> None:
         """A driver run again (the first one died) follows this run from here on."""

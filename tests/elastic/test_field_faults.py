@@ -61,6 +61,9 @@ class Watcher(threading.Thread):
             deadline = time.time() + 300
             coord = None
             while time.time() < deadline:
+                if not ray.is_initialized():  # the driver (train) connects; never auto-start a Ray here
+                    time.sleep(0.05)
+                    continue
                 try:
                     coord = coord or ray.get_actor(f"raydistro/{self.run_name}/coordinator", namespace="raydistro")
                     p = ray.get(coord.progress.remote(), timeout=10)
@@ -192,3 +195,15 @@ def test_joiner_whose_setup_raises_is_replaced(tmp_path, ray_cluster):
     events = " ".join(e["what"] for e in summary["events"])
     assert "worker-start-failed w3: RuntimeError: chaos.prepare_error" in events, events
     assert "state-from-peer w1 -> w4" in events, events  # its replacement joined mid-run
+
+
+def test_failed_resubmit_reports_its_own_failure_not_the_old_summary(tmp_path, ray_cluster):
+    """A run stopped cleanly leaves summary.json saying STOPPED; a resubmission that fails (here: no capacity
+    for its workers) must say ERRORED with its own error, not the stale STOPPED."""
+    base = ["run.name=resubmit", "train.steps=12", "train.workers=2", "sync.name=demo"]
+    first = train(small_config(tmp_path, ray_cluster.address, *base, "train.stop_at=4"))
+    assert first["state"] == "STOPPED"
+    again = train(small_config(tmp_path, ray_cluster.address, *base, "train.worker_cpus=64", "train.start_wait_s=1",
+                               "train.pause_timeout_s=2"))
+    assert again["state"] == "ERRORED", again
+    assert "PausedTooLong" in (again.get("error") or ""), again.get("error")
