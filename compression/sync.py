@@ -123,3 +123,10 @@ def joiners_need_peer_state(name: str) -> bool:
     `state_dict` to agree with the group: dense (AdamW moments are replicated) and diloco (the global
     parameters and outer momentum), not demo (its momentum is each rank's own unsent residual)."""
     return name in ("dense", "diloco")
+
+
+def sync_state_identical(name: str) -> bool:
+    """Whether every rank's `state_dict` is the same at a commit (so a checkpoint needs it once): dense only.
+    diloco's global state is shared, but each rank's local parameters and inner optimizer drift between outer
+    steps; demo's momentum is each rank's own."""
+    return name == "dense"

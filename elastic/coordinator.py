@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from compression.sync import joiners_need_peer_state
+from compression.sync import joiners_need_peer_state, sync_state_identical
 from datasets import DataPlan, discover
 from datasets.plan import read_margin, rebalance, windows_for
 from datasets.sources import check_text_column
@@ -517,7 +517,7 @@ class Coordinator:
                         w.last_error)
             self.summary.event(self.step, f"checkpoint-failed {self.store.uri} ({reason}): {w.last_error}")
             return None
-        for h, files in zip(self.members, files_by_rank(len(self.members), self._replicated_sync())):
+        for h, files in zip(self.members, files_by_rank(len(self.members), sync_state_identical(self.cfg.sync.name))):
             if not files:  # a replica of what another rank writes: nothing of its own
                 continue
             ck.snapshots[h.actor.snapshot.remote(self.step, ck.uri, files)] = h.worker_id
