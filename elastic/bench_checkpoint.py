@@ -79,7 +79,7 @@ def bench(preset: str, overrides: list[str], steps: int, every: int, warmup: int
     files = files_by_rank(1, replicated)[0]
     store = CheckpointStore(directory, keep=2)
     writes = BackgroundWrites("bench")
-    rows_out, pending, written, parts = [], [], [], []
+    rows_out, pending, written, parts, checks = [], [], [], [], []
     last_ckpt = -every
     for step in range(steps):
         in_flight = writes.in_flight() > 0
@@ -95,7 +95,7 @@ def bench(preset: str, overrides: list[str], steps: int, every: int, warmup: int
             writes.start(uri, snap)
             del trees
             snapshot_s = time.perf_counter() - t0
-            parts.append({"state_dicts_ms": _r((t1 - t0) * 1e3),
+            parts.append({"state_dicts_ms": _r((t1 - t0) * 1e3), "staged_on_device": snap.staged,
                           "host_copy_queue_ms": _r((time.perf_counter() - t1) * 1e3)})
             pending.append((step, version, uri, time.perf_counter(), snap.bytes))
             last_ckpt = step
@@ -114,16 +114,23 @@ def bench(preset: str, overrides: list[str], steps: int, every: int, warmup: int
     writes.wait_all(600)
     for s, v, uri, started, nbytes in pending:
         store.commit(s, v, {"step": s, "bench": True}, writes.result(uri, timeout=600))
-    # the last checkpoint holds the state it was taken from, bit for bit
+    # what is written is the state the snapshot was taken of, bit for bit: through a cold pinned pool (the
+    # device-staged path of a worker's first checkpoint) and through the warm pool the checkpoints above left
     wait_device()
-    version, uri = store.begin(steps)
     reference = HostSnapshot(state_trees(files, model, sync), clone_host=True)
     reference.wait()
-    expect = reference.trees
-    writes.start(uri, HostSnapshot(state_trees(files, model, sync), clone_host=not cuda))
-    store.commit(steps, version, {"step": steps}, writes.result(uri, timeout=600))
-    ck = store.load_latest()
-    identical = ck is not None and ck.step == steps and all(_equal(expect[n], ck.tensor_file(n)) for n in files)
+    identical = True
+    for check, w in ((1, BackgroundWrites("cold")), (2, writes)):
+        version, uri = store.begin(steps + check)
+        snap = HostSnapshot(state_trees(files, model, sync), clone_host=not cuda, pool=w.pinned)
+        staged = snap.staged
+        w.start(uri, snap)
+        store.commit(steps + check, version, {"step": steps + check}, w.result(uri, timeout=600))
+        ck = store.load_latest()
+        ok = ck is not None and ck.step == steps + check and all(_equal(reference.trees[n], ck.tensor_file(n))
+                                                                 for n in files)
+        identical = identical and ok
+        checks.append({"pool": "cold" if check == 1 else "warm", "staged_on_device": staged, "identical": ok})
     # the path the coordinator took before: state to host synchronously, serialized and written, then train
     wait_device()
     t0 = time.perf_counter()
@@ -150,7 +157,7 @@ def bench(preset: str, overrides: list[str], steps: int, every: int, warmup: int
         "snapshot_ms_each": [_r(r["snapshot_ms"]) for r in taken], "snapshot_parts": parts,
         "steps_during_write_ms_median": _r(med(during)) if during else None, "steps_during_write": len(during),
         "writes": written, "blocking_checkpoint_s": round(blocking_s, 3),
-        "read_back_identical": identical,
+        "read_back_identical": identical, "read_back_checks": checks,
         "target_extra_ms": 1000, "target_met": bool(taken and normal and ckpt_ms - normal_ms <= 1000),
     }
 

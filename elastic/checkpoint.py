@@ -412,12 +412,14 @@ class PinnedPool:
         self._lock = threading.Lock()
 
     def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        key = (tuple(shape), dtype)
+        buf = self.try_take(shape, dtype)
+        return buf if buf is not None else torch.empty(shape, dtype=dtype, pin_memory=True)
+
+    def try_take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """A pooled buffer of that shape, or None (nothing is allocated)."""
         with self._lock:
-            free = self._free.get(key)
-            if free:
-                return free.pop()
-        return torch.empty(shape, dtype=dtype, pin_memory=True)
+            free = self._free.get((tuple(shape), dtype))
+            return free.pop() if free else None
 
     def give_back(self, buffers: list[torch.Tensor]) -> None:
         counts: dict[tuple, int] = {}
@@ -438,18 +440,31 @@ class PinnedPool:
             return sum(b.numel() * b.element_size() for bs in self._free.values() for b in bs)
 
 
+class _Staged:
+    """A device copy waiting to be moved to host memory by the writing thread."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
 class HostSnapshot:
     """A copy of state trees (nested dicts/lists of tensors) in host memory, taken without waiting for
     the device: CUDA tensors are copied into pinned buffers (from `pool`, reused across checkpoints) with
     non_blocking copies queued on the current stream (so later in-place updates of the parameters queue
     after them), and an event marks their end; host tensors are cloned when `clone_host` (on a CPU worker
-    they are the live state itself)."""
+    they are the live state itself). A tensor the pool has no buffer for yet (a worker's first checkpoint:
+    pinning memory takes about as long as a step) is copied on the device instead (`clone`, a fraction of a
+    millisecond) when free device memory allows, and moved to a pinned buffer allocated by the writing
+    thread, on a stream of its own (`wait`)."""
 
     def __init__(self, trees: dict[str, Any], clone_host: bool, pool: PinnedPool | None = None):
         self.event = None
         self.bytes = 0
         self.pool = pool
         self.pinned: list[torch.Tensor] = []  # buffers taken from `pool`, given back by `release`
+        self.staged = 0  # tensors copied on the device, moved to host memory by `wait`
+        self._stage_budget: int | None = None  # device bytes the staged copies may take
+        self._unstaged = False
         self.trees = {name: self._copy(tree, clone_host) for name, tree in trees.items()}
         if self.event is not None:
             self.event.record()
@@ -462,7 +477,11 @@ class HostSnapshot:
                 if self.event is None:
                     self.event = torch.cuda.Event()
                 if self.pool is not None:
-                    buf = self.pool.take(t.size(), t.dtype)
+                    buf = self.pool.try_take(t.size(), t.dtype)
+                    if buf is None and self._may_stage(t):
+                        self.staged += 1
+                        return _Staged(t.clone())
+                    buf = buf if buf is not None else self.pool.take(t.size(), t.dtype)
                     self.pinned.append(buf)
                 else:
                     buf = torch.empty(t.size(), dtype=t.dtype, pin_memory=True)
@@ -475,10 +494,40 @@ class HostSnapshot:
             return type(x)(self._copy(v, clone_host) for v in x)
         return x
 
+    def _may_stage(self, t: torch.Tensor) -> bool:
+        if self._stage_budget is None:
+            free, _ = torch.cuda.mem_get_info(t.device)
+            self._stage_budget = max(0, free - (4 << 30)) // 2  # leave training its room
+        n = t.numel() * t.element_size()
+        if n > self._stage_budget:
+            return False
+        self._stage_budget -= n
+        return True
+
     def wait(self) -> None:
-        """Block until the device copies are done (called by the writing thread)."""
+        """Block until the device copies are done, then move the staged ones to pinned host buffers
+        (called by the writing thread)."""
         if self.event is not None:
             self.event.synchronize()
+        if self.staged and not self._unstaged:
+            self.trees = {name: self._unstage(tree) for name, tree in self.trees.items()}
+            self._unstaged = True
+
+    def _unstage(self, x: Any) -> Any:
+        if isinstance(x, _Staged):
+            buf = self.pool.take(x.t.size(), x.t.dtype)  # pinning happens here, off the training thread
+            self.pinned.append(buf)
+            side = torch.cuda.Stream(device=x.t.device)  # not the training stream: its work never waits
+            with torch.cuda.stream(side):
+                buf.copy_(x.t, non_blocking=True)
+            side.synchronize()
+            x.t = None  # the device copy is freed
+            return buf
+        if isinstance(x, dict):
+            return {k: self._unstage(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._unstage(v) for v in x)
+        return x
 
     def release(self) -> None:
         """The files are written: drop the copies, the pinned buffers go back to the pool."""
