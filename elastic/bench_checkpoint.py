@@ -145,20 +145,25 @@ def bench(preset: str, overrides: list[str], steps: int, every: int, warmup: int
     taken = [r for r in rows_out if r["checkpoint"]]
     during = [r["ms"] for r in rows_out if r["write_in_flight"]]
     med = statistics.median
-    normal_ms = med(normal) if normal else None
+    # a normal step is one with no write in flight; when writes overlapped every step (a write longer than
+    # --every steps), the steps during writes are the baseline instead (they include the writes' cost)
+    normal_ms = med(normal) if normal else (med(during) if during else None)
+    baseline = "no write in flight" if normal else "during writes"
     ckpt_ms = med(r["ms"] for r in taken) if taken else None
+    worst_ms = max((r["ms"] for r in taken), default=None)
     return {
         "bench": "checkpoint", "machine": machine_name(), "preset": preset, "sync": cfg.sync.name,
         "device": str(device), "tokens_per_step": rows * t.seq_len, "steps": steps, "warmup": warmup,
-        "normal_step_ms_median": _r(normal_ms), "normal_steps": len(normal),
+        "normal_step_ms_median": _r(normal_ms), "normal_steps": len(normal), "normal_baseline": baseline,
         "checkpoint_step_ms_median": _r(ckpt_ms), "checkpoint_steps": len(taken),
-        "checkpoint_step_extra_ms": _r(ckpt_ms - normal_ms) if taken and normal else None,
+        "checkpoint_step_extra_ms": _r(ckpt_ms - normal_ms) if taken and normal_ms else None,
+        "worst_checkpoint_step_extra_ms": _r(worst_ms - normal_ms) if taken and normal_ms else None,
         "checkpoint_step_ms_each": [_r(r["ms"]) for r in taken],
         "snapshot_ms_each": [_r(r["snapshot_ms"]) for r in taken], "snapshot_parts": parts,
         "steps_during_write_ms_median": _r(med(during)) if during else None, "steps_during_write": len(during),
         "writes": written, "blocking_checkpoint_s": round(blocking_s, 3),
         "read_back_identical": identical, "read_back_checks": checks,
-        "target_extra_ms": 1000, "target_met": bool(taken and normal and ckpt_ms - normal_ms <= 1000),
+        "target_extra_ms": 1000, "target_met": bool(taken and normal_ms and worst_ms - normal_ms <= 1000),
     }
 
 
