@@ -61,3 +61,25 @@ def test_snapshot_of_the_wrong_step_fails_clearly(tmp_path):
         assert "step 5" in str(e)
     else:
         raise AssertionError("snapshot_written returned for a snapshot that failed")
+
+
+def test_membership_change_right_after_a_periodic_checkpoint_rewrites_it_as_a_new_version(tmp_path, ray_cluster):
+    """A worker killed in the step after a periodic checkpoint: the membership change checkpoints the same
+    step again, into step-00000004.1; the run finishes, and with keep=1 the older version went only once the
+    newer had committed."""
+    from elastic.cli import train
+    from elastic.config import checkpoint_uri
+
+    from .conftest import small_config
+
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=rewrite", "train.steps=8", "checkpoint.every=4",
+                       "checkpoint.keep=1", "chaos.kill_at=[4]", "train.workers=2", "train.min_workers=1")
+    summary = train(cfg)
+    assert summary["state"] == "FINISHED" and summary["steps"] == 8, summary.get("error")
+    uri = checkpoint_uri(cfg)
+    assert f"{uri}/step-00000004" in summary["checkpoints"], summary["checkpoints"]
+    assert f"{uri}/step-00000004.1" in summary["checkpoints"], summary["checkpoints"]
+    assert summary["data"]["duplicated"] == 0 and summary["data"]["skipped"] == 0
+    store = CheckpointStore(uri, keep=1)
+    assert store.entries() == [(8, 0)]  # keep=1: only the end's, everything older pruned after it committed
+    assert store.load_latest().meta["reason"] == "end"
