@@ -21,8 +21,6 @@ class SyncConfig:
     delayed_apply: bool = False    # apply the consensus one step late (overlap comm with compute)
     lr_scale: float = 2.5          # demo step = the schedule's lr (train.lr) * lr_scale, weight decay too (tuned on `tiny`)
     update: str = "sign"           # sign: sign(decoded) (reference) | rms: decoded / its RMS per chunk
-    nesterov: float = 0.0          # beta of a Nesterov momentum on the decoded consensus, before sign/rms (0: off);
-                                   # replicated state (computed from the gathered bytes), docs/compression.md
     validate_payloads: bool = True
     kernels: str = "auto"          # auto: fused Triton kernels on CUDA (compression.kernels), torch elsewhere | torch | triton
     # diloco: AdamW steps on each worker's own copy (betas, eps above), an outer Nesterov step every inner_steps

@@ -111,8 +111,6 @@ class DemoSync(Sync):
             raise ValueError(f"sync.update: '{cfg.update}' must be sign or rms")
         if not cfg.lr_scale > 0:
             raise ValueError(f"sync.lr_scale: {cfg.lr_scale} must be > 0")
-        if not 0 <= cfg.nesterov < 1:
-            raise ValueError(f"sync.nesterov: {cfg.nesterov} must be in [0, 1) (0 turns it off)")
         if cfg.topk < 1 or cfg.chunk < 2 or not 0 < cfg.decay <= 1:
             raise ValueError(f"sync: topk={cfg.topk}, chunk={cfg.chunk}, decay={cfg.decay} out of range")
         if any(not p.is_contiguous() for p in params):
@@ -145,15 +143,7 @@ class DemoSync(Sync):
         self._applied = [f and kernels.supports_apply(g.w) for f, g in zip(self.fused, self.plan.groups)]
         # kernel-applied groups whose update is not held for the next commit skip the dense update buffer
         # (an empty one stands in): commit decodes their consensus picks straight into the parameters
-        self._decode_at_commit = [a and not cfg.delayed_apply and not cfg.nesterov for a in self._applied]
-        # sync.nesterov: v (committed, the same on every replica: built from gathered bytes only), its successor
-        # (pending until commit; copied, not swapped, so a captured decode graph keeps its addresses) and the
-        # fused groups' raw decoded field
-        nest = cfg.nesterov > 0
-        self._v = self._buffers(torch.float32) if nest else None
-        self._v_next = self._buffers(torch.float32) if nest else None
-        self._v_undo: list[torch.Tensor] | None = None
-        self._raw = [self._buffers_one(gi) if nest and f else None for gi, f in enumerate(self.fused)] if nest else None
+        self._decode_at_commit = [a and not cfg.delayed_apply for a in self._applied]
         self._updates = [[torch.zeros(0 if skip else g.n_chunks, g.h, g.w, device=self.device, dtype=self.update_dtype)
                           for g, skip in zip(self.plan.groups, self._decode_at_commit)] for _ in range(2)]
         # where each fused group's chunks sit inside the gradients and the parameters, and where those are
@@ -193,10 +183,6 @@ class DemoSync(Sync):
                 return none
             raise ValueError(f"sync.kernels=triton: {problem}")
         return [kernels.supports(g.h, g.w, k) for g, k in zip(self.plan.groups, self.ks)]
-
-    def _buffers_one(self, gi: int) -> torch.Tensor:
-        g = self.plan.groups[gi]
-        return torch.zeros(g.n_chunks, g.h, g.w, device=self.device, dtype=torch.float32)
 
     def _buffers(self, dtype) -> list[torch.Tensor]:
         return [torch.zeros(g.n_chunks, g.h, g.w, device=self.device, dtype=dtype) for g in self.plan.groups]
@@ -316,17 +302,10 @@ class DemoSync(Sync):
         flat_idx = idx.permute(1, 0, 2).reshape(N, W * k)
         if self._decode_at_commit[gi]:
             return flat_idx, coef
-        if self.fused[gi] and not self.cfg.nesterov:
+        if self.fused[gi]:
             kernels.fused_decode(flat_idx, coef, ch, cw, out, rms=self.cfg.update == "rms")
             return None
-        if self.fused[gi]:
-            x = kernels.fused_decode(flat_idx, coef, ch, cw, self._raw[gi], mode="raw")
-        else:
-            x = sparse_idct2(flat_idx, coef, ch, cw)
-        if self.cfg.nesterov:  # v' = b v + x (committed at commit); the step follows x + b v'
-            b = self.cfg.nesterov
-            torch.add(x, self._v[gi], alpha=b, out=self._v_next[gi])
-            x = x.add_(self._v_next[gi], alpha=b)
+        x = sparse_idct2(flat_idx, coef, ch, cw)
         if self.cfg.update == "rms":  # unit RMS per chunk: the smooth decoded direction, no sign harmonics
             rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()
             out.copy_(torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x)))
@@ -348,10 +327,6 @@ class DemoSync(Sync):
                     self._undo_params = [torch.empty_like(p) for p in self.params]
                 torch._foreach_copy_(self._undo_params, [p.detach() for p in self.params])
             self._undo = (self._pending, self.momentum, self._scratch, self.held, self.step_count)
-            if self._v is not None:
-                if self._v_undo is None:
-                    self._v_undo = [torch.empty_like(v) for v in self._v]
-                torch._foreach_copy_(self._v_undo, self._v)
         new_m, update, sparse, lr, wd = self._pending
         if self.cfg.delayed_apply:
             update, self.held = self.held, update
@@ -376,8 +351,6 @@ class DemoSync(Sync):
                     torch._foreach_add_(tiles, [u if u.dtype == t.dtype else u.to(t.dtype) for u, t in zip(ups, tiles)],
                                         alpha=-lr)
         self.momentum, self._scratch = new_m, self.momentum
-        if self._v is not None:
-            torch._foreach_copy_(self._v, self._v_next)
         self.step_count += 1
         self._pending = None
 
@@ -392,8 +365,6 @@ class DemoSync(Sync):
         (self._pending, self.momentum, self._scratch, self.held, self.step_count), self._undo = self._undo, None
         with torch.no_grad():
             torch._foreach_copy_([p.detach() for p in self.params], self._undo_params)
-            if self._v is not None:
-                torch._foreach_copy_(self._v, self._v_undo)
 
     def forget_undo(self) -> None:
         self._undo = None
@@ -408,9 +379,6 @@ class DemoSync(Sync):
               "momentum": [t.detach().cpu() for t in self.plan.scatter(self.momentum)]}
         if self.held is not None:
             sd["held_update"] = [t.cpu() for t in self.plan.scatter(self.held)]
-        if self._v is not None:
-            # a copy even on CPU: v is updated in place at commit (a captured decode graph reads its address)
-            sd["consensus_momentum"] = [t.detach().to("cpu", copy=True) for t in self.plan.scatter(self._v)]
         return sd
 
     def load_state_dict(self, sd: dict) -> None:
@@ -428,11 +396,6 @@ class DemoSync(Sync):
             loaded = self.plan.gather([t.to(self.device) for t in held], self.device, dtype=self.update_dtype)
             torch._foreach_copy_(self._updates[0], loaded)
             self.held = self._updates[0]
-        if self._v is not None:  # absent (a state saved without sync.nesterov): start from zero
-            v = sd.get("consensus_momentum")
-            loaded = (self.plan.gather([t.to(self.device) for t in v], self.device) if v is not None else
-                      [torch.zeros_like(t) for t in self._v])
-            torch._foreach_copy_(self._v, loaded)
         self.step_count = int(sd["step_count"])
         self._pending = None
         self._undo = None

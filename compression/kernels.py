@@ -120,7 +120,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(idx_ptr, coef_ptr, ch_ptr, cw_ptr, out_ptr,
                        p_delta_ptr, c_param_ptr, c_off_ptr, c_stride_ptr, lr, wdm,
-                       H: tl.constexpr, W: tl.constexpr, E: tl.constexpr, MODE: tl.constexpr,
+                       H: tl.constexpr, W: tl.constexpr, E: tl.constexpr, RMS: tl.constexpr,
                        APPLY: tl.constexpr):
         n = tl.program_id(0).to(tl.int64)
         rh = tl.arange(0, H)
@@ -132,11 +132,9 @@ if triton is not None:
             row = tl.load(ch_ptr + (i // W) * H + rh)
             col = tl.load(cw_ptr + (i % W) * W + rw)
             x = x + (c * row)[:, None] * col[None, :]
-        if MODE == 1:  # rms
+        if RMS:
             rms = tl.sqrt(tl.sum(tl.sum(x * x, 1), 0) / (H * W))
             u = tl.where(rms > 0, x / tl.maximum(rms, 1e-30), 0.0)
-        elif MODE == 2:  # raw: the decoded field itself (a momentum on it follows in torch ops)
-            u = x
         else:
             u = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
         if APPLY:  # out_ptr is the first parameter: p <- p * wdm - lr * u, the update never stored
@@ -176,7 +174,7 @@ if triton is not None:
     @triton.jit
     def _decode_rows_kernel(idx_ptr, coef_ptr, cw_ptr, out_ptr, n_chunks,
                             p_delta_ptr, c_param_ptr, c_off_ptr, lr, wdm,
-                            W: tl.constexpr, E: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr,
+                            W: tl.constexpr, E: tl.constexpr, R: tl.constexpr, RMS: tl.constexpr,
                             APPLY: tl.constexpr):
         """`_decode_kernel` for 1 x W chunks: R chunks per program."""
         q = tl.program_id(0).to(tl.int64) * R + tl.arange(0, R)
@@ -188,11 +186,9 @@ if triton is not None:
             i = tl.load(idx_ptr + q * E + e, mask=ok, other=0)
             c = tl.load(coef_ptr + q * E + e, mask=ok, other=0.0)
             x = x + c[:, None] * tl.load(cw_ptr + i[:, None] * W + rw[None, :], mask=mask, other=0.0)
-        if MODE == 1:
+        if RMS:
             rms = tl.sqrt(tl.sum(x * x, 1) / W)[:, None]
             u = tl.where(rms > 0, x / tl.maximum(rms, 1e-30), 0.0)
-        elif MODE == 2:
-            u = x
         else:
             u = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
         if APPLY:
@@ -379,15 +375,10 @@ def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], 
 DECODE_WARPS = 2   # warps per 2-D chunk program of the decode kernels (2: 0.50 ms, 8: 0.52-0.61 on an H100)
 
 
-DECODE_MODES = {"sign": 0, "rms": 1, "raw": 2}
-
-
 def fused_decode(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, out: torch.Tensor,
-                 rms: bool = False, mode: str | None = None) -> torch.Tensor:
-    """out[n] = sign (or x / rms(x), or with mode="raw" x itself) of x = idct(sparse coefficients `coef` at flat
-    positions `idx`, both [N, E])."""
-    mode = DECODE_MODES[mode or ("rms" if rms else "sign")]
-    _decode(idx, coef, ch, cw, out, out.shape[0], mode, apply=False, deltas=out, table=None, lr=0.0, wdm=1.0)
+                 rms: bool = False) -> torch.Tensor:
+    """out[n] = sign (or x / rms(x)) of idct(sparse coefficients `coef` at flat positions `idx`, both [N, E])."""
+    _decode(idx, coef, ch, cw, out, out.shape[0], rms, apply=False, deltas=out, table=None, lr=0.0, wdm=1.0)
     return out
 
 
@@ -397,11 +388,10 @@ def fused_decode_apply(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, 
     """`fused_decode` then `fused_apply` in one pass, the update never written: p <- p * wdm - lr * u for
     every chunk of a group (`table`; `deltas` = `Addresses.deltas(params)`). The same bits as the two
     kernels: the same sum, and the update dtype (bf16 for signs, fp32 for `rms`) holds u exactly."""
-    _decode(idx, coef, ch, cw, params[0], table.n_chunks, DECODE_MODES["rms" if rms else "sign"], apply=True,
-            deltas=deltas, table=table, lr=lr, wdm=wdm)
+    _decode(idx, coef, ch, cw, params[0], table.n_chunks, rms, apply=True, deltas=deltas, table=table, lr=lr, wdm=wdm)
 
 
-def _decode(idx, coef, ch, cw, out, N, mode, apply, deltas, table, lr, wdm):
+def _decode(idx, coef, ch, cw, out, N, rms, apply, deltas, table, lr, wdm):
     """Launch the decode kernel of the group's chunk shape; `out` is the update buffer, or with `apply`
     the first parameter (the base of `deltas`)."""
     h, w, E = ch.shape[0], cw.shape[0], idx.shape[1]
@@ -410,11 +400,11 @@ def _decode(idx, coef, ch, cw, out, N, mode, apply, deltas, table, lr, wdm):
     with _launch:
         if h == 1:
             _decode_rows_kernel[(triton.cdiv(N, ROWS),)](idx, coef, cw, out, N, deltas, c_param, c_off,
-                                                         float(lr), float(wdm), W=w, E=E, R=ROWS, MODE=mode,
+                                                         float(lr), float(wdm), W=w, E=E, R=ROWS, RMS=bool(rms),
                                                          APPLY=apply, num_warps=4)
         else:
             _decode_kernel[(N,)](idx, coef, ch, cw, out, deltas, c_param, c_off, c_stride, float(lr), float(wdm),
-                                 H=h, W=w, E=E, MODE=mode, APPLY=apply,
+                                 H=h, W=w, E=E, RMS=bool(rms), APPLY=apply,
                                  num_warps=DECODE_WARPS if h * w >= 4096 else 4)
 
 
