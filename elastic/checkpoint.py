@@ -358,7 +358,11 @@ class CheckpointStore:
         manifest = build_manifest(step, version, all_records)
         write_file(self.fs, f"{d}/{COMMIT}", json.dumps(manifest, indent=1).encode())
         self.release(step, version)
-        self.prune()
+        try:  # committed: a store that fails now only leaves older checkpoints for the next prune
+            self.prune()
+        except Exception as e:
+            log.warning("pruning %s after committing %s failed (%s: %s); older checkpoints stay until the next",
+                        self.uri, dir_name(step, version), type(e).__name__, first_line(e))
         return self.public_uri(step, version)
 
     def release(self, step: int, version: int) -> None:
