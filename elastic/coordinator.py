@@ -1349,7 +1349,7 @@ class CoordinatorActor:
         # nobody may be watching (the driver died): leave the result a while, then free the name
         if not self._fetched.wait(self.LINGER_S):
             log.warning("no driver collected the result of run %s; exiting (summary.json has it)", self.c.cfg.run.name)
-        time.sleep(0.5)  # let the `result` reply leave first
+        time.sleep(5.0)  # the `result` reply leaves first, and every other driver following the run gets it too
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
 
     def result(self, timeout: float | None = None) -> dict:

@@ -30,12 +30,17 @@ def test_status_of_a_run_that_is_not_live_names_it_and_exits_1(ray_cluster):
     assert "no running run named 'nosuch'" in out.stderr
 
 
-def test_a_second_driver_for_a_live_run_name_is_refused_with_a_clear_error(tmp_path, ray_cluster):
+def test_a_second_driver_for_a_live_run_name_follows_it_and_can_stop_it(tmp_path, ray_cluster):
+    """Running the command again for a live run (a driver that died and came back, a job submitted twice)
+    follows that run instead of starting a second one on the same checkpoints; either driver's SIGTERM
+    (`ray job stop`) checkpoints and stops the run, and both exit with its summary."""
     args = [f"run.dir={tmp_path}", f"cluster.address={ray_cluster.address}", "run.name=twice", "train.steps=100000",
             "train.workers=1", "data.tokenizer=bytes", "data.max_doc_tokens=192", "model.n_layer=1", "model.n_head=2",
             "model.n_embd=32", "model.block_size=64", "train.seq_len=64", "train.batch_tokens=512"]
     first = subprocess.Popen([sys.executable, "-m", "elastic", "train", *args], stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
+    log = open(tmp_path / "second.log", "w")
+    second = None
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -47,11 +52,23 @@ def test_a_second_driver_for_a_live_run_name_is_refused_with_a_clear_error(tmp_p
             time.sleep(1)
         else:
             raise AssertionError("the first run never showed as RUNNING")
-        second = subprocess.run([sys.executable, "-m", "elastic", "train", *args], capture_output=True, text=True,
-                                timeout=120)
-        assert second.returncode == 2, second.stderr[-2000:]
-        assert "run.name=twice" in second.stderr and "is live on this cluster" in second.stderr
-        assert first.poll() is None, "the refused driver must not disturb the live run"
+        second = subprocess.Popen([sys.executable, "-m", "elastic", "train", *args], stdout=log, stderr=log,
+                                  start_new_session=True)
+        deadline = time.time() + 120
+        while "following it instead of starting a second one" not in (tmp_path / "second.log").read_text():
+            assert time.time() < deadline and second.poll() is None, (tmp_path / "second.log").read_text()[-2000:]
+            time.sleep(0.5)
+        assert first.poll() is None, "the second driver must not disturb the live run"
+        os.killpg(second.pid, signal.SIGTERM)  # `ray job stop` on the second: checkpoint, then exit
+        assert second.wait(timeout=120) == 0, (tmp_path / "second.log").read_text()[-2000:]
+        assert first.wait(timeout=120) == 0
     finally:
-        os.killpg(first.pid, signal.SIGTERM)  # checkpoint, then exit
-        first.wait(timeout=120)
+        for p in (first, second):
+            if p is not None and p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        log.close()
+    summary = json.loads((tmp_path / "twice" / "summary.json").read_text())
+    assert summary["state"] == "STOPPED" and summary["checkpoints"]
+    assert any("new driver" in r.get("live_group", "") for r in summary["resumed_from"])
+

@@ -1,6 +1,7 @@
 """Reading the next step's documents ahead (`train.prefetch`): a hit skips the read, a partial hit reads only
 the rest, a miss or a failed background read changes nothing but the time, and the trained result is the
 same either way."""
+import inspect
 import os
 import signal
 import threading
@@ -21,8 +22,10 @@ def _replica(cfg, shards):
     reads = []
     inner = rep.reader.read_batch
 
-    def counted(ranges):  # which thread read which ranges (the real reader does the reading)
-        reads.append((threading.current_thread().name, tuple(ranges)))
+    def counted(ranges):  # who read which ranges (the real reader does the reading): a read-ahead, or the step
+        # itself (on the read-ahead thread too, to bound it by data.read_timeout_s, but waited for by the step)
+        ahead = any(f.function == "read_and_pack" for f in inspect.stack(0))
+        reads.append(("read-ahead" if ahead else threading.main_thread().name, tuple(ranges)))
         return inner(ranges)
 
     rep.reader.read_batch = counted
