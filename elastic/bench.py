@@ -31,12 +31,15 @@ def machine() -> str:
     return f"{platform.machine()} CPU x{os.cpu_count()}"
 
 
-def append_row(section: str, command: str, result: str) -> None:
-    """Append one row under `## section` in docs/BENCHMARKS.md (creating the section if needed)."""
+def append_row(section: str, command: str, result: str, machine_name: str | None = None,
+               date: str | None = None) -> None:
+    """Append one row under `## section` in docs/BENCHMARKS.md (creating the section if needed).
+    `machine_name`/`date`: where and when it was measured, when that is not here and today (a result that
+    came back from a GPU machine)."""
     BENCHMARKS_MD.parent.mkdir(parents=True, exist_ok=True)
     text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
     header = f"## {section}"
-    row = f"| {datetime.date.today().isoformat()} | `{command}` | {machine()} | {result} |"
+    row = f"| {date or datetime.date.today().isoformat()} | `{command}` | {machine_name or machine()} | {result} |"
     if header not in text:
         text = text.rstrip() + f"\n\n{header}\n\n| date | command | machine | result |\n|---|---|---|---|\n{row}\n"
     else:

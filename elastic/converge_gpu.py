@@ -185,7 +185,8 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
     steps, T, B = t.steps, t.seq_len, train_rows.B
     if B % workers:
         raise SystemExit(f"bench-converge-gpu: {B} rows per step do not split evenly over {workers} ranks")
-    device = torch.device("cuda" if t.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = (torch.device("cuda", torch.cuda.current_device()) if t.device in ("auto", "cuda") and
+              torch.cuda.is_available() else torch.device("cpu"))
     bf16 = t.dtype == "bfloat16" and device.type == "cuda"
     micro = max(1, t.micro_batch_tokens // T)
     n_val = max(1, min(t.eval_tokens // T, (len(val_tokens) - 1) // T))
@@ -366,7 +367,8 @@ def plot(result: dict, path: str) -> str | None:
         step_tokens = r["tokens_per_step"]
         xs = [(i + 1) * step_tokens / 1e6 for i in range(len(r["loss_curve"]))]
         ratio = r.get("ratio_vs_dense_bf16")
-        label = f"{r['label']} W={r['workers']}" + (f" ({ratio:,.0f}x)" if ratio else "")
+        label = f"{r['label']} W={r['workers']}" + (f" ({ratio:,.0f}x fewer bytes)" if r["sync"] != "dense" and ratio
+                                                     else "")
         k = 10  # moving average over 10 steps for readability
         ys = [sum(r["loss_curve"][max(0, i - k + 1):i + 1]) / len(r["loss_curve"][max(0, i - k + 1):i + 1])
               for i in range(len(r["loss_curve"]))]
@@ -397,7 +399,7 @@ def record(result: dict, command: str, png: str | None) -> None:
 
     for W in result["workers"]:
         rs = [r for r in result["runs"] if r["workers"] == W]
-        if not rs:
+        if not rs:  # nothing measured at this W (the budget ran out first): no row
             continue
         parts = []
         for r in rs:
@@ -409,11 +411,14 @@ def record(result: dict, command: str, png: str | None) -> None:
                 s += f" ({r['vs_best_dense']['val_loss_ratio']:.3f}x dense"
                 s += f", {r['ratio_vs_dense_bf16']:,.0f}x fewer bytes)" if r.get("ratio_vs_dense_bf16") else ")"
             parts.append(s)
+        not_run = [x["label"] for x in result.get("skipped", []) if x["workers"] == W]
+        if not_run:
+            parts.append("not run (out of --budget-s): " + ", ".join(not_run))
         first = rs[0]
         extra = (f"W={W}; {first.get('steps')} steps x {first.get('tokens_per_step'):,} tokens "
                  f"({first.get('epochs')} epochs of {result['data']}); " + "; ".join(parts)
-                 + f"; machine {result['machine']}, measured {result['date']}" + (f"; curves {png}" if png else ""))
-        append_row(SECTION, command, extra)
+                 + f"; measured {result['date']}" + (f"; curves {png}" if png else ""))
+        append_row(SECTION, command, extra, machine_name=result["machine"], date=result["date"][:10])
 
 
 def _command(args) -> str:
