@@ -734,8 +734,7 @@ class Coordinator:
         self.journal.start(shards, self.summary.journal_rows())
         self.generation = MembershipGeneration(int(head["generation"]))
         self.members = alive
-        self.took_over_by = "a restarted coordinator" if ray.get_runtime_context().was_current_actor_reconstructed \
-            else "a new coordinator"
+        self.took_over_by = "a restarted coordinator" if restarted_by_ray() else "a new coordinator"
         self.summary.took_over(step, f"{self.took_over_by}: {len(alive)} live workers"
                                      + (f", {len(lost)} lost" if lost else ""))
         log.warning("took over run %s at step %d with %d live workers (%s)", self.cfg.run.name, step, len(alive),
@@ -1248,6 +1247,15 @@ class Coordinator:
         self.stop_requested = True
 
 
+def restarted_by_ray() -> bool:
+    """Whether this actor is a restart of one whose process died (Ray re-ran its constructor)."""
+    import warnings
+
+    with warnings.catch_warnings():  # the property reads a deprecated field inside Ray 2.60
+        warnings.simplefilter("ignore")
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 def coordinator_name(cfg: RunConfig) -> str:
     return f"raydistro/{cfg.run.name}/coordinator"
 
@@ -1316,7 +1324,7 @@ class CoordinatorActor:
         self._fetched = threading.Event()
         self._result: dict | None = None
         self._error: BaseException | None = None
-        if ray.get_runtime_context().was_current_actor_reconstructed:
+        if restarted_by_ray():
             log.warning("coordinator of run %s restarted: taking over the live workers", cfg.run.name)
             self.start()
 
