@@ -424,6 +424,7 @@ def record(result: dict, command: str, png: str | None) -> None:
 def _command(args) -> str:
     parts = ["python -m elastic bench-converge-gpu", f"--config {args.config}", f"--data {args.data}",
              f"--workers {args.workers}", f"--runs '{args.runs}'"]
+    parts += [f"--eval-every {args.eval_every}"] if args.eval_every else []
     return " ".join(parts + list(args.overrides))
 
 
