@@ -422,7 +422,7 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
     plain = not (progress_stream or sys.stdout).isatty()
     if plain:  # job logs and the dashboard's log viewer: no color control codes
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-    import ray
+    import ray  # noqa: F401 - first, so Ray's vendored colorama is importable below
 
     if plain:
         for logger in (logging.getLogger("ray"), logging.getLogger()):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import statistics
 import threading
 import time
@@ -22,7 +21,6 @@ from typing import Any
 
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from compression.sync import joiners_need_peer_state, sync_state_identical
 from datasets import DataPlan, discover
@@ -34,6 +32,8 @@ from elastic.checkpoint import (CheckpointFailed, CheckpointStore, CheckpointWri
                                 sync_file_for)
 from elastic.config import (RunConfig, checkpoint_uri, collective_timeout_s, max_workers,
                             periodic_checkpoint_due, run_dir, to_dict)
+from elastic.group import (WorkerHandle, call_all, coordinator_name, drain_node, free_nodes, kill_quietly, sigkill,
+                           worker_resources)
 from elastic.journal import Journal, RayKV
 from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
 from elastic.messages import StepCall, StepChaos, StepReport, WorkerStatus
@@ -52,33 +52,6 @@ log = logging.getLogger("raydistro.coordinator")
 # 1-4 of ~46 documents)
 READ_MARGIN_ROWS = 4
 PING_EVERY_S = 0.5  # while a step is out, the workers not yet reported are pinged this often (liveness)
-
-
-def _autoscaler_has_gpus() -> bool:
-    """Whether Ray's cluster config (the autoscaler's node types in the GCS) lists nodes with GPUs. Absent where
-    nobody published one (Ray 2.60's own autoscalers do not): then only train.device=cuda or train.accelerators
-    asks for GPUs."""
-    try:
-        from ray._private import state as ray_state
-
-        most = ray_state.state.get_max_resources_from_cluster_config() or {}
-    except Exception:
-        return False
-    return (most.get("GPU") or 0) > 0
-
-
-class WorkerHandle:
-    def __init__(self, worker_id: str, actor, info: dict | None = None, adopted: bool = False):
-        self.worker_id = worker_id
-        self.actor = actor
-        self.info = info or {}
-        # info, after the worker's one-time preparation (an adopted worker did that for the old coordinator)
-        self.ready_ref = None if adopted else actor.prepare.remote()
-        self.tokens_per_s = 0.0
-        self.last_seen = time.time()  # its last sign of life: a report or an answered ping
-
-    def __repr__(self) -> str:
-        return self.worker_id
 
 
 class Coordinator:
@@ -150,54 +123,9 @@ class Coordinator:
 
     def _worker_options(self) -> dict:
         if self._options is None:
-            self._options = self._resolve_worker_options()
+            self._options, backend = worker_resources(self.cfg)
+            self.backend = backend or self.backend
         return self._options
-
-    def _resolve_worker_options(self) -> dict:
-        """What each worker asks Ray for. It follows the config, not what the cluster has at this moment (an
-        autoscaling cluster starts with no GPU node, and only demand makes it add one): `train.worker_gpus`
-        if >= 0; else 1 GPU when `train.device=cuda` or `train.accelerators` names types, 0 when
-        `train.device=cpu`, and with `auto` 1 GPU if the cluster has a GPU now or Ray's cluster config lists node
-        types with GPUs (`python -m clusters local up` writes one; Ray 2.60's own autoscalers do not), else 0. `train.accelerators=[H100,A100]`
-        restricts workers to nodes of those types (`accelerator_type:X`): free nodes of any listed type are used
-        (`_free_nodes`), and demand for new capacity names the first type."""
-        t = self.cfg.train
-        self._accelerators = set(t.accelerators)
-        gpus = t.worker_gpus
-        if gpus < 0:
-            if t.device == "cuda" or t.accelerators:
-                gpus = 1.0
-            elif t.device == "cpu":
-                gpus = 0.0
-            else:
-                gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 or _autoscaler_has_gpus() else 0.0
-        if gpus > 0:
-            # simulated GPU nodes advertise logical GPUs: only train.device=cuda means real CUDA (nccl)
-            self.backend = "nccl" if t.device == "cuda" else "gloo"
-        opts: dict[str, Any] = {"num_cpus": t.worker_cpus, "num_gpus": gpus}
-        if t.accelerators:
-            opts["resources"] = {f"accelerator_type:{t.accelerators[0]}": 0.001}
-        return opts
-
-    def _free_nodes(self, opts: dict) -> list[dict]:
-        """Alive nodes that can host one more worker right now, with their accelerator type."""
-        from ray._private import state as ray_state
-
-        avail = ray_state.available_resources_per_node()
-        out = []
-        for node in ray.nodes():
-            if not node.get("Alive"):
-                continue
-            nid = node["NodeID"]
-            free = avail.get(nid, {})
-            if free.get("CPU", 0) + 1e-9 < opts["num_cpus"] or free.get("GPU", 0) + 1e-9 < opts["num_gpus"]:
-                continue
-            acc = next((k.split(":", 1)[1] for k in node.get("Resources", {}) if k.startswith("accelerator_type:")),
-                       "GPU" if node.get("Resources", {}).get("GPU") else "CPU")
-            if getattr(self, "_accelerators", None) and acc not in self._accelerators:  # train.accelerators
-                continue
-            out.append({"node_id": nid, "accelerator": acc, "free": free})
-        return out
 
     def spawn_worker(self, node: dict | None = None) -> WorkerHandle:
         opts = self._worker_options()
@@ -235,7 +163,7 @@ class Coordinator:
         # one entry per worker a node can still take, spread across nodes first: every worker we can
         # place is named for its accelerator (worker-2[A100]), not "any"
         slots = []
-        for f in self._free_nodes(opts):
+        for f in free_nodes(opts, self.cfg.train.accelerators):
             fits = [(f["free"].get(r, 0) + 1e-9) // opts[k] for r, k in (("CPU", "num_cpus"), ("GPU", "num_gpus"))
                     if opts[k] > 0]
             slots += [(i, f) for i in range(int(min(fits)) if fits else want)]
@@ -298,21 +226,6 @@ class Coordinator:
         self.metrics.world_size.set(world)
         self.metrics.generation.set(g)
 
-    def _call_all(self, handles: list[WorkerHandle], call, timeout: float) -> tuple[dict, list[WorkerHandle]]:
-        """`call(h)` (an ObjectRef) on every handle, waited for at most `timeout` in all. Returns (handle ->
-        value, the handles whose call raised or did not answer in time)."""
-        refs = {call(h): h for h in handles}
-        ready, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
-        out, failed = {}, [refs[r] for r in late]
-        for ref in ready:
-            try:
-                out[refs[ref]] = ray.get(ref)
-                refs[ref].last_seen = time.time()
-            except Exception as e:
-                log.warning("%s: %s", refs[ref].worker_id, str(getattr(e, "cause", None) or e).splitlines()[0])
-                failed.append(refs[ref])
-        return out, failed
-
     def _give_state(self, joiners: list[WorkerHandle], source: WorkerHandle) -> None:
         """Joiners get the parameters (and replicated optimizer state) from a live peer through the object
         store, never from storage. Everything is bounded by train.state_transfer_timeout_s: a joiner that fails
@@ -336,10 +249,10 @@ class Coordinator:
                 if source is None:
                     raise StateSourceLost("every replica holding the run's state was lost during a join") from e
                 continue
-            _, failed = self._call_all(joiners, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
+            _, failed = call_all(joiners, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
                                        limit)
             joiners = [h for h in joiners if h not in failed]
-            prints, silent = self._call_all(self.members, lambda h: h.actor.fingerprint.remote(), limit)
+            prints, silent = call_all(self.members, lambda h: h.actor.fingerprint.remote(), limit)
             failed += [h for h in silent if h not in failed and h is not source]
             if failed:
                 self.summary.event(self.step, f"joiners-dropped {[h.worker_id for h in failed]}")
@@ -659,7 +572,7 @@ class Coordinator:
         # initial replicas are built from the same seed; a checkpoint overrides them
         self._form_group(joiners, None, ckpt)
         if ckpt is None:
-            prints, _ = self._call_all(self.members, lambda h: h.actor.fingerprint.remote(),
+            prints, _ = call_all(self.members, lambda h: h.actor.fingerprint.remote(),
                                        self.cfg.train.state_transfer_timeout_s)
             self._check_agree(list(prints.values()), "at start")
         self.summary.started(self.step)
@@ -711,7 +624,7 @@ class Coordinator:
         limit = max(30.0, silent_peer_limit(self.cfg.train.silent_peer_s, head.get("recent_step_s", [])))
         # each worker finishes the old coordinator's step call first (it runs on the same lane), then applies
         # the step the journal says is committed, or drops the one it never committed
-        states, lost = self._call_all(handles, lambda h: h.actor.adopt.remote(head["pending_commit"]), limit)
+        states, lost = call_all(handles, lambda h: h.actor.adopt.remote(head["pending_commit"]), limit)
         step = int(head["step"])
         lost += [h for h, (count, _) in states.items() if count != step]
         alive = [h for h in handles if h not in lost]
@@ -787,7 +700,7 @@ class Coordinator:
             elif e.kind == "drain" and len(self.members) > 1:
                 self.chaos.mark_done(e)
                 victim = self.members[self.chaos.pick_victim(len(self.members))]
-                if self._drain_node_of(victim):
+                if drain_node(victim.info.get("node_id")):
                     self.summary.event(self.step, f"chaos-drain node of {victim.worker_id}")
                     poll_cluster = True  # see our own drain notice now
                 else:  # the head node is never drained: give the worker the notice directly
@@ -887,7 +800,7 @@ class Coordinator:
             self.summary.replicas_disagree(step, f"after step {commit_first}", sorted(set(prints.values())))
             leaving += [by_id[w] for w in verdict.evict if by_id[w] not in leaving]
         survivors = [h for h in members if h not in leaving]
-        _, cannot_abort = self._call_all(survivors, lambda h: h.actor.abort.remote(step), 30.0)
+        _, cannot_abort = call_all(survivors, lambda h: h.actor.abort.remote(step), 30.0)
         leaving += cannot_abort  # a survivor that cannot even abort leaves too
         self.plan.abort(step)
         if verdict is not None and not verdict.agree:
@@ -946,7 +859,7 @@ class Coordinator:
             return
         model_ref = source.actor.model_state.remote()
         sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
-        _, failed = self._call_all(targets, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
+        _, failed = call_all(targets, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
                                    self.cfg.train.state_transfer_timeout_s)
         self.commit_failed += failed  # could not be repaired: they leave at the next membership check
         self.summary.event(self.step, f"resync {[h.worker_id for h in targets]} from {source.worker_id}")
@@ -1000,26 +913,6 @@ class Coordinator:
 
     def node_chaos_done(self, step: int) -> None:
         self.node_chaos_ack.set()
-
-    def _drain_node_of(self, victim: WorkerHandle, grace_s: float = 60.0) -> bool:
-        """Drain the victim's node through the GCS, as a preemption notice would (not the head)."""
-        node_id = victim.info.get("node_id")
-        for node in ray.nodes():
-            if node["NodeID"] == node_id and "node:__internal_head__" in node.get("Resources", {}):
-                return False
-        try:
-            from ray.core.generated import autoscaler_pb2
-
-            gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
-            accepted, why = gcs.drain_node(
-                node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
-                "raydistro chaos.drain_at", int(time.time() * 1000 + grace_s * 1000))
-            if not accepted:
-                log.warning("drain of node %s refused: %s", node_id, why)
-            return bool(accepted)
-        except Exception as e:
-            log.warning("could not drain node %s through the GCS (%s); notifying the worker", node_id, e)
-            return False
 
     def _watch_nodes(self) -> None:
         now = time.time()
@@ -1136,7 +1029,7 @@ class Coordinator:
         step, self.pending_commit = self.pending_commit, None
         if step is None:
             return
-        prints, failed = self._call_all(self.members, lambda h: h.actor.commit.remote(step),
+        prints, failed = call_all(self.members, lambda h: h.actor.commit.remote(step),
                                         self.cfg.train.state_transfer_timeout_s)
         # the step stays committed (the others applied it); who failed to apply it must leave: its parameters
         # may be half-updated. The next membership check (or the one under way) evicts them.
@@ -1256,41 +1149,6 @@ def restarted_by_ray() -> bool:
         return bool(ray.get_runtime_context().was_current_actor_reconstructed)
 
 
-def coordinator_name(cfg: RunConfig) -> str:
-    return f"raydistro/{cfg.run.name}/coordinator"
-
-
-@ray.remote(num_cpus=0, max_retries=0)
-def _sigkill_pid(pid: int) -> bool:
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return True
-    except ProcessLookupError:
-        return False
-
-
-def sigkill(h: WorkerHandle) -> None:
-    """End a worker now, even a frozen one: SIGKILL to its process from a task on its node (~0.4 s; Ray's own
-    kill first asks a process to exit and waits `kill_worker_timeout_milliseconds`, 5 s, for a frozen one),
-    then Ray's kill for its bookkeeping. The process dying closes its connections, which releases the peers
-    blocked on it in a collective."""
-    pid, node = h.info.get("pid"), h.info.get("node_id")
-    if pid and node:
-        try:
-            _sigkill_pid.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(pid)
-        except Exception:
-            log.debug("could not send SIGKILL to %s", h.worker_id, exc_info=True)
-    kill_quietly(h.actor)
-
-
-def kill_quietly(actor) -> None:
-    """ray.kill for an actor that may be gone already (SIGKILL: also ends a frozen process)."""
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception:
-        pass
-
-
 class PausedTooLong(RuntimeError):
     pass
 
@@ -1379,8 +1237,6 @@ class CoordinatorActor:
         self.c.summary.took_over(self.c.step, "a new driver")
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
 
     def scale(self, n: int) -> int:
