@@ -944,13 +944,7 @@ class Coordinator:
             now = time.time()
             for ref in ready:
                 if ref in out:
-                    h = out.pop(ref)
-                    report = self._report_of(ref, h)
-                    if report is None:
-                        dead.append(h)
-                    else:
-                        reports[h.worker_id] = report
-                        h.last_seen = now
+                    report = self._take_report(ref, out.pop(ref), reports, dead)
                     if report is None or not report.ok:
                         failed_at = failed_at or now
                 else:
@@ -980,6 +974,16 @@ class Coordinator:
         seen = {h.worker_id: PeerObservation(last_seen=h.last_seen) for h in refs.values()}
         return reports, dead, lv, seen
 
+    def _take_report(self, ref, h: WorkerHandle, reports: dict, dead: list) -> StepReport | None:
+        """Record a finished step call: its report (a sign of life), or the worker as dead (None)."""
+        report = self._report_of(ref, h)
+        if report is None:
+            dead.append(h)
+        else:
+            reports[h.worker_id] = report
+            h.last_seen = time.time()
+        return report
+
     def _report_of(self, ref, h: WorkerHandle) -> StepReport | None:
         """A worker's step report; None if the worker died (its process or node is gone)."""
         try:
@@ -1006,13 +1010,7 @@ class Coordinator:
                 return
             ready, _ = ray.wait(list(rest), num_returns=len(rest), timeout=2.0 if attempt == 0 else max(5.0, limit))
             for ref in ready:
-                h = rest.pop(ref)
-                report = self._report_of(ref, h)
-                if report is None:
-                    dead.append(h)
-                else:
-                    reports[h.worker_id] = report
-                    h.last_seen = time.time()
+                self._take_report(ref, rest.pop(ref), reports, dead)
             if rest and attempt == 0:
                 g = self.generation.generation
                 for h in rest.values():
