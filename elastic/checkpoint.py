@@ -659,6 +659,7 @@ class CheckpointWriter:
         self.in_flight: list[InFlightCheckpoint] = []
         self.last_committed: str | None = None  # this run's newest committed checkpoint
         self.last_error: str | None = None  # why the last checkpoint that failed failed
+        self.final_failed = False  # a checkpoint the run ends on could not be written
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
 
     def should_start(self, reason: str) -> bool:

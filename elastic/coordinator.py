@@ -477,6 +477,9 @@ class Coordinator:
     def _checkpoint_now(self, reason: str) -> None:
         """A checkpoint the run ends on (stop, end, error), waited for: CheckpointFailed if it was not
         written (the previous one stays)."""
+        if reason == "error" and self.ckpt_writer.final_failed:
+            log.warning("no error checkpoint: the store just failed the final one (%s)", self.ckpt_writer.last_error)
+            return  # the run already ends on that failure; another attempt would only wait for the store again
         uri = self.checkpoint(reason)
         if uri is None and not self.members:
             return
@@ -487,6 +490,7 @@ class Coordinator:
             finished += self._poll_checkpoints(wait_s=30)
         ours = [ck for ck in finished if ck.uri == uri]
         if uri is None or not ours or ours[0].error is not None:
+            self.ckpt_writer.final_failed = True
             why = ours[0].error if ours else self.ckpt_writer.last_error
             raise CheckpointFailed(f"the {reason} checkpoint at step {self.step} could not be written "
                                    f"({uri or self.store.uri}): {why}; the last committed checkpoint is "

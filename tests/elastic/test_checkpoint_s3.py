@@ -175,7 +175,7 @@ def test_storage_error_mid_run_keeps_the_previous_checkpoint_and_training_goes_o
     fault.start()
     cfg = small_config(tmp_path, ray_cluster.address, "run.name=s3fail", "checkpoint.dir=s3://ckpt/runs/s3fail",
                        f"checkpoint.storage_options={opts}", "train.steps=100000", "checkpoint.every=3",
-                       "checkpoint.keep=100", "checkpoint.write_timeout_s=60")
+                       "checkpoint.keep=100", "checkpoint.write_timeout_s=15")
     summary = train(cfg)
     fault.join(60)
     assert fault.error is None, fault.error
@@ -209,7 +209,7 @@ def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_with_a_clear_err
     fault.start()
     cfg = small_config(tmp_path, ray_cluster.address, "run.name=s3final", "checkpoint.dir=s3://ckpt/runs/s3final",
                        f"checkpoint.storage_options={opts}", "train.steps=100000", "checkpoint.every=3",
-                       "checkpoint.keep=100", "checkpoint.write_timeout_s=60")
+                       "checkpoint.keep=100", "checkpoint.write_timeout_s=15")
     summary = train(cfg)
     fault.join(60)
     os.kill(proc.pid, signal.SIGCONT)
