@@ -491,7 +491,8 @@ class Coordinator:
         ours = [ck for ck in finished if ck.uri == uri]
         if uri is None or not ours or ours[0].error is not None:
             self.ckpt_writer.final_failed = True
-            why = ours[0].error if ours else self.ckpt_writer.last_error
+            why = ours[0].error if ours else (self.ckpt_writer.last_error if uri is None else
+                                              f"not committed within {limit + 30:.0f}s")
             raise CheckpointFailed(f"the {reason} checkpoint at step {self.step} could not be written "
                                    f"({uri or self.store.uri}): {why}; the last committed checkpoint is "
                                    f"{self.ckpt_writer.last_committed or 'one written before this run, if any'}")
