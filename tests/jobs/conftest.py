@@ -45,6 +45,9 @@ def small_overrides(run_dir: Path, name: str, *extra: str) -> list[str]:
         "train.seq_len=64", "train.batch_tokens=512", "train.micro_batch_tokens=4096",
         "train.lr=3e-3", "train.warmup_steps=2", "train.step_timeout_s=20",
         "train.eval_tokens=2048", "checkpoint.every=0", "train.workers=2", "train.log_every=2",
+        # CPU workers on the head: `clusters local up` publishes GPU node types, which train.device=auto
+        # would ask the autoscaler for
+        "train.device=cpu",
         *extra,
     ]
 
