@@ -16,7 +16,6 @@ import os
 import socket
 import time
 import traceback
-from typing import Any
 
 import ray
 import torch
