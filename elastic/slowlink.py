@@ -206,6 +206,226 @@ def star(net: Netns, roles: list[str]) -> dict[str, dict]:
     return nodes
 
 
+# ---- link counters: what each node's link really carries ------------------------------------------
+
+def read_dev(pid: int, dev: str = IFNAME) -> tuple[int, int]:
+    """(tx bytes, rx bytes) of `dev` in the network namespace of process `pid` (/proc/<pid>/net/dev shows the
+    reader's view of that process's namespace: no subprocess, cheap enough to poll)."""
+    for line in Path(f"/proc/{pid}/net/dev").read_text().splitlines()[2:]:
+        name, _, rest = line.partition(":")
+        if name.strip() == dev:
+            f = rest.split()
+            return int(f[8]), int(f[0])
+    raise RuntimeError(f"no device {dev} in the namespace of pid {pid}")
+
+
+class LinkCounters:
+    """Polls every node's eth9 tx/rx byte counters (through a process inside each node's namespace) every
+    `interval` s in a thread; `samples[role]` = [(unix time, tx, rx)]. Read at the steps' commit times later
+    (`wire_per_step`), so the trainer is not touched."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.1, dev: str = IFNAME):
+        import threading
+
+        self.pids, self.interval, self.dev = pids, interval, dev
+        self.samples: dict[str, list[tuple[float, int, int]]] = {r: [] for r in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="slowlink-counters")
+
+    def sample(self) -> None:
+        for role, pid in self.pids.items():
+            tx, rx = read_dev(pid, self.dev)
+            self.samples[role].append((time.time(), tx, rx))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.sample()
+            except (OSError, RuntimeError):
+                pass  # a node process went away: its samples stop here
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "LinkCounters":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            self.sample()
+        except (OSError, RuntimeError):
+            pass
+
+
+def _at(samples: list[tuple[float, int, int]], t: float) -> tuple[float, float] | None:
+    """(tx, rx) at time t, linear between the two samples around it; None outside the sampled span."""
+    import bisect
+
+    i = bisect.bisect_left([s[0] for s in samples], t)
+    if i == 0 or i >= len(samples):
+        return None
+    (t0, tx0, rx0), (t1, tx1, rx1) = samples[i - 1], samples[i]
+    w = (t - t0) / (t1 - t0) if t1 > t0 else 1.0
+    return tx0 + w * (tx1 - tx0), rx0 + w * (rx1 - rx0)
+
+
+def steady_steps(summary: dict, skip: int, margin: int = 2) -> list[tuple[int, float, float]]:
+    """The steady-state steps as (step, commit time of the step before, own commit time): steps >= `skip`,
+    and none within `margin` steps after a membership change (world_size_history after its first entry),
+    nor a step whose previous step is missing."""
+    timing = summary.get("step_timing") or []
+    changes = [w["step"] for w in (summary.get("world_size_history") or [])[1:]]
+    out = []
+    for prev, cur in zip(timing, timing[1:]):
+        step = cur[0]
+        if step < skip or prev[0] != step - 1:
+            continue
+        if any(c <= step <= c + margin for c in changes):
+            continue
+        out.append((step, prev[1], cur[1]))
+    return out
+
+
+def wire_per_step(samples: dict[str, list[tuple[float, int, int]]], summary: dict, skip: int,
+                  margin: int = 2, names: dict[str, str] | None = None) -> dict:
+    """Per node, the bytes its link sent (tx) and received (rx) per steady-state step (between consecutive
+    commits, from the polled counters), next to the sync payload (the summary's bytes sent per worker per
+    step) and their ratio. The mean is the figure (it counts traffic that comes every k steps); the median
+    and max show whether it is steady."""
+    payload = summary.get("bytes_sent_per_step_mean") or 0.0
+    steps = steady_steps(summary, skip, margin)
+    nodes = {}
+    for role, ss in samples.items():
+        tx, rx = [], []
+        for _, t0, t1 in steps:
+            a, b = _at(ss, t0), _at(ss, t1)
+            if a is None or b is None:
+                continue
+            tx.append(b[0] - a[0])
+            rx.append(b[1] - a[1])
+        if not tx:
+            continue
+        d = {"steps": len(tx)}
+        for key, v in (("tx", tx), ("rx", rx)):
+            mean = statistics.mean(v)
+            d[f"wire_{key}_bytes_per_step"] = round(mean)
+            d[f"wire_{key}_bytes_per_step_median"] = round(statistics.median(v))
+            d[f"wire_{key}_bytes_per_step_max"] = round(max(v))
+            d[f"{key}_over_payload"] = round(mean / payload, 2) if payload else None
+        nodes[(names or {}).get(role, role)] = d
+    return {"payload_bytes_per_step": payload, "skip": skip, "margin_after_membership_change": margin,
+            "steps": [s[0] for s in steps], "nodes": nodes}
+
+
+# ---- where the bytes go: a header capture per node, classified by the Ray port it talks to ----------
+
+# Every Ray node's listening ports are pinned (`RayNodes.start`), so a TCP packet's service is the known port
+# on either end; both ends ephemeral is gloo (its listeners bind port 0), the collective's own traffic.
+PORTS = {GCS_PORT: "gcs", 6380: "raylet", 6381: "object_manager", 6382: "metrics_export",
+         6383: "dashboard_agent", 6384: "dashboard_agent", 6385: "runtime_env_agent"}
+WORKER_PORTS = (10002, 10999)  # core worker gRPC servers: actor calls (step RPCs, reports), object owners
+
+
+def port_kind(sport: int, dport: int) -> str:
+    for port in (sport, dport):
+        if port in PORTS:
+            return PORTS[port]
+    if any(WORKER_PORTS[0] <= port <= WORKER_PORTS[1] for port in (sport, dport)):
+        return "worker_rpc"
+    return "gloo_and_other"
+
+
+def read_pcap(path: Path, ip: str) -> list[tuple[float, str, str, int]]:
+    """[(unix time, 'tx'|'rx', kind, frame bytes)] from a tcpdump file of `ip`'s link (Ethernet or raw IP)."""
+    import socket
+    import struct
+
+    data = path.read_bytes()
+    if len(data) < 24:
+        return []
+    magic = data[:4]
+    endian = "<" if magic in (b"\xd4\xc3\xb2\xa1", b"\x4d\x3c\xb2\xa1") else ">"
+    nano = magic in (b"\x4d\x3c\xb2\xa1", b"\xa1\xb2\x3c\x4d")
+    linktype = struct.unpack(endian + "I", data[20:24])[0]
+    me = socket.inet_aton(ip)
+    out, off = [], 24
+    while off + 16 <= len(data):
+        sec, frac, incl, orig = struct.unpack(endian + "IIII", data[off:off + 16])
+        pkt = data[off + 16:off + 16 + incl]
+        off += 16 + incl
+        if linktype == 1:  # Ethernet
+            if pkt[12:14] != b"\x08\x00":
+                out.append((sec + frac / (1e9 if nano else 1e6), "?", "non_ipv4", orig))
+                continue
+            pkt = pkt[14:]
+        if len(pkt) < 20 or pkt[0] >> 4 != 4:
+            continue
+        t = sec + frac / (1e9 if nano else 1e6)
+        way = "tx" if pkt[12:16] == me else "rx"
+        ihl = (pkt[0] & 15) * 4
+        if pkt[9] == 6 and len(pkt) >= ihl + 4:
+            sport, dport = struct.unpack(">HH", pkt[ihl:ihl + 4])
+            kind = port_kind(sport, dport)
+        else:
+            kind = {1: "icmp", 17: "udp"}.get(pkt[9], f"ip_proto_{pkt[9]}")
+        out.append((t, way, kind, orig))
+    return out
+
+
+def breakdown(packets: list[tuple[float, str, str, int]], windows: list[tuple[float, float]]) -> dict:
+    """Bytes per steady-state step by kind and direction: packets inside the windows (one per step)."""
+    import bisect
+
+    if not windows:
+        return {}
+    windows = sorted(windows)
+    starts = [w[0] for w in windows]
+    tot: dict = {}
+    for t, way, kind, n in packets:
+        i = bisect.bisect_right(starts, t) - 1
+        if i >= 0 and t <= windows[i][1]:
+            tot.setdefault(kind, {"tx": 0, "rx": 0}).setdefault(way, 0)
+            tot[kind][way] += n
+    k = len(windows)
+    return {kind: {w: round(v / k) for w, v in d.items()}
+            for kind, d in sorted(tot.items(), key=lambda kv: -sum(kv[1].values()))}
+
+
+class Capture:
+    """tcpdump (headers only) on eth9 inside each node's namespace while a run trains; stopped by its pid."""
+
+    def __init__(self, net: "Netns", nodes: dict[str, dict], root: Path, tag: str):
+        self.files = {r: root / f"{tag}-{r}.pcap" for r in nodes}
+        self.nodes, self.procs = nodes, {}
+        tcpdump = shutil.which("tcpdump")
+        if tcpdump is None:
+            raise SystemExit("slowlink --capture: needs tcpdump (apt-get install tcpdump)")
+        for r, n in nodes.items():
+            self.procs[r] = subprocess.Popen(net.exec_argv(n["ns"], tcpdump, "-i", IFNAME, "-s", "96", "-n",
+                                                           "-U", "-w", str(self.files[r])),
+                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 10
+        while time.time() < deadline and not all(f.exists() for f in self.files.values()):
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in self.procs.values():
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def by_kind(self, windows: list[tuple[float, float]]) -> dict:
+        return {self.nodes[r]["ip"]: breakdown(read_pcap(f, self.nodes[r]["ip"]), windows)
+                for r, f in self.files.items() if f.exists()}
+
+
 # ---- Ray nodes ---------------------------------------------------------------------------------
 
 class RayNodes:
@@ -228,7 +448,12 @@ class RayNodes:
 
     def start(self, worker_cpus: int = 1, object_store_bytes: int = 400_000_000) -> None:
         ray_bin = str(Path(sys.executable).parent / "ray")
-        common = ["--block", "--disable-usage-stats", f"--object-store-memory={object_store_bytes}"]
+        # every port pinned (each namespace has its own ports), so a capture can tell what talks (port_kind)
+        common = ["--block", "--disable-usage-stats", f"--object-store-memory={object_store_bytes}",
+                  "--node-manager-port=6380", "--object-manager-port=6381", "--metrics-export-port=6382",
+                  "--dashboard-agent-grpc-port=6383", "--dashboard-agent-listen-port=6384",
+                  "--runtime-env-agent-port=6385", f"--min-worker-port={WORKER_PORTS[0]}",
+                  f"--max-worker-port={WORKER_PORTS[1]}"]
         for role, node in self.nodes.items():
             if role == "h":
                 args = [ray_bin, "start", "--head", f"--node-ip-address={node['ip']}", f"--port={GCS_PORT}",
@@ -321,7 +546,7 @@ def steady_tokens_per_s(summary: dict, skip: int) -> dict:
 
 
 def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int, skip: int,
-               preset: str, extra: list[str], timeout_s: float, run_dir: Path) -> dict:
+               preset: str, extra: list[str], timeout_s: float, run_dir: Path, capture: bool = False) -> dict:
     name = f"sl-{sync}-{rate}-{int(time.time())}"
     argv = [sys.executable, "-m", "elastic", "train", "--config", preset, "--json",
             f"sync.name={sync}", f"train.steps={steps}", "train.workers=2", "train.min_workers=2",
@@ -332,16 +557,21 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
     load0 = os.getloadavg()[0]
     log = open(run_dir / f"{name}.stderr", "w")
     t0 = time.time()
-    p = subprocess.Popen(net.exec_argv(ray_nodes.nodes["h"]["ns"], *argv), cwd=str(REPO),
-                         env=ray_nodes.env("h"), stdout=subprocess.PIPE, stderr=log, text=True,
-                         start_new_session=True)
-    try:
-        out, _ = p.communicate(timeout=timeout_s)
-    except BaseException:
-        _stop_group(p)
-        raise
-    finally:
-        log.close()
+    counters = LinkCounters({r: ray_nodes.procs[r].pid for r in ray_nodes.nodes})  # pids inside each namespace
+    cap = Capture(net, ray_nodes.nodes, run_dir, name) if capture else None
+    with counters:
+        p = subprocess.Popen(net.exec_argv(ray_nodes.nodes["h"]["ns"], *argv), cwd=str(REPO),
+                             env=ray_nodes.env("h"), stdout=subprocess.PIPE, stderr=log, text=True,
+                             start_new_session=True)
+        try:
+            out, _ = p.communicate(timeout=timeout_s)
+        except BaseException:
+            _stop_group(p)
+            raise
+        finally:
+            log.close()
+            if cap is not None:
+                cap.stop()
     elapsed = time.time() - t0
     after = {r: net.tx_bytes(n["ns"]) for r, n in ray_nodes.nodes.items()}
     summary_path = run_dir / name / "summary.json"
@@ -350,12 +580,24 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
         raise RuntimeError(f"{sync} at {rate}: no summary.json (exit {p.returncode}); stderr tail:\n{tail}")
     s = json.loads(summary_path.read_text())
     steady = steady_tokens_per_s(s, skip)
+    roles = {"h": "head", "a": "worker node a", "b": "worker node b"}
+    wire = wire_per_step(counters.samples, s, skip,
+                         names={r: ray_nodes.nodes[r]["ip"] for r in ray_nodes.nodes})
+    for r, n in ray_nodes.nodes.items():
+        if n["ip"] in wire["nodes"]:
+            wire["nodes"][n["ip"]]["role"] = roles.get(r, r)
+    if cap is not None:  # per steady-state step, by the Ray port each packet talks to
+        wire["by_kind"] = cap.by_kind([(t0, t1) for _, t0, t1 in steady_steps(s, skip)])
+        for f in cap.files.values():
+            f.unlink(missing_ok=True)
     return {
         "sync": sync, "rate": rate, "state": s.get("state"), "steps": s.get("steps"),
         **steady,
         "tokens_per_s_whole_run": s["tokens"] / s["wall_s"] if s.get("wall_s") else None,
         "bytes_sent_per_worker_per_step": s.get("bytes_sent_per_step_mean"),
         "link_tx_bytes": {ray_nodes.nodes[r]["ip"]: after[r] - before[r] for r in after},
+        # steady state, from each node's own link counters at the step commits (issue 23)
+        "wire": wire,
         "final_loss": s.get("final_loss"), "driver_s": round(elapsed, 1),
         # the machine is shared: 1-min load average before and after the run (2 cores here)
         "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
@@ -381,7 +623,7 @@ def _stop_group(p: subprocess.Popen) -> None:
 
 def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str, extra: list[str],
           timeout_s: float, keep_logs: bool = False, log=lambda m: print(m, file=sys.stderr),
-          delay_ms: float = 0.0) -> dict:
+          delay_ms: float = 0.0, capture: bool = False) -> dict:
     """`delay_ms` > 0: the links go through a `netwire` process instead of veths and tbf, and every shaped
     rate also gets `delay_ms` of one-way delay (round trip: twice that); 'unshaped' is the wire with
     neither."""
@@ -421,12 +663,14 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
             log(f"slowlink: links now {rate}: {qd}")
             for sync in syncs:
                 log(f"slowlink: training {sync} at {rate} ({steps} steps)")
-                r = train_once(net, ray_nodes, sync, rate, steps, skip, preset, extra, timeout_s, run_dir)
+                r = train_once(net, ray_nodes, sync, rate, steps, skip, preset, extra, timeout_s, run_dir,
+                               capture=capture)
                 r["qdisc"] = qd
                 r["rtt_ms"] = 2 * delay_ms if wire is not None and rate_bytes_per_s(rate) else 0.0
                 results.append(r)
                 log(f"slowlink: {sync} @ {rate}: {r['tokens_per_s']:.0f} tokens/s, step "
-                    f"{r['step_s_median']}, link tx {r['link_tx_bytes']}")
+                    f"{r['step_s_median']}, link tx {r['link_tx_bytes']}; steady state per step: "
+                    f"{wire_text(r)}")
     finally:
         signal.signal(signal.SIGTERM, old)
         if ray_nodes is not None:
@@ -537,6 +781,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--delay-ms", type=float, default=0.0,
                    help="one-way delay at shaped rates (RTT = 2x); links then go through elastic.netwire "
                         "(a userspace wire: works without the kernel's netem)")
+    p.add_argument("--capture", action="store_true",
+                   help="also tcpdump (headers) each node's link and split its steady-state bytes per step by "
+                        "the Ray port they talk to (gcs, raylet, object_manager, worker_rpc, gloo_and_other)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-record", action="store_true", help="don't append to docs/BENCHMARKS.md")
     p.add_argument("--no-plot", action="store_true", help=f"don't write {PLOT.relative_to(REPO)}")
@@ -562,7 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         try:
             out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs,
-                        delay_ms=a.delay_ms)
+                        delay_ms=a.delay_ms, capture=a.capture)
         except KeyboardInterrupt:
             print("slowlink: interrupted; torn down", file=sys.stderr)
             return 130
@@ -596,12 +843,31 @@ def record_text(out: dict) -> str:
                           + (f" [runs {'/'.join(f'{x:.0f}' for x in n[rate])}]" if len(n.get(rate, [])) > 1 else "")
                           for rate, v in by.items() if v)
         parts.append(f"{sync} ({sent:,.0f} B/worker/step): {cells} tokens/s")
+        for r in out["results"]:
+            if r["sync"] == sync and r.get("wire", {}).get("nodes"):
+                parts.append(f"{sync} @ {r['rate']} link bytes per steady step (own counters): {wire_text(r)}")
     load = out.get("loadavg_1m_range")
     return ("; ".join(parts) + f"; {out['preset']}, 2 workers on 2 namespace nodes, steady state steps "
             f"{out['skip']}..{out['steps'] - 1}; "
             + (f"userspace wire (elastic.netwire), {2 * out['delay_ms']:g} ms RTT at shaped rates" if out.get("delay_ms")
                else "bandwidth only (no netem)")
             + (f"; shared machine, load avg {load[0]:.0f}-{load[1]:.0f} during the runs" if load else ""))
+
+
+def wire_text(r: dict) -> str:
+    """'10.99.0.2 (worker node a) tx 24.1 kB rx 23.0 kB (2.1x / 2.0x payload 11.7 kB), ...' plus by kind."""
+    w = r.get("wire") or {}
+    kb = lambda b: f"{b / 1e3:,.1f} kB"  # noqa: E731
+    parts = [f"{ip} ({d.get('role', '')}) tx {kb(d['wire_tx_bytes_per_step'])} rx {kb(d['wire_rx_bytes_per_step'])}"
+             + (f" ({d['tx_over_payload']}x/{d['rx_over_payload']}x payload)" if d.get("tx_over_payload") else "")
+             for ip, d in w.get("nodes", {}).items()]
+    text = (", ".join(parts) + f" (payload {kb(w.get('payload_bytes_per_step') or 0)}/worker/step, "
+            f"{len(w.get('steps', []))} steps)") if parts else "no steady-state steps sampled"
+    for ip, kinds in (w.get("by_kind") or {}).items():
+        if ip in w.get("nodes", {}) and "worker" in w["nodes"][ip].get("role", ""):
+            text += f"; {ip} by port (tx/rx): " + ", ".join(
+                f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in kinds.items())
+    return text
 
 
 def _human(out: dict) -> str:

@@ -160,3 +160,75 @@ def test_link_model_serializes_delays_and_drops_at_a_full_queue():
     assert m.arrival(0, 1, 10, now=0.0) is None and m.dropped == 1  # would wait > 50 ms for the uplink
     m.set(None, 0.0)
     assert m.arrival(1, 0, 10**6, now=2.0) == 2.0  # unshaped: at once
+
+
+def test_wire_per_step_reads_counters_at_commits_and_skips_startup_and_membership_changes():
+    # commits at t = 10, 20, 21, ..., 27 (steps 0..8); a membership change at step 5 (world 2 -> 1)
+    timing = [[0, 10.0], [1, 20.0]] + [[s, 19.0 + s] for s in range(2, 9)]
+    summary = {"step_timing": timing, "bytes_sent_per_step_mean": 1000.0,
+               "world_size_history": [{"step": 0, "world_size": 2}, {"step": 5, "world_size": 1}]}
+    # node x: 1 MB of startup before t=20, then 3000 B tx / 2000 B rx per second, steadily (samples every 0.5 s)
+    samples = {"x": [(9.0 + 0.5 * i, (10**6 if 9.0 + 0.5 * i >= 20 else 0) + int(3000 * max(0, 9.0 + 0.5 * i - 20)),
+                      int(2000 * max(0, 9.0 + 0.5 * i - 20))) for i in range(40)]}
+    assert [s for s, _, _ in slowlink.steady_steps(summary, skip=2, margin=2)] == [2, 3, 4, 8]
+    w = slowlink.wire_per_step(samples, summary, skip=2, margin=2, names={"x": "10.99.0.2"})
+    d = w["nodes"]["10.99.0.2"]
+    assert d["steps"] == 4 and w["steps"] == [2, 3, 4, 8]
+    assert d["wire_tx_bytes_per_step"] == 3000 and d["wire_rx_bytes_per_step"] == 2000
+    assert d["tx_over_payload"] == 3.0 and d["rx_over_payload"] == 2.0
+    # skip=1 takes in step 1, whose interval holds the 1 MB of startup: it shows as the max
+    assert slowlink.wire_per_step(samples, summary, skip=1)["nodes"]["x"]["wire_tx_bytes_per_step_max"] >= 10**6
+
+
+def test_port_kinds_and_breakdown_by_window():
+    assert slowlink.port_kind(6379, 40000) == "gcs" and slowlink.port_kind(50000, 6381) == "object_manager"
+    assert slowlink.port_kind(10005, 45000) == "worker_rpc"
+    assert slowlink.port_kind(41000, 42000) == "gloo_and_other"
+    pk = [(1.5, "tx", "gcs", 100), (1.6, "rx", "gcs", 50), (2.5, "tx", "gloo_and_other", 1000), (5.0, "tx", "gcs", 9)]
+    assert slowlink.breakdown(pk, [(1.0, 2.0), (2.0, 3.0)]) == {
+        "gloo_and_other": {"tx": 500, "rx": 0}, "gcs": {"tx": 50, "rx": 25}}
+
+
+@needs_netns
+def test_link_counters_and_capture_see_a_transfer_between_namespaces():
+    """The counters slowlink polls (/proc/<pid in the namespace>/net/dev) and its tcpdump breakdown both see a
+    4 MiB transfer over a veth, as the interface's own statistics do."""
+    import shutil
+
+    net = slowlink.Netns(prefix=f"rdsl{os.getpid()}")
+    sleeper = None
+    try:
+        a, b = net.add("a"), net.add("b")
+        net.veth(a, slowlink.IFNAME, b, slowlink.IFNAME)
+        net.addr(a, slowlink.IFNAME, "10.99.0.1/24")
+        net.addr(b, slowlink.IFNAME, "10.99.0.2/24")
+        sleeper = subprocess.Popen(net.exec_argv(a, "sleep", "60"))  # a pid inside namespace a
+        time.sleep(0.2)
+        nodes = {"a": {"ns": a, "ip": "10.99.0.1"}, "b": {"ns": b, "ip": "10.99.0.2"}}
+        cap = None
+        if shutil.which("tcpdump"):
+            import tempfile
+            from pathlib import Path
+
+            cap = slowlink.Capture(net, nodes, Path(tempfile.mkdtemp(prefix="rdslcap")), "t")
+            time.sleep(0.5)
+        tx0 = net.tx_bytes(a)
+        with slowlink.LinkCounters({"a": sleeper.pid}, interval=0.05) as counters:
+            t0 = time.time()
+            _transfer(net, a, b, "10.99.0.2", port=5205)
+            t1 = time.time()
+        tx = net.tx_bytes(a) - tx0
+        s = counters.samples["a"]
+        assert len(s) >= 3 and s[-1][1] - s[0][1] >= PAYLOAD
+        assert abs((s[-1][1] - s[0][1]) - tx) < 0.01 * tx  # the same counter `ip -s link` shows
+        if cap is not None:
+            time.sleep(0.5)
+            cap.stop()
+            kinds = cap.by_kind([(t0 - 0.01, t1 + 0.01)])
+            assert kinds["10.99.0.2"]["gloo_and_other"]["rx"] >= PAYLOAD  # port 5205: no Ray port
+            assert kinds["10.99.0.1"]["gloo_and_other"]["tx"] >= PAYLOAD
+    finally:
+        if sleeper is not None:
+            sleeper.kill()
+            sleeper.wait()
+        net.close()
