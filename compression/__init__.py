@@ -11,7 +11,8 @@ from compression.dense import DenseSync
 from compression.demo import DemoSync
 from compression.diloco import DilocoSync
 from compression.optim import DeMo, DiLoCo
-from compression.sync import ExchangeStats, Sync, build_sync
+from compression.registry import build_sync
+from compression.sync import ExchangeStats, Sync
 
 __all__ = ["build_sync", "Sync", "ExchangeStats", "PayloadError", "WireFormat", "SyncConfig", "DeMo", "DiLoCo",
            "DenseSync", "DemoSync", "DilocoSync", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",

@@ -30,7 +30,7 @@ import time
 
 import torch
 
-from compression import kernels
+import compression.kernels as kernels
 from compression.codec import TORCH_SECTIONS, GroupSpec, WireFormat
 from compression.communicator import Communicator
 from compression.config import SyncConfig

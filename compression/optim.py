@@ -10,7 +10,7 @@ import torch
 
 from compression.communicator import Communicator
 from compression.config import SyncConfig
-from compression.sync import build_sync
+from compression.registry import build_sync
 
 
 class _SyncOptimizer(torch.optim.Optimizer):

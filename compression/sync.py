@@ -1,4 +1,4 @@
-"""The strategy interface every synchronization scheme implements, and `build_sync`, the one place they are built.
+"""The strategy interface every synchronization scheme implements (`compression.registry.build_sync` builds them).
 
 Promises of every `Sync` (this is what lets the elastic coordinator guarantee "all apply step s or none"):
 - `exchange(lr, weight, weight_decay, boundary=False)` reads `p.grad`, runs this step's collective(s),
@@ -28,7 +28,6 @@ from dataclasses import dataclass
 import torch
 
 from compression.communicator import Communicator
-from compression.config import SyncConfig
 
 
 # held while a CUDA graph is captured (compression.demo) and around device-wide syncs, which would break it
@@ -99,23 +98,6 @@ class Sync:
         if device.type == "cuda":
             with CAPTURE_LOCK:
                 torch.cuda.synchronize(device)
-
-
-def build_sync(cfg: SyncConfig, params, comm: Communicator) -> Sync:
-    """The strategy named by `cfg.name` over `params` (an iterable of tensors requiring grad)."""
-    params = [p for p in params]
-    if not params:
-        raise ValueError("build_sync: no parameters given")
-    if cfg.name == "dense":
-        from compression.dense import DenseSync
-        return DenseSync(cfg, params, comm)
-    if cfg.name == "demo":
-        from compression.demo import DemoSync
-        return DemoSync(cfg, params, comm)
-    if cfg.name == "diloco":
-        from compression.diloco import DilocoSync
-        return DilocoSync(cfg, params, comm)
-    raise ValueError(f"sync.name: '{cfg.name}' is not a strategy (dense | demo | diloco)")
 
 
 def joiners_need_peer_state(name: str) -> bool:
