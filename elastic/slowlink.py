@@ -357,7 +357,7 @@ def read_pcap(path: Path, ip: str) -> list[tuple[float, str, str, int]]:
         off += 16 + incl
         if linktype == 1:  # Ethernet
             if pkt[12:14] != b"\x08\x00":
-                out.append((sec + frac / (1e9 if nano else 1e6), "?", "non_ipv4", orig))
+                out.append((sec + frac / (1e9 if nano else 1e6), "?", "non_ipv4", orig, 0))
                 continue
             pkt = pkt[14:]
         if len(pkt) < 20 or pkt[0] >> 4 != 4:
@@ -365,17 +365,20 @@ def read_pcap(path: Path, ip: str) -> list[tuple[float, str, str, int]]:
         t = sec + frac / (1e9 if nano else 1e6)
         way = "tx" if pkt[12:16] == me else "rx"
         ihl = (pkt[0] & 15) * 4
+        local = 0
         if pkt[9] == 6 and len(pkt) >= ihl + 4:
             sport, dport = struct.unpack(">HH", pkt[ihl:ihl + 4])
             kind = port_kind(sport, dport)
+            local = sport if way == "tx" else dport
         else:
             kind = {1: "icmp", 17: "udp"}.get(pkt[9], f"ip_proto_{pkt[9]}")
-        out.append((t, way, kind, orig))
+        out.append((t, way, kind, orig, local))
     return out
 
 
-def breakdown(packets: list[tuple[float, str, str, int]], windows: list[tuple[float, float]]) -> dict:
-    """Bytes per steady-state step by kind and direction: packets inside the windows (one per step)."""
+def breakdown(packets: list[tuple], windows: list[tuple[float, float]], owners: dict[int, str] | None = None) -> dict:
+    """Bytes per steady-state step by kind and direction: packets inside the windows (one per step). With
+    `owners` (local TCP port -> process name), by '<process on this node> -> <kind>' instead."""
     import bisect
 
     if not windows:
@@ -383,7 +386,9 @@ def breakdown(packets: list[tuple[float, str, str, int]], windows: list[tuple[fl
     windows = sorted(windows)
     starts = [w[0] for w in windows]
     tot: dict = {}
-    for t, way, kind, n in packets:
+    for t, way, kind, n, *local in packets:
+        if owners is not None:
+            kind = f"{owners.get(local[0] if local else 0, 'unknown')} -> {kind}"
         i = bisect.bisect_right(starts, t) - 1
         if i >= 0 and t <= windows[i][1]:
             tot.setdefault(kind, {"tx": 0, "rx": 0}).setdefault(way, 0)
@@ -409,8 +414,18 @@ class Capture:
         deadline = time.time() + 10
         while time.time() < deadline and not all(f.exists() for f in self.files.values()):
             time.sleep(0.1)
+        import threading
+
+        self.owners: dict[str, dict[int, str]] = {r: {} for r in nodes}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._snapshot_owners, daemon=True) if shutil.which("ss") else None
+        if self._thread is not None:
+            self._thread.start()
 
     def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
         for p in self.procs.values():
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)
@@ -420,6 +435,21 @@ class Capture:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
+
+    def _snapshot_owners(self) -> None:
+        """Which process owns each local TCP port (`ss -tnp` in every namespace, every 2 s while the run
+        trains: training workers' connections are gone once it ends)."""
+        while not self._stop.wait(2.0):
+            for r, n in self.nodes.items():
+                out = _sh("ip", "netns", "exec", n["ns"], "ss", "-tnpH", check=False).stdout
+                for line in out.splitlines():
+                    m = re.search(r"\S+:(\d+)\s+\S+:\d+\s+users:\(\(\"([^\"]+)\"", line)
+                    if m:
+                        self.owners[r].setdefault(int(m.group(1)), m.group(2))
+
+    def by_process(self, windows: list[tuple[float, float]]) -> dict:
+        return {self.nodes[r]["ip"]: breakdown(read_pcap(f, self.nodes[r]["ip"]), windows, self.owners[r])
+                for r, f in self.files.items() if f.exists()}
 
     def by_kind(self, windows: list[tuple[float, float]]) -> dict:
         return {self.nodes[r]["ip"]: breakdown(read_pcap(f, self.nodes[r]["ip"]), windows)
@@ -588,6 +618,7 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
             wire["nodes"][n["ip"]]["role"] = roles.get(r, r)
     if cap is not None:  # per steady-state step, by the Ray port each packet talks to
         wire["by_kind"] = cap.by_kind([(t0, t1) for _, t0, t1 in steady_steps(s, skip)])
+        wire["by_process"] = cap.by_process([(t0, t1) for _, t0, t1 in steady_steps(s, skip)])
         for f in cap.files.values():
             f.unlink(missing_ok=True)
     return {
@@ -824,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
                    f"python -m elastic.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
                    + (f" --delay-ms {a.delay_ms:g}" if a.delay_ms else "")
+                   + (" --capture" if any(r.get("wire", {}).get("by_kind") for r in out["results"]) else "")
                    + (f" {' '.join(a.overrides)}" if a.overrides else ""),
                    record_text(out))
     print(json.dumps(out, indent=1, default=str) if a.json else _human(out))
@@ -866,7 +898,11 @@ def wire_text(r: dict) -> str:
     for ip, kinds in (w.get("by_kind") or {}).items():
         if ip in w.get("nodes", {}) and "worker" in w["nodes"][ip].get("role", ""):
             text += f"; {ip} by port (tx/rx): " + ", ".join(
-                f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in kinds.items())
+                f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in kinds.items() if sum(v.values()) >= 50)
+    for ip, procs in (w.get("by_process") or {}).items():  # the biggest few: who on the node talks to what
+        if ip in w.get("nodes", {}) and "worker" in w["nodes"][ip].get("role", ""):
+            text += f"; {ip} by process (tx/rx): " + ", ".join(
+                f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in list(procs.items())[:5])
     return text
 
 
