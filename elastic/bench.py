@@ -53,7 +53,7 @@ def append_row(section: str, command: str, result: str, machine_name: str | None
 
 def bench_converge(preset: str, overrides: list[str], syncs: list[str], record: bool = False) -> dict:
     """Train each sync strategy on the same data, steps and tokens; compare held-out loss and bytes."""
-    from elastic.cli import train
+    from elastic.driver import train
 
     stamp = time.strftime("%Y%m%d-%H%M%S")
     results: dict[str, dict] = {}
@@ -176,7 +176,7 @@ def bench_recovery(events: int = 5, overrides: list[str] | None = None, record: 
       the node's appearance;
     - the coordinator's process killed (SIGKILL from outside): from the kill to the next committed step, and
       whether the run finished with no operator action."""
-    from elastic.cli import train
+    from elastic.driver import train
 
     spacing = 60
     kills = [20 + i * 2 * spacing for i in range(events)]

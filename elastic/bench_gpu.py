@@ -1,7 +1,7 @@
 """`python -m elastic bench-gpu`: throughput of the full stack against the baseline a user would pick.
 
 In one invocation, on one machine, for a model preset (default gpt2-small):
-- `dense` and `demo` through the full stack: `elastic.cli.train` (coordinator + worker actors on Ray,
+- `dense` and `demo` through the full stack: `elastic.driver.train` (coordinator + worker actors on Ray,
   ray.util.collective over NCCL on CUDA), read back from summary.json;
 - `ddp`: plain torch DistributedDataParallel + fused AdamW, one process per GPU (torch.multiprocessing,
   NCCL process group; gloo on CPU), the same `elastic.model.GPT`, bf16 autocast, synthetic tokens, as many
@@ -132,7 +132,7 @@ def steady_state(summary: dict, warmup: int) -> dict:
 # ---- (a), (b): the full stack ---------------------------------------------------------------------------
 def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, per_gpu_tokens: int,
                 overrides: list[str], run_root: str, extra: list[str] = (), label: str = "") -> dict:
-    from elastic.cli import train
+    from elastic.driver import train
     from elastic.config import load_config
 
     name = f"bench-gpu-{label or sync}-w{workers}-{int(time.time())}"
