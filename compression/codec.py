@@ -99,7 +99,7 @@ def unpack_bits(u8: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     return (b.reshape(*lead, count, bits).to(torch.int64) * weights).sum(-1)
 
 
-def _fresh(rows: torch.Tensor) -> torch.Tensor:
+def packed_copy(rows: torch.Tensor) -> torch.Tensor:
     """A packed copy (row stride = row length), so the bytes can be reinterpreted as wider dtypes.
 
     `.contiguous()` is not enough: a [1, n] slice counts as contiguous while keeping the parent's stride.
@@ -202,7 +202,7 @@ class Framing:
             raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
                                    f"expected [world_size, {self.nbytes}]")
         W, dev = gathered.shape[0], gathered.device
-        weights64 = _fresh(gathered[:, 16:24]).view(torch.float64).reshape(W)
+        weights64 = packed_copy(gathered[:, 16:24]).view(torch.float64).reshape(W)
         if not validate:
             return weights64, []
         magic = _const(f"magic{self.magic!r}", dev, lambda: torch.frombuffer(bytearray(self.magic), dtype=torch.uint8))
@@ -220,7 +220,7 @@ class Framing:
             (f"weight above {MAX_WEIGHT:.0f} (2^40 tokens: more than any step holds)", ~(weights64 > MAX_WEIGHT)),
         ]
         if step is not None:
-            steps = _fresh(gathered[:, 8:16]).view(torch.int64).reshape(W)
+            steps = packed_copy(gathered[:, 8:16]).view(torch.int64).reshape(W)
             checks.append(("header step differs from this step (a stale or replayed payload)", steps == step))
         return weights64, checks
 
@@ -275,7 +275,7 @@ class Sections:
             vals = (1.0 - 2.0 * signs.to(torch.float32)) * mask
             first = (counts <= k).flatten(1).all(1) if validate else None
         else:
-            vals = _fresh(sec[:, ib:]).view(torch.bfloat16).view(W, N, k).to(torch.float32)
+            vals = packed_copy(sec[:, ib:]).view(torch.bfloat16).view(W, N, k).to(torch.float32)
             mask = torch.ones_like(vals)
             first = torch.isfinite(vals).flatten(1).all(1) if validate else None
         ok = None

@@ -17,7 +17,9 @@ from compression.config import SyncConfig
 from compression.sync import ExchangeStats, Sync
 
 
-def _adamw(params, betas, eps) -> torch.optim.AdamW:
+def build_adamw(params, betas, eps) -> torch.optim.AdamW:
+    """AdamW over `params` with lr and weight decay 0 (set per step by `adamw_step_on`): fused where torch
+    supports it on these parameters, else foreach. Dense's optimizer and DiLoCo's inner one."""
     devices = {p.device.type for p in params}
     fusable = devices <= {"cuda", "cpu"} and all(p.is_floating_point() for p in params) and len(devices) == 1
     if fusable:
@@ -53,7 +55,7 @@ class DenseSync(Sync):
         self.cfg, self.params, self.comm = cfg, params, comm
         self.device = params[0].device
         self.numel = sum(p.numel() for p in params)
-        self.opt = _adamw(params, tuple(cfg.betas), cfg.eps)
+        self.opt = build_adamw(params, tuple(cfg.betas), cfg.eps)
         self.step_count = 0
         self._pending: tuple[torch.Tensor, float, float] | None = None
 

@@ -27,10 +27,10 @@ import time
 
 import torch
 
-from compression.codec import HEADER_BYTES, Framing, PayloadError, _fresh
+from compression.codec import HEADER_BYTES, Framing, PayloadError, packed_copy
 from compression.communicator import Communicator
 from compression.config import SyncConfig
-from compression.dense import _adamw, adamw_state_cpu, adamw_step_on
+from compression.dense import adamw_state_cpu, adamw_step_on, build_adamw
 from compression.sync import ExchangeStats, Sync
 
 BLOCK = 1024  # elements per int8 scale: 0.4% of the payload in scales
@@ -62,7 +62,7 @@ class DeltaWire(Framing):
         `step`: the step every header must carry."""
         weights, checks = self.check_header(gathered, validate, step)
         W, off = gathered.shape[0], HEADER_BYTES
-        scale = _fresh(gathered[:, off:off + 4 * self.n_blocks]).view(torch.float32).view(W, self.n_blocks)
+        scale = packed_copy(gathered[:, off:off + 4 * self.n_blocks]).view(torch.float32).view(W, self.n_blocks)
         q = gathered[:, off + 4 * self.n_blocks:].view(torch.int8).view(W, self.n_blocks, self.block)
         if validate:
             checks.append(("scale is not finite or negative", (torch.isfinite(scale) & (scale >= 0)).all(1)))
@@ -89,7 +89,7 @@ class DilocoSync(Sync):
         self.device = params[0].device
         self.numel = sum(p.numel() for p in params)
         self.wire = DeltaWire(self.numel)
-        self.opt = _adamw(params, tuple(cfg.betas), cfg.eps)
+        self.opt = build_adamw(params, tuple(cfg.betas), cfg.eps)
         with torch.no_grad():
             self.theta_g = self._flat(params)
         self.outer_buf = torch.zeros_like(self.theta_g)

@@ -175,13 +175,18 @@ class PendingFingerprint:
             self._sums = None
         return self._value
 
+    @classmethod
+    def ready(cls, value: str) -> PendingFingerprint:
+        """One whose result is known already (e.g. "empty" for no parameters)."""
+        done = cls([], torch.zeros(0), [])
+        done._value = value
+        return done
+
 
 def params_fingerprint_async(params: Iterable[torch.Tensor]) -> PendingFingerprint:
     params = list(params)
     if not params:
-        done = PendingFingerprint([], torch.zeros(0), [])
-        done._value = "empty"
-        return done
+        return PendingFingerprint.ready("empty")
     by_size: dict[int, list[torch.Tensor]] = {}
     for p in params:
         by_size.setdefault(p.element_size(), []).append(p)
