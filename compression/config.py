@@ -27,3 +27,28 @@ class SyncConfig:
     inner_steps: int = 50          # local steps between outer steps (H); the last step and checkpoints sync too
     outer_lr: float = 1.0          # outer SGD on the averaged delta: 1.0 with momentum 0 = the weighted average;
     outer_momentum: float = 0.0    # DiLoCo's Nesterov 0.7/0.9 wants hundreds of outer steps (docs/compression.md#diloco)
+
+
+def sync_option_problem(cfg: SyncConfig, strategy: str | None = None) -> str | None:
+    """The first out-of-range option as an error naming it and its range, or None when all are fine.
+
+    `strategy`: only the options that strategy reads (each `Sync` checks its own when built); None: every
+    option whatever `name` says (`elastic.config` at load time, so a typo fails before the run starts)."""
+    s = cfg
+    checks = (  # (the strategy that reads the option or None for all, ok, message)
+        (None, s.name in ("dense", "demo", "diloco"), f"sync.name: '{s.name}' must be dense, demo or diloco"),
+        ("diloco", s.inner_steps >= 1,
+         f"sync.inner_steps: {s.inner_steps} must be >= 1 (diloco's local steps per outer step)"),
+        ("diloco", s.outer_lr > 0, f"sync.outer_lr: {s.outer_lr} must be > 0"),
+        ("diloco", 0 <= s.outer_momentum < 1, f"sync.outer_momentum: {s.outer_momentum} must be in [0, 1)"),
+        ("demo", s.value_bits in (1, 16), f"sync.value_bits: {s.value_bits} must be 1 or 16"),
+        ("demo", s.topk >= 1, f"sync.topk: {s.topk} must be >= 1"),
+        ("demo", s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2"),
+        ("demo", 0 < s.decay <= 1, f"sync.decay: {s.decay} must be in (0, 1]"),
+        ("demo", s.lr_scale > 0, f"sync.lr_scale: {s.lr_scale} must be > 0 (demo steps at train.lr * lr_scale)"),
+        ("demo", s.update in ("sign", "rms"), f"sync.update: '{s.update}' must be sign or rms"),
+    )
+    for reader, ok, message in checks:
+        if not ok and (strategy is None or reader == strategy):
+            return message
+    return None

@@ -33,7 +33,7 @@ import torch
 import compression.kernels as kernels
 from compression.codec import TORCH_SECTIONS, GroupSpec, WireFormat
 from compression.communicator import Communicator
-from compression.config import SyncConfig
+from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, ViewCache, dct2, dct_basis, sparse_idct2
 from compression.sync import CAPTURE_LOCK, ExchangeStats, Sync
 
@@ -105,14 +105,9 @@ def demo_wire_format(plan: ChunkPlan, topk: int, value_bits: int) -> WireFormat:
 
 class DemoSync(Sync):
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
-        if cfg.value_bits not in (1, 16):
-            raise ValueError(f"sync.value_bits: {cfg.value_bits} must be 1 or 16")
-        if cfg.update not in ("sign", "rms"):
-            raise ValueError(f"sync.update: '{cfg.update}' must be sign or rms")
-        if not cfg.lr_scale > 0:
-            raise ValueError(f"sync.lr_scale: {cfg.lr_scale} must be > 0")
-        if cfg.topk < 1 or cfg.chunk < 2 or not 0 < cfg.decay <= 1:
-            raise ValueError(f"sync: topk={cfg.topk}, chunk={cfg.chunk}, decay={cfg.decay} out of range")
+        problem = sync_option_problem(cfg, "demo")
+        if problem:
+            raise ValueError(problem)
         if any(not p.is_contiguous() for p in params):
             raise ValueError("demo sync needs contiguous parameters (updates are applied through views)")
         self.cfg, self.params, self.comm = cfg, params, comm

@@ -29,7 +29,7 @@ import torch
 
 from compression.codec import HEADER_BYTES, Framing, PayloadError, packed_copy
 from compression.communicator import Communicator
-from compression.config import SyncConfig
+from compression.config import SyncConfig, sync_option_problem
 from compression.dense import adamw_state_cpu, adamw_step_on, build_adamw
 from compression.sync import ExchangeStats, Sync
 
@@ -78,11 +78,9 @@ class DeltaWire(Framing):
 
 class DilocoSync(Sync):
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
-        if cfg.inner_steps < 1:
-            raise ValueError(f"sync.inner_steps: {cfg.inner_steps} must be >= 1")
-        if not cfg.outer_lr > 0 or not 0 <= cfg.outer_momentum < 1:
-            raise ValueError(f"sync: outer_lr={cfg.outer_lr} must be > 0 and outer_momentum="
-                             f"{cfg.outer_momentum} in [0, 1)")
+        problem = sync_option_problem(cfg, "diloco")
+        if problem:
+            raise ValueError(problem)
         if len({p.device for p in params}) != 1:
             raise ValueError("diloco sync needs all parameters on one device")
         self.cfg, self.params, self.comm = cfg, params, comm

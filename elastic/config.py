@@ -23,7 +23,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from compression.config import SyncConfig
+from compression.config import SyncConfig, sync_option_problem
 from datasets.config import DataConfig
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -342,16 +342,8 @@ def validate(cfg: RunConfig) -> None:
     _check(0 <= m.dropout < 1, f"model.dropout: {m.dropout} must be in [0, 1)")
     _check(m.vocab_size == 0 or m.vocab_size % 64 == 0,
            f"model.vocab_size: {m.vocab_size} must be 0 (auto) or a multiple of 64 (DCT chunks)")
-    _check(s.name in ("dense", "demo", "diloco"), f"sync.name: '{s.name}' must be dense, demo or diloco")
-    _check(s.inner_steps >= 1, f"sync.inner_steps: {s.inner_steps} must be >= 1 (diloco's local steps per outer step)")
-    _check(s.outer_lr > 0, f"sync.outer_lr: {s.outer_lr} must be > 0")
-    _check(0 <= s.outer_momentum < 1, f"sync.outer_momentum: {s.outer_momentum} must be in [0, 1)")
-    _check(s.value_bits in (1, 16), f"sync.value_bits: {s.value_bits} must be 1 or 16")
-    _check(s.topk >= 1, f"sync.topk: {s.topk} must be >= 1")
-    _check(s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2")
-    _check(0 < s.decay <= 1, f"sync.decay: {s.decay} must be in (0, 1]")
-    _check(s.lr_scale > 0, f"sync.lr_scale: {s.lr_scale} must be > 0 (demo steps at train.lr * lr_scale)")
-    _check(s.update in ("sign", "rms"), f"sync.update: '{s.update}' must be sign or rms")
+    bad_sync = sync_option_problem(s)  # compression owns its options' ranges
+    _check(bad_sync is None, bad_sync or "")
     _check(cfg.checkpoint.every >= 0, f"checkpoint.every: {cfg.checkpoint.every} must be >= 0")
     _check(cfg.checkpoint.keep >= 1, f"checkpoint.keep: {cfg.checkpoint.keep} must be >= 1")
     _check(cfg.checkpoint.write_timeout_s > 0,
