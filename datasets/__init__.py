@@ -2,6 +2,7 @@
 
 The contract other packages use (docs/DESIGN.md, "datasets/ contract"; details in docs/datasets.md):
     discover(url, storage_options) -> list[ShardInfo]          footers only, sorted
+    discover_usable(url, data_config[, known]) -> list[ShardInfo]   discover + check_text_column
     DataPlan(shards, seed, epoch).assign/commit/abort/state_dict/load_state_dict/accounting
     DocRange(shard, row_group, start, stop)
     ShardReader(shards, storage_options, tokenizer, cfg).read(ranges) / .prefetch(ranges)
@@ -16,12 +17,12 @@ from datasets.plan import DataPlan, DocRange, PlanError, PlanStateMismatch, Shar
 from datasets.reader import DocBatch, ReadStats, ShardReader
 from datasets.sample import SampleBuildError, ensure_sample
 from datasets.sources import (DataSchemaError, DataSourceError, DataSourceUnavailable, discover,
-                              resolve_source)
+                              discover_usable, resolve_source)
 from datasets.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 __all__ = [
     "DataConfig", "DataPlan", "DocRange", "ShardInfo", "ShardReader", "DocBatch", "ReadStats",
-    "discover", "resolve_source", "pack", "IGNORE_INDEX", "Window", "WindowMismatch", "split_windows",
+    "discover", "discover_usable", "resolve_source", "pack", "IGNORE_INDEX", "Window", "WindowMismatch", "split_windows",
     "get_tokenizer", "Tokenizer", "ensure_sample",
     "PlanError", "PlanStateMismatch", "DataSourceError", "DataSourceUnavailable", "DataSchemaError",
     "SampleBuildError", "TokenizerError",

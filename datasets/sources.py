@@ -278,6 +278,16 @@ def is_text_type(arrow_type: str) -> bool:
                                          and arrow_type[len("dictionary<values="):].split(",")[0] in _TEXT_TYPES)
 
 
+def discover_usable(url: str, data, known: list[ShardInfo] | None = None) -> list[ShardInfo]:
+    """The shards of `url` a run can train on: `known` (a list read before) or `discover` with the storage
+    options and retries of `data` (a `DataConfig`), then `check_text_column` on them. The one way a run lists
+    its data: the driver's preflight and the coordinator both call it."""
+    shards = known or discover(url, data.storage_options, text_column=data.text_column, retries=data.retries,
+                               backoff_s=data.retry_backoff_s)
+    check_text_column(shards, data.text_column)
+    return shards
+
+
 def check_text_column(shards: list[ShardInfo], text_column: str) -> None:
     """Stop before training if any file lacks the text column or holds something else than text in it
     (naming the file, the column and what it has): a worker would fail on every step it reads that file."""

@@ -23,9 +23,8 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state, sync_state_identical
-from datasets import DataPlan, discover
+from datasets import DataPlan, discover_usable
 from datasets.plan import read_margin, rebalance, windows_for
-from datasets.sources import check_text_column
 from elastic import rendezvous
 from elastic.chaos import ChaosSchedule
 from elastic.checkpoint import (CheckpointFailed, CheckpointStore, CheckpointWriter, files_by_rank, first_line,
@@ -108,15 +107,9 @@ class Coordinator:
             self.discovered = {"data.source": known[0], "data.val_source": known[1]}
         d, found = self.cfg.data, self.discovered
         # bad data stops the run here, with the file named, not later inside a worker
-        self.shards = found.get("data.source") or discover(
-            d.source, d.storage_options, text_column=d.text_column, retries=d.retries, backoff_s=d.retry_backoff_s)
-        check_text_column(self.shards, d.text_column)
+        self.shards = discover_usable(d.source, d, known=found.get("data.source"))
         self.plan = DataPlan(self.shards, seed=d.seed, epoch=0)
-        self.val_shards = (found.get("data.val_source") or discover(
-            d.val_source, d.storage_options, text_column=d.text_column, retries=d.retries,
-            backoff_s=d.retry_backoff_s)) if d.val_source else []
-        if self.val_shards:
-            check_text_column(self.val_shards, d.text_column)
+        self.val_shards = discover_usable(d.val_source, d, known=found.get("data.val_source")) if d.val_source else []
         # one copy in the object store, referenced by every worker spawned (a FineWeb shard list is MBs)
         self.shards_ref, self.val_shards_ref = ray.put(self.shards), ray.put(self.val_shards)
         self.discovered = {}

@@ -27,19 +27,11 @@ class RunAlreadyLive(RuntimeError):
 def preflight(cfg) -> dict:
     """Fail fast, before any Ray process starts, on data the run could not use (footers only).
     Returns the shard lists by key, so the coordinator does not read every footer a second time."""
-    from datasets import discover
-    from datasets.sources import check_text_column
+    from datasets import discover_usable
 
     d = cfg.data
-    found = {}
-    for key, url in (("data.source", d.source), ("data.val_source", d.val_source)):
-        if not url:
-            continue
-        shards = discover(url, d.storage_options, text_column=d.text_column, retries=d.retries,
-                          backoff_s=d.retry_backoff_s)
-        check_text_column(shards, d.text_column)
-        found[key] = shards
-    return found
+    return {key: discover_usable(url, d) for key, url in (("data.source", d.source), ("data.val_source", d.val_source))
+            if url}
 
 
 class RayRuntime:
