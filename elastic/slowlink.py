@@ -837,6 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         a.steps, a.skip = out["steps"], out["skip"]
         a.syncs = ",".join(dict.fromkeys(r["sync"] for r in out["results"]))
         a.overrides = out.get("overrides", [])
+        a.delay_ms = out.get("delay_ms", 0.0)
     else:
         try:
             out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs,
@@ -895,12 +896,13 @@ def wire_text(r: dict) -> str:
              for ip, d in w.get("nodes", {}).items()]
     text = (", ".join(parts) + f" (payload {kb(w.get('payload_bytes_per_step') or 0)}/worker/step, "
             f"{len(w.get('steps', []))} steps)") if parts else "no steady-state steps sampled"
+    workers = [ip for ip, d in w.get("nodes", {}).items() if "worker" in d.get("role", "")][:1]  # one is typical
     for ip, kinds in (w.get("by_kind") or {}).items():
-        if ip in w.get("nodes", {}) and "worker" in w["nodes"][ip].get("role", ""):
+        if ip in workers and not w.get("by_process"):
             text += f"; {ip} by port (tx/rx): " + ", ".join(
                 f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in kinds.items() if sum(v.values()) >= 50)
     for ip, procs in (w.get("by_process") or {}).items():  # the biggest few: who on the node talks to what
-        if ip in w.get("nodes", {}) and "worker" in w["nodes"][ip].get("role", ""):
+        if ip in workers:
             text += f"; {ip} by process (tx/rx): " + ", ".join(
                 f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in list(procs.items())[:5])
     return text
