@@ -461,8 +461,9 @@ class Capture:
 class RayNodes:
     """`ray start --block` per namespace, each with its own temp dir; stopped by process group."""
 
-    def __init__(self, net: Netns, nodes: dict[str, dict], root: Path):
+    def __init__(self, net: Netns, nodes: dict[str, dict], root: Path, ray_env: dict[str, str] | None = None):
         self.net, self.nodes, self.root = net, nodes, root
+        self.ray_env = ray_env or {}  # extra environment for the `ray start` processes (Ray's own settings)
         self.procs: dict[str, subprocess.Popen] = {}
         self.head_ip = nodes["h"]["ip"]
         self.address = f"{self.head_ip}:{GCS_PORT}"
@@ -493,7 +494,8 @@ class RayNodes:
                 args = [ray_bin, "start", f"--address={self.address}", f"--node-ip-address={node['ip']}",
                         f"--num-cpus={worker_cpus}", *common]
             log = open(self.root / f"{role}.log", "w")
-            self.procs[role] = subprocess.Popen(self.net.exec_argv(node["ns"], *args), env=self.env(role),
+            self.procs[role] = subprocess.Popen(self.net.exec_argv(node["ns"], *args),
+                                                env={**self.env(role), **self.ray_env},
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._wait_started(role, 120)  # one at a time: nodes joining together time out on 2 cores
 
@@ -654,7 +656,7 @@ def _stop_group(p: subprocess.Popen) -> None:
 
 def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str, extra: list[str],
           timeout_s: float, keep_logs: bool = False, log=lambda m: print(m, file=sys.stderr),
-          delay_ms: float = 0.0, capture: bool = False) -> dict:
+          delay_ms: float = 0.0, capture: bool = False, ray_env: dict[str, str] | None = None) -> dict:
     """`delay_ms` > 0: the links go through a `netwire` process instead of veths and tbf, and every shaped
     rate also gets `delay_ms` of one-way delay (round trip: twice that); 'unshaped' is the wire with
     neither."""
@@ -678,7 +680,7 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         else:
             nodes = star(net, ["h", "a", "b"])
             log(f"slowlink: namespaces {net.names}, {IFNAME} {[n['ip'] for n in nodes.values()]} via br0")
-        ray_nodes = RayNodes(net, nodes, root)
+        ray_nodes = RayNodes(net, nodes, root, ray_env)
         ray_nodes.start()
         seen = ray_nodes.wait_nodes()
         log(f"slowlink: Ray nodes up {seen}")
@@ -722,6 +724,7 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
                 "3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) on a bridge; tbf "
                 "on both directions of every node's veth; bandwidth only (no netem: no delay/loss)")
     return {"preset": preset, "steps": steps, "skip": skip, "overrides": extra, "delay_ms": delay_ms,
+            "ray_env": ray_env or {},
             "topology": topology,
             "results": results, "table": table(results)}
 
@@ -815,6 +818,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--capture", action="store_true",
                    help="also tcpdump (headers) each node's link and split its steady-state bytes per step by "
                         "the Ray port they talk to (gcs, raylet, object_manager, worker_rpc, gloo_and_other)")
+    p.add_argument("--ray-env", default="", metavar="K=V,...",
+                   help="environment for every node's `ray start` (Ray's own settings, e.g. "
+                        "REPORTER_UPDATE_INTERVAL_MS=60000: how often each node's dashboard agent reports to the GCS)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-record", action="store_true", help="don't append to docs/BENCHMARKS.md")
     p.add_argument("--no-plot", action="store_true", help=f"don't write {PLOT.relative_to(REPO)}")
@@ -838,10 +844,11 @@ def main(argv: list[str] | None = None) -> int:
         a.syncs = ",".join(dict.fromkeys(r["sync"] for r in out["results"]))
         a.overrides = out.get("overrides", [])
         a.delay_ms = out.get("delay_ms", 0.0)
+        a.ray_env = ",".join(f"{k}={v}" for k, v in out.get("ray_env", {}).items())
     else:
         try:
             out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs,
-                        delay_ms=a.delay_ms, capture=a.capture)
+                        delay_ms=a.delay_ms, capture=a.capture, ray_env=_ray_env(p, a.ray_env))
         except KeyboardInterrupt:
             print("slowlink: interrupted; torn down", file=sys.stderr)
             return 130
@@ -857,10 +864,21 @@ def main(argv: list[str] | None = None) -> int:
                    f"python -m elastic.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
                    + (f" --delay-ms {a.delay_ms:g}" if a.delay_ms else "")
                    + (" --capture" if any(r.get("wire", {}).get("by_kind") for r in out["results"]) else "")
+                   + (f" --ray-env {a.ray_env}" if a.ray_env else "")
                    + (f" {' '.join(a.overrides)}" if a.overrides else ""),
                    record_text(out))
     print(json.dumps(out, indent=1, default=str) if a.json else _human(out))
     return 0
+
+
+def _ray_env(p: argparse.ArgumentParser, text: str) -> dict[str, str]:
+    env = {}
+    for item in filter(None, text.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or not k:
+            p.error(f"--ray-env {item!r}: expected KEY=VALUE[,KEY=VALUE...]")
+        env[k] = v
+    return env
 
 
 def record_text(out: dict) -> str:

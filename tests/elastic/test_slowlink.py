@@ -232,3 +232,12 @@ def test_link_counters_and_capture_see_a_transfer_between_namespaces():
             sleeper.kill()
             sleeper.wait()
         net.close()
+
+
+def test_ray_env_option_names_the_bad_item():
+    import argparse
+
+    p = argparse.ArgumentParser(prog="slowlink")
+    assert slowlink._ray_env(p, "A=1,B=x=y") == {"A": "1", "B": "x=y"}
+    with pytest.raises(SystemExit):
+        slowlink._ray_env(p, "A=1,NOVALUE")
