@@ -52,6 +52,24 @@ class ChaosSchedule:
         self.done = {ChaosEvent(int(s), k) for s, k in sd.get("done", [])}
 
 
+def wrap_for_chaos(comm, chaos_cfg, seed: int):
+    """`comm` in a `CorruptingCommunicator` when the run's `chaos` section schedules a corrupt payload or a
+    collective error (the only events that act on the wire); else `comm` itself, so a run without them keeps
+    the wrapper off every collective."""
+    if chaos_cfg.corrupt_payload_at or chaos_cfg.comm_error_at:
+        return CorruptingCommunicator(comm, seed=seed)
+    return comm
+
+
+def wire_injector(comm) -> CorruptingCommunicator:
+    """The communicator a step's `corrupt_payload` / `comm_error` flag arms; a clear error for one that
+    `wrap_for_chaos` left unwrapped (the worker's config schedules neither event)."""
+    if not isinstance(comm, CorruptingCommunicator):
+        raise RuntimeError("chaos: a corrupt_payload/comm_error event reached a worker whose config has no "
+                           "chaos.corrupt_payload_at or chaos.comm_error_at; give the workers the run's config")
+    return comm
+
+
 class CorruptingCommunicator:
     """Wraps a Communicator; when armed, the next all-gather sends garbage instead of our payload.
 

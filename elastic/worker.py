@@ -27,7 +27,7 @@ from datasets.plan import ranges_rows, row_runs
 from datasets.readahead import ReadAheadProcess, read_and_pack, read_timed_out, wait_read
 from datasets.reader import assemble
 from elastic import rendezvous
-from elastic.chaos import CorruptingCommunicator
+from elastic.chaos import wire_injector, wrap_for_chaos
 from elastic.checkpoint import BackgroundWrites, HostSnapshot, load_file, load_tensors, state_trees
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
 from elastic.attention import AttentionShapes
@@ -146,7 +146,7 @@ class WorkerReplica:
             c10d.default_pg_timeout = datetime.timedelta(seconds=collective_timeout_s(self.cfg))
         # the previous generation's group goes first, with its communicators and NCCL store actor
         rendezvous.join(world_size, rank, backend, group_name, previous=self.group_name)
-        comm = CorruptingCommunicator(RayCollectiveCommunicator(group_name), seed=generation * 131 + rank)
+        comm = wrap_for_chaos(RayCollectiveCommunicator(group_name), self.cfg.chaos, seed=generation * 131 + rank)
         if self.sync is None:
             self.sync = build_sync(self.cfg.sync, self.params, comm)
         else:
@@ -228,10 +228,10 @@ class WorkerReplica:
                 time.sleep(3600)
         if chaos.corrupt_payload:
             log.warning("%s: chaos corrupt payload at step %d", self.worker_id, step)
-            self.comm.armed = True
+            wire_injector(self.comm).armed = True
         if chaos.comm_error:
             log.warning("%s: chaos collective error at step %d", self.worker_id, step)
-            self.comm.fail_next = True
+            wire_injector(self.comm).fail_next = True
         self._bump("exchange")
         report.tokens, report.docs, report.loss = tokens, n_docs, loss_sum / max(1, tokens)
         report.read_s, report.fwd_bwd_s, report.dropped = read_s, fwd_bwd_s, dropped

@@ -34,6 +34,23 @@ def _kinds(summary):
     return [c["kind"] for c in summary["membership_changes"]]
 
 
+def test_the_wire_is_wrapped_for_chaos_only_when_the_run_schedules_wire_events():
+    """No corrupt_payload_at / comm_error_at: the worker's collectives go straight to the communicator."""
+    from compression import ThreadCommunicator
+    from elastic.chaos import CorruptingCommunicator, wire_injector, wrap_for_chaos
+    from elastic.config import load_config
+
+    comm = ThreadCommunicator.group(1)[0]
+    quiet = load_config("tiny", ["chaos.kill_at=[3]"]).chaos
+    assert wrap_for_chaos(comm, quiet, seed=1) is comm
+    with pytest.raises(RuntimeError, match="chaos.corrupt_payload_at"):
+        wire_injector(comm)
+    for override in ("chaos.corrupt_payload_at=[2]", "chaos.comm_error_at=[2]"):
+        wrapped = wrap_for_chaos(comm, load_config("tiny", [override]).chaos, seed=1)
+        assert isinstance(wrapped, CorruptingCommunicator) and wrapped.inner is comm
+        assert wire_injector(wrapped) is wrapped
+
+
 def test_worker_killed_hung_or_corrupt_loses_no_documents(tmp_path, ray_cluster):
     """demo sync, 3 workers: a kill mid-step, a silent (hung) worker, a garbage payload, a collective that
     fails on every rank (nobody leaves: the group is re-formed and the step retried), a token-level window
