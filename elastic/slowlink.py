@@ -298,19 +298,22 @@ def wire_per_step(samples: dict[str, list[tuple[float, int, int]]], summary: dic
     steps = steady_steps(summary, skip, margin)
     nodes = {}
     for role, ss in samples.items():
-        tx, rx = [], []
+        tx, rx, secs = [], [], 0.0
         for _, t0, t1 in steps:
             a, b = _at(ss, t0), _at(ss, t1)
             if a is None or b is None:
                 continue
             tx.append(b[0] - a[0])
             rx.append(b[1] - a[1])
+            secs += t1 - t0
         if not tx:
             continue
-        d = {"steps": len(tx)}
+        d = {"steps": len(tx), "step_s_mean": round(secs / len(tx), 3)}
         for key, v in (("tx", tx), ("rx", rx)):
             mean = statistics.mean(v)
             d[f"wire_{key}_bytes_per_step"] = round(mean)
+            # Ray's background traffic is paced by the clock: per second too, to scale to another step time
+            d[f"wire_{key}_bytes_per_s"] = round(sum(v) / secs) if secs > 0 else None
             d[f"wire_{key}_bytes_per_step_median"] = round(statistics.median(v))
             d[f"wire_{key}_bytes_per_step_max"] = round(max(v))
             d[f"{key}_over_payload"] = round(mean / payload, 2) if payload else None

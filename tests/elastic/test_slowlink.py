@@ -176,6 +176,7 @@ def test_wire_per_step_reads_counters_at_commits_and_skips_startup_and_membershi
     assert d["steps"] == 4 and w["steps"] == [2, 3, 4, 8]
     assert d["wire_tx_bytes_per_step"] == 3000 and d["wire_rx_bytes_per_step"] == 2000
     assert d["tx_over_payload"] == 3.0 and d["rx_over_payload"] == 2.0
+    assert d["wire_tx_bytes_per_s"] == 3000 and d["step_s_mean"] == 1.0
     # skip=1 takes in step 1, whose interval holds the 1 MB of startup: it shows as the max
     assert slowlink.wire_per_step(samples, summary, skip=1)["nodes"]["x"]["wire_tx_bytes_per_step_max"] >= 10**6
 
