@@ -187,14 +187,15 @@ def test_commit_error_on_one_rank_evicts_only_it(tmp_path, ray_cluster):
 
 def test_joiner_whose_setup_raises_is_replaced(tmp_path, ray_cluster):
     """A new worker whose `prepare()` raises (a RayTaskError, not a death) no longer ends the run: it is
-    dropped and another is asked for."""
-    cfg = small_config(tmp_path, ray_cluster.address, "run.name=badjoiner", "train.steps=300", "train.workers=3",
-                       "train.min_workers=2", "sync.name=demo", "chaos.prepare_error=[w3]")
+    dropped and another is asked for (with a back-off). Here all three workers are needed to start
+    (min_workers=3), so the run can only start once w3's replacement is ready."""
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=badjoiner", "train.steps=20", "train.workers=3",
+                       "train.min_workers=3", "sync.name=demo", "chaos.prepare_error=[w3]")
     summary = train(cfg)
-    _assert_healthy(summary, 300)  # long enough (~10 s) for a replacement to start on a loaded machine
+    _assert_healthy(summary, 20)
     events = " ".join(e["what"] for e in summary["events"])
     assert "worker-start-failed w3: RuntimeError: chaos.prepare_error" in events, events
-    assert "state-from-peer w1 -> w4" in events, events  # its replacement joined mid-run
+    assert summary["world_size_history"][0]["world_size"] == 3, summary["world_size_history"]
 
 
 def test_failed_resubmit_reports_its_own_failure_not_the_old_summary(tmp_path, ray_cluster):
