@@ -196,13 +196,19 @@ def _launcher_rules(doc: dict, file: str) -> list[Problem]:
 # KubeRay RayCluster custom resource
 
 
-def _validate_raycluster(doc: dict, file: str) -> list[Problem]:
-    problems: list[Problem] = []
-
+def _need(problems: list[Problem], file: str):
+    """`need(cond, path, message)`: records a Problem at `path` unless `cond`; returns `cond`."""
     def need(cond: bool, path: str, message: str) -> bool:
         if not cond:
             problems.append(Problem(file, path, message))
         return cond
+
+    return need
+
+
+def _validate_raycluster(doc: dict, file: str) -> list[Problem]:
+    problems: list[Problem] = []
+    need = _need(problems, file)
 
     need(str(doc.get("apiVersion", "")).startswith("ray.io/"), "apiVersion",
          f"{doc.get('apiVersion')!r} is not a KubeRay API version; use ray.io/v1")
@@ -220,11 +226,7 @@ def _validate_raycluster(doc: dict, file: str) -> list[Problem]:
 def _raycluster_spec_rules(spec: dict, at: str, file: str) -> list[Problem]:
     """Rules of a RayCluster spec (a RayCluster's `spec`, a RayJob's `spec.rayClusterSpec`) found at `at`."""
     problems: list[Problem] = []
-
-    def need(cond: bool, path: str, message: str) -> bool:
-        if not cond:
-            problems.append(Problem(file, path, message))
-        return cond
+    need = _need(problems, file)
 
     groups: list[tuple[str, dict]] = []
     head = spec.get("headGroupSpec")
@@ -261,11 +263,7 @@ def _validate_rayjob(doc: dict, file: str) -> list[Problem]:
     """A KubeRay RayJob: the job (entrypoint, clean-up) and its cluster (the RayCluster rules, same token rule
     for the submitter pod that runs `ray job submit`)."""
     problems: list[Problem] = []
-
-    def need(cond: bool, path: str, message: str) -> bool:
-        if not cond:
-            problems.append(Problem(file, path, message))
-        return cond
+    need = _need(problems, file)
 
     need(str(doc.get("apiVersion", "")).startswith("ray.io/"), "apiVersion",
          f"{doc.get('apiVersion')!r} is not a KubeRay API version; use ray.io/v1")
@@ -303,11 +301,7 @@ def _validate_rayjob(doc: dict, file: str) -> list[Problem]:
 def _validate_podmonitor(doc: dict, file: str) -> list[Problem]:
     """A Prometheus-operator PodMonitor that scrapes the Ray pods' metrics port."""
     problems: list[Problem] = []
-
-    def need(cond: bool, path: str, message: str) -> bool:
-        if not cond:
-            problems.append(Problem(file, path, message))
-        return cond
+    need = _need(problems, file)
 
     need(str(doc.get("apiVersion", "")).startswith("monitoring.coreos.com/"), "apiVersion",
          f"{doc.get('apiVersion')!r} is not the Prometheus operator's API; use monitoring.coreos.com/v1")

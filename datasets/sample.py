@@ -228,6 +228,11 @@ def build_sample(dest: str, sdist_path: str | None = None) -> dict:
     tok = get_tokenizer("gpt2")
     train = _rows([w for w in works if w.name not in VAL_WORKS], tok)
     val = _rows([w for w in works if w.name in VAL_WORKS], tok)
+    return _write_splits(train, val, dest)
+
+
+def _write_splits(train: list[dict], val: list[dict], dest: str) -> dict:
+    """Shuffle the training rows (fixed seed) and write both splits under `dest`; a summary per split."""
     random.Random(SHUFFLE_SEED).shuffle(train)
     summary = {}
     for split, rows, n_files in (("train", train, TRAIN_FILES), ("val", val, 1)):
@@ -330,13 +335,7 @@ def build_kjv(dest: str, sdist_path: str | None = None) -> dict:
                "file_path": f"{KJV_SDIST_NAME}/{KJV_MEMBER}", "language": "en", "language_score": 1.0,
                "token_count": int(n)}
         (val if book in KJV_VAL_BOOKS else train).append(row)
-    random.Random(SHUFFLE_SEED).shuffle(train)
-    summary = {}
-    for split, rows, n_files in (("train", train, TRAIN_FILES), ("val", val, 1)):
-        files = _write_split(rows, os.path.join(dest, split), n_files)
-        summary[split] = {"files": len(files), "documents": len(rows),
-                          "tokens": sum(r["token_count"] for r in rows)}
-    return summary
+    return _write_splits(train, val, dest)
 
 
 def build_corpus(corpus: str, dest: str) -> dict:
