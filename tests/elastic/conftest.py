@@ -56,3 +56,31 @@ def solo_replica(*overrides: str):
     comm = ThreadCommunicator.group(1)[0]
     rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
     return rep, shards
+
+
+def train_with_fault_after_first_checkpoint(cfg, fault):
+    """Train `cfg`, calling `fault()` (from another thread) as soon as the run's first checkpoint has committed;
+    returns the run's summary. `fault` returns nothing; whether it ran is the caller's to check."""
+    import threading
+    import time
+
+    from elastic.cli import train
+    from elastic.config import run_dir
+
+    ckdir = run_dir(cfg) / "checkpoints"
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            if any(ckdir.glob("step-*/COMMIT")):
+                fault()
+                return
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        return train(cfg)
+    finally:
+        done.set()
+        watcher.join()

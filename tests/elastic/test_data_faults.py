@@ -2,8 +2,6 @@
 
 Real S3 over HTTP (moto's server on 127.0.0.1), real Ray workers streaming row groups from it.
 """
-import threading
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,9 +10,8 @@ from moto.server import ThreadedMotoServer
 from datasets.bench import free_port, upload_dir
 from datasets.sample import ensure_sample
 from elastic.cli import train
-from elastic.config import run_dir
 
-from .conftest import small_config
+from .conftest import small_config, train_with_fault_after_first_checkpoint
 
 
 def _small_row_groups(tmp_path: Path) -> Path:
@@ -42,23 +39,7 @@ def test_dead_s3_endpoint_stops_the_run_checkpointed_and_resume_loses_nothing(tm
                  "data.retries=2", "data.retry_backoff_s=0.1", "checkpoint.every=5", "train.steps=40",
                  f"data.storage_options={{endpoint_url: '{so['endpoint_url']}', key: testing, secret: testing}}"]
     cfg = small_config(tmp_path, ray_cluster.address, *overrides)
-    ckdir = run_dir(cfg) / "checkpoints"
-    done = threading.Event()
-
-    def stop_endpoint_after_first_checkpoint():
-        while not done.is_set():
-            if any(ckdir.glob("step-*/COMMIT")):
-                server.stop()
-                return
-            time.sleep(0.02)
-
-    watcher = threading.Thread(target=stop_endpoint_after_first_checkpoint, daemon=True)
-    watcher.start()
-    try:
-        failed = train(cfg)
-    finally:
-        done.set()
-        watcher.join()
+    failed = train_with_fault_after_first_checkpoint(cfg, server.stop)
     assert failed["state"] == "ERRORED"
     assert "DataSourceUnavailable" in failed["error"] and so["endpoint_url"] in failed["error"]
     assert "endpoint_url" in failed["error"]  # says what to check

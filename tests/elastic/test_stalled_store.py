@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -17,10 +16,9 @@ import pyarrow.parquet as pq
 from datasets.bench import free_port, upload_dir
 from datasets.sample import ensure_sample
 from elastic.checkpoint import CheckpointStore
-from elastic.cli import train
-from elastic.config import checkpoint_uri, run_dir
+from elastic.config import checkpoint_uri
 
-from .conftest import small_config
+from .conftest import small_config, train_with_fault_after_first_checkpoint
 
 
 def _start_moto(port: int) -> subprocess.Popen:
@@ -57,25 +55,13 @@ def test_stalled_store_stops_the_run_with_a_data_error_checkpointed(tmp_path, ra
                            "data.val_source=null", "data.read_timeout_s=4", "data.prefetch_row_groups=1",
                            "checkpoint.every=3", "train.steps=60",
                            f"data.storage_options={{endpoint_url: '{so['endpoint_url']}', key: testing, secret: testing}}")
-        ckdir = run_dir(cfg) / "checkpoints"
-        done = threading.Event()
         stopped = []
 
-        def freeze_store_after_first_checkpoint():
-            while not done.is_set():
-                if any(ckdir.glob("step-*/COMMIT")):
-                    os.kill(moto.pid, signal.SIGSTOP)  # alive, its sockets open, never answers
-                    stopped.append(time.time())
-                    return
-                time.sleep(0.02)
+        def freeze_store():
+            os.kill(moto.pid, signal.SIGSTOP)  # alive, its sockets open, never answers
+            stopped.append(time.time())
 
-        watcher = threading.Thread(target=freeze_store_after_first_checkpoint, daemon=True)
-        watcher.start()
-        try:
-            failed = train(cfg)
-        finally:
-            done.set()
-            watcher.join()
+        failed = train_with_fault_after_first_checkpoint(cfg, freeze_store)
         assert stopped, "the run ended before its first checkpoint"
         assert failed["state"] == "ERRORED", failed.get("error")
         assert "data.read_timeout_s=4" in failed["error"] and "s3://corpus/train/*.parquet" in failed["error"]
