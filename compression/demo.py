@@ -369,12 +369,21 @@ class DemoSync(Sync):
         return self._undo is not None
 
     # ---- state --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, on_device: bool = False) -> dict:
+        # scatter builds new parameter-shaped tensors: on the device they are already a copy
+        move = (lambda t: t.detach()) if on_device else (lambda t: t.detach().cpu())
         sd = {"strategy": "demo", "step_count": self.step_count,
-              "momentum": [t.detach().cpu() for t in self.plan.scatter(self.momentum)]}
+              "momentum": [move(t) for t in self.plan.scatter(self.momentum)]}
         if self.held is not None:
-            sd["held_update"] = [t.cpu() for t in self.plan.scatter(self.held)]
+            sd["held_update"] = [move(t) for t in self.plan.scatter(self.held)]
         return sd
+
+    def state_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        shapes = [tuple(s) for s in self.plan.shapes]
+        out = [(s, self.momentum[0].dtype) for s in shapes]
+        if self.cfg.delayed_apply:  # the held consensus, once the first step has run
+            out += [(s, self.update_dtype) for s in shapes]
+        return out
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "demo":

@@ -42,12 +42,28 @@ def adamw_step_on(opt: torch.optim.AdamW, params, grads, lr: float, wd: float) -
         p.grad = g
 
 
-def adamw_state_cpu(opt: torch.optim.AdamW) -> dict:
-    """`opt.state_dict()` with every tensor copied to CPU (what checkpoints and peers receive)."""
+def adamw_state(opt: torch.optim.AdamW, on_device: bool = False) -> dict:
+    """`opt.state_dict()` with every tensor copied to CPU (what checkpoints and peers receive), or with the
+    live tensors, detached, where they are (`on_device`: see `Sync.state_dict`)."""
     sd = opt.state_dict()
-    state = {k: {n: (v.detach().cpu().clone() if torch.is_tensor(v) else v) for n, v in s.items()}
+    state = {k: {n: ((v.detach() if on_device else v.detach().cpu().clone()) if torch.is_tensor(v) else v)
+                 for n, v in s.items()}
              for k, s in sd["state"].items()}
     return {"state": state, "param_groups": sd["param_groups"]}
+
+
+def adamw_layout(opt: torch.optim.AdamW) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of the tensors `adamw_state(opt, on_device=True)` holds once `opt` has stepped: per
+    parameter its step counter, then exp_avg and exp_avg_sq shaped like it (AdamW creates them lazily)."""
+    out: list[tuple[tuple[int, ...], torch.dtype]] = []
+    for group in opt.param_groups:
+        for p in group["params"]:
+            st = opt.state.get(p)
+            if st:
+                out += [(tuple(v.shape), v.dtype) for v in st.values() if torch.is_tensor(v)]
+            else:
+                out += [((), torch.float32), (tuple(p.shape), p.dtype), (tuple(p.shape), p.dtype)]
+    return out
 
 
 class DenseSync(Sync):
@@ -94,8 +110,11 @@ class DenseSync(Sync):
     def abort(self) -> None:
         self._pending = None
 
-    def state_dict(self) -> dict:
-        return {"strategy": "dense", "step_count": self.step_count, "adamw": adamw_state_cpu(self.opt)}
+    def state_dict(self, on_device: bool = False) -> dict:
+        return {"strategy": "dense", "step_count": self.step_count, "adamw": adamw_state(self.opt, on_device)}
+
+    def state_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return adamw_layout(self.opt)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "dense":

@@ -30,7 +30,7 @@ import torch
 from compression.codec import HEADER_BYTES, Framing, PayloadError, packed_copy
 from compression.communicator import Communicator
 from compression.config import SyncConfig, sync_option_problem
-from compression.dense import adamw_state_cpu, adamw_step_on, build_adamw
+from compression.dense import adamw_layout, adamw_state, adamw_step_on, build_adamw
 from compression.sync import ExchangeStats, Sync
 
 BLOCK = 1024  # elements per int8 scale: 0.4% of the payload in scales
@@ -192,10 +192,15 @@ class DilocoSync(Sync):
         self._pending = None
 
     # ---- state --------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
+    def state_dict(self, on_device: bool = False) -> dict:
+        copy = (lambda t: t.detach()) if on_device else (lambda t: t.detach().cpu().clone())
         return {"strategy": "diloco", "step_count": self.step_count, "phase_weight": self.phase_weight,
-                "theta_g": self.theta_g.detach().cpu().clone(), "outer_buf": self.outer_buf.detach().cpu().clone(),
-                "adamw": adamw_state_cpu(self.opt)}
+                "theta_g": copy(self.theta_g), "outer_buf": copy(self.outer_buf),
+                "adamw": adamw_state(self.opt, on_device)}
+
+    def state_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return [(tuple(self.theta_g.shape), self.theta_g.dtype), (tuple(self.outer_buf.shape), self.outer_buf.dtype),
+                *adamw_layout(self.opt)]
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "diloco":

@@ -73,8 +73,18 @@ class Sync:
     def can_undo(self) -> bool:
         return False
 
-    def state_dict(self) -> dict:
+    def state_dict(self, on_device: bool = False) -> dict:
+        """The strategy's state: what a checkpoint or a joining peer needs. Tensors are copied to the CPU,
+        unless `on_device`: then they stay where they live (detached, possibly the live state itself) for a
+        caller that queues its own copies before the next step changes them (a checkpoint's snapshot copies
+        them into pinned host buffers without holding training)."""
         raise NotImplementedError
+
+    def state_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        """(shape, dtype) of every tensor `state_dict(on_device=True)` holds once the strategy has stepped,
+        state an optimizer creates lazily at its first step included: what host buffers reserved ahead of a
+        first checkpoint must fit. This default reads the current state; strategies with lazy state say more."""
+        return [(tuple(t.shape), t.dtype) for t in tensors_in(self.state_dict(on_device=True))]
 
     def load_state_dict(self, sd: dict) -> None:
         raise NotImplementedError
@@ -98,6 +108,17 @@ class Sync:
         if device.type == "cuda":
             with CAPTURE_LOCK:
                 torch.cuda.synchronize(device)
+
+
+def tensors_in(tree) -> list[torch.Tensor]:
+    """Every tensor in a state tree (nested dicts, lists and tuples), in a stable order."""
+    if isinstance(tree, torch.Tensor):
+        return [tree]
+    if isinstance(tree, dict):
+        return [t for v in tree.values() for t in tensors_in(v)]
+    if isinstance(tree, (list, tuple)):
+        return [t for v in tree for t in tensors_in(v)]
+    return []
 
 
 def joiners_need_peer_state(name: str) -> bool:

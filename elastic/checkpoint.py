@@ -398,8 +398,8 @@ def state_trees(files: Mapping[str, str], model: torch.nn.Module, sync) -> dict[
     for name, what in files.items():
         if what == "model":
             trees[name] = model.state_dict()
-        elif what == "sync":
-            trees[name] = sync.state_dict() if sync is not None else {}
+        elif what == "sync":  # on the device: the snapshot queues its own copies to pinned host memory
+            trees[name] = sync.state_dict(on_device=True) if sync is not None else {}
         else:
             raise ValueError(f"checkpoint file {name} holds '{what}'; expected model or sync")
     return trees
@@ -438,6 +438,14 @@ class PinnedPool:
                 free = self._free.setdefault(key, [])
                 if len(free) < self._peak[key]:
                     free.append(b)
+
+    def reserve(self, layout: list[tuple[tuple[int, ...], torch.dtype]]) -> int:
+        """Pin one buffer per (shape, dtype) of `layout` ahead of a worker's first checkpoint (at set-up, off
+        the step path: pinning gigabytes takes about a second, and while it runs the training thread's CUDA
+        calls wait on the driver). Counts as what one snapshot uses. Returns the bytes pinned."""
+        bufs = [torch.empty(shape, dtype=dtype, pin_memory=True) for shape, dtype in layout]
+        self.give_back(bufs)
+        return sum(b.numel() * b.element_size() for b in bufs)
 
     def pooled_bytes(self) -> int:
         with self._lock:

@@ -108,6 +108,9 @@ class CheckpointSection:
     keep: int = 3
     storage_options: dict[str, Any] = field(default_factory=dict)
     write_timeout_s: float = 600.0   # a checkpoint not written by then is abandoned (the previous one stays)
+    # CUDA workers pin host buffers for their state (parameters + sync state) at set-up, so their first
+    # checkpoint holds training as briefly as later ones; costs that much page-locked host memory per worker
+    pin_ahead: bool = True
 
 
 @dataclass
