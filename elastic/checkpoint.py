@@ -405,6 +405,13 @@ def state_trees(files: Mapping[str, str], model: torch.nn.Module, sync) -> dict[
     return trees
 
 
+def checkpoint_layout(model: torch.nn.Module, sync) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor a worker's snapshot may copy: the parameters (model.pt, written by rank
+    0) and its sync state (written by every rank, or once if replicated) once the sync has stepped."""
+    model_part = [(tuple(t.shape), t.dtype) for t in model.state_dict().values()]
+    return model_part + (sync.state_layout() if sync is not None else [])
+
+
 class PinnedPool:
     """Pinned host buffers kept from one snapshot to the next. Pinning memory costs far more than copying
     into it, so every checkpoint after a worker's first reuses the buffers of the one before (given back
