@@ -10,10 +10,11 @@ from compression.config import SyncConfig
 from compression.dense import DenseSync
 from compression.demo import DemoSync
 from compression.diloco import DilocoSync
+from compression.hierarchy import HierarchicalDemoSync, NodeGroups, node_topology
 from compression.optim import DeMo, DiLoCo
 from compression.registry import build_sync
 from compression.sync import ExchangeStats, Sync
 
 __all__ = ["build_sync", "Sync", "ExchangeStats", "PayloadError", "WireFormat", "SyncConfig", "DeMo", "DiLoCo",
-           "DenseSync", "DemoSync", "DilocoSync", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",
+           "DenseSync", "DemoSync", "DilocoSync", "HierarchicalDemoSync", "NodeGroups", "node_topology", "Communicator", "RayCollectiveCommunicator", "TorchDistributedCommunicator",
            "ThreadCommunicator", "run_threads"]

@@ -22,6 +22,8 @@ class SyncConfig:
     lr_scale: float = 2.5          # demo step = the schedule's lr (train.lr) * lr_scale, weight decay too (tuned on `tiny`)
     update: str = "sign"           # sign: sign(decoded) (reference) | rms: decoded / its RMS per chunk
     validate_payloads: bool = True
+    hierarchy: str = "flat"        # flat: every rank a peer | node: dense inside a Ray node, demo across nodes
+                                   # (compression/hierarchy.py, docs/compression.md#hierarchy)
     kernels: str = "auto"          # auto: fused Triton kernels on CUDA (compression.kernels), torch elsewhere | torch | triton
     # diloco: AdamW steps on each worker's own copy (betas, eps above), an outer Nesterov step every inner_steps
     inner_steps: int = 50          # local steps between outer steps (H); the last step and checkpoints sync too
@@ -32,11 +34,19 @@ class SyncConfig:
 def sync_option_problem(cfg: SyncConfig, strategy: str | None = None) -> str | None:
     """The first out-of-range option as an error naming it and its range, or None when all are fine.
 
-    `strategy`: only the options that strategy reads (each `Sync` checks its own when built); None: every
+    `strategy`: only the options that strategy reads (each `Sync` checks its own when built; "hierarchy": the
+    `sync.hierarchy` checks, which `build_sync` runs); None: every
     option whatever `name` says (`elastic.config` at load time, so a typo fails before the run starts)."""
     s = cfg
     checks = (  # (the strategy that reads the option or None for all, ok, message)
         (None, s.name in ("dense", "demo", "diloco"), f"sync.name: '{s.name}' must be dense, demo or diloco"),
+        ("hierarchy", s.hierarchy in ("flat", "node"), f"sync.hierarchy: '{s.hierarchy}' must be flat or node"),
+        ("hierarchy", s.hierarchy == "flat" or s.name == "demo",
+         f"sync.hierarchy=node: only demo has a node hierarchy (sync.name is '{s.name}'); use sync.name=demo"),
+        ("hierarchy", s.hierarchy == "flat" or not s.delayed_apply,
+         "sync.hierarchy=node: sync.delayed_apply is not supported there; set sync.delayed_apply=false"),
+        ("hierarchy", s.hierarchy == "flat" or s.kernels != "triton",
+         "sync.hierarchy=node runs demo's torch ops (no fused kernels yet); set sync.kernels=auto or torch"),
         ("diloco", s.inner_steps >= 1,
          f"sync.inner_steps: {s.inner_steps} must be >= 1 (diloco's local steps per outer step)"),
         ("diloco", s.outer_lr > 0, f"sync.outer_lr: {s.outer_lr} must be > 0"),

@@ -42,6 +42,9 @@ class ExchangeStats:
     codec_ms: float                 # local compute of the exchange (encode + decode + validation), no comm
     comm_ms: float                  # time inside the collective(s)
     collective_input_bytes: int = 0  # size of the tensor handed to the collective by this worker
+    # sync.hierarchy=node: bytes this worker sends to ranks of its own node (ring all-reduce of the gradients +
+    # all-gather of the decoded shards); bytes_sent/received are then the cross-node (compressed) traffic only
+    local_bytes_sent: int = 0
 
 
 class Sync:
