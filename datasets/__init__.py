@@ -7,23 +7,29 @@ The contract other packages use (docs/DESIGN.md, "datasets/ contract"; details i
     DocRange(shard, row_group, start, stop)
     ShardReader(shards, storage_options, tokenizer, cfg).read(ranges) / .prefetch(ranges)
     get_tokenizer(name); pack(docs, seq_len, eot[, skip, rows]) -> (inputs, targets)
-    split_windows(rows with token counts, shares, seq_len) -> a step cut between ranks at token level
+    StepLoader(shards, cfg, seq_len).load(ranges[, window, prefetch, margin]) -> StepBatch   one rank's step
+        (read, packed, token-counted; the next step read ahead), .ahead_tokens() -> its rows' token counts
+    rebalance / split_windows / windows_for / read_margin   splitting a step between ranks (datasets.split)
     ensure_sample(split) -> local path of the bundled Shakespeare corpus
 Knows fsspec, pyarrow and tokenizers; nothing of models or Ray.
 """
 from datasets.config import DataConfig
 from datasets.packing import IGNORE_INDEX, WindowMismatch, pack
-from datasets.plan import DataPlan, DocRange, PlanError, PlanStateMismatch, ShardInfo, Window, split_windows
+from datasets.plan import DataPlan, DocRange, PlanError, PlanStateMismatch, ShardInfo
+from datasets.readahead import ReadTimedOut
 from datasets.reader import DocBatch, ReadStats, ShardReader
 from datasets.sample import SampleBuildError, ensure_sample
 from datasets.sources import (DataSchemaError, DataSourceError, DataSourceUnavailable, discover,
                               discover_usable, resolve_source)
+from datasets.split import Window, read_margin, rebalance, split_windows, windows_for
+from datasets.step_loader import StepBatch, StepLoader
 from datasets.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 __all__ = [
     "DataConfig", "DataPlan", "DocRange", "ShardInfo", "ShardReader", "DocBatch", "ReadStats",
-    "discover", "discover_usable", "resolve_source", "pack", "IGNORE_INDEX", "Window", "WindowMismatch", "split_windows",
+    "discover", "discover_usable", "resolve_source", "pack", "IGNORE_INDEX",
+    "StepLoader", "StepBatch", "Window", "WindowMismatch", "split_windows", "windows_for", "rebalance", "read_margin",
     "get_tokenizer", "Tokenizer", "ensure_sample",
     "PlanError", "PlanStateMismatch", "DataSourceError", "DataSourceUnavailable", "DataSchemaError",
-    "SampleBuildError", "TokenizerError",
+    "SampleBuildError", "TokenizerError", "ReadTimedOut",
 ]

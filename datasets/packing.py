@@ -7,7 +7,7 @@ later step may run on a different world (the data plan must be able to call thes
 when this step commits).
 
 Within one step, ranks may cut that stream between them at any token (`pack(..., skip=, rows=)` with a window
-from `datasets.plan.split_windows`): a document at a cut is read by both neighbours and each trains on its own
+from `datasets.split.split_windows`): a document at a cut is read by both neighbours and each trains on its own
 part of it, so every rank gets whole rows and only the step's last row is padded.
 """
 from __future__ import annotations

@@ -16,6 +16,8 @@ cursor. `commit(step)` declares that step's documents delivered. `abort(step)` p
 those of a worker that died mid-step - on the returned queue, where the next `assign` re-splits them over
 whoever is alive. Up to `max_pending` steps may be assigned before they commit (prefetching the next step
 while the current one trains); they may commit or abort in any order.
+How a drawn step is then split between ranks by real token counts is `datasets.split`'s (pure
+functions); `resplit` records such a split.
 
 Promise: across any sequence of world sizes, shares, commits, aborts and state_dict round-trips, every
 document of an epoch is committed exactly once. The plan does not assume it: it keeps a compact delivery
@@ -28,16 +30,14 @@ epoch they were drawn in, including ranges aborted after the rollover).
 from __future__ import annotations
 
 import base64
-import bisect
 import collections
 import hashlib
-import heapq
 import json
 import math
 import os
 import random
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
 PLAN_STATE_VERSION = 2  # 2: whole row groups as a bitmap; version 1 states still load
@@ -93,19 +93,6 @@ class ShardInfo:
     @property
     def token_estimate(self) -> int:
         return sum(self.row_group_tokens)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> "ShardInfo":
-        return cls(
-            path=d["path"], size=int(d["size"]),
-            row_group_rows=tuple(int(x) for x in d["row_group_rows"]),
-            schema_names=tuple(d["schema_names"]),
-            row_group_tokens=tuple(int(x) for x in d["row_group_tokens"]),
-            column_types=tuple(d.get("column_types", ())),
-        )
 
 
 def shard_fingerprint(shards: Sequence[ShardInfo]) -> str:
@@ -401,10 +388,6 @@ class DataPlan:
             raise PlanError(f"{what}(step={step}): step is not pending (pending: {sorted(self._pending)})")
         return self._pending.pop(step)
 
-    @property
-    def pending_steps(self) -> list[int]:
-        return sorted(self._pending)
-
     # ---------------------------------------------------------------- accounting
     def _rows_in_flight(self, epoch: int) -> tuple[int, int]:
         in_flight = sum(len(r) for drawn in self._pending.values() for got in drawn.values()
@@ -505,256 +488,3 @@ def _as_drop(d) -> tuple[DocRange, str]:
     if reason not in ("filtered", "unusable"):
         raise PlanError(f"commit: drop reason must be 'filtered' or 'unusable', got {reason!r}")
     return r, reason
-
-
-def ranges_rows(ranges: Iterable[DocRange]) -> int:
-    """Number of documents in `ranges`."""
-    return sum(len(r) for r in ranges)
-
-
-def packed_rows(slots: int, seq_len: int) -> int:
-    """Training rows `datasets.pack` makes of documents needing `slots` target slots (t + 1 per document)."""
-    return -(-slots // seq_len)
-
-
-def _slots(docs: Sequence[tuple[DocRange, int]]) -> list[int]:
-    """Target slots per row: t + 1 for a document of t tokens, 0 for a row that yields none."""
-    return [t + 1 if t > 0 else 0 for _, t in docs]
-
-
-def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_len: int) -> list[int]:
-    """Cut points for a step's rows (in order, one row each with its token count; 0 for a row that yields
-    no document): rank r gets rows [cuts[r-1], cuts[r]). Contiguous runs whose packed training rows are as
-    nearly in proportion to `shares` as whole documents allow (the largest rows / share is minimal; a
-    document of t tokens takes t + 1 target slots). Every rank gets at least one row while rows remain."""
-    n, W = len(docs), len(shares)
-    if W == 0:
-        return []
-    if n <= W:
-        return [min(n, r + 1) for r in range(W)]
-    mean = sum(shares) / W
-    weight = [s / mean for s in shares]
-    slots = _slots(docs)
-    prefix = [0]
-    for x in slots:
-        prefix.append(prefix[-1] + x)
-
-    def rows(i: int, j: int) -> int:  # packed rows of rows [i, j)
-        return packed_rows(prefix[j] - prefix[i], seq_len)
-
-    def cuts_at(lam: float) -> list[int] | None:
-        """Cut points keeping every rank r within lam * weight_r packed rows (at least one row each), or
-        None: which end positions each prefix of ranks can reach, then a walk back from n."""
-        caps = [math.floor(lam * w + 1e-9) for w in weight]
-        layers = [[True] + [False] * n]
-        for r in range(W):
-            reach, mark, j = layers[-1], [0] * (n + 2), 0
-            for i in range(n):
-                j = max(j, i)
-                while j < n and rows(i, j + 1) <= caps[r]:
-                    j += 1
-                if reach[i] and j > i:  # ends i+1..j are reachable from i
-                    mark[i + 1] += 1
-                    mark[j + 1] -= 1
-            nxt, run = [False] * (n + 1), 0
-            for k in range(n + 1):
-                run += mark[k]
-                nxt[k] = run > 0
-            layers.append(nxt)
-        if not layers[W][n]:
-            return None
-        cuts, pos = [n], n
-        for r in range(W - 1, 0, -1):
-            pos = max(i for i in range(pos) if layers[r][i] and rows(i, pos) <= caps[r])
-            cuts.insert(0, pos)
-        return cuts
-
-    # feasibility only changes where some cap floor(lam * w_r) steps up, at lam = k / w_r: search those values
-    # for the least feasible one. Below the first whose caps add up to the step's packed rows nothing fits;
-    # whole documents usually fit within a candidate or two of it, so try those first, then bisect the rest.
-    need = packed_rows(sum(slots), seq_len)
-    cands = sorted({k / w for w in weight for k in range(1, need + 2)})
-    lo, hi = 0, len(cands) - 1
-    while lo < hi:  # the first candidate whose caps could hold `need` rows
-        mid = (lo + hi) // 2
-        if sum(math.floor(cands[mid] * w + 1e-9) for w in weight) >= need:
-            hi = mid
-        else:
-            lo = mid + 1
-    for i in range(lo, min(lo + 2, len(cands))):
-        c = cuts_at(cands[i])
-        if c is not None:
-            return c
-    lo, hi = min(lo + 2, len(cands) - 1), len(cands) - 1
-    best = cuts_at(cands[hi])  # every rank may take every row: feasible
-    while lo < hi:
-        mid = (lo + hi) // 2
-        c = cuts_at(cands[mid])
-        if c is None:
-            lo = mid + 1
-        else:
-            best, hi = c, mid
-    return best
-
-
-def split_cost(docs: Sequence[tuple[DocRange, int]], cuts: Sequence[int], shares: Sequence[float],
-               seq_len: int) -> float:
-    """The largest packed rows / share of a split (what a step waits for: its slowest rank)."""
-    mean = sum(shares) / len(shares)
-    slots = _slots(docs)
-    prev, worst = 0, 0.0
-    for r, c in enumerate(cuts):
-        rows = packed_rows(sum(slots[prev:c]), seq_len)
-        worst = max(worst, rows * mean / shares[r])
-        prev = c
-    return worst
-
-
-def rebalance(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
-              shares: Mapping[int, float], seq_len: int) -> dict[int, list[DocRange]] | None:
-    """A better split of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's
-    token count (`tokens[(shard, row_group, row)]`, 0 for a row that yields no document): the
-    `balanced_split` of its rows in rank order, or None when it would not lower the slowest rank's packed
-    rows / share, or some row's count is unknown."""
-    order = sorted(assignment)
-    docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
-    if docs is None:
-        return None
-    sh = [shares[k] for k in order]
-    cuts, n = [], 0
-    for k in order:
-        n += ranges_rows(assignment[k])
-        cuts.append(n)
-    new_cuts = balanced_split(docs, sh, seq_len)
-    if split_cost(docs, new_cuts, sh, seq_len) >= split_cost(docs, cuts, sh, seq_len):
-        return None
-    return {k: row_runs([d for d, _ in docs[a:b]]) for k, a, b in zip(order, [0] + new_cuts[:-1], new_cuts)}
-
-
-def _counted_rows(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int]
-                  ) -> list[tuple[DocRange, int]] | None:
-    """A step's rows in rank order, one row each with its token count; None if some row's count is unknown."""
-    docs = [(DocRange(r.shard, r.row_group, x, x + 1), tokens.get((r.shard, r.row_group, x)))
-            for k in sorted(assignment) for r in assignment[k] for x in range(r.start, r.stop)]
-    return None if any(t is None for _, t in docs) else docs
-
-
-def read_margin(hint: Mapping[int, Sequence[DocRange]], rows: int) -> dict[int, list[DocRange]]:
-    """For each rank of a read-ahead `hint` (rank -> ranges, in rank order), the rows next to its own that a
-    re-split may hand it: up to `rows` rows at the near end of each neighbour's ranges (`rebalance` only
-    moves documents across the cuts between neighbouring ranks). Read ahead with the rank's own rows, they
-    make such a step a hit instead of a read on the critical path."""
-    order = sorted(hint)
-    flat = {k: [DocRange(r.shard, r.row_group, x, x + 1) for r in hint[k] for x in range(r.start, r.stop)]
-            for k in order}
-    out: dict[int, list[DocRange]] = {}
-    for i, k in enumerate(order):
-        extra = flat[order[i - 1]][-rows:] if i > 0 and rows > 0 else []
-        if i + 1 < len(order) and rows > 0:
-            extra = extra + flat[order[i + 1]][:rows]
-        out[k] = row_runs(extra)
-    return out
-
-
-def row_runs(rows: Sequence[DocRange]) -> list[DocRange]:
-    """Consecutive one-row ranges merged into runs."""
-    out: list[DocRange] = []
-    for d in rows:
-        if out and out[-1].shard == d.shard and out[-1].row_group == d.row_group and out[-1].stop == d.start:
-            out[-1] = DocRange(d.shard, d.row_group, out[-1].start, d.stop)
-        else:
-            out.append(d)
-    return out
-
-
-@dataclass(frozen=True)
-class Window:
-    """One rank's part of a step cut at token level (`split_windows`).
-
-    The rank reads `borrow` (if any) and then `owned`, packs their stream (`EOT d EOT d ... EOT`) and trains
-    on the `rows` rows that start `skip` target slots into it. `owned` are the rows it answers for (the plan's
-    split, drop reports); `borrow` is the document before them whose tail falls into this window (its head
-    is trained by an earlier rank). `slots` is the stream's length the cut was made for (a check)."""
-    owned: tuple[DocRange, ...]
-    borrow: Optional[DocRange]
-    skip: int
-    rows: int
-    slots: int
-
-    def reads(self) -> list[DocRange]:
-        """Rows to read, in stream order."""
-        return ([self.borrow] if self.borrow is not None else []) + list(self.owned)
-
-    def to_json(self) -> dict:
-        return {"owned": [r.to_list() for r in self.owned], "borrow": self.borrow.to_list() if self.borrow else None,
-                "skip": self.skip, "rows": self.rows, "slots": self.slots}
-
-    @classmethod
-    def from_json(cls, d: Mapping) -> "Window":
-        return cls(owned=tuple(DocRange.from_list(r) for r in d["owned"]),
-                   borrow=DocRange.from_list(d["borrow"]) if d.get("borrow") else None,
-                   skip=int(d["skip"]), rows=int(d["rows"]), slots=int(d["slots"]))
-
-
-def row_shares(n_rows: int, shares: Sequence[float]) -> list[int] | None:
-    """`n_rows` training rows over ranks in proportion to `shares`: at least one each, the largest rows / share
-    as small as whole rows allow (ties to the lower rank). None if there are fewer rows than ranks."""
-    W = len(shares)
-    if W == 0 or n_rows < W or any(s <= 0 for s in shares):
-        return None
-    counts = [1] * W
-    heap = [(2 / s, r) for r, s in enumerate(shares)]  # (rows / share if it took one more, rank)
-    heapq.heapify(heap)
-    for _ in range(n_rows - W):
-        _, r = heapq.heappop(heap)
-        counts[r] += 1
-        heapq.heappush(heap, ((counts[r] + 1) / shares[r], r))
-    return counts
-
-
-def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_len: int) -> list[Window] | None:
-    """Cut one step's stream of documents between ranks at token level (a document at a cut is split).
-
-    `docs`: the step's rows in order (one row each) with their token counts, 0 for a row that yields no
-    document. Rank r gets `row_shares` rows of the step's packed stream (ceil(slots / seq_len) rows in all,
-    only the very last one padded), so ranks carry rows in proportion to `shares` instead of in whole
-    documents. Every target slot of the stream falls in exactly one window; every row is owned by exactly one
-    rank (the one whose window holds the slot predicting its first token; a row with no document: where its
-    position falls). None when the step has fewer rows than ranks (whole documents then)."""
-    W = len(shares)
-    slots = _slots(docs)
-    starts = [0]
-    for x in slots:
-        starts.append(starts[-1] + x)
-    total = starts[-1]
-    counts = row_shares(packed_rows(total, seq_len), shares) if total > 0 else None
-    if counts is None:
-        return None
-    bounds = [0]
-    for c in counts:
-        bounds.append(min(total, bounds[-1] + c * seq_len))
-    # rank r owns the rows starting in [bounds[r], bounds[r+1]) (the last rank also those at the very end):
-    # contiguous runs, since starts never decrease
-    first = [bisect.bisect_left(starts, bounds[r], 0, len(docs)) for r in range(W)] + [len(docs)]
-    out, last_doc = [], None  # last_doc: the latest row so far that yields a document
-    for r in range(W):
-        lo, hi = first[r], first[r + 1]
-        # the document whose span holds this window's first slot, if it started in an earlier window
-        borrow = last_doc if last_doc is not None and starts[last_doc] + slots[last_doc] > bounds[r] else None
-        own = [i for i in range(lo, hi) if slots[i]]
-        out.append(Window(owned=tuple(row_runs([docs[i][0] for i in range(lo, hi)])),
-                          borrow=docs[borrow][0] if borrow is not None else None,
-                          skip=bounds[r] - starts[borrow] if borrow is not None else 0, rows=counts[r],
-                          slots=sum(slots[i] for i in own) + (slots[borrow] if borrow is not None else 0)))
-        last_doc = own[-1] if own else last_doc
-    return out
-
-
-def windows_for(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
-                shares: Mapping[int, float], seq_len: int) -> dict[int, Window] | None:
-    """`split_windows` of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's token
-    count, per rank; None for a single rank, a row whose count is unknown, or fewer packed rows than ranks."""
-    order = sorted(assignment)
-    docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
-    wins = split_windows(docs, [shares[k] for k in order], seq_len) if docs is not None else None
-    return dict(zip(order, wins)) if wins is not None else None

@@ -108,6 +108,11 @@ class ReadAheadProcess:
             self.close()  # the child died: the next submit starts a new one
             raise
 
+    def pid(self) -> int | None:
+        """The child's process id, None while no child runs."""
+        procs = list(getattr(self._pool, "_processes", None) or {})  # the executor's {pid: process}
+        return procs[0] if procs else None
+
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:

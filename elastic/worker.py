@@ -7,9 +7,6 @@ in their own concurrency group so they answer even while the compute thread is s
 """
 from __future__ import annotations
 
-import concurrent.futures
-import concurrent.futures.process
-import dataclasses
 import logging
 import threading
 import os
@@ -21,11 +18,8 @@ import ray
 import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
-from datasets import DataSourceError, DocRange, ShardReader, Window, WindowMismatch, get_tokenizer, pack
-from datasets.packing import stream_slots
-from datasets.plan import ranges_rows, row_runs
-from datasets.readahead import ReadAheadProcess, read_and_pack, read_timed_out, wait_read
-from datasets.reader import assemble
+from datasets import (DataSourceError, DocRange, ShardReader, StepLoader, Window, WindowMismatch, get_tokenizer,
+                      pack)
 from elastic import rendezvous
 from elastic.chaos import wire_injector, wrap_for_chaos
 from elastic.checkpoint import BackgroundWrites, HostSnapshot, load_file, load_tensors, state_trees
@@ -60,17 +54,6 @@ def detect_accelerator(device: str) -> str:
     return "CPU"
 
 
-AHEAD_WAIT_S = 10.0  # how long a step report waits for the read-ahead's token counts
-
-
-class _ReadAhead:
-    """The next step's likely documents (`key`: their ranges) being read in the background."""
-
-    def __init__(self, key: tuple, future: concurrent.futures.Future):
-        self.key, self.future = key, future
-        self.got = None  # (batch read, batch of `key` alone, its packed inputs, targets) once taken
-
-
 class WorkerReplica:
     """Everything a worker does, without Ray: usable in one process for tests."""
 
@@ -87,7 +70,12 @@ class WorkerReplica:
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, seed).to(self.device)
         self.params = [p for p in self.model.parameters()]
-        self.reader = ShardReader(shards, cfg.data.storage_options, self.tokenizer, cfg.data)
+        # the step's data, read ahead in a child process on CUDA workers, where a thread's share of the GIL
+        # would slow the kernel launches (`train.prefetch_in`)
+        where = cfg.train.prefetch_in
+        self.data = StepLoader(shards, cfg.data, cfg.train.seq_len, tokenizer=self.tokenizer, name=worker_id,
+                               read_ahead_in=("process" if self.device.type == "cuda" else "thread")
+                               if where == "auto" else where)
         # held-out documents have their own shard list: DocRange.shard indexes the reader's list
         self.val_shards = list(val_shards or [])
         self._val_reader = None
@@ -112,14 +100,6 @@ class WorkerReplica:
         self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
         self.attention = AttentionShapes(self.device, self.micro_rows, cfg.train.attention_warm_rows)
-        # the next step's likely documents, being read in the background
-        self._ahead: _ReadAhead | None = None
-        where = cfg.train.prefetch_in
-        self._ahead_in = ("process" if self.device.type == "cuda" else "thread") if where == "auto" else where
-        self._ahead_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-read-ahead")
-        self._ahead_process = ReadAheadProcess(shards, cfg.data.storage_options, cfg.data.tokenizer, cfg.data,
-                                               cfg.train.seq_len)
-        self._ahead_broken = 0  # child processes lost in a row (3: read ahead in a thread from then on)
         self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
         self.checkpoint_writes = BackgroundWrites(worker_id)  # this worker's part of checkpoints, written in a thread
 
@@ -157,6 +137,18 @@ class WorkerReplica:
         self.phase = "idle"
         log.info("%s joined generation %d as rank %d/%d in %.2fs", self.worker_id, generation, rank,
                  world_size, time.time() - t0)
+
+    def join_local(self, comm, rank: int = 0, world_size: int = 1) -> None:
+        """Train in a group formed inside this process (`compression.communicator.ThreadCommunicator`: tests,
+        `bench-gpu`'s one-worker profile) instead of a Ray collective group: the sync is built on (or rebound
+        to) `comm`. Steps then run as in `join_group`'s groups."""
+        self._settle()
+        if self.sync is None:
+            self.sync = build_sync(self.cfg.sync, self.params, comm)
+        else:
+            self.sync.rebind(comm)
+        self.comm, self.rank, self.world_size = comm, rank, world_size
+        self.phase = "idle"
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, call: StepCall) -> StepReport:
@@ -251,7 +243,7 @@ class WorkerReplica:
         self._bump("exchanged")
         report.ok = True
         if self.cfg.train.balance_rows:
-            report.ahead_tokens = self._ahead_tokens()
+            report.ahead_tokens = self.data.ahead_tokens()
         report.profile = self.profiler.finish(step)
         if self._apply_ahead_on and self.sync.supports_undo:
             self._apply_ahead(step)
@@ -266,143 +258,24 @@ class WorkerReplica:
         self.phase = phase
         self.progress += 1
 
-    def _read(self, ranges: list[DocRange]):
-        """This step's documents: from the background read where it fetched them (all, or a part when the
-        coordinator moved a few documents between ranks to balance rows: only the rest is read now)."""
-        limit = self.cfg.data.read_timeout_s  # a stalled store stops the run (data error), never looks hung
-        deadline = time.monotonic() + limit
-        ahead, self._ahead = self._ahead, None
-        batch = None
-        if ahead is not None:
-            # waits: never two reads at once on the reader
-            got = self._ahead_result(ahead, timeout=max(0.0, deadline - time.monotonic()))
-            if got is None and not ahead.future.done():
-                raise read_timed_out("reading a step's documents", self.cfg.data.source,
-                                     self.cfg.data.storage_options, limit)
-            if got is not None:
-                batch, core, inputs, targets = got  # batch: all it read; core: the hinted ranges alone, packed
-                if ahead.key == tuple(ranges):
-                    return core, self._pinned(torch.as_tensor(inputs), torch.as_tensor(targets))
-        if batch is not None:
-            rows = {(r.shard, r.row_group, x) for r in ranges for x in range(r.start, r.stop)}
-            n_rows = ranges_rows(ranges)
-            if len(rows) == n_rows:  # rows name documents (see DataPlan.resplit)
-                got, missing = assemble([batch], ranges)
-                if missing and len(missing) < n_rows:
-                    got, missing = assemble([batch, self._read_now(row_runs(missing), deadline)], ranges)
-                if not missing:
-                    return got, None
-        return self._read_now(ranges, deadline), None
-
-    def _read_now(self, ranges: list[DocRange], deadline: float):
-        """`reader.read_batch(ranges)` by `deadline` (time.monotonic; `data.read_timeout_s`), else
-        `ReadTimedOut`. On the read-ahead thread: one read at a time on the reader."""
-        return wait_read(self._ahead_thread.submit(self.reader.read_batch, ranges), deadline - time.monotonic(),
-                         source=self.cfg.data.source, storage_options=self.cfg.data.storage_options,
-                         limit_s=self.cfg.data.read_timeout_s)
-
-    def _ahead_tokens(self) -> list[list[int]] | None:
-        """Token counts of the documents read ahead, per row ([shard, row_group, row, tokens]; 0 for a row
-        that yields no document): what the coordinator balances the next step's split with."""
-        if self._ahead is None:
-            return None
-        # usually done long before the exchange is; waiting keeps the split deterministic, but a slow source
-        # must not make this report late enough to look like a hang
-        got = self._ahead_result(self._ahead, timeout=AHEAD_WAIT_S)
-        if got is None:
-            return None
-        batch = got[0]  # margin rows included: the coordinator re-splits across the cuts with them
-        return ([[o.shard, o.row_group, o.start, len(d)] for o, d in zip(batch.origins, batch.docs)]
-                + [[r.shard, r.row_group, x, 0] for r, _ in batch.dropped for x in range(r.start, r.stop)])
-
-    def _read_ahead(self, ranges: list[DocRange] | None, margin: list[DocRange] | None = None) -> None:
-        """Start reading `ranges` and `margin` and packing `ranges` in the background: in a child process on
-        CUDA workers, where a thread's share of the GIL would slow the kernel launches
-        (`train.prefetch_in`), else in a thread. A failure is dropped here: the step that needs these
-        documents reads them again and reports it."""
-        if not ranges:
-            return
-        core = list(ranges)
-        read = core + list(margin or [])
-        future = None
-        if self._ahead_in == "process":
-            try:
-                future = self._ahead_process.submit(read, core)
-            except Exception:
-                self._child_lost()
-        if future is None:
-            future = self._ahead_thread.submit(read_and_pack, self.reader, read, core, self.cfg.train.seq_len)
-        self._ahead = _ReadAhead(tuple(core), future)
-
-    def _ahead_result(self, ahead: "_ReadAhead", timeout: float | None = None):
-        """(batch, core batch, inputs, targets) of a read-ahead (the packed rows as numpy arrays when they
-        come from the child), or None if it failed or is not done in `timeout`."""
-        if ahead.got is not None:
-            return ahead.got
-        try:
-            got = ahead.future.result(timeout=timeout)
-        except concurrent.futures.TimeoutError:
-            return None
-        except concurrent.futures.process.BrokenProcessPool:
-            self._child_lost()
-            return None
-        except Exception:
-            log.debug("%s: background read of the next step's documents failed", self.worker_id, exc_info=True)
-            return None
-        ahead.got = got
-        self._ahead_broken = 0
-        return got
-
-    def _child_lost(self) -> None:
-        self._ahead_process.close()
-        self._ahead_broken += 1
-        if self._ahead_broken >= 3:
-            log.warning("%s: the read-ahead process died 3 times in a row; reading ahead in a thread from now on",
-                        self.worker_id)
-            self._ahead_in = "thread"
-
     def _forward_backward(self, ranges: list[DocRange], prefetch: list[DocRange] | None = None,
                           margin: list[DocRange] | None = None, window: Window | None = None
                           ) -> tuple[int, float, int, list, float, float]:
-        t0 = time.time()
+        """The step's batch from `datasets` (one call: read, packed, counted; the next step's documents read
+        ahead while this one computes), then its gradients. Returns (tokens, summed loss, documents, dropped
+        rows, read seconds, fwd/bwd seconds)."""
         self._bump("read")  # bounded by data.read_timeout_s, not by the liveness limit
         with self.profiler.phase("read"):
-            batch, packed = self._read(window.reads() if window is not None else ranges)
-            if window is not None:
-                batch, inputs, targets = self._window(batch, packed, window)
-            else:
-                inputs, targets = packed if packed is not None else self._pack(batch.docs)
+            batch = self.data.load(ranges, window, prefetch, margin)
+            t0 = time.time()
+            inputs, targets = self._pinned(batch.inputs, batch.targets)
+            read_s = batch.read_s + time.time() - t0  # the pinned copy is part of having the rows
         self._bump("compute")
-        read_s = time.time() - t0
-        self._read_ahead(prefetch, margin)  # overlaps this step's compute
-        tokens = int((targets >= 0).sum())
         t1 = time.time()
         with self.profiler.phase("fwd_bwd"):
-            loss_acc = self._fwd_bwd(inputs, targets, tokens)
+            loss_acc = self._fwd_bwd(inputs, targets, batch.tokens)
         loss_sum = float(loss_acc)  # the one host sync of the step
-        return tokens, loss_sum, len(batch.docs), batch.dropped_json(), read_s, time.time() - t1
-
-    def _window(self, batch, packed, window: Window):
-        """This rank's rows of a step cut at token level: the window of the stream of the borrowed document
-        and its own ones. Returns (the batch of its own rows, inputs, targets); WindowMismatch if the
-        documents do not have the token counts the window was cut for (nothing is trained twice or skipped:
-        the step fails and the coordinator retries it in whole documents)."""
-        if (packed is not None and window.skip == 0 and packed[0].size(0) == window.rows
-                and stream_slots(batch.docs) == window.slots):
-            inputs, targets = packed  # the read-ahead packed exactly this
-        else:
-            inputs, targets = self._pinned(*pack(batch.docs, self.cfg.train.seq_len, self.tokenizer.eot,
-                                                 skip=window.skip, rows=window.rows, expect_slots=window.slots))
-        if window.borrow is not None:  # trained here in part, answered for (counted, committed) by its owner
-            b = window.borrow
-            if not batch.origins or batch.origins[0] != DocRange(b.shard, b.row_group, b.start, b.start + 1):
-                raise WindowMismatch(f"the window borrows {b}, which yielded no document here")
-            batch = dataclasses.replace(batch, docs=batch.docs[1:], origins=batch.origins[1:])
-        return batch, inputs, targets
-
-    def _pack(self, docs) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training rows of `docs`, in pinned memory on CUDA (one asynchronous copy to the device)."""
-        return self._pinned(*pack(docs, self.cfg.train.seq_len, self.tokenizer.eot))
+        return batch.tokens, loss_sum, batch.docs, batch.dropped, read_s, time.time() - t1
 
     def _pinned(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":

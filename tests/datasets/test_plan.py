@@ -349,27 +349,8 @@ def test_peek_predicts_the_next_assign_and_changes_nothing():
     assert acc["delivered_once"] == 30 and acc["duplicated"] == 0 and acc["skipped"] == 0
 
 
-def test_balanced_split_is_optimal_against_brute_force():
-    import itertools
-
-    from datasets.plan import balanced_split, split_cost
-
-    rng = random.Random(4)
-    for trial in range(600):
-        n, W = rng.randint(1, 8), rng.randint(1, 4)
-        docs = [(DocRange(0, 0, i, i + 1), rng.choice([0, 1, 5, 40, 63, 64, 65, 200, 700])) for i in range(n)]
-        shares = [rng.choice([1000, 2000, 3000]) for _ in range(W)]
-        cuts = balanced_split(docs, shares, 64)
-        assert len(cuts) == W and cuts[-1] == n and cuts == sorted(cuts)
-        if n >= W:
-            assert all(b > a for a, b in zip([0] + cuts, cuts))  # everyone gets a row
-            best = min(split_cost(docs, list(c) + [n], shares, 64)
-                       for c in itertools.combinations(range(1, n), W - 1))
-            assert split_cost(docs, cuts, shares, 64) == best, (docs, shares, cuts)
-
-
 def test_resplit_moves_rows_between_ranks_and_keeps_exactly_once():
-    from datasets.plan import row_runs
+    from datasets.split import row_runs
 
     shards = make_shards(((10, 10), (10,)))
     plan = DataPlan(shards, seed=3)
@@ -394,86 +375,3 @@ def test_resplit_moves_rows_between_ranks_and_keeps_exactly_once():
     acc = plan.accounting(0)
     assert acc["delivered_once"] == 30 and acc["duplicated"] == 0 and acc["skipped"] == 0
     assert True in seen_ambiguous and False in seen_ambiguous
-
-
-def test_rebalance_moves_documents_only_when_the_slowest_rank_gains():
-    from datasets.plan import rebalance
-
-    a = {0: [DocRange(0, 0, 0, 3)], 1: [DocRange(0, 0, 3, 5)]}
-    tokens = {(0, 0, 0): 600, (0, 0, 1): 600, (0, 0, 2): 600, (0, 0, 3): 100, (0, 0, 4): 100}
-    new = rebalance(a, tokens, {0: 1000, 1: 1000}, 64)  # rank 0: 29 rows, rank 1: 4 -> move one document
-    assert new == {0: [DocRange(0, 0, 0, 2)], 1: [DocRange(0, 0, 2, 5)]}
-    even = {k: 200 for k in tokens}  # 3 vs 2 documents of 200: either way the slower rank packs 10 rows
-    assert rebalance(a, even, {0: 1000, 1: 1000}, 64) is None  # no gain: no churn
-    assert rebalance(a, {k: v for k, v in tokens.items() if k != (0, 0, 4)}, {0: 1, 1: 1}, 64) is None
-    assert rebalance({0: a[0]}, tokens, {0: 1}, 64) is None
-
-
-def test_read_margin_gives_each_rank_its_neighbours_nearest_rows():
-    from datasets.plan import read_margin
-
-    hint = {0: [DocRange(0, 0, 0, 5)], 1: [DocRange(0, 0, 5, 7), DocRange(1, 0, 0, 4)], 2: [DocRange(1, 1, 0, 3)]}
-    m = read_margin(hint, 3)
-    assert m[0] == [DocRange(0, 0, 5, 7), DocRange(1, 0, 0, 1)]           # rank 1's first 3 rows
-    assert m[1] == [DocRange(0, 0, 2, 5), DocRange(1, 1, 0, 3)]           # rank 0's last 3, rank 2's first 3
-    assert m[2] == [DocRange(1, 0, 1, 4)]                                 # rank 1's last 3 rows
-    assert read_margin(hint, 0) == {0: [], 1: [], 2: []}
-    assert read_margin({0: hint[0]}, 3) == {0: []}
-
-
-def test_split_windows_train_every_target_of_the_step_once_in_rows_proportional_to_shares():
-    import torch
-
-    from datasets.packing import pack
-    from datasets.plan import Window, packed_rows, row_shares, split_windows
-
-    rng = random.Random(8)
-    seq, seen_borrow, seen_long = 16, 0, 0
-    for trial in range(400):
-        n, W = rng.randint(1, 12), rng.randint(1, 4)
-        lens = [rng.choice([0, 1, 3, 15, 16, 17, 40, 90]) for _ in range(n)]
-        rows = [DocRange(trial % 3, 0, i, i + 1) for i in range(n)]
-        text = {rows[i]: [1000 * i + j + 1 for j in range(t)] for i, t in enumerate(lens)}  # every token unique
-        shares = [rng.choice([1.0, 2.0, 3.0]) for _ in range(W)]
-        wins = split_windows(list(zip(rows, lens)), shares, seq)
-        total = sum(t + 1 for t in lens if t)
-        if total == 0 or packed_rows(total, seq) < W:
-            assert wins is None
-            continue
-        assert [w.rows for w in wins] == row_shares(packed_rows(total, seq), shares)
-        owned = [x for w in wins for r in w.owned for x in range(r.start, r.stop)]
-        assert sorted(owned) == list(range(n))                       # each row owned by exactly one rank
-        whole = pack([text[r] for r in rows if text[r]], seq, eot=0)
-        parts = []
-        for w in wins:
-            assert Window.from_json(w.to_json()) == w
-            docs = [text[one] for r in w.reads() for one in
-                    (DocRange(r.shard, r.row_group, x, x + 1) for x in range(r.start, r.stop)) if text[one]]
-            assert w.borrow is None or w.borrow.start not in [x for r in w.owned for x in range(r.start, r.stop)]
-            seen_borrow += w.borrow is not None
-            seen_long += w.borrow is not None and not any(lens[x] for r in w.owned for x in range(r.start, r.stop))
-            parts.append(pack(docs, seq, 0, skip=w.skip, rows=w.rows, expect_slots=w.slots))
-        assert torch.equal(torch.cat([x for x, _ in parts]), whole[0])   # the step's stream, cut, nothing else
-        assert torch.equal(torch.cat([y for _, y in parts]), whole[1])
-    assert seen_borrow > 100 and seen_long > 10  # cuts inside documents, and documents longer than a window
-
-
-def test_row_shares_minimise_the_slowest_rank():
-    from datasets.plan import row_shares
-
-    assert row_shares(10, [1, 1]) == [5, 5] and row_shares(11, [1, 1]) == [6, 5]
-    assert row_shares(12, [1, 2, 3]) == [2, 4, 6] and row_shares(3, [1, 100, 1]) == [1, 1, 1]
-    assert row_shares(2, [1, 1, 1]) is None and row_shares(4, []) is None
-
-
-def test_windows_for_cuts_a_step_assignment_only_with_every_count_known():
-    from datasets.plan import split_windows, windows_for
-
-    a = {0: [DocRange(0, 0, 0, 3)], 1: [DocRange(0, 0, 3, 5)]}
-    tokens = {(0, 0, 0): 600, (0, 0, 1): 600, (0, 0, 2): 600, (0, 0, 3): 100, (0, 0, 4): 100}
-    got = windows_for(a, tokens, {0: 1.0, 1: 1.0}, 64)
-    want = split_windows([(DocRange(0, 0, x, x + 1), tokens[(0, 0, x)]) for x in range(5)], [1.0, 1.0], 64)
-    assert got == {0: want[0], 1: want[1]} and got[0].rows == got[1].rows == 16  # 2,005 slots: 32 rows
-    assert got[1].borrow == DocRange(0, 0, 1, 2)  # the cut falls inside the second document
-    assert windows_for(a, {k: v for k, v in tokens.items() if k != (0, 0, 4)}, {0: 1, 1: 1}, 64) is None
-    assert windows_for({0: a[0]}, tokens, {0: 1}, 64) is None

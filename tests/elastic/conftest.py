@@ -44,7 +44,6 @@ SOLO = ["sync.name=demo", "train.seq_len=64", "data.tokenizer=bytes", "model.n_l
 def solo_replica(*overrides: str):
     """One `WorkerReplica` on the bundled sample corpus (tiny model, demo sync over a group of one, no Ray):
     (replica, shards) for tests that drive `step`/`commit`/`abort` directly."""
-    from compression import build_sync
     from compression.communicator import ThreadCommunicator
     from datasets import discover
     from elastic.worker import WorkerReplica
@@ -53,8 +52,7 @@ def solo_replica(*overrides: str):
     d = cfg.data
     shards = discover(d.source, d.storage_options, text_column=d.text_column)
     rep = WorkerReplica(cfg, "w0", shards, 0)
-    comm = ThreadCommunicator.group(1)[0]
-    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    rep.join_local(ThreadCommunicator.group(1)[0])
     return rep, shards
 
 

@@ -1,8 +1,7 @@
 """A step cut between ranks at token level (`train.split_docs`): each worker trains exactly its window of the
 step's stream, the windows together train every target of the step once, and a window that does not fit the
 documents fails the step instead of training anything twice."""
-from datasets import DataPlan, DocRange, discover, pack
-from datasets.plan import split_windows
+from datasets import DataPlan, DocRange, discover, pack, split_windows
 from elastic.config import load_config
 
 from .test_prefetch import _replica
@@ -22,7 +21,7 @@ def test_windows_train_each_target_of_the_step_once():
     a = plan.assign(0, {0: 900, 1: 300})
     rep, _ = _replica(cfg, shards)
     rows = [DocRange(r.shard, r.row_group, x, x + 1) for k in sorted(a) for r in a[k] for x in range(r.start, r.stop)]
-    batch = rep.reader.read_batch(rows)
+    batch = rep.data.reader.read_batch(rows)
     tokens = {(o.shard, o.row_group, o.start): len(doc) for o, doc in zip(batch.origins, batch.docs)}
     counts = [(r, tokens.get((r.shard, r.row_group, r.start), 0)) for r in rows]
     wins = split_windows(counts, [1.0, 1.0], 64)
