@@ -145,9 +145,10 @@ class Coordinator:
 
         return handle
 
-    def _spawn_up_to(self, n: int) -> None:
-        """Ask for workers until members + pending reach n; free nodes first, then plain demand."""
-        want = n - len(self.members) - len(self.pending)
+    def _spawn_up_to(self, n: int, on_hand: int = 0) -> None:
+        """Ask for workers until members + pending + `on_hand` (ready workers not yet in the group) reach n;
+        free nodes first, then plain demand."""
+        want = n - len(self.members) - len(self.pending) - on_hand
         if want <= 0 or time.time() - self.last_spawn_failure_at < spawn_backoff_s(self.spawn_failures):
             return
         opts = self._worker_options()
@@ -375,7 +376,7 @@ class Coordinator:
                 raise PausedTooLong(
                     f"paused for {self.cfg.train.pause_timeout_s:.0f}s below train.min_workers="
                     f"{self.cfg.train.min_workers}; the run is checkpointed, resubmit to resume")
-            self._spawn_up_to(self.cfg.train.min_workers)
+            self._spawn_up_to(self.cfg.train.min_workers, on_hand=len(joiners))
             joiners += self._ready_pending(timeout=1.0)
         ckpt = None if self.members else self.restore(mid_run=True)
         source = self.members[0] if self.members else None
@@ -565,7 +566,8 @@ class Coordinator:
                 break
             if time.time() > give_up:
                 raise PausedTooLong("no capacity for train.min_workers workers; check the cluster's resources")
-            self._spawn_up_to(self.cfg.train.workers)  # replaces workers that failed to start (with a back-off)
+            # replaces workers that failed to start (with a back-off); those ready are counted
+            self._spawn_up_to(self.cfg.train.workers, on_hand=len(joiners))
         # initial replicas are built from the same seed; a checkpoint overrides them
         self._form_group(joiners, None, ckpt)
         if ckpt is None:
