@@ -283,7 +283,6 @@ def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, mode
 def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path: str) -> None:
     import torch
 
-    from compression import build_sync
     from compression.communicator import ThreadCommunicator
     from datasets import DataPlan, discover
     from elastic.fingerprint import params_fingerprint
@@ -292,8 +291,7 @@ def _profile_worker(rank: int, cfg, steps: int, per_gpu_tokens: int, result_path
     d = cfg.data
     shards = discover(d.source, d.storage_options, text_column=d.text_column)
     rep = WorkerReplica(cfg, "profile", shards, cfg.run.seed)
-    comm = ThreadCommunicator.group(1)[0]
-    rep.sync, rep.comm, rep.rank, rep.world_size = build_sync(cfg.sync, rep.params, comm), comm, 0, 1
+    rep.join_local(ThreadCommunicator.group(1)[0])  # a group of one in this process: no Ray
     plan = DataPlan(shards, seed=d.seed, epoch=0)
     cuda = rep.device.type == "cuda"
 
