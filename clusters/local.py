@@ -62,10 +62,6 @@ class LocalCluster:
     pids: list = field(default_factory=list)  # last seen (at `up`, refreshed by `status`); `down` re-scans
 
     @property
-    def resolved_config(self) -> str:
-        return os.path.join(self.tmpdir, "cluster.yaml")
-
-    @property
     def log_file(self) -> str:
         return os.path.join(self.tmpdir, "head.log")
 

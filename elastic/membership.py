@@ -27,11 +27,6 @@ class MembershipGeneration:
     def world_size(self) -> int:
         return len(self.members)
 
-    def next(self, leaving: set[str], joining: list[Member]) -> "MembershipGeneration":
-        """Survivors keep their relative order (rank 0 stays the oldest member); joiners go last."""
-        kept = [m for m in self.members if m.worker_id not in leaving]
-        return MembershipGeneration(self.generation + 1, kept + list(joining))
-
 
 def compute_shares(
     members: list[Member],
@@ -91,10 +86,3 @@ def watchdog_timeout(recent_step_s: list[float], floor_s: float, factor: float) 
     if len(recent_step_s) < 3:
         return floor_s
     return max(floor_s, factor * statistics.median(recent_step_s[-20:]))
-
-
-def update_rate(old: float, tokens: int, seconds: float, alpha: float = 0.3) -> float:
-    if seconds <= 0 or tokens <= 0:
-        return old
-    rate = tokens / seconds
-    return rate if old <= 0 else (1 - alpha) * old + alpha * rate

@@ -1,7 +1,7 @@
 """Shares per worker, the hang watchdog, generations, the chaos schedule: plain policy objects."""
 from elastic.chaos import ChaosSchedule
 from elastic.config import ChaosSection
-from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
+from elastic.membership import Member, compute_shares, watchdog_timeout
 
 
 def m(wid, acc, rate=0.0):
@@ -33,12 +33,6 @@ def test_every_rank_gets_at_least_one_sequence():
 def test_watchdog_scales_with_recent_steps():
     assert watchdog_timeout([], 30, 8) == 30
     assert watchdog_timeout([10, 10, 10, 10], 5, 8) == 80
-
-
-def test_generation_keeps_survivor_order_and_appends_joiners():
-    g = MembershipGeneration(0, [m("a", "CPU"), m("b", "CPU"), m("c", "CPU")])
-    g2 = g.next({"b"}, [m("d", "L4")])
-    assert g2.generation == 1 and [x.worker_id for x in g2.members] == ["a", "c", "d"]
 
 
 def test_chaos_events_fire_once_and_spare_rank0():
