@@ -1,4 +1,5 @@
-"""The import graph of the tree has no cycles, counting the imports inside functions too (issue 19).
+"""The import graph of the tree has no cycles, counting the imports inside functions too, and no module reaches
+into another top-level package's private names (issue 19).
 
 A cycle hidden in a function works until someone hoists the import; this walks every `import` statement
 of every module (module level, functions, methods) with `ast`, so it runs in well under a second.
@@ -107,3 +108,62 @@ def test_the_walk_counts_imports_inside_functions():
 def test_no_import_cycles_in_the_tree():
     found = cycles(import_graph())
     assert not found, "import cycles (module-level or inside functions): " + "; ".join(" <-> ".join(c) for c in found)
+
+
+def _private(name: str) -> bool:
+    """Whether a dotted name has a private part (`_x`; dunders such as `__init__` are not private)."""
+    return any(p.startswith("_") and not (p.startswith("__") and p.endswith("__")) for p in name.split("."))
+
+
+def private_reach_ins(mod: str, source: str, here: str) -> list[str]:
+    """Private names of another top-level package that module `mod` (package `here`, for relative imports)
+    imports (`from compression.codec import _fresh`, `import datasets._x`) or reads off something it imported
+    (`codec._fresh`, `compression.codec._fresh`, `Class._field`)."""
+    top = mod.split(".")[0]
+    found, bound = [], {}  # bound: local name -> the first-party dotted name it stands for
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] in PACKAGES:
+                    bound[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+                    if a.name.split(".")[0] != top and _private(a.name):
+                        found.append(f"{mod}: import {a.name}")
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                pkg = here
+                for _ in range(node.level - 1):
+                    pkg = pkg.rpartition(".")[0]
+                base = f"{pkg}.{base}" if base else pkg
+            if base.split(".")[0] not in PACKAGES:
+                continue
+            for a in node.names:
+                bound[a.asname or a.name] = f"{base}.{a.name}"
+                if base.split(".")[0] != top and _private(f"{base}.{a.name}"):
+                    found.append(f"{mod}: from {base} import {a.name}")
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            chain, v = [node.attr], node.value
+            while isinstance(v, ast.Attribute):
+                chain.append(v.attr)
+                v = v.value
+            if isinstance(v, ast.Name) and v.id in bound and bound[v.id].split(".")[0] != top:
+                found.append(f"{mod}: {'.'.join([bound[v.id]] + chain[::-1])}")
+    return found
+
+
+def test_the_private_name_check_sees_imports_and_attribute_reads():
+    src = ("import compression.codec\nimport compression.dense as dense\nfrom compression.codec import _fresh\n"
+           "from datasets import DataPlan\nfrom elastic import _mine\n"
+           "def f(plan):\n    compression.codec._pack(); dense._adamw(); DataPlan._take; plan._own; dense.__name__\n")
+    assert sorted(private_reach_ins("elastic.x", src, "elastic")) == sorted([
+        "elastic.x: from compression.codec import _fresh", "elastic.x: compression.codec._pack",
+        "elastic.x: compression.dense._adamw", "elastic.x: datasets.DataPlan._take"])
+
+
+def test_no_module_reaches_into_another_packages_private_names():
+    found = []
+    for mod, path in _modules().items():
+        here = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        found += private_reach_ins(mod, path.read_text(), here)
+    assert not found, "private names used across packages (make them public, or move the code): " + "; ".join(found)
