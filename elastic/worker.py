@@ -1,4 +1,4 @@
-"""The worker actor: one model replica, its sync state, and a data reader.
+"""The worker actor: one model replica, its sync state, and its data (`datasets.StepLoader`, one call a step).
 
 Thin by design: the math is in `compression`, the data in `datasets`, decisions in the coordinator.
 A step is two-phase (`step` computes and exchanges, `commit`/`abort` applies or drops), so the
@@ -18,8 +18,7 @@ import ray
 import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
-from datasets import (DataSourceError, DocRange, ShardReader, StepLoader, Window, WindowMismatch, get_tokenizer,
-                      pack)
+from datasets import DataSourceError, DocRange, StepLoader, Window, WindowMismatch, get_tokenizer
 from elastic import rendezvous
 from elastic.chaos import wire_injector, wrap_for_chaos
 from elastic.checkpoint import BackgroundWrites, HostSnapshot, load_file, load_tensors, state_trees
@@ -78,7 +77,7 @@ class WorkerReplica:
                                if where == "auto" else where)
         # held-out documents have their own shard list: DocRange.shard indexes the reader's list
         self.val_shards = list(val_shards or [])
-        self._val_reader = None
+        self._val_data: StepLoader | None = None  # built at the first `evaluate`
         self.sync = None
         self.comm = None
         self.group_name = ""
@@ -472,12 +471,12 @@ class WorkerReplica:
         if not self.val_shards:
             raise RuntimeError("evaluate: this worker was given no held-out shards (data.val_source)")
         self._settle()
-        if self._val_reader is None:
-            self._val_reader = ShardReader(self.val_shards, self.cfg.data.storage_options, self.tokenizer,
-                                           self.cfg.data)
+        if self._val_data is None:
+            self._val_data = StepLoader(self.val_shards, self.cfg.data, self.cfg.train.seq_len,
+                                        tokenizer=self.tokenizer, name=f"{self.worker_id}-val")
         self.model.eval()
-        docs = self._val_reader.read(ranges)
-        inputs, targets = pack(docs, self.cfg.train.seq_len, self.tokenizer.eot)
+        batch = self._val_data.load(ranges)
+        inputs, targets = batch.inputs, batch.targets
         micro = max(1, self.cfg.train.micro_batch_tokens // self.cfg.train.seq_len)
         total, count = 0.0, 0
         with torch.no_grad():
