@@ -72,6 +72,7 @@ class TrainSection:
     orphan_timeout_s: float = 120.0  # a worker whose coordinator is gone for good this long exits
     coordinator_restarts: int = 5    # Ray restarts a dead coordinator this often; it re-adopts the live workers
     state_transfer_timeout_s: float = 300.0  # a joiner's state from a live peer, or a fingerprint, must arrive by then
+    state_codec: str = "zstd"        # zstd | none: a joiner's state on the wire (lossless; none on >= 1 Gbit/s links)
     collective_timeout_s: float = 0.0  # gloo rendezvous/op timeout; 0 = max(60, 4 x step_timeout_s)
     pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
     start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready
@@ -141,6 +142,15 @@ class ClusterSection:
     simulate_node_cpus: int = 1
     gloo_socket_ifname: str = ""     # network interface gloo binds to (multi-NIC hosts)
     namespace: str = "raydistro"
+    # Ray's own background traffic crosses the same links as the sync (issue 23, docs/slowlink.md): defaults for
+    # slow links, each overridable (cluster.ray_worker_env.KEY=VALUE). The workers' processes get these
+    # (runtime_env env_vars): task events (the dashboard's task view) every 5 s instead of every second.
+    ray_worker_env: dict[str, str] = field(default_factory=lambda: {"RAY_task_events_report_interval_ms": "5000"})
+    # the Ray nodes raydistro starts itself (a local Ray, cluster.simulate; elastic.slowlink's nodes) get these;
+    # set them in the environment of `ray start` elsewhere. Each node's dashboard agent reports its stats (a JSON
+    # of every process, ~35 kB) to the GCS every 15 s instead of 5 s; keep it under 2x
+    # RAY_metrics_report_interval_ms (20 s), or the node's gauges drop out of Prometheus between reports.
+    ray_node_env: dict[str, str] = field(default_factory=lambda: {"REPORTER_UPDATE_INTERVAL_MS": "15000"})
 
 
 @dataclass
@@ -329,6 +339,8 @@ def validate(cfg: RunConfig) -> None:
     _check(t.orphan_timeout_s > 0, f"train.orphan_timeout_s: {t.orphan_timeout_s} must be > 0 (seconds a worker "
                                    "waits for a lost coordinator before exiting)")
     _check(t.coordinator_restarts >= 0, f"train.coordinator_restarts: {t.coordinator_restarts} must be >= 0")
+    _check(t.state_codec in ("zstd", "none"),
+           f"train.state_codec: '{t.state_codec}' must be zstd (compress a joiner's state, lossless) or none")
     _check(t.state_transfer_timeout_s > 0,
            f"train.state_transfer_timeout_s: {t.state_transfer_timeout_s} must be > 0 (seconds)")
     _check(t.profile_steps >= 1, f"train.profile_steps: {t.profile_steps} must be >= 1")

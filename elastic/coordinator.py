@@ -39,6 +39,7 @@ from elastic.policy import (CoordinatorState, Liveness, PeerObservation, Scaling
                             capped_scale_target, decide_failure, decide_scaling, fault_time, liveness,
                             resolve_fingerprints, silent_peer_limit, spawn_backoff_s)
 from elastic.schedule import lr_at
+from elastic.state_transfer import state_transfer_text
 from elastic.summary import RunSummary
 from elastic import tracking
 from elastic.worker import Worker
@@ -130,8 +131,11 @@ class Coordinator:
             # Ray's convention for "any node of this type": a sliver of its accelerator_type resource.
             # Not pinned to the node id: that node may already be gone by the time we are scheduled.
             extra["resources"] = {f"accelerator_type:{node['accelerator']}": 0.001}
+        env = dict(self.cfg.cluster.ray_worker_env)  # Ray's settings for the worker's process (slow links)
         if self.cfg.cluster.gloo_socket_ifname:  # gloo must bind the interface peers can reach
-            extra["runtime_env"] = {"env_vars": {"GLOO_SOCKET_IFNAME": self.cfg.cluster.gloo_socket_ifname}}
+            env["GLOO_SOCKET_IFNAME"] = self.cfg.cluster.gloo_socket_ifname
+        if env:
+            extra["runtime_env"] = {"env_vars": {k: str(v) for k, v in env.items()}}
         # detached: workers outlive a coordinator (or driver) that dies, so a new one adopts them mid-run;
         # each watches for its coordinator and exits if it is gone for good (train.orphan_timeout_s)
         actor = Worker.options(
@@ -226,13 +230,16 @@ class Coordinator:
         without whoever was dropped (a membership change inside a membership change)."""
         limit = self.cfg.train.state_transfer_timeout_s
         for _ in range(4):
-            model_ref = source.actor.model_state.remote()
-            sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
-            ready, _ = ray.wait([r for r in (model_ref, sync_ref) if r is not None], num_returns=1 + bool(sync_ref),
-                                timeout=limit)
+            t0 = time.time()
+            costs_ref, model_ref = source.actor.model_state.remote()  # packed: elastic.state_transfer
+            sync_costs_ref, sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else (None, None)
+            # only the small cost records come here: the states stay on the source's node until the joiners'
+            # nodes fetch them (the coordinator's node and link never carry them)
+            costs_refs = [r for r in (costs_ref, sync_costs_ref) if r is not None]
+            ready, _ = ray.wait(costs_refs, num_returns=len(costs_refs), timeout=limit)
             try:
-                ray.get(ready, timeout=0)
-                if len(ready) != 1 + bool(sync_ref):
+                costs = ray.get(ready, timeout=0)
+                if len(ready) != len(costs_refs):
                     raise GetTimeoutError(f"no state within train.state_transfer_timeout_s={limit:.0f}s")
             except Exception as e:
                 log.warning("state source %s failed: %s", source.worker_id, str(e).splitlines()[0])
@@ -242,8 +249,10 @@ class Coordinator:
                 if source is None:
                     raise StateSourceLost("every replica holding the run's state was lost during a join") from e
                 continue
+            t1 = time.time()
             _, failed = call_all(joiners, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
                                        limit)
+            load_s = time.time() - t1  # the joiners' fetch over the source's link, unpack and load
             joiners = [h for h in joiners if h not in failed]
             prints, silent = call_all(self.members, lambda h: h.actor.fingerprint.remote(), limit)
             failed += [h for h in silent if h not in failed and h is not source]
@@ -252,9 +261,10 @@ class Coordinator:
                 self._remove(failed, kill=True)
                 self._set_members(list(self.members))
                 self._join_all()
-            if joiners:
+            if joiners:  # what the join cost on the wire (issue 23; elastic.slowlink reads this line)
                 self.summary.event(self.step, f"state-from-peer {source.worker_id} -> "
-                                              f"{','.join(h.worker_id for h in joiners)}")
+                                              f"{','.join(h.worker_id for h in joiners)}: "
+                                              + state_transfer_text(costs, t1 - t0, load_s))
             self._check_agree([p for h, p in prints.items() if h in self.members], "after a join")
             return
         raise StateSourceLost("state transfer to the joiners kept failing")
@@ -856,8 +866,8 @@ class Coordinator:
         sync state) from `source`, through the object store; their own per-rank sync state stays."""
         if not targets:
             return
-        model_ref = source.actor.model_state.remote()
-        sync_ref = source.actor.sync_state.remote() if self._replicated_sync() else None
+        _, model_ref = source.actor.model_state.remote()  # (its cost record, the packed state)
+        sync_ref = source.actor.sync_state.remote()[1] if self._replicated_sync() else None
         _, failed = call_all(targets, lambda h: h.actor.load_state.remote(model_ref, sync_ref, self.step),
                                    self.cfg.train.state_transfer_timeout_s)
         self.commit_failed += failed  # could not be repaired: they leave at the next membership check
@@ -937,7 +947,12 @@ class Coordinator:
         # for the verdict, nobody is older than the dispatch (the coordinator may have been busy before it)
         obs = {h.worker_id: PeerObservation(last_seen=max(h.last_seen, t0), progress_at=t0) for h in out.values()}
         pings: dict = {}  # status ref -> handle
-        next_ping, failed_at, lv = t0 + PING_EVERY_S, None, Liveness()
+        # a healthy step reports before its first ping: pings (each an actor call over the worker's link) start
+        # once the step runs late, at 1.5x the median recent step (at most a quarter of the silent limit), then
+        # come every PING_EVERY_S, and at once after a failed report. No verdict is delayed: silence and lack of
+        # progress both need `limit`, the watchdog more
+        median = statistics.median(self.recent_step_s[-20:]) if len(self.recent_step_s) >= 3 else 0.0
+        next_ping, failed_at, lv = t0 + max(PING_EVERY_S, min(1.5 * median, limit / 4)), None, Liveness()
         while out:
             ready, _ = ray.wait(list(out) + list(pings), num_returns=1, timeout=max(0.0, next_ping - time.time()))
             now = time.time()
@@ -946,6 +961,7 @@ class Coordinator:
                     report = self._take_report(ref, out.pop(ref), reports, dead)
                     if report is None or not report.ok:
                         failed_at = failed_at or now
+                        next_ping = min(next_ping, now + PING_EVERY_S)
                 else:
                     h = pings.pop(ref)
                     try:

@@ -56,6 +56,9 @@ class RayRuntime:
                                   "cluster.address/cluster.simulate to train on the connected cluster")
             self.reused = True  # e.g. a notebook that called ray.init(): train there, leave it connected
             return self
+        if c.simulate or not address:  # a Ray started here: its nodes get Ray's settings for slow links (a
+            for k, v in c.ray_node_env.items():  # value already in the environment wins)
+                os.environ.setdefault(k, str(v))
         # the repo root must be importable by workers on every node (ray job submit sets it via working_dir)
         if c.simulate:
             from ray.cluster_utils import Cluster

@@ -4,15 +4,79 @@ Plain dataclasses, no Ray: the protocol reads here, not in dict keys scattered o
 
 A step is two-phase (docs/elastic.md): the coordinator's `StepCall` for step s carries the decision to commit
 step s-1 (`commit_first`), so a healthy run costs one RPC per step; the worker answers with a `StepReport`.
+
+On the wire (issue 23: every step's messages cross the users' links) each message pickles as its class and only
+the fields that differ from their defaults, by position (`_Compact`): no field names, no defaults, document
+ranges as plain ints. A `StepReport` of a demo step goes from ~590 to ~250 bytes, a `StepCall` from ~510 to ~150,
+a liveness `WorkerStatus` from ~310 to ~60 (its static `info` travels once per generation). Same values out as in.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from datasets import DocRange
+
+
+def _ranges_out(v):
+    """[DocRange, ...] -> (shard, row_group, start, stop, ...) flat; anything else as is."""
+    if isinstance(v, list) and v and all(type(r) is DocRange for r in v):
+        return _FlatRanges(x for r in v for x in (r.shard, r.row_group, r.start, r.stop))
+    return v
+
+
+def _ranges_in(v):
+    if type(v) is _FlatRanges:
+        return [DocRange(v[i], v[i + 1], v[i + 2], v[i + 3]) for i in range(0, len(v), 4)]
+    return v
+
+
+class _FlatRanges(tuple):
+    """A list of DocRange on the wire: their ints, four per range."""
+
+
+_FIELDS: dict = {}  # class -> its dataclass fields, in order
+
+
+def _fields_of(cls) -> tuple:
+    if cls not in _FIELDS:
+        _FIELDS[cls] = tuple(dataclasses.fields(cls))
+    return _FIELDS[cls]
+
+
+def _default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _rebuild(cls, changed: tuple):
+    fields = _fields_of(cls)
+    obj = cls.__new__(cls)
+    for f in fields:
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING:
+            obj.__dict__[f.name] = _default(f)
+    for i, v in zip(changed[::2], changed[1::2]):
+        obj.__dict__[fields[i].name] = _ranges_in(v)
+    return obj
+
+
+class _Compact:
+    """Pickles a dataclass as its class plus (index, value) of each field that differs from its default: what
+    crosses the link every step is the step's news, not the schema. Unpickled, it is the same dataclass with
+    the same values (required fields always travel)."""
+
+    def __reduce__(self):
+        changed = []
+        for i, f in enumerate(_fields_of(type(self))):
+            v = self.__dict__[f.name]
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required or v != _default(f):
+                changed += [i, _ranges_out(v)]
+        return _rebuild, (type(self), tuple(changed))
+
 
 @dataclass
-class StepChaos:
+class StepChaos(_Compact):
     """Faults the coordinator injects into one worker's step (`chaos` config)."""
     hang: bool = False             # stop answering inside the step, until killed
     corrupt_payload: bool = False  # random bytes replace this worker's payload on the wire
@@ -22,7 +86,7 @@ class StepChaos:
 
 
 @dataclass
-class StepCall:
+class StepCall(_Compact):
     step: int
     ranges: list                               # datasets.DocRange: the rows this rank trains
     lr: float
@@ -34,7 +98,7 @@ class StepCall:
 
 
 @dataclass
-class StepReport:
+class StepReport(_Compact):
     worker_id: str
     rank: int
     step: int
@@ -51,6 +115,7 @@ class StepReport:
     dropped: list = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0
+    local_bytes_sent: int = 0                  # sync.hierarchy=node: sent inside the node (bytes_sent: across)
     dense_equivalent_bytes: int = 0
     codec_ms: float = 0.0
     comm_ms: float = 0.0
@@ -82,7 +147,7 @@ class StepReport:
 
 
 @dataclass
-class WorkerStatus:
+class WorkerStatus(_Compact):
     """A worker's answer on its control lane (answers even while its step thread is blocked)."""
     worker_id: str
     phase: str                   # idle | compute | exchange | exchanged | failed | hung | ...
@@ -92,4 +157,4 @@ class WorkerStatus:
     step_count: int              # committed steps applied to this replica's parameters
     pending_step: int | None     # exchanged, not yet committed or aborted
     pid: int = 0
-    info: dict[str, Any] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)  # static: sent with a generation's first status only

@@ -322,6 +322,30 @@ def wire_per_step(samples: dict[str, list[tuple[float, int, int]]], summary: dic
             "steps": [s[0] for s in steps], "nodes": nodes}
 
 
+def state_transfers(summary: dict, samples: dict[str, list[tuple[float, int, int]]],
+                    names: dict[str, str] | None = None) -> list[dict]:
+    """Every join's state transfer as the coordinator recorded it (its `state-from-peer` event: bytes on the wire,
+    pack and fetch+load seconds; `elastic.state_transfer`), with what each node's link carried meanwhile (the
+    polled counters, from 0.5 s before the source started packing to the event)."""
+    from elastic.state_transfer import STATE_TRANSFER_RE
+
+    out = []
+    for e in summary.get("events") or []:
+        m = re.search(STATE_TRANSFER_RE, e.get("what", ""))
+        if not m:
+            continue
+        d = {k: float(v) if k.endswith(("_mb", "_s")) else v for k, v in m.groupdict().items()}
+        t1 = e["t"]
+        t0 = t1 - d["pack_s"] - d["load_s"] - 0.5
+        links = {}
+        for role, ss in samples.items():
+            a, b = _at(ss, t0), _at(ss, t1)
+            if a is not None and b is not None:
+                links[(names or {}).get(role, role)] = {"tx": round(b[0] - a[0]), "rx": round(b[1] - a[1])}
+        out.append({"step": e["step"], **d, "seconds": round(d["pack_s"] + d["load_s"], 2), "link_bytes": links})
+    return out
+
+
 # ---- where the bytes go: a header capture per node, classified by the Ray port it talks to ----------
 
 # Every Ray node's listening ports are pinned (`RayNodes.start`), so a TCP packet's service is the known port
@@ -621,6 +645,8 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
     for r, n in ray_nodes.nodes.items():
         if n["ip"] in wire["nodes"]:
             wire["nodes"][n["ip"]]["role"] = roles.get(r, r)
+    # a join's state transfer (e.g. after chaos.kill_at=[k]): bytes and seconds, and each link's share
+    joins = state_transfers(s, counters.samples, names={r: ray_nodes.nodes[r]["ip"] for r in ray_nodes.nodes})
     if cap is not None:  # per steady-state step, by the Ray port each packet talks to
         wire["by_kind"] = cap.by_kind([(t0, t1) for _, t0, t1 in steady_steps(s, skip)])
         wire["by_process"] = cap.by_process([(t0, t1) for _, t0, t1 in steady_steps(s, skip)])
@@ -634,6 +660,7 @@ def train_once(net: Netns, ray_nodes: RayNodes, sync: str, rate: str, steps: int
         "link_tx_bytes": {ray_nodes.nodes[r]["ip"]: after[r] - before[r] for r in after},
         # steady state, from each node's own link counters at the step commits (issue 23)
         "wire": wire,
+        "state_transfers": joins,
         "final_loss": s.get("final_loss"), "driver_s": round(elapsed, 1),
         # the machine is shared: 1-min load average before and after the run (2 cores here)
         "loadavg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
@@ -668,6 +695,9 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         raise SystemExit(f"slowlink: {reason}")
     for r in rates:
         rate_bytes_per_s(r)
+    # the nodes get what raydistro gives the Ray nodes it starts (cluster.ray_node_env), then --ray-env
+    given = dict(ray_env or {})
+    ray_env = {**node_env(preset, extra), **given}
     stale = cleanup_stale()
     if stale:
         log(f"slowlink: removed stale namespaces {stale}")
@@ -727,9 +757,17 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
                 "3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) on a bridge; tbf "
                 "on both directions of every node's veth; bandwidth only (no netem: no delay/loss)")
     return {"preset": preset, "steps": steps, "skip": skip, "overrides": extra, "delay_ms": delay_ms,
-            "ray_env": ray_env or {},
+            "ray_env": ray_env, "ray_env_given": given,
             "topology": topology,
             "results": results, "table": table(results)}
+
+
+def node_env(preset: str, extra: list[str]) -> dict[str, str]:
+    """`cluster.ray_node_env` of the run's config: Ray's settings raydistro gives the nodes it starts."""
+    from elastic.config import load_config
+
+    cfg = load_config(preset, [o for o in extra if o.startswith("cluster.ray_node_env")])
+    return {k: str(v) for k, v in cfg.cluster.ray_node_env.items()}
 
 
 def _raise_interrupt(signum, frame):
@@ -847,7 +885,7 @@ def main(argv: list[str] | None = None) -> int:
         a.syncs = ",".join(dict.fromkeys(r["sync"] for r in out["results"]))
         a.overrides = out.get("overrides", [])
         a.delay_ms = out.get("delay_ms", 0.0)
-        a.ray_env = ",".join(f"{k}={v}" for k, v in out.get("ray_env", {}).items())
+        a.ray_env = ",".join(f"{k}={v}" for k, v in out.get("ray_env_given", out.get("ray_env", {})).items())
     else:
         try:
             out = bench(rates, syncs, a.steps, a.skip, a.config, a.overrides, a.timeout, a.keep_logs,
@@ -926,6 +964,11 @@ def wire_text(r: dict) -> str:
         if ip in workers:
             text += f"; {ip} by process (tx/rx): " + ", ".join(
                 f"{k} {kb(v.get('tx', 0))}/{kb(v.get('rx', 0))}" for k, v in list(procs.items())[:5])
+    for j in r.get("state_transfers") or []:
+        text += (f"; join at step {j['step']} ({j['source']} -> {j['joiners']}): state {j['wire_mb']:.1f} MB on the "
+                 f"wire ({j['raw_mb']:.1f} MB as state dicts, {j['codec']}) in {j['seconds']:.2f} s (pack "
+                 f"{j['pack_s']:.2f} s, fetch+load {j['load_s']:.2f} s); links meanwhile " + ", ".join(
+                     f"{ip} tx {kb(v['tx'])} rx {kb(v['rx'])}" for ip, v in j["link_bytes"].items()))
     return text
 
 

@@ -28,6 +28,7 @@ from elastic.fingerprint import PendingFingerprint, params_fingerprint, params_f
 from elastic.messages import StepCall, StepReport, WorkerStatus
 from elastic.model import build_model
 from elastic.profiling import StepProfiler
+from elastic.state_transfer import PackedState, pack_state, unpack_state
 
 log = logging.getLogger("raydistro.worker")
 DATA_ERRORS = (DataSourceError,)
@@ -413,9 +414,11 @@ class WorkerReplica:
         return self.sync.replica_tensors() if self.sync is not None else self.params
 
     # ---- state ----------------------------------------------------------------------------
-    def model_state(self) -> dict:
+    def model_state(self) -> PackedState:
+        """The committed parameters and buffers, packed for a joiner (`elastic.state_transfer`: lossless, tied
+        weights once, `train.state_codec`); a copy, so training may go on."""
         self._settle()  # the committed parameters only
-        return {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+        return pack_state(self.model.state_dict(), self.cfg.train.state_codec)
 
     def sync_state(self) -> dict:
         self._settle()
@@ -536,6 +539,7 @@ class Worker:
         self.r = WorkerReplica(cfg, worker_id, shards, seed, val_shards)
         self._coordinator: tuple[str, str] | None = None
         self._orphan_watch: threading.Thread | None = None
+        self._status_generation: int | None = None  # the generation whose first status carried `info`
         self.accelerator = detect_accelerator(str(self.r.device))
         from elastic.metrics import WorkerMetrics
 
@@ -561,13 +565,17 @@ class Worker:
     def ping(self) -> str:
         return self.r.phase
 
-    @ray.method(concurrency_group="control")
+    # a liveness ping, up to twice a second while a step is out: no task events to the GCS for it (they would
+    # cross the node's link every second; the step calls keep theirs)
+    @ray.method(concurrency_group="control", enable_task_events=False)
     def status(self) -> WorkerStatus:
         """Where this worker is, answered even while its step thread is blocked in a collective: the
-        coordinator's liveness pings, and a restarted coordinator adopting the group."""
+        coordinator's liveness pings, and a restarted coordinator adopting the group. The static `info` comes
+        with the first status of each generation only (issue 23: the pings cross the link)."""
         r = self.r
+        first, self._status_generation = self._status_generation != r.generation, r.generation
         return WorkerStatus(r.worker_id, r.phase, r.progress, r.generation, r.rank, r.step_count, r.pending_step,
-                            os.getpid(), self.info())
+                            os.getpid(), self.info() if first else {})
 
     @ray.method(concurrency_group="control")
     def abort_collective(self, generation: int) -> bool:
@@ -655,16 +663,25 @@ class Worker:
     def abort(self, step: int) -> str:
         return self.r.abort(step)
 
-    def model_state(self) -> dict:
-        return self.r.model_state()
+    @ray.method(num_returns=2)
+    def model_state(self) -> tuple[dict, PackedState]:
+        """(what the state costs on the wire, the packed state): the coordinator reads the first and hands the
+        second's ref to the joiners, whose nodes fetch it from this one, never through the coordinator's."""
+        packed = self.r.model_state()
+        return packed.meta(), packed
 
-    def sync_state(self) -> dict:
-        return self.r.sync_state()
+    @ray.method(num_returns=2)
+    def sync_state(self) -> tuple[dict, PackedState]:
+        packed = pack_state(self.r.sync_state(), self.r.cfg.train.state_codec)
+        return packed.meta(), packed
 
-    def load_state(self, model_state: dict, sync_state: dict | None, step_count: int) -> str:
-        self.r.load_model_state(model_state)
-        if sync_state:
-            self.r.load_sync_state(sync_state)
+    def load_state(self, model_state: PackedState, sync_state: PackedState | None, step_count: int) -> str:
+        """Take a live peer's state (`model_state`/`sync_state`, unpacked bit for bit); returns the fingerprint
+        the coordinator checks against the group's."""
+        self.r.load_model_state(unpack_state(model_state))
+        sync = unpack_state(sync_state) if sync_state is not None else None
+        if sync:
+            self.r.load_sync_state(sync)
         self.r.step_count = step_count
         return self.r.fingerprint()
 

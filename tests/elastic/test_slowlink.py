@@ -242,3 +242,27 @@ def test_ray_env_option_names_the_bad_item():
     assert slowlink._ray_env(p, "A=1,B=x=y") == {"A": "1", "B": "x=y"}
     with pytest.raises(SystemExit):
         slowlink._ray_env(p, "A=1,NOVALUE")
+
+
+def test_a_joins_state_transfer_is_read_from_its_event_with_each_links_bytes_meanwhile():
+    from elastic.state_transfer import state_transfer_text
+
+    # the coordinator's event at t=100: packed in 0.5 s, fetched+loaded in 2.0 s (so it began at t=97.5)
+    what = "state-from-peer w1 -> w3: " + state_transfer_text(
+        [{"wire_bytes": 23_000_000, "raw_bytes": 53_000_000, "codec": "zstd"}], 0.5, 2.0)
+    summary = {"events": [{"step": 6, "what": "chaos-kill w2", "t": 90.0}, {"step": 6, "what": what, "t": 100.0}]}
+    # node b receives 10 MB/s from t=97.5 to t=100; node a sends it
+    rx = lambda t: int(10e6 * min(2.5, max(0.0, t - 97.5)))  # noqa: E731
+    samples = {"a": [(t / 10, rx(t / 10), 0) for t in range(900, 1010)],
+               "b": [(t / 10, 0, rx(t / 10)) for t in range(900, 1010)]}
+    [j] = slowlink.state_transfers(summary, samples, names={"a": "10.99.0.2", "b": "10.99.0.3"})
+    assert (j["step"], j["source"], j["joiners"], j["codec"]) == (6, "w1", "w3", "zstd")
+    assert j["wire_mb"] == 23.0 and j["raw_mb"] == 53.0 and j["seconds"] == 2.5
+    assert j["link_bytes"]["10.99.0.3"]["rx"] == 25_000_000 and j["link_bytes"]["10.99.0.2"]["tx"] == 25_000_000
+    assert "join at step 6 (w1 -> w3): state 23.0 MB" in slowlink.wire_text({"wire": {}, "state_transfers": [j]})
+
+
+def test_the_nodes_get_raydistros_node_env_unless_overridden():
+    assert slowlink.node_env("tiny", []) == {"REPORTER_UPDATE_INTERVAL_MS": "15000"}
+    assert slowlink.node_env("tiny", ["cluster.ray_node_env.REPORTER_UPDATE_INTERVAL_MS=5000", "sync.name=demo"]) == {
+        "REPORTER_UPDATE_INTERVAL_MS": "5000"}
