@@ -202,11 +202,12 @@ class HierarchicalDemoSync(Sync):
 
     supports_undo = False
 
-    def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: NodeGroups):
+    def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: NodeGroups | None):
+        """`comm` None: built before its groups exist (a worker pinning checkpoint buffers); `rebind` binds it."""
         problem = sync_option_problem(cfg, "demo")
         if problem:
             raise ValueError(problem)
-        if not isinstance(comm, NodeGroups):
+        if comm is not None and not isinstance(comm, NodeGroups):
             raise ValueError("sync.hierarchy=node: build_sync needs compression.hierarchy.NodeGroups (the node's "
                              f"group and the shard's cross-node group), got {type(comm).__name__}")
         if any(not p.is_contiguous() for p in params):
@@ -220,7 +221,10 @@ class HierarchicalDemoSync(Sync):
         self.step_count = 0
         self._pending = None
         self.codec: ShardCodec | None = None
-        self._bind(comm, old=None)
+        self.groups: NodeGroups | None = None
+        self.S = 0
+        if comm is not None:
+            self._bind(comm, old=None)
 
     # ---- topology ----------------------------------------------------------------------------------------
     def _bind(self, groups: NodeGroups, old: list[torch.Tensor] | None) -> None:
@@ -250,6 +254,8 @@ class HierarchicalDemoSync(Sync):
 
     def rebind(self, comm: NodeGroups) -> None:
         """A new topology after a membership change: keeps the momentum of the chunks this rank still owns."""
+        if not isinstance(comm, NodeGroups):
+            raise ValueError(f"sync.hierarchy=node: rebind needs NodeGroups, got {type(comm).__name__}")
         self._pending = None
         self._bind(comm, self._full_momentum())
 
@@ -257,6 +263,8 @@ class HierarchicalDemoSync(Sync):
     def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
                  step: int | None = None) -> ExchangeStats:
         self._pending = None
+        if self.groups is None:
+            raise RuntimeError("exchange() before the sync was bound to its groups (rebind)")
         seq = self.step_count if step is None else int(step)
         local, cross, G = self.groups.local, self.groups.cross, self.groups.local.world_size
         t0 = time.perf_counter()
@@ -355,9 +363,11 @@ class HierarchicalDemoSync(Sync):
         self._pending = None
 
     # ---- state ----------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        return {"strategy": "demo", "step_count": self.step_count, "hierarchy": [self.groups.shard, self.S],
-                "momentum": [t.detach().cpu() for t in self.plan.scatter(self._full_momentum())]}
+    def state_dict(self, on_device: bool = False) -> dict:
+        # scatter builds new parameter-shaped tensors: on the device they are already a copy
+        move = (lambda t: t.detach()) if on_device else (lambda t: t.detach().cpu())
+        return {"strategy": "demo", "step_count": self.step_count,
+                "momentum": [move(t) for t in self.plan.scatter(self._full_momentum())]}
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "demo":

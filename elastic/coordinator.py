@@ -41,6 +41,7 @@ from elastic.policy import (CoordinatorState, Liveness, PeerObservation, Scaling
 from elastic.schedule import lr_at
 from elastic.state_transfer import state_transfer_text
 from elastic.summary import RunSummary
+from elastic.topology import hierarchy_layout
 from elastic import tracking
 from elastic.worker import Worker
 
@@ -289,7 +290,11 @@ class Coordinator:
                 self._remove([h for h in self.members if h not in alive], kill=True)
                 self._set_members(alive)
             world = len(self.members)
-            refs = [h.actor.join_group.remote(world, r, self.generation.generation, self.backend, group)
+            # sync.hierarchy=node: the node groups and cross-node groups of this generation, from the members'
+            # Ray nodes (re-computed at every membership change: a worker or a node left, a node joined)
+            layout = (hierarchy_layout(group, [h.info.get("node_id", "") for h in self.members])
+                      if self.cfg.sync.hierarchy == "node" else [None] * world)
+            refs = [h.actor.join_group.remote(world, r, self.generation.generation, self.backend, group, layout[r])
                     for r, h in enumerate(self.members)]
             limit = collective_timeout_s(self.cfg)
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=limit + 30)
@@ -1078,7 +1083,8 @@ class Coordinator:
                 self.summary.data["profiles"][r.worker_id] = {"last_step": step, **r.profile}
         tokens = sum(r.tokens for r in ok_reports)
         loss = sum(r.loss * r.tokens for r in ok_reports) / max(1, tokens)
-        self.summary.step(step, loss, tokens, ok_reports, agree, wall)
+        self.summary.step(step, loss, tokens, ok_reports, agree, wall,
+                          nodes={h.worker_id: h.info.get("node_id", "") for h in members})
         now = time.time()
         for c in self.open_changes:
             self.summary.membership_change(c["step"], c["kind"], now - c["fault_at"], c["world_size"],

@@ -43,6 +43,14 @@ class RunSummary:
             "bytes_sent_per_worker_total": {},
             "bytes_received_per_worker_total": {},
             "bytes_sent_per_step_mean": 0.0,
+            # bytes per step by level, per node (mean over nodes and steps): what a node sends off the node
+            # (the compressed payloads) and what its workers send each other inside it (sync.hierarchy=node:
+            # the dense all-reduce and the decoded shards; flat: 0 on multi-node groups, where every payload
+            # crosses, and everything on a single node). `bytes_per_level` holds the running sums behind them.
+            "hierarchy": cfg.sync.hierarchy,
+            "cross_node_bytes_per_step": 0.0,
+            "in_node_bytes_per_step": 0.0,
+            "bytes_per_level": {"steps": 0, "cross_node": 0.0, "in_node": 0.0},
             "dense_equivalent_bytes": 0,
             "dense_equivalent_bytes_per_step": 0,
             "compression_ratio": None,
@@ -74,8 +82,10 @@ class RunSummary:
     def started(self, step: int) -> None:
         self.data["events"].append({"step": step, "what": "started", "t": time.time()})
 
-    def step(self, step: int, loss: float, tokens: int, reports: list, agree: bool, wall: float) -> None:
-        """`reports`: the step's ok elastic.messages.StepReport of every rank."""
+    def step(self, step: int, loss: float, tokens: int, reports: list, agree: bool, wall: float,
+             nodes: dict[str, str] | None = None) -> None:
+        """`reports`: the step's ok elastic.messages.StepReport of every rank; `nodes`: worker id -> Ray node id
+        (for the bytes per level)."""
         d = self.data
         if d["initial_loss"] is None:
             d["initial_loss"] = loss
@@ -101,6 +111,28 @@ class RunSummary:
             self._sent_per_step.append(sent)
             self._sent_sum += sent
             self._last_row[3] = sent
+            if nodes is not None:
+                self._bytes_per_level(reports, nodes)
+
+    def _bytes_per_level(self, reports: list, nodes: dict[str, str]) -> None:
+        """Add one step's bytes to the per-node means (see `cross_node_bytes_per_step`): a report's `bytes_sent`
+        leaves its node when the group spans nodes (flat: every payload; hierarchy=node: the shard payloads),
+        `local_bytes_sent` stays inside it."""
+        d = self.data
+        per_node: dict[str, list[float]] = {}
+        for r in reports:
+            acc = per_node.setdefault(nodes.get(r.worker_id, ""), [0.0, 0.0])
+            acc[0] += r.bytes_sent
+            acc[1] += getattr(r, "local_bytes_sent", 0)
+        spans = len(per_node) > 1
+        cross = statistics.mean(a[0] for a in per_node.values()) if spans else 0.0
+        inside = statistics.mean(a[1] + (0.0 if spans else a[0]) for a in per_node.values())
+        lv = d.setdefault("bytes_per_level", {"steps": 0, "cross_node": 0.0, "in_node": 0.0})
+        lv["steps"] += 1
+        lv["cross_node"] += cross
+        lv["in_node"] += inside
+        d["cross_node_bytes_per_step"] = lv["cross_node"] / lv["steps"]
+        d["in_node_bytes_per_step"] = lv["in_node"] / lv["steps"]
 
     def sent_per_step_mean(self) -> float:
         """Mean bytes sent per worker per step so far (diloco sends only at outer steps)."""

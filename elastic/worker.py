@@ -7,6 +7,7 @@ in their own concurrency group so they answer even while the compute thread is s
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import os
@@ -28,6 +29,7 @@ from elastic.fingerprint import PendingFingerprint, params_fingerprint, params_f
 from elastic.messages import StepCall, StepReport, WorkerStatus
 from elastic.model import build_model
 from elastic.profiling import StepProfiler
+from elastic.topology import abort_node_groups, node_communicators, release_node_groups
 from elastic.state_transfer import PackedState, pack_state, unpack_state
 
 log = logging.getLogger("raydistro.worker")
@@ -113,7 +115,10 @@ class WorkerReplica:
         return self.attention.prepare(attn, self.cfg.train.seq_len, self.model.shape.n_embd, self.use_bf16)
 
     # ---- membership ----------------------------------------------------------------------
-    def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> None:
+    def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str,
+                   hierarchy: dict | None = None) -> None:
+        """Join generation `generation`'s group as `rank`. `hierarchy` (sync.hierarchy=node): this rank's entry of
+        `elastic.topology.hierarchy_layout`; the node's group and the shard's cross-node group are formed too."""
         self._settle()
         t0 = time.time()
         if backend == "gloo":
@@ -125,13 +130,22 @@ class WorkerReplica:
 
             c10d.default_pg_timeout = datetime.timedelta(seconds=collective_timeout_s(self.cfg))
         # the previous generation's group goes first, with its communicators and NCCL store actor
+        release_node_groups()  # sync.hierarchy=node's gloo subgroups of it (if any) with it
         rendezvous.join(world_size, rank, backend, group_name, previous=self.group_name)
-        comm = wrap_for_chaos(RayCollectiveCommunicator(group_name), self.cfg.chaos, seed=generation * 131 + rank)
+        comm = RayCollectiveCommunicator(group_name)
+        self.node_group_handles = []
+        if hierarchy is None:
+            comm = wire = wrap_for_chaos(comm, self.cfg.chaos, seed=generation * 131 + rank)
+        else:  # payloads cross nodes on the cross group only (a dense-only rank has the node's): chaos acts there
+            comm, self.node_group_handles = node_communicators(hierarchy, rank, backend, collective_timeout_s(self.cfg))
+            on = "cross" if comm.cross is not None else "local"
+            wire = wrap_for_chaos(getattr(comm, on), self.cfg.chaos, seed=generation * 131 + rank)
+            comm = dataclasses.replace(comm, **{on: wire})
         if self.sync is None:
             self.sync = build_sync(self.cfg.sync, self.params, comm)
         else:
             self.sync.rebind(comm)
-        self.comm = comm
+        self.comm = wire  # what a step's chaos.corrupt_payload / comm_error arms (`wire_injector`)
         self.group_name = group_name
         self.rank, self.world_size, self.generation = rank, world_size, generation
         self.phase = "idle"
@@ -249,6 +263,7 @@ class WorkerReplica:
             self._apply_ahead(step)
         report.step_s = time.time() - t0
         report.bytes_sent, report.bytes_received = stats.bytes_sent, stats.bytes_received
+        report.local_bytes_sent = stats.local_bytes_sent  # sync.hierarchy=node: the in-node traffic
         report.dense_equivalent_bytes, report.codec_ms, report.comm_ms = (
             stats.dense_equivalent_bytes, stats.codec_ms, stats.comm_ms)
         return report
@@ -313,6 +328,7 @@ class WorkerReplica:
     def _leave_group(self) -> None:
         """Close our side of the failed collective now: a peer still blocked reading from us (alive
         but no longer sending) then gets "connection closed" at once instead of waiting for a timeout."""
+        release_node_groups()  # sync.hierarchy=node: the last references to its gloo subgroups (closes them)
         rendezvous.leave(self.group_name)
 
     def _abstain(self, lr: float, boundary: bool) -> None:
@@ -584,7 +600,8 @@ class Worker:
         the step reports `left_group`. Returns whether there was anything to abort."""
         if generation != self.r.generation or self.r.phase != "exchange":
             return False
-        return abort_communicators(self.r.group_name)
+        nodes = abort_node_groups(getattr(self.r, "node_group_handles", []), abort_communicators)  # hierarchy=node
+        return abort_communicators(self.r.group_name) or nodes
 
     @ray.method(concurrency_group="control")
     def set_coordinator(self, name: str, namespace: str) -> None:
@@ -622,8 +639,9 @@ class Worker:
         prepare_s = self.r.prepare()
         return {**self.info(), "prepare_s": round(prepare_s, 3)}
 
-    def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str) -> bool:
-        self.r.join_group(world_size, rank, generation, backend, group_name)
+    def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str,
+                   hierarchy: dict | None = None) -> bool:
+        self.r.join_group(world_size, rank, generation, backend, group_name, hierarchy)
         return True
 
     def step(self, call: StepCall) -> StepReport:
