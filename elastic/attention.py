@@ -71,10 +71,15 @@ class AttentionShapes:
         log.info("attention prepared for micro-batches of %s rows in %.2f s", _span(self.rows), self.prepare_s)
         return self.prepare_s
 
+    def restricted(self, rows: int) -> bool:
+        """Whether a forward over `rows` rows must keep off cuDNN (a CUDA row count not prepared): such a
+        micro-batch also runs eagerly under `train.compile`, since a compiled graph picks its kernel once."""
+        return bool(self.rows) and rows not in self.prepared
+
     def kernels(self, rows: int):
         """Context for a forward over `rows` rows: the default choice where prepared; without cuDNN (flash
         or memory-efficient attention, no graph to build) where not."""
-        if not self.rows or rows in self.prepared:  # CPU, attention_warm_rows=0, or prepared
+        if not self.restricted(rows):  # CPU, attention_warm_rows=0, or prepared
             return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 

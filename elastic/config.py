@@ -85,6 +85,8 @@ class TrainSection:
     attention_warm_rows: int = 32    # CUDA: build attention graphs for micro-batches of 1..N rows before training
     profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
     profile_steps: int = 3           # how many steps profile_at covers
+    compile: str = "auto"            # auto | true | false: torch.compile the workers' forward+loss (auto: on CUDA only)
+    fingerprint_every: int = 0       # replica fingerprint every N committed steps; 0 = auto (CUDA 10, CPU 1)
 
 
 @dataclass
@@ -346,6 +348,10 @@ def validate(cfg: RunConfig) -> None:
     _check(t.profile_steps >= 1, f"train.profile_steps: {t.profile_steps} must be >= 1")
     _check(t.prefetch_in in ("auto", "process", "thread"),
            f"train.prefetch_in: '{t.prefetch_in}' must be auto, process or thread")
+    _check(str(t.compile).lower() in ("auto", "true", "false"),
+           f"train.compile: '{t.compile}' must be auto (on for CUDA workers, off on CPU), true or false")
+    _check(t.fingerprint_every >= 0,
+           f"train.fingerprint_every: {t.fingerprint_every} must be >= 0 (0 = auto: 10 on CUDA, 1 on CPU)")
     _check(t.attention_warm_rows >= 0,
            f"train.attention_warm_rows: {t.attention_warm_rows} must be >= 0 (0 = build attention graphs lazily)")
     _check(m.n_layer >= 1, f"model.n_layer: {m.n_layer} must be >= 1")

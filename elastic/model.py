@@ -7,17 +7,26 @@ also takes shapes that do not tile: it cuts them into the largest divisors, as i
 What the worker uses of a model, whichever it is: `model(x, y) -> (logits, loss)` (loss: mean cross-entropy
 over targets >= 0), `model.shape.n_embd`, and `model.warmup_attention()` (an attention layer to build
 cuDNN graphs with, or None to skip that).
+
+`CompiledLoss` (`train.compile`) is that loss through `torch.compile`, one graph for every micro-batch row
+count; the worker and bench-gpu's baselines both train through it.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+log = logging.getLogger("raydistro.model")
 
 
 def padded_vocab(vocab_size: int, multiple: int = 64) -> int:
@@ -259,3 +268,159 @@ def build_hf_model(model_cfg, tokenizer_vocab: int, seed: int) -> HFCausalLM:
     model = model.float()
     model.train()
     return HFCausalLM(model)
+
+
+# ---- torch.compile of the training loss (train.compile) ------------------------------------------------
+
+COMPILE_CHOICES = ("auto", "true", "false")
+
+
+def compile_enabled(setting, device: torch.device) -> bool:
+    """`train.compile`: auto -> on for CUDA, off on CPU (inductor's CPU code is slow to build and gains
+    little for the tiny models CPUs run here); true / false force it."""
+    choice = str(setting).lower()
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"train.compile: '{setting}' must be auto (on for CUDA workers, off on CPU), true or false")
+    return device.type == "cuda" if choice == "auto" else choice == "true"
+
+
+def pad_rows(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x`, `y` with rows appended up to `rows`: token 0 as input, -1 (ignored) as target. The loss is the
+    mean over targets >= 0 and rows never interact (causal attention within a row, per-token norms), so
+    the loss and every gradient are those of the unpadded batch."""
+    extra = rows - x.size(0)
+    if extra <= 0:
+        return x, y
+    return (torch.cat([x, x.new_zeros(extra, x.size(1))]), torch.cat([y, y.new_full((extra, y.size(1)), -1)]))
+
+
+class CompileHeartbeat:
+    """Calls `beat` every `every_s` seconds while torch.compile is compiling anywhere in this process (dynamo's
+    compile start/end callbacks): a worker that compiles mid-step keeps showing progress to the coordinator's
+    liveness watch instead of looking stuck. `compiles` counts the compilations seen."""
+
+    def __init__(self, beat: Callable[[], None] | None, every_s: float = 1.0):
+        self.beat, self.every_s = beat, every_s
+        self.compiles = 0
+        self._stop: threading.Event | None = None
+        try:
+            from torch._dynamo.callback import callback_handler
+        except ImportError:  # an older torch: no heartbeat, the count stays 0
+            return
+        callback_handler.register_start_callback(self._start)
+        callback_handler.register_end_callback(self._end)
+
+    def _start(self, _args) -> None:
+        self.compiles += 1
+        if self.beat is not None and self._stop is None:
+            self._stop = threading.Event()
+            threading.Thread(target=self._tick, args=(self._stop,), name="compile-heartbeat", daemon=True).start()
+
+    def _tick(self, stop: threading.Event) -> None:
+        while not stop.wait(self.every_s):
+            self.beat()
+
+    def _end(self, _args) -> None:
+        stop, self._stop = self._stop, None
+        if stop is not None:
+            stop.set()
+
+
+class CompiledLoss:
+    """`model(x, y)[1]` (the mean loss; the logits never leave the graph) through `torch.compile`.
+
+    Row counts change from step to step (whole documents, throughput-weighted shares), so the batch
+    dimension is marked dynamic: one graph serves every micro-batch of >= 2 rows, and a 1-row micro-batch
+    is padded to 2 (`pad_rows`: the same loss and gradients), so nothing recompiles once `warm_up` has run.
+    The sequence length stays static (every row is `train.seq_len` long).
+
+    If compiling fails (a model dynamo or inductor cannot take, e.g. some Hugging Face architectures), the
+    model runs eagerly from then on, after one warning naming it; an error the eager model raises too
+    (bad input, out of memory) is raised as it is and changes nothing. The model's parameters and state
+    dict are the module's own (the module is not wrapped: no `_orig_mod.` prefix).
+
+    `heartbeat` is called about every second while anything compiles (`CompileHeartbeat`): inductor may still
+    specialize on size thresholds the warm-up did not cross (on CPU: micro-batches of <= 64 vs >= 65 rows of
+    64 tokens), and such a recompile mid-step must not look like a stuck worker. It is logged once each."""
+
+    MIN_ROWS = 2  # dynamo specializes a dimension of size 1: such batches are padded to this
+
+    def __init__(self, model: nn.Module, name: str = "", heartbeat: Callable[[], None] | None = None):
+        self.model = model
+        self.name = name or type(model).__name__
+        self.watch = CompileHeartbeat(heartbeat)
+        self.fallback = ""  # why it runs eagerly, once compiling failed
+        self.warm_up_s = 0.0
+        self.warmed = False
+        self._compiled = torch.compile(self._loss)
+
+    def _loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, y)[1]
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.fallback:
+            return self._loss(x, y)
+        xp, yp = pad_rows(x, y, self.MIN_ROWS)
+        seen = self.watch.compiles
+        try:
+            torch._dynamo.mark_dynamic(xp, 0)
+            torch._dynamo.mark_dynamic(yp, 0)
+            loss = self._compiled(xp, yp)
+            if self.warmed and self.watch.compiles != seen:
+                log.warning("train.compile: %s recompiled for a micro-batch of %d rows after its warm-up "
+                            "(%d compilations so far)", self.name, xp.size(0), self.watch.compiles)
+            return loss
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as e:
+            loss = self._loss(x, y)  # raises if the model fails eagerly too: then compiling is not to blame
+            self.fallback = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            log.warning("train.compile: torch.compile failed for %s (%s); training it eagerly", self.name,
+                        self.fallback)
+            return loss
+
+    def warm_up(self, rows: int, seq_len: int, vocab_size: int, device: torch.device, bf16: bool) -> float:
+        """Compile now, on random batches of `rows` (a full micro-batch) and of 2 rows x `seq_len` tokens (both
+        ends of the dynamic range), forward and backward as a step would (the step's autocast), so no step
+        waits for the compiler. Parameters are only read, their
+        gradients are put back as they were and the RNG streams are restored: a replica that warmed up
+        holds the same bits as one that did not. Returns the seconds it took."""
+        if self.fallback or self.warmed:
+            return 0.0
+        t0 = time.perf_counter()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None  # the backward would add into the saved tensors in place
+        try:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                gen = torch.Generator(device=device).manual_seed(0)
+                self.model.train()  # the mode the steps run in (dynamo guards on it)
+                for n in sorted({max(rows, self.MIN_ROWS), self.MIN_ROWS}, reverse=True):
+                    x = torch.randint(0, vocab_size, (n, seq_len), device=device, generator=gen)
+                    y = torch.randint(0, vocab_size, x.shape, device=device, generator=gen)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = self(x, y)
+                    try:
+                        loss.backward()  # AOTAutograd compiles the backward graph here, at its first use
+                    except torch.OutOfMemoryError:
+                        raise
+                    except Exception as e:
+                        if self.fallback:
+                            raise
+                        self.fallback = (f"backward: {type(e).__name__}: "
+                                         f"{str(e).splitlines()[0] if str(e) else ''}")[:300]
+                        log.warning("train.compile: torch.compile failed for %s (%s); training it eagerly",
+                                    self.name, self.fallback)
+                    for p in params:
+                        p.grad = None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
+        self.warmed = True
+        self.warm_up_s = time.perf_counter() - t0
+        log.info("train.compile: %s compiled in %.1f s%s", self.name, self.warm_up_s,
+                 f" (failed, eager: {self.fallback})" if self.fallback else "")
+        return self.warm_up_s
