@@ -173,6 +173,37 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
     return res
 
 
+def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, value_bits: int) -> dict:
+    """sync.hierarchy=node's codec on one rank: encode + decode of shard 0 of `shards` (1/shards of every chunk
+    group, `compression.hierarchy.ShardCodec`) against the same code on the whole chunk set (shards=1), on the
+    same gradients; one node (the decode sees its own payload). Medians over `steps` after one warm-up."""
+    from compression.hierarchy import ShardCodec
+
+    dev = torch.device(device)
+    cfg = SyncConfig(name="demo", topk=topk, value_bits=value_bits, kernels="torch")
+    shapes = param_shapes(model)
+    plan = ChunkPlan(shapes, cfg.chunk)
+    g = torch.Generator(device=dev).manual_seed(1)
+    chunks = plan.gather([torch.randn(s, device=dev, generator=g) * 1e-3 for s in shapes], dev)
+    weight = torch.ones((), dtype=torch.float64, device=dev)
+    res = {"model": model, "device": device, "machine": _machine(dev), "torch": torch.__version__, "shards": shards,
+           "topk": topk, "value_bits": value_bits, "steps": steps, "kernels": "torch"}
+    for name, count in (("whole", 1), ("shard", shards)):
+        codec = ShardCodec(cfg, plan, 0, count, dev)
+        out = [torch.empty(b - a, grp.h, grp.w, device=dev, dtype=torch.int8)
+               for grp, (a, b) in zip(plan.groups, codec.ranges)]
+
+        def step():
+            payload, new_m, _ = codec.encode(chunks, 1e-3, weight, 0, 0)
+            codec.decode(payload.unsqueeze(0), 0, out)
+            codec.momentum = new_m
+
+        res[f"{name}_codec_ms"] = round(statistics.median(_timed(step, dev, steps)), 3)
+        res[f"{name}_payload_bytes"] = codec.wire.nbytes
+    res["shard_vs_whole"] = round(res["shard_codec_ms"] / res["whole_codec_ms"], 3)
+    return res
+
+
 def profile_step(fn, cuda: bool) -> dict:
     """One `fn()` under the torch profiler: `dispatched_ops_per_step`, the top-level aten ops it dispatches
     (views included: on a GPU each costs host time, and every one that computes is a kernel launch), and
@@ -220,9 +251,17 @@ def main(argv=None) -> int:
                     help="sync.kernels: fused Triton kernels (auto on CUDA) or the torch reference path")
     ap.add_argument("--no-full-step", action="store_true", help="skip the fwd+bwd+AdamW timing")
     ap.add_argument("--json", action="store_true", help="print one JSON object (default: indented)")
+    ap.add_argument("--shards", type=int, default=0, help="sync.hierarchy=node: time the codec of one shard of 1/G "
+                    "of the chunks against the whole chunk set (G local ranks per node), instead of the rest")
     a = ap.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device visible")
+    if a.shards:
+        if a.shards < 1:
+            ap.error(f"--shards {a.shards}: must be >= 1 (the local ranks per node)")
+        res = bench_shards(a.device, a.model, a.steps, a.shards, a.topk, a.value_bits)
+        print(json.dumps(res) if a.json else json.dumps(res, indent=2))
+        return 0
     res = bench(a.device, a.model, a.steps, a.workers, a.topk, a.value_bits, a.batch, not a.no_full_step, a.kernels)
     print(json.dumps(res) if a.json else json.dumps(res, indent=2))
     return 0

@@ -160,6 +160,9 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
                bytes_received_per_worker_per_step=round(statistics.mean(received.values()) / n_steps)
                if received and n_steps else None,
                ratio_vs_dense_bf16=round(dense / sent, 1) if sent else None,
+               # per node and level (sync.hierarchy=node: compressed off the node, dense inside it)
+               cross_node_bytes_per_step=_round(summary.get("cross_node_bytes_per_step"), 1),
+               in_node_bytes_per_step=_round(summary.get("in_node_bytes_per_step"), 1),
                initial_loss=summary.get("initial_loss"), final_loss=summary.get("final_loss"),
                val_loss=summary.get("val_loss"), replica_hashes_agree=summary.get("replica_hashes_agree"),
                rebalanced_steps=summary.get("rebalanced_steps"), profiles=summary.get("profiles") or None,

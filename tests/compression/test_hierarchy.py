@@ -182,3 +182,14 @@ def test_state_roundtrip_and_rebind_to_another_topology_keep_training_identicall
     assert len(set(prints)) == 1
     assert syncs[2].codec is None  # node a has 2 ranks, node b 1: one shard; a's second rank is dense-only
     assert owned_before[2] > 0 and float(syncs[2]._full_momentum()[0].abs().sum()) == 0
+
+
+def test_bench_times_one_shard_against_the_whole_chunk_set(capsys):
+    import json
+
+    from compression.bench import main
+
+    assert main(["--model", "tiny", "--shards", "2", "--steps", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["shards"] == 2 and res["shard_codec_ms"] > 0 and res["whole_codec_ms"] > 0
+    assert 0.49 < res["shard_payload_bytes"] / res["whole_payload_bytes"] < 0.51

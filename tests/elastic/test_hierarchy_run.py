@@ -76,16 +76,24 @@ def _payload_bytes(tmp_path) -> int:
 
 @pytest.mark.slow
 def test_flat_and_node_at_equal_tokens_and_a_whole_node_replaced(tmp_path):
-    """The issue's measurement: the same 2 x 2 run flat and hierarchical (cross-node bytes, loss at equal
-    tokens), then a whole node removed and a new one added mid-run with hierarchy=node."""
-    flat = _two_by_two(tmp_path / "flat", "flat", 40)
-    node = _two_by_two(tmp_path / "node", "node", 40, "sync.hierarchy=node")
-    for s in (flat, node):
+    """The issue's measurement: the same 2 x 2 run flat and hierarchical (cross-node bytes, loss at equal tokens;
+    and hierarchical at topk 8, the flat run's cross-node bytes), then a whole node removed and a new one added
+    mid-run with hierarchy=node. Measured numbers: docs/compression.md#hierarchy."""
+    import json
+
+    flat = _two_by_two(tmp_path / "flat", "flat", 40, "model.n_embd=128")
+    node = _two_by_two(tmp_path / "node", "node", 40, "model.n_embd=128", "sync.hierarchy=node")
+    node8 = _two_by_two(tmp_path / "node8", "node8", 40, "model.n_embd=128", "sync.hierarchy=node", "sync.topk=8")
+    keys = ("cross_node_bytes_per_step", "in_node_bytes_per_step", "final_loss", "val_loss", "tokens")
+    print(json.dumps({n: {k: s[k] for k in keys} for n, s in (("flat", flat), ("node", node), ("node_topk8", node8))}))
+    for s in (flat, node, node8):
         _healthy(s, 40)
+    assert flat["tokens"] == node["tokens"] == node8["tokens"]
     ratio = node["cross_node_bytes_per_step"] / flat["cross_node_bytes_per_step"]
     assert 0.45 < ratio < 0.6, (node["cross_node_bytes_per_step"], flat["cross_node_bytes_per_step"])
     assert node["final_loss"] < 1.1 * flat["final_loss"], (node["final_loss"], flat["final_loss"])
-    chaos = _two_by_two(tmp_path / "chaos", "nodechaos", 60, "sync.hierarchy=node", "chaos.remove_node_at=[15]",
-                        "chaos.add_node_at=[25]", "train.min_workers=2")
-    _healthy(chaos, 60)
-    assert max(h["world_size"] for h in chaos["world_size_history"][1:]) == 4
+    chaos = _two_by_two(tmp_path / "chaos", "nodechaos", 400, "sync.hierarchy=node", "chaos.remove_node_at=[15]",
+                        "chaos.add_node_at=[30]", "train.min_workers=2")
+    _healthy(chaos, 400)
+    sizes = [h["world_size"] for h in chaos["world_size_history"]]
+    assert sizes[0] == 4 and min(sizes) == 2 and sizes[-1] >= 3, sizes  # a node left, the new node's workers joined
