@@ -30,6 +30,27 @@ def test_hierarchy_config_is_checked_at_load():
         load_config("tiny", ["sync.name=demo", "sync.hierarchy=rack"])
 
 
+def test_summary_counts_bytes_per_node_and_level():
+    from elastic.messages import StepReport
+    from elastic.summary import RunSummary
+
+    cfg = load_config("tiny", ["sync.name=demo", "sync.hierarchy=node"])
+    nodes = {"w1": "a", "w2": "a", "w3": "b", "w4": "b"}
+
+    def rep(w, sent, local):
+        r = StepReport(w, 0, 0, ok=True, tokens=10, loss=1.0)
+        r.bytes_sent, r.local_bytes_sent = sent, local
+        return r
+
+    s = RunSummary(cfg)
+    s.step(0, 1.0, 40, [rep("w1", 60, 1000), rep("w2", 50, 1000), rep("w3", 60, 1000), rep("w4", 50, 1000)], True,
+           0.1, nodes=nodes)
+    assert s.data["cross_node_bytes_per_step"] == 110 and s.data["in_node_bytes_per_step"] == 2000
+    one_node = {w: "a" for w in nodes}  # everything stays inside the node
+    s.step(1, 1.0, 40, [rep(w, 100, 0) for w in nodes], True, 0.1, nodes=one_node)
+    assert s.data["cross_node_bytes_per_step"] == 55 and s.data["in_node_bytes_per_step"] == (2000 + 400) / 2
+
+
 # ---- runs on two simulated nodes of two CPU workers -----------------------------------------------------------
 def _two_by_two(tmp_path, name, steps, *overrides):
     from elastic.cli import train
