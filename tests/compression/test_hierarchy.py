@@ -193,3 +193,28 @@ def test_bench_times_one_shard_against_the_whole_chunk_set(capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["shards"] == 2 and res["shard_codec_ms"] > 0 and res["whole_codec_ms"] > 0
     assert 0.49 < res["shard_payload_bytes"] / res["whole_payload_bytes"] < 0.51
+
+
+def test_tokens_weigh_ranks_inside_a_node_as_one_rank_of_their_mean_gradient_would():
+    """Throughput-weighted shares: a node of two ranks (3 and 1 tokens) moves the model as one rank holding their
+    token-weighted mean gradient with 4 tokens would (equal up to float rounding of the mean)."""
+    gens = [torch.Generator().manual_seed(40 + r) for r in range(3)]
+    grads = [[torch.randn(p.shape, generator=g) for p in BASE.parameters()] for g in gens]
+    merged = [(3 * a + b) / 4 for a, b in zip(grads[0], grads[1])]
+
+    def run(r, g, plan):
+        model = copy.deepcopy(BASE)
+        params = list(model.parameters())
+        sync = build_sync(NODE, params, g)
+        mine, weight = plan[r]
+        for _ in range(3):
+            for p, gr in zip(params, mine):
+                p.grad = gr.clone()
+            sync.exchange(lr=1e-3, weight=weight)
+            sync.commit()
+        return torch.cat([p.detach().reshape(-1) for p in params])
+
+    two = run_node_threads(["a", "a", "b"], lambda r, g: run(r, g, [(grads[0], 3.0), (grads[1], 1.0), (grads[2], 2.0)]))
+    one = run_node_threads(["a", "b"], lambda r, g: run(r, g, [(merged, 4.0), (grads[2], 2.0)]))
+    assert torch.equal(two[0], two[2])
+    assert (two[0] == one[0]).float().mean() > 0.999, (two[0] != one[0]).sum()
