@@ -5,7 +5,13 @@ In one invocation, on one machine, for a model preset (default gpt2-small):
   ray.util.collective over NCCL on CUDA), read back from summary.json;
 - `ddp`: plain torch DistributedDataParallel + fused AdamW, one process per GPU (torch.multiprocessing,
   NCCL process group; gloo on CPU), the same `elastic.model.GPT`, bf16 autocast, synthetic tokens, as many
-  rows per GPU per step as the stack runs averaged (`--ddp-rows match`) or a fixed number.
+  rows per GPU per step as the stack runs averaged (`--ddp-rows match`) or a fixed number, eager;
+- `ddp-compiled`: the same with the model under `torch.compile` (static shapes, compiled then wrapped in DDP,
+  as nanoGPT does), so the stack (`train.compile`: on for CUDA by default) is compared with like;
+- `loop-compiled` (only for `--workers 1`): the plain single-process loop nanoGPT users run: `torch.compile`d
+  model, fused AdamW, no process group at all.
+Each stack row carries its ratio to every baseline measured in the same invocation (`ddp_tokens_per_s_ratio`,
+`ddp_compiled_tokens_per_s_ratio`, `loop_compiled_tokens_per_s_ratio`).
 Per config: steady-state tokens/s (steps after `--warmup`, from commit timestamps: everything between
 steps counts, RPCs and the coordinator's own work included), median step ms and where it goes, MFU,
 codec ms per step, bytes each worker sends per step and the ratio vs the model sent dense in bf16.
@@ -147,6 +153,7 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
     res = {"config": label or sync, "path": "ray actors + ray.util.collective "
            f"({'nccl' if cfg.train.device == 'cuda' else 'gloo'})", "workers": workers, "steps": summary.get("steps"),
            "state": summary.get("state"), "wall_s_total": round(time.time() - t0, 1),
+           "compile": cfg.train.compile,
            "overrides": ov, "sync_config": {k: (list(v) if isinstance(v, tuple) else v)
                                              for k, v in vars(cfg.sync).items()}}
     res.update(steady_state(summary, warmup))
@@ -184,6 +191,8 @@ def _free_port() -> int:
 
 
 def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> None:
+    """One rank of the baseline: DDP (`a["plain"]` false) or the plain single-process loop, eager or under
+    torch.compile (`a["compile"]`)."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
@@ -191,15 +200,19 @@ def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> 
     from elastic.model import build_model
 
     cuda = a["device"] == "cuda"
+    plain = a.get("plain", False)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(dev)
     else:
         torch.set_num_threads(max(1, a.get("threads", 1)))
-    dist.init_process_group(a["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if not plain:
+        dist.init_process_group(a["backend"], init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         model = build_model(SimpleNamespace(**a["model"]), a["tokenizer_vocab"], a["seed"]).to(dev)
-        ddp = DDP(model, device_ids=[rank] if cuda else None, gradient_as_bucket_view=True)
+        # static shapes (a fixed batch, as nanoGPT's loop): a graph per micro-batch size, the fastest code
+        net = torch.compile(model, dynamic=False) if a.get("compile") else model
+        ddp = net if plain else DDP(net, device_ids=[rank] if cuda else None, gradient_as_bucket_view=True)
         try:
             opt = torch.optim.AdamW(model.parameters(), lr=a["lr"], betas=(0.9, 0.95), weight_decay=0.1, fused=True)
         except (RuntimeError, ValueError):
@@ -224,7 +237,7 @@ def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> 
             micro = max(1, a.get("micro_rows") or rows)
             starts = list(range(0, rows, micro))
             for j in starts:
-                sync_now = j == starts[-1]
+                sync_now = plain or j == starts[-1]
                 with (contextlib.nullcontext() if sync_now else ddp.no_sync()), \
                         torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss = ddp(x[j:j + micro], y[j:j + micro])[1]
@@ -236,28 +249,41 @@ def _ddp_worker(rank: int, world: int, port: int, a: dict, result_path: str) -> 
             if cuda:
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
-        all_times = [None] * world
-        dist.all_gather_object(all_times, times)
+        all_times = [times]
+        if not plain:
+            all_times = [None] * world
+            dist.all_gather_object(all_times, times)
         if rank == 0:
             step_s = [max(ts[i] for ts in all_times) for i in range(a["steps"])]
             with open(result_path, "w") as f:
                 json.dump({"step_s": step_s, "losses": losses,
                            "params": sum(p.numel() for p in model.parameters())}, f)
     finally:
-        dist.destroy_process_group()
+        if not plain:
+            dist.destroy_process_group()
+
+
+def baseline_name(compiled: bool, plain: bool) -> str:
+    """The config name of a baseline row: ddp, ddp-compiled, loop, loop-compiled."""
+    return ("loop" if plain else "ddp") + ("-compiled" if compiled else "")
 
 
 def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, model: dict, tokenizer_vocab: int,
               device: str = "cuda", lr: float = 6e-4, grad_clip: float = 1.0, bf16: bool = True,
-              seed: int = 0, threads: int = 1, micro_rows: int = 0) -> dict:
+              seed: int = 0, threads: int = 1, micro_rows: int = 0, compiled: bool = False,
+              plain: bool = False) -> dict:
     """Plain DDP + fused AdamW, `world` processes (one per GPU), `rows` x `seq_len` tokens per GPU per step,
-    in micro-batches of `micro_rows` rows (0: one)."""
+    in micro-batches of `micro_rows` rows (0: one). `compiled`: the model under torch.compile (static
+    shapes); the compile happens in the first steps, which `warmup` excludes. `plain`: no DDP and no process
+    group, one process (what a single-GPU nanoGPT run is; needs `world` 1)."""
     import torch.multiprocessing as mp
 
+    if plain and world != 1:
+        raise ValueError(f"the plain loop runs in one process; world={world}")
     backend = "nccl" if device == "cuda" else "gloo"
     a = {"device": device, "backend": backend, "model": dict(model), "tokenizer_vocab": tokenizer_vocab,
          "seed": seed, "rows": rows, "seq_len": seq_len, "steps": steps, "lr": lr, "grad_clip": grad_clip,
-         "bf16": bf16, "threads": threads, "micro_rows": micro_rows}
+         "bf16": bf16, "threads": threads, "micro_rows": micro_rows, "compile": compiled, "plain": plain}
     with tempfile.TemporaryDirectory(prefix="bench-ddp-") as tmp:
         path = os.path.join(tmp, "result.json")
         t0 = time.time()
@@ -269,7 +295,9 @@ def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, mode
     tok_step = world * rows * seq_len
     numel = r["params"]
     ring = int(2 * (world - 1) / world * numel * 4)  # DDP all-reduces fp32 gradients (ring: 2(W-1)/W x size)
-    return {"config": "ddp", "path": f"torch DDP ({backend}) + fused AdamW, torch.multiprocessing", "workers": world,
+    path = ("one process, no process group" if plain else f"torch DDP ({backend}), torch.multiprocessing") + \
+        (" + torch.compile (static shapes)" if compiled else ", eager") + " + fused AdamW"
+    return {"config": baseline_name(compiled, plain), "path": path, "workers": world, "compiled": compiled,
             "steps": steps, "steps_measured": len(steady), "rows_per_gpu": rows, "seq_len": seq_len,
             "micro_batch_rows": micro_rows or rows,
             "tokens_per_worker_step_mean": rows * seq_len,
@@ -280,6 +308,10 @@ def ddp_bench(world: int, steps: int, warmup: int, rows: int, seq_len: int, mode
             "ratio_vs_dense_bf16": round(numel * 2 / ring, 2) if ring else None,
             "final_loss": round(r["losses"][-1], 5), "wall_s_total": round(time.time() - t0, 1),
             "data": "synthetic uniform tokens"}
+
+
+# the baselines bench-gpu can run: (config name, under torch.compile, plain single-process loop)
+BASELINES = (("ddp", False, False), ("ddp-compiled", True, False), ("loop-compiled", True, True))
 
 
 # ---- profile: one worker step outside Ray -----------------------------------------------------------------
@@ -422,7 +454,7 @@ def scaling(runs: list[dict]) -> dict:
     measured: (tokens/s at W / W) / (tokens/s at W0 / W0)."""
     out: dict = {}
     for r in runs:
-        if r.get("tokens_per_s") and not r.get("error") and r.get("config") in ("dense", "demo", "ddp") \
+        if r.get("tokens_per_s") and not r.get("error") and r.get("config") in ("dense", "demo", "ddp", "ddp-compiled") \
                 and r.get("rows_rule", "match") == "match":
             out.setdefault(r["config"], {})[r["workers"]] = r["tokens_per_s"]
     table = {}
@@ -490,10 +522,12 @@ def run(args) -> dict:
                     r = {"config": sync, "workers": workers, "error": f"{type(e).__name__}: {e}"}
                 stack_runs.append(r)
                 add(r)
-        ddp = None
-        if "ddp" in configs:
-            seq = base.train.seq_len
-            means = [r["tokens_per_worker_step_mean"] for r in stack_runs if r.get("tokens_per_worker_step_mean")]
+        matched = {}  # baseline config -> its row at the stack's tokens per worker
+        seq = base.train.seq_len
+        means = [r["tokens_per_worker_step_mean"] for r in stack_runs if r.get("tokens_per_worker_step_mean")]
+        for name, compiled, plain in BASELINES:
+            if name not in configs or (plain and workers != 1):
+                continue
             for spec in str(args.ddp_rows).split(","):
                 rows = math.ceil(statistics.mean(means) / seq) if spec == "match" and means else (
                     max(1, args.per_gpu_tokens // seq) if spec == "match" else int(spec))
@@ -501,17 +535,22 @@ def run(args) -> dict:
                     r = ddp_bench(workers, args.steps, args.warmup, rows, seq, vars(base.model).copy(), tok_vocab,
                                   device=device, lr=base.train.lr, grad_clip=base.train.grad_clip,
                                   bf16=base.train.dtype == "bfloat16", seed=base.run.seed,
-                                  micro_rows=max(1, base.train.micro_batch_tokens // seq))
+                                  micro_rows=max(1, base.train.micro_batch_tokens // seq), compiled=compiled,
+                                  plain=plain)
                     r["rows_rule"] = spec
                 except Exception as e:
-                    r = {"config": "ddp", "workers": workers, "error": f"{type(e).__name__}: {e}"}
+                    r = {"config": name, "workers": workers, "error": f"{type(e).__name__}: {e}"}
                 if spec == "match" and r.get("tokens_per_s"):
-                    ddp = r
+                    matched[name] = r
                 add(r)
+        ddp = matched.get("ddp")
         for r in stack_runs:
             r["ddp_tokens_per_s_ratio"] = None
+            for name, base_row in matched.items():  # e.g. loop_compiled_tokens_per_s_ratio
+                if r.get("tokens_per_s"):
+                    r[f"{name.replace('-', '_')}_tokens_per_s_ratio"] = round(
+                        r["tokens_per_s"] / base_row["tokens_per_s"], 3)
             if ddp and r.get("tokens_per_s"):
-                r["ddp_tokens_per_s_ratio"] = round(r["tokens_per_s"] / ddp["tokens_per_s"], 3)
                 r["bytes_ratio_vs_ddp"] = round(ddp["bytes_sent_per_worker_per_step"] /
                                                 r["bytes_sent_per_worker_per_step"], 1) \
                     if r.get("bytes_sent_per_worker_per_step") and ddp["bytes_sent_per_worker_per_step"] else None
@@ -560,7 +599,7 @@ def command_line(args) -> str:
     """The bench-gpu command that reproduces `args` (what a recorded row names)."""
     parts = ["python -m elastic bench-gpu", f"--workers {args.workers}" if args.workers else "",
              f"--steps {args.steps} --warmup {args.warmup} --per-gpu-tokens {args.per_gpu_tokens}",
-             f"--configs {args.configs}", f"--ddp-rows {args.ddp_rows}" if "ddp" in args.configs else "",
+             f"--configs {args.configs}", f"--ddp-rows {args.ddp_rows}" if set(args.configs.split(",")) & {b[0] for b in BASELINES} else "",
              f"--preset {args.preset}" if args.preset != "gpt2-small" else "", "--cpu" if args.cpu else ""]
     return " ".join(p for p in parts + list(args.overrides) if p)
 
@@ -578,6 +617,10 @@ def record_text(res: dict) -> str:
         text = f"{head} {r['tokens_per_s']:,.0f} tokens/s"
         if r.get("ddp_tokens_per_s_ratio"):
             text += f" = **{r['ddp_tokens_per_s_ratio']:.3f}x DDP**"
+        for key, what in (("ddp_compiled_tokens_per_s_ratio", "compiled DDP"),
+                          ("loop_compiled_tokens_per_s_ratio", "compiled loop")):
+            if r.get(key):
+                text += f" = **{r[key]:.3f}x {what}**"
         if r.get("bytes_sent_per_worker_per_step") is not None:
             text += f", {r['bytes_sent_per_worker_per_step']:,} B sent/worker/step"
         if r.get("mfu"):
@@ -600,7 +643,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--per-gpu-tokens", type=int, default=8192, help="train.batch_tokens = this x workers")
     b.add_argument("--ddp-rows", default="match",
                    help="rows per GPU for DDP: 'match' (the stack runs' mean tokens per worker) or N, comma list")
-    b.add_argument("--configs", default="dense,demo,ddp", help="any of dense,demo,ddp,profile,chaos")
+    b.add_argument("--configs", default="dense,demo,ddp,ddp-compiled,loop-compiled",
+                   help="any of dense,demo,ddp,ddp-compiled,loop-compiled (--workers 1 only),profile,chaos")
     b.add_argument("--chaos-sync", default="demo")
     b.add_argument("--chaos-steps", type=int, default=40)
     b.add_argument("--chaos-kill-at", type=int, default=20)

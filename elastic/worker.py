@@ -22,12 +22,13 @@ from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, StepLoader, Window, WindowMismatch, get_tokenizer
 from elastic import rendezvous
 from elastic.chaos import wire_injector, wrap_for_chaos
-from elastic.checkpoint import BackgroundWrites, HostSnapshot, load_file, load_tensors, state_trees
+from elastic.checkpoint import (BackgroundWrites, HostSnapshot, checkpoint_layout, load_file, load_tensors,
+                                state_trees)
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
 from elastic.attention import AttentionShapes
 from elastic.fingerprint import PendingFingerprint, params_fingerprint, params_fingerprint_async
 from elastic.messages import StepCall, StepReport, WorkerStatus
-from elastic.model import build_model
+from elastic.model import CompiledLoss, build_model, compile_enabled
 from elastic.profiling import StepProfiler
 from elastic.topology import abort_node_groups, node_communicators, release_node_groups
 from elastic.state_transfer import PackedState, pack_state, unpack_state
@@ -72,6 +73,13 @@ class WorkerReplica:
         self.tokenizer = get_tokenizer(cfg.data.tokenizer)
         self.model = build_model(cfg.model, self.tokenizer.vocab_size, seed).to(self.device)
         self.params = [p for p in self.model.parameters()]
+        # train.compile: the steps' forward+loss through torch.compile (compiled in `prepare`), else eager
+        # (a compile mid-step keeps bumping `progress`: the liveness watch sees a busy worker, not a stuck one)
+        self.compiled = (CompiledLoss(self.model, name=cfg.model.hf or f"GPT {cfg.model.n_layer}x{cfg.model.n_embd}",
+                                      heartbeat=self._compile_beat)
+                         if compile_enabled(cfg.train.compile, self.device) else None)
+        # replica fingerprints every N committed steps (and at every commit the coordinator waits on)
+        self.fingerprint_every = cfg.train.fingerprint_every or (10 if self.device.type == "cuda" else 1)
         # the step's data, read ahead in a child process on CUDA workers, where a thread's share of the GIL
         # would slow the kernel launches (`train.prefetch_in`)
         where = cfg.train.prefetch_in
@@ -108,11 +116,31 @@ class WorkerReplica:
     def prepare(self) -> float:
         """One-time work before the first step, in the thread that will run the steps: cuDNN attention
         graphs for every micro-batch row count (see `elastic.attention`; skipped for models that name no layer
-        for it, e.g. Hugging Face models). Returns the seconds it took."""
+        for it, e.g. Hugging Face models), then with `train.compile` the compiled forward+loss, on a dummy batch
+        whose gradients are dropped (`CompiledLoss.warm_up`: parameters, sync state and RNG untouched, so
+        replicas stay bit-identical), before the worker counts as ready: no step waits for the compiler.
+        Returns the seconds it took."""
+        self._pin_checkpoint_buffers()
         attn = self.model.warmup_attention()
-        if attn is None:
-            return 0.0
-        return self.attention.prepare(attn, self.cfg.train.seq_len, self.model.shape.n_embd, self.use_bf16)
+        took = 0.0
+        if attn is not None:
+            took += self.attention.prepare(attn, self.cfg.train.seq_len, self.model.shape.n_embd, self.use_bf16)
+        if self.compiled is not None:
+            took += self.compiled.warm_up(self.micro_rows, self.cfg.train.seq_len, self.model.shape.vocab_size,
+                                          self.device, self.use_bf16)
+        return took
+
+    def _pin_checkpoint_buffers(self) -> None:
+        """On CUDA (`checkpoint.pin_ahead`): build the sync strategy now (its group comes at `join_group`) and
+        pin host buffers for the parameters and its state, so no checkpoint pins memory while steps run."""
+        if self.device.type != "cuda" or not self.cfg.checkpoint.pin_ahead:
+            return
+        if self.sync is None:
+            self.sync = build_sync(self.cfg.sync, self.params, None)  # bound to its group at join_group
+        t0 = time.perf_counter()
+        n = self.checkpoint_writes.pinned.reserve(checkpoint_layout(self.model, self.sync))
+        log.info("%s pinned %.2f GB of host memory for checkpoints in %.2fs (checkpoint.pin_ahead)",
+                 self.worker_id, n / 1e9, time.perf_counter() - t0)
 
     # ---- membership ----------------------------------------------------------------------
     def join_group(self, world_size: int, rank: int, generation: int, backend: str, group_name: str,
@@ -193,7 +221,7 @@ class WorkerReplica:
                     log.warning("%s: chaos diverge after step %d", self.worker_id, call.commit_first)
                     with torch.no_grad():
                         self.params[0].view(-1)[0] += 1e-3
-                    self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+                    self._start_fingerprint(call.commit_first + 1)
             except Exception as e:
                 # the parameters may be half-updated: this replica must not train on, nor be anyone's source.
                 # Its peers applied the step: it is committed; this rank takes part in the collective only to
@@ -297,6 +325,12 @@ class WorkerReplica:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs, targets
 
+    def _compile_beat(self) -> None:
+        self.progress += 1  # from CompileHeartbeat's thread, while torch.compile works
+
+    def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.model(x, y)[1]  # not the logits: they would stay alive through the next forward
+
     def _fwd_bwd(self, inputs: torch.Tensor, targets: torch.Tensor, tokens: int) -> torch.Tensor:
         """Gradients of the mean loss over `tokens` target tokens, in micro-batches; returns the summed loss
         on the device (read once by the caller: the step's one host sync)."""
@@ -315,9 +349,12 @@ class WorkerReplica:
             if n == 0:
                 continue
             x, y = xs[i:i + micro], ys[i:i + micro]
+            # compiled unless this row count must keep off cuDNN (a compiled graph picks its kernel once)
+            forward = self.compiled if self.compiled is not None and not self.attention.restricted(x.size(0)) \
+                else self._eager_loss
             with self.attention.kernels(x.size(0)), \
                     torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
-                loss = self.model(x, y)[1]  # not the logits: they would stay alive through the next forward
+                loss = forward(x, y)
             (loss * (n / max(1, tokens))).backward()
             loss_acc += loss.detach().double() * n
             self.progress += 1
@@ -354,9 +391,11 @@ class WorkerReplica:
         if self._applied_ahead == step:  # applied while the coordinator decided: keep it
             self._applied_ahead = None
             self.sync.forget_undo()
+            if wait and not self._fingerprint_due(step + 1):
+                self._start_fingerprint(step + 1, force=True)
         else:
             self.sync.commit()
-            self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+            self._start_fingerprint(step + 1, force=wait)
         self.pending_step = None
         self.step_count = step + 1
         self.phase = "idle"
@@ -372,7 +411,7 @@ class WorkerReplica:
                     torch.cuda.set_device(self.device)
                 self.sync.commit(keep_undo=True)
                 self._applied_ahead = step
-                self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+                self._start_fingerprint(step + 1)
             except BaseException as e:  # raised where the step is confirmed or dropped
                 self._apply_error = e
 
@@ -402,8 +441,22 @@ class WorkerReplica:
             self._pending_fingerprint = None
             self.sync.undo()
 
+    def _fingerprint_due(self, committed: int) -> bool:
+        return committed % self.fingerprint_every == 0
+
+    def _start_fingerprint(self, committed: int, force: bool = False) -> None:
+        """Start the fingerprint of the parameters after `committed` steps if one is due
+        (`train.fingerprint_every`) or `force`d (a commit the coordinator waits on: before a checkpoint, a
+        membership change, the end); otherwise the step reports none ("": the coordinator compares nothing).
+        Every replica has committed the same steps, so all of them fingerprint the same steps."""
+        if force or self._fingerprint_due(committed):
+            self._pending_fingerprint = params_fingerprint_async(self._replica_tensors())
+        else:
+            self._pending_fingerprint = PendingFingerprint.ready("")
+
     def fingerprint_result(self) -> str:
-        """The fingerprint the last commit started (waits for the device only if it is not done yet)."""
+        """The fingerprint the last commit started (waits for the device only if it is not done yet); "" if
+        that commit had none due."""
         if self._pending_fingerprint is not None:
             self.last_fingerprint = self._pending_fingerprint.result()
             self._pending_fingerprint = None
@@ -616,7 +669,9 @@ class Worker:
         limit = self.r.cfg.train.orphan_timeout_s
         gone_since = None
         while True:
-            time.sleep(min(5.0, max(0.5, limit / 4)))
+            # each look-up fetches the coordinator's actor record from the GCS over this node's link: every
+            # limit/8, at most every 15 s (issue 23: this is clock-paced traffic on a slow link)
+            time.sleep(min(15.0, max(0.5, limit / 8)))
             name, ns = self._coordinator
             try:
                 ray.get_actor(name, namespace=ns)  # restarting counts as alive: its name stays registered
@@ -686,18 +741,18 @@ class Worker:
         """(what the state costs on the wire, the packed state): the coordinator reads the first and hands the
         second's ref to the joiners, whose nodes fetch it from this one, never through the coordinator's."""
         packed = self.r.model_state()
-        return packed.meta(), packed
+        return packed.meta(), in_pieces(packed)
 
     @ray.method(num_returns=2)
     def sync_state(self) -> tuple[dict, PackedState]:
         packed = pack_state(self.r.sync_state(), self.r.cfg.train.state_codec)
-        return packed.meta(), packed
+        return packed.meta(), in_pieces(packed)
 
     def load_state(self, model_state: PackedState, sync_state: PackedState | None, step_count: int) -> str:
         """Take a live peer's state (`model_state`/`sync_state`, unpacked bit for bit); returns the fingerprint
         the coordinator checks against the group's."""
-        self.r.load_model_state(unpack_state(model_state))
-        sync = unpack_state(sync_state) if sync_state is not None else None
+        self.r.load_model_state(unpack_state(fetch_pieces(model_state)))
+        sync = unpack_state(fetch_pieces(sync_state)) if sync_state is not None else None
         if sync:
             self.r.load_sync_state(sync)
         self.r.step_count = step_count
@@ -718,3 +773,25 @@ class Worker:
 
     def evaluate(self, ranges: list) -> dict:
         return self.r.evaluate(ranges)
+
+
+# ---- a state on its way to a joiner, in pieces ----------------------------------------------------------------
+# Ray's pull manager asks again for an object that has not arrived in 10 s (RAY_object_manager_pull_timeout_ms),
+# and the sender then sends it again from its first chunk: at 100 Mbit/s a 180 MB state crossed the link as 306 MB
+# in 24 s (issue 23). Pieces of STATE_PIECE_BYTES, fetched one after the other, each arrive in ~2.7 s at 100 Mbit/s.
+STATE_PIECE_BYTES = 32 << 20
+
+
+def in_pieces(packed: PackedState) -> PackedState:
+    """`packed` with its blob moved into objects of at most STATE_PIECE_BYTES each (owned by this worker, kept alive
+    by the refs inside `packed`); `fetch_pieces` puts it back together on the receiving worker."""
+    blob = memoryview(packed.blob)
+    packed.blob = [ray.put(bytes(blob[i:i + STATE_PIECE_BYTES])) for i in range(0, len(blob), STATE_PIECE_BYTES)]
+    return packed
+
+
+def fetch_pieces(packed: PackedState) -> PackedState:
+    """The blob of a state `in_pieces` sent, fetched piece by piece (so no pull waits on the others)."""
+    if isinstance(packed.blob, list):
+        packed.blob = b"".join(ray.get(ref) for ref in packed.blob)
+    return packed

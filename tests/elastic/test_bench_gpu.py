@@ -23,6 +23,29 @@ def test_ddp_baseline_on_cpu_reports_the_fields():
     assert r["bytes_sent_per_worker_per_step"] == 0 and r["workers"] == 1  # one rank: no all-reduce traffic
 
 
+def test_plain_single_process_loop_on_cpu_needs_no_process_group():
+    r = bench_gpu.ddp_bench(world=1, steps=3, warmup=1, rows=2, seq_len=32, model=TINY, tokenizer_vocab=256,
+                            device="cpu", plain=True)
+    assert r["config"] == "loop" and r["tokens_per_s"] > 0 and "no process group" in r["path"]
+    with pytest.raises(ValueError, match="one process"):
+        bench_gpu.ddp_bench(world=2, steps=3, warmup=1, rows=2, seq_len=32, model=TINY, tokenizer_vocab=256,
+                            device="cpu", plain=True)
+    assert [bench_gpu.baseline_name(c, p) for c, p in ((False, False), (True, False), (True, True))] == [
+        "ddp", "ddp-compiled", "loop-compiled"]
+
+
+@pytest.mark.slow  # inductor builds the CPU code in the spawned processes (~1 min from a cold cache)
+def test_compiled_baselines_on_cpu_match_the_eager_loss():
+    """The compiled rows train the same model on the same tokens as the eager one: the same losses (fp tolerance)."""
+    kw = dict(world=1, steps=3, warmup=1, rows=3, seq_len=32, model=TINY, tokenizer_vocab=256, device="cpu",
+              micro_rows=2)
+    eager = bench_gpu.ddp_bench(**kw)
+    for plain in (False, True):
+        r = bench_gpu.ddp_bench(**kw, compiled=True, plain=plain)
+        assert r["compiled"] and r["config"] == ("loop-compiled" if plain else "ddp-compiled")
+        assert r["final_loss"] == pytest.approx(eager["final_loss"], abs=1e-4)
+
+
 def test_steady_state_excludes_warmup_and_counts_time_between_commits():
     # step, t, wall_s, read_s, compute_s, codec_ms, comm_ms, step_s
     timing = [[s, 100.0 + s * 0.1 + (5.0 if s == 0 else 0.0), 0.09, 0.005, 0.07, 2.0, 1.0, 0.085]
@@ -87,9 +110,12 @@ def test_recorded_row_names_the_command_and_every_run():
         {"config": "demo", "workers": 2, "tokens_per_s": 620018.6, "ddp_tokens_per_s_ratio": 0.97,
          "bytes_sent_per_worker_per_step": 216104, "mfu": 0.2341},
         {"config": "ddp", "workers": 2, "tokens_per_s": 638948.3, "bytes_sent_per_worker_per_step": 497903616},
-        {"config": "dense", "workers": 4, "error": "OutOfMemoryError: CUDA out of memory\nmore"}],
+        {"config": "dense", "workers": 4, "error": "OutOfMemoryError: CUDA out of memory\nmore"},
+        {"config": "dense", "workers": 1, "tokens_per_s": 300000.0, "ddp_tokens_per_s_ratio": 0.95,
+         "ddp_compiled_tokens_per_s_ratio": 0.7, "loop_compiled_tokens_per_s_ratio": 0.66}],
         "scaling": {"demo": {"2": {"scaling_efficiency": 1.0}, "4": {"scaling_efficiency": 0.987}}}}
     text = bench_gpu.record_text(res)
     assert text.startswith("demo w2 620,019 tokens/s = **0.970x DDP**, 216,104 B sent/worker/step, MFU 0.234; ddp w2")
     assert "dense w4: error OutOfMemoryError: CUDA out of memory;" in text and "more" not in text
+    assert "dense w1 300,000 tokens/s = **0.950x DDP** = **0.700x compiled DDP** = **0.660x compiled loop**" in text
     assert "demo scaling efficiency 2 GPUs 1.0, 4 GPUs 0.987 (torch 2.11, 2026-11-26 13:34 UTC)" in text
