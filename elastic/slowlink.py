@@ -860,8 +860,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also tcpdump (headers) each node's link and split its steady-state bytes per step by "
                         "the Ray port they talk to (gcs, raylet, object_manager, worker_rpc, gloo_and_other)")
     p.add_argument("--ray-env", default="", metavar="K=V,...",
-                   help="environment for every node's `ray start` (Ray's own settings, e.g. "
-                        "REPORTER_UPDATE_INTERVAL_MS=60000: how often each node's dashboard agent reports to the GCS)")
+                   help="environment for every node's `ray start` (Ray's own settings), over the run config's "
+                        "cluster.ray_node_env (default REPORTER_UPDATE_INTERVAL_MS=15000: how often each node's "
+                        "dashboard agent reports to the GCS)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--no-record", action="store_true", help="don't append to docs/BENCHMARKS.md")
     p.add_argument("--no-plot", action="store_true", help=f"don't write {PLOT.relative_to(REPO)}")
@@ -885,6 +886,7 @@ def main(argv: list[str] | None = None) -> int:
         a.syncs = ",".join(dict.fromkeys(r["sync"] for r in out["results"]))
         a.overrides = out.get("overrides", [])
         a.delay_ms = out.get("delay_ms", 0.0)
+        a.config = out.get("preset", a.config)
         a.ray_env = ",".join(f"{k}={v}" for k, v in out.get("ray_env_given", out.get("ray_env", {})).items())
     else:
         try:
@@ -903,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
 
         append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
                    f"python -m elastic.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
+                   + (f" --config {a.config}" if a.config != "tiny" else "")
                    + (f" --delay-ms {a.delay_ms:g}" if a.delay_ms else "")
                    + (" --capture" if any(r.get("wire", {}).get("by_kind") for r in out["results"]) else "")
                    + (f" --ray-env {a.ray_env}" if a.ray_env else "")

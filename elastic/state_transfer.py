@@ -51,7 +51,7 @@ class PackedState:
     a plain state dict (aliases counted each time, as a pickled `state_dict` of copies carries them)."""
     skeleton: Any
     tensors: list[_TensorMeta]
-    blob: bytes
+    blob: bytes                      # on its way between workers: the refs of its pieces (elastic.worker.in_pieces)
     codec: str
     raw_bytes: int
     buffer_bytes: int    # distinct tensors' bytes, before compression
