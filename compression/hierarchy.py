@@ -21,9 +21,9 @@ Promises (the `Sync` contract, plus):
   ops (each shard is decoded on one rank per node, from the bytes every node's owner of that shard gathered);
 - momentum / error feedback: shard s's momentum lives on the rank that owns it and only there (each chunk has
   exactly one momentum per node, updated with the node's mean gradient, minus what that rank sent). When the
-  topology changes (`rebind`), a rank keeps the momentum of the chunks it still owns; chunks that move to
-  another rank start from zero there (demo's momentum is an unsent residual that decays in ~1/(1-decay)
-  steps; joiners start at zero in flat demo too);
+  topology changes (`rebind`, a collective of the node's new group), the node's momentum is handed to the new
+  owners, so only the chunks of a rank that left the node start from zero (demo's momentum is an unsent
+  residual that decays in ~1/(1-decay) steps; joiners start at zero in flat demo too);
 - a bad payload or an abstaining rank never half-applies: every collective of the step runs on every rank
   whatever failed (an abstainer poisons its node's reduction; the owners then poison their payloads), and
   every rank of every node raises `PayloadError` after the last collective, with nothing pending. A payload
@@ -203,7 +203,8 @@ class HierarchicalDemoSync(Sync):
     supports_undo = False
 
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: NodeGroups | None):
-        """`comm` None: built before its groups exist (a worker pinning checkpoint buffers); `rebind` binds it."""
+        """`comm` None: built before its groups exist (a worker pinning checkpoint buffers); `rebind` binds it.
+        Built with `comm`, this is a collective of the node's group, like `rebind`."""
         problem = sync_option_problem(cfg, "demo")
         if problem:
             raise ValueError(problem)
@@ -223,8 +224,8 @@ class HierarchicalDemoSync(Sync):
         self.codec: ShardCodec | None = None
         self.groups: NodeGroups | None = None
         self.S = 0
-        if comm is not None:
-            self._bind(comm, old=None)
+        if comm is not None:  # the same collective as a rebind: a new rank takes part in its node's hand-off
+            self.rebind(comm)
 
     # ---- topology ----------------------------------------------------------------------------------------
     def _bind(self, groups: NodeGroups, old: list[torch.Tensor] | None) -> None:
@@ -253,11 +254,20 @@ class HierarchicalDemoSync(Sync):
         return full
 
     def rebind(self, comm: NodeGroups) -> None:
-        """A new topology after a membership change: keeps the momentum of the chunks this rank still owns."""
+        """A new topology after a membership change. A collective of the node's new group (every member calls
+        rebind, as every member joins a generation): the node's momentum is summed over its members (each holds
+        its old shard, zeros elsewhere: shards are disjoint, so the sum is exact) and every owner keeps its new
+        shard of it. So chunks that move between surviving ranks keep their momentum; only the chunks of a rank
+        that left the node start from zero (and a node of joiners starts at zero, as flat demo's joiners do)."""
         if not isinstance(comm, NodeGroups):
             raise ValueError(f"sync.hierarchy=node: rebind needs NodeGroups, got {type(comm).__name__}")
         self._pending = None
-        self._bind(comm, self._full_momentum())
+        full = self._full_momentum()
+        if comm.local.world_size > 1:
+            flat = torch.cat([f.reshape(-1) for f in full])
+            comm.local.allreduce_(flat)
+            full = [t.view_as(f) for t, f in zip(flat.split([f.numel() for f in full]), full)]
+        self._bind(comm, full)
 
     # ---- the two phases ----------------------------------------------------------------------------------
     def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,

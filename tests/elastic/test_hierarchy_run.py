@@ -113,8 +113,12 @@ def test_flat_and_node_at_equal_tokens_and_a_whole_node_replaced(tmp_path):
     ratio = node["cross_node_bytes_per_step"] / flat["cross_node_bytes_per_step"]
     assert 0.45 < ratio < 0.6, (node["cross_node_bytes_per_step"], flat["cross_node_bytes_per_step"])
     assert node["final_loss"] < 1.1 * flat["final_loss"], (node["final_loss"], flat["final_loss"])
-    chaos = _two_by_two(tmp_path / "chaos", "nodechaos", 400, "sync.hierarchy=node", "chaos.remove_node_at=[15]",
-                        "chaos.add_node_at=[30]", "train.min_workers=2")
-    _healthy(chaos, 400)
-    sizes = [h["world_size"] for h in chaos["world_size_history"]]
-    assert sizes[0] == 4 and min(sizes) == 2 and sizes[-1] >= 3, sizes  # a node left, the new node's workers joined
+    # a whole node leaves, a new node's workers join (a node of joiners), then one worker dies and its replacement
+    # joins the node of its survivor (a joiner next to a rank that keeps its momentum: the node's hand-off)
+    chaos = _two_by_two(tmp_path / "chaos", "nodechaos", 800, "sync.hierarchy=node", "chaos.remove_node_at=[15]",
+                        "chaos.add_node_at=[30]", "chaos.kill_at=[500]", "train.min_workers=2")
+    _healthy(chaos, 800)
+    sizes = [(h["step"], h["world_size"]) for h in chaos["world_size_history"]]
+    assert sizes[0][1] == 4 and min(n for _, n in sizes) == 2, sizes  # a node left
+    assert any(n == 4 for s, n in sizes if 30 < s < 500), sizes        # the new node's workers joined
+    assert any(n == 3 for s, n in sizes if s >= 500) and sizes[-1][1] == 4, sizes  # a kill, then its replacement
