@@ -488,9 +488,12 @@ class Capture:
 class RayNodes:
     """`ray start --block` per namespace, each with its own temp dir; stopped by process group."""
 
-    def __init__(self, net: Netns, nodes: dict[str, dict], root: Path, ray_env: dict[str, str] | None = None):
+    def __init__(self, net: Netns, nodes: dict[str, dict], root: Path, ray_env: dict[str, str] | None = None,
+                 node_env: dict[str, dict] | None = None, node_args: dict[str, list[str]] | None = None):
         self.net, self.nodes, self.root = net, nodes, root
         self.ray_env = ray_env or {}  # extra environment for the `ray start` processes (Ray's own settings)
+        # per role: more environment / `ray start` arguments (elastic.netns: one GPU per node, NCCL on eth9)
+        self.node_env, self.node_args = node_env or {}, node_args or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.head_ip = nodes["h"]["ip"]
         self.address = f"{self.head_ip}:{GCS_PORT}"
@@ -520,9 +523,10 @@ class RayNodes:
             else:
                 args = [ray_bin, "start", f"--address={self.address}", f"--node-ip-address={node['ip']}",
                         f"--num-cpus={worker_cpus}", *common]
+            args += self.node_args.get(role, [])
             log = open(self.root / f"{role}.log", "w")
             self.procs[role] = subprocess.Popen(self.net.exec_argv(node["ns"], *args),
-                                                env={**self.env(role), **self.ray_env},
+                                                env={**self.env(role), **self.ray_env, **self.node_env.get(role, {})},
                                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             self._wait_started(role, 120)  # one at a time: nodes joining together time out on 2 cores
 
