@@ -184,3 +184,21 @@ def test_compiling_keeps_beating_and_is_counted():
     import time
     time.sleep(0.05)
     assert len(beats) == n  # stopped with the compilation
+
+
+@pytest.mark.slow  # ~30 s on 2 busy cores (two workers compile at once); the unit tests above run in CI
+def test_a_short_run_with_compiled_workers(tmp_path, ray_cluster):
+    """Two Ray workers with train.compile=true (each compiles in `prepare`, before it counts as ready) train to
+    the end with agreeing replicas. The model is `solo_replica`'s shape, so inductor's cache from the tests above
+    serves the workers too."""
+    from elastic.cli import train
+
+    from .conftest import small_config
+
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=compiled", "train.steps=6", "train.compile=true",
+                       "model.n_head=4", "model.n_embd=128", "model.block_size=128",
+                       "train.micro_batch_tokens=8192", "sync.name=demo")
+    summary = train(cfg)
+    assert summary["state"] == "FINISHED" and summary["steps"] == 6, summary.get("error")
+    assert summary["replica_hashes_agree"] is True and not summary["membership_changes"]
+    assert summary["final_loss"] < summary["initial_loss"]
