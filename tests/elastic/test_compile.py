@@ -202,3 +202,23 @@ def test_a_short_run_with_compiled_workers(tmp_path, ray_cluster):
     assert summary["state"] == "FINISHED" and summary["steps"] == 6, summary.get("error")
     assert summary["replica_hashes_agree"] is True and not summary["membership_changes"]
     assert summary["final_loss"] < summary["initial_loss"]
+
+
+@pytest.mark.slow  # inductor builds a Llama's CPU code: ~30 s from a cold cache
+def test_a_hugging_face_llama_compiles_to_eagers_loss(tmp_path):
+    """model.hf: the tiny Llama of hf_testkit (rotary positions, grouped-query attention) compiles, and any row
+    count then gives eager's loss without recompiling (else it would fall back to eager with one warning)."""
+    pytest.importorskip("transformers")
+    from .hf_testkit import VOCAB, build_llama_dir
+
+    d = build_llama_dir(tmp_path / "llama")
+    cfg = load_config("tiny", [f"model.hf={d}", f"data.tokenizer=hf:{d}", "train.seq_len=64"])
+    model = build_model(cfg.model, VOCAB, seed=0)
+    compiled = CompiledLoss(model, name=f"hf:{d}")
+    compiled.warm_up(8, 64, model.shape.vocab_size, torch.device("cpu"), bf16=False)
+    assert compiled.warmed and not compiled.fallback, compiled.fallback
+    compiles = compiled.watch.compiles
+    for rows in (1, 3, 8):
+        x, y = _batch(rows, 64, model.shape.vocab_size, seed=rows)
+        torch.testing.assert_close(compiled(x, y).detach(), model(x, y)[1].detach(), rtol=1e-5, atol=1e-5)
+    assert compiled.watch.compiles == compiles
