@@ -6,7 +6,9 @@ and is associative, so the sum is the same whatever order a CPU or GPU reduces i
 same fingerprint exactly when their bits agree (one differing element always changes the sum: its
 difference times an odd weight is never 0 mod 2^64). Shapes are hashed too.
 
-Cost: this runs on every worker after every committed step. On CUDA with Triton, one kernel reads every
+Cost: this runs on every worker after every `train.fingerprint_every`-th committed step (auto: every step on CPU,
+every 10th on CUDA, where a compiled step of 8k tokens is ~20 ms) and at every commit the coordinator waits on
+(before a checkpoint, a membership change, the end). On CUDA with Triton, one kernel reads every
 parameter once (through a per-block table of tensor offsets) and writes one partial sum per block: 0.9 ms
 per fingerprint of GPT-2 small on an H100, host sync and hashing included, against 6.5 ms for the torch
 ops, whose int64 temporaries move ~100 bytes per element. The
