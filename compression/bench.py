@@ -176,7 +176,8 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
 def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, value_bits: int) -> dict:
     """sync.hierarchy=node's codec on one rank: encode + decode of shard 0 of `shards` (1/shards of every chunk
     group, `compression.hierarchy.ShardCodec`) against the same code on the whole chunk set (shards=1), on the
-    same gradients; one node (the decode sees its own payload). Medians over `steps` after one warm-up."""
+    same gradients; one node (the decode sees its own payload). Medians over `steps` after one warm-up round, the
+    two timed in turn."""
     from compression.hierarchy import ShardCodec
 
     dev = torch.device(device)
@@ -188,18 +189,28 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
     weight = torch.ones((), dtype=torch.float64, device=dev)
     res = {"model": model, "device": device, "machine": _machine(dev), "torch": torch.__version__, "shards": shards,
            "topk": topk, "value_bits": value_bits, "steps": steps, "kernels": "torch"}
+    steppers = {}
     for name, count in (("whole", 1), ("shard", shards)):
         codec = ShardCodec(cfg, plan, 0, count, dev)
         out = [torch.empty(b - a, grp.h, grp.w, device=dev, dtype=torch.int8)
                for grp, (a, b) in zip(plan.groups, codec.ranges)]
 
-        def step():
+        def step(codec=codec, out=out):
             payload, new_m, _ = codec.encode(chunks, 1e-3, weight, 0, 0)
             codec.decode(payload.unsqueeze(0), 0, out)
             codec.momentum = new_m
 
-        res[f"{name}_codec_ms"] = round(statistics.median(_timed(step, dev, steps)), 3)
+        steppers[name] = step
         res[f"{name}_payload_bytes"] = codec.wire.nbytes
+    # whole and shard in turn, so both see the same machine load (a shared CPU's load swings by 2x in a minute)
+    times = {name: [] for name in steppers}
+    for i in range(steps + 1):
+        for name, step in steppers.items():
+            ms = _timed(step, dev, 1, warmup=0)[0]
+            if i:  # the first round warms up
+                times[name].append(ms)
+    for name, ms in times.items():
+        res[f"{name}_codec_ms"] = round(statistics.median(ms), 3)
     res["shard_vs_whole"] = round(res["shard_codec_ms"] / res["whole_codec_ms"], 3)
     return res
 
