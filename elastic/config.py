@@ -72,7 +72,7 @@ class TrainSection:
     orphan_timeout_s: float = 120.0  # a worker whose coordinator is gone for good this long exits
     coordinator_restarts: int = 5    # Ray restarts a dead coordinator this often; it re-adopts the live workers
     state_transfer_timeout_s: float = 300.0  # a joiner's state from a live peer, or a fingerprint, must arrive by then
-    state_codec: str = "zstd"        # zstd | none: a joiner's state on the wire (lossless; none on >= 1 Gbit/s links)
+    state_codec: str = "zstd"        # zstd | none: a joiner's state on the wire (lossless; pays below ~200 Mbit/s)
     collective_timeout_s: float = 0.0  # gloo rendezvous/op timeout; 0 = max(60, 4 x step_timeout_s)
     pause_timeout_s: float = 600.0   # how long to wait below min_workers before giving up (checkpointed)
     start_wait_s: float = 60.0       # wait this long for all train.workers, then start with those ready

@@ -11,10 +11,10 @@ What makes it smaller, all lossless (bf16 or any rounding would break the replic
   expects. For `tiny` that halves the model state (53.2 -> 27.4 MB: the 6.4M-entry embedding is most of it).
 - **Byte planes + zstd** (`codec="zstd"`, pyarrow's, level 1): the bytes of each tensor are regrouped by byte
   position (all first bytes, then all second bytes, ...), so the sign/exponent bytes of fp32 weights, which
-  repeat, sit together and compress; the low mantissa bytes do not. Measured on `tiny`'s weights after 20 AdamW
-  steps: 84% of the bytes for ~3.5 ms/MB to pack and ~1 ms/MB to unpack on this CPU, so it pays below
-  ~1 Gbit/s per link (12.5 MB/s: saves ~13 ms/MB of wire for ~4.5 ms/MB of CPU) and not on fast datacenter
-  links: `train.state_codec=none` there.
+  repeat, sit together and compress; the low mantissa bytes do not. Measured on `tiny`'s trained weights: 85% of
+  the bytes (27.4 -> 23.2 MB) for ~5 ms/MB to pack and ~2 ms/MB to unpack on a 2-core CPU. At 100 Mbit/s that
+  saves ~12 ms of wire per MB for ~7 ms of CPU; it breaks even near 200 Mbit/s per link and does not pay on
+  faster ones: `train.state_codec=none` there (the shared tensors are sent once either way).
 """
 from __future__ import annotations
 
