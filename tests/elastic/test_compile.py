@@ -222,3 +222,19 @@ def test_a_hugging_face_llama_compiles_to_eagers_loss(tmp_path):
         x, y = _batch(rows, 64, model.shape.vocab_size, seed=rows)
         torch.testing.assert_close(compiled(x, y).detach(), model(x, y)[1].detach(), rtol=1e-5, atol=1e-5)
     assert compiled.watch.compiles == compiles
+
+
+@pytest.mark.slow  # a 3-worker Ray run, ~40 s on 2 cores
+def test_a_drifted_replica_is_found_within_fingerprint_every_steps_and_resynced(tmp_path, ray_cluster):
+    """train.fingerprint_every=4: a replica drifts after 9 committed steps; the next due print (12 committed)
+    finds it, and it is re-synced from the majority."""
+    from elastic.cli import train
+
+    from .conftest import small_config
+
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=divn", "train.steps=20", "train.workers=3",
+                       "sync.name=dense", "chaos.diverge_at=[9]", "train.fingerprint_every=4")
+    summary = train(cfg)
+    assert summary["state"] == "FINISHED" and summary["steps"] == 20
+    assert [d["when"] for d in summary["replica_disagreements"]] == ["after step 11"], summary["replica_disagreements"]
+    assert any(e["what"].startswith("resync ") for e in summary["events"]), summary["events"]
