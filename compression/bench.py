@@ -33,6 +33,7 @@ class GPTShape:
 
 
 PRESETS = {
+    "micro": GPTShape(n_layer=1, n_embd=64, n_head=2, vocab=1024, block=64),  # smoke tests of the command
     "tiny": GPTShape(n_layer=4, n_embd=256, n_head=4, block=256),
     "gpt2-small": GPTShape(n_layer=12, n_embd=768, n_head=12, block=1024),  # 163M with the untied head
 }

@@ -200,7 +200,7 @@ def _read_status(block: torch.Tensor) -> tuple[bool, int, str]:
 class HierarchicalDemoSync(Sync):
     """Demo across nodes, dense inside them; see the module docstring for the step and its promises."""
 
-    supports_undo = False
+    supports_undo = True
 
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: NodeGroups | None):
         """`comm` None: built before its groups exist (a worker pinning checkpoint buffers); `rebind` binds it.
@@ -221,6 +221,8 @@ class HierarchicalDemoSync(Sync):
         self.wire_dtype = torch.float32 if cfg.update == "rms" else torch.int8
         self.step_count = 0
         self._pending = None
+        self._undo = None  # what undo() restores after a commit(keep_undo=True)
+        self._undo_params: list[torch.Tensor] | None = None
         self.codec: ShardCodec | None = None
         self.groups: NodeGroups | None = None
         self.S = 0
@@ -261,7 +263,7 @@ class HierarchicalDemoSync(Sync):
         that left the node start from zero (and a node of joiners starts at zero, as flat demo's joiners do)."""
         if not isinstance(comm, NodeGroups):
             raise ValueError(f"sync.hierarchy=node: rebind needs NodeGroups, got {type(comm).__name__}")
-        self._pending = None
+        self._pending = self._undo = None
         full = self._full_momentum()
         if comm.local.world_size > 1:
             flat = torch.cat([f.reshape(-1) for f in full])
@@ -273,6 +275,7 @@ class HierarchicalDemoSync(Sync):
     def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
                  step: int | None = None) -> ExchangeStats:
         self._pending = None
+        self._undo = None  # a new step: what an undo would restore is final
         if self.groups is None:
             raise RuntimeError("exchange() before the sync was bound to its groups (rebind)")
         seq = self.step_count if step is None else int(step)
@@ -353,9 +356,18 @@ class HierarchicalDemoSync(Sync):
                              codec_ms=((t4 - t0) - comm_s) * 1e3, comm_ms=comm_s * 1e3,
                              collective_input_bytes=cross_bytes, local_bytes_sent=local_bytes)
 
-    def commit(self) -> None:
+    def commit(self, keep_undo: bool = False) -> None:
+        """Apply the pending update (no collective: a worker may run it in a thread, `train.apply_ahead`).
+        `keep_undo`: keep a copy of the parameters so `undo` can put everything back bit for bit."""
         if self._pending is None:
             raise RuntimeError("commit() without a successful exchange()")
+        self._undo = None
+        if keep_undo:  # a copy of the parameters; the momentum is only re-pointed, so a reference does
+            with torch.no_grad():
+                if self._undo_params is None:
+                    self._undo_params = [torch.empty_like(p) for p in self.params]
+                torch._foreach_copy_(self._undo_params, [p.detach() for p in self.params])
+            self._undo = (self._pending, self.codec.momentum if self.codec is not None else None, self.step_count)
         new_m, update, lr, wd = self._pending
         with torch.no_grad():
             if wd:
@@ -371,6 +383,24 @@ class HierarchicalDemoSync(Sync):
 
     def abort(self) -> None:
         self._pending = None
+
+    def undo(self) -> None:
+        """Back to just before the last commit(keep_undo=True): parameters, momentum, step count and the pending
+        update, bit for bit."""
+        if self._undo is None:
+            raise RuntimeError("undo() without a commit(keep_undo=True) to undo")
+        (self._pending, momentum, self.step_count), self._undo = self._undo, None
+        if self.codec is not None:
+            self.codec.momentum = momentum
+        with torch.no_grad():
+            torch._foreach_copy_([p.detach() for p in self.params], self._undo_params)
+
+    def forget_undo(self) -> None:
+        self._undo = None
+
+    @property
+    def can_undo(self) -> bool:
+        return self._undo is not None
 
     # ---- state ----------------------------------------------------------------------------------------------
     def state_dict(self, on_device: bool = False) -> dict:
@@ -393,7 +423,7 @@ class HierarchicalDemoSync(Sync):
             for m, f, (a, b) in zip(self.codec.momentum, full, self.codec.ranges):
                 m.copy_(f[a:b])
         self.step_count = int(sd["step_count"])
-        self._pending = None
+        self._pending = self._undo = None
 
 
 # ---- ranks as threads (tests, benchmarks) ----------------------------------------------------------------------
