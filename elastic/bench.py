@@ -130,13 +130,15 @@ class ExternalFaults:
     def _loop(self) -> None:
         import ray
 
+        from elastic.group import coordinator_name
+
         coord = None
         while self.todo and not self._stop.is_set():
             time.sleep(0.05)
             try:
                 if not ray.is_initialized():
                     continue
-                coord = coord or ray.get_actor(f"raydistro/{self.run}/coordinator", namespace=self.namespace)
+                coord = coord or ray.get_actor(coordinator_name(self.run), namespace=self.namespace)
                 p = ray.get(coord.progress.remote(), timeout=10)
             except Exception:
                 continue  # not started yet, or restarting

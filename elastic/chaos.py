@@ -3,13 +3,20 @@
 Users rehearse failures on their own cluster with it; the tests use the same path. The schedule is
 pure (which event, at which step, which victim); the coordinator carries events out with real
 actions: `ray.kill` mid-step, a worker that stops answering, a real garbage payload on the wire.
+Node faults (`remove_node_at`, `add_node_at`) act on simulated nodes only the driver owns: the coordinator
+holds the step and asks for them with a `NodeFaults` request (`Coordinator.node_faults`), the driver's
+`NodeChaos` (installed only when the config schedules node faults) carries it out and acknowledges
+(`Coordinator.node_faults_done`).
 """
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("raydistro")
 
 KINDS = ("kill", "add", "drain", "hang", "corrupt_payload", "comm_error", "window_mismatch", "commit_error", "diverge",
          "remove_node", "add_node")
@@ -50,6 +57,52 @@ class ChaosSchedule:
 
     def load_state_dict(self, sd: dict) -> None:
         self.done = {ChaosEvent(int(s), k) for s, k in sd.get("done", [])}
+
+
+NODE_KINDS = ("remove_node", "add_node")
+
+
+@dataclass(frozen=True)
+class NodeFaults:
+    """The coordinator's request to the driver: carry out `kinds` (in this order: a removal before an addition
+    at the same step, KINDS' order, so "remove then add" rehearses a replaced spot node) at `step`, which the
+    coordinator holds until the driver acknowledges. `member_nodes`: the node ids the group's members run on."""
+    step: int
+    kinds: tuple[str, ...]
+    member_nodes: tuple[str, ...] = ()
+
+
+def node_chaos_for(chaos_cfg, runtime) -> NodeChaos | None:
+    """The driver's node-fault injector when the `chaos` section schedules node faults, else None (the driver
+    then never asks the coordinator for them)."""
+    if chaos_cfg.remove_node_at or chaos_cfg.add_node_at:
+        return NodeChaos(runtime)
+    return None
+
+
+class NodeChaos:
+    """Carries out `NodeFaults` on the nodes the driver's `RayRuntime` simulates (it owns the Cluster).
+
+    Called from the driver's main thread: Ray starts node processes with signal handlers, which only the main
+    thread may install."""
+
+    def __init__(self, runtime):
+        self.runtime = runtime
+
+    def apply(self, faults: NodeFaults) -> None:
+        for kind in faults.kinds:
+            if kind == "remove_node" and self.runtime.sim_nodes:
+                # the newest simulated node that runs a member of the group: losing capacity in use is
+                # the rehearsal; an idle node (e.g. one already drained) would test nothing
+                busy = set(faults.member_nodes)
+                index = max((i for i, n in enumerate(self.runtime.sim_nodes) if n.node_id in busy), default=-1)
+                log.warning("chaos: removing a simulated node at step %d", faults.step)
+                self.runtime.remove_sim_node(index)
+            elif kind == "add_node":
+                sim = self.runtime.cfg.cluster.simulate
+                acc = sim[len(self.runtime.sim_nodes) % len(sim)]
+                log.warning("chaos: adding a simulated %s node at step %d", acc, faults.step)
+                self.runtime.add_sim_node(acc)
 
 
 def wrap_for_chaos(comm, chaos_cfg, seed: int):

@@ -1,7 +1,7 @@
-"""`python -m elastic`: train, show-config, scale, status, and the benchmarks.
+"""`python -m elastic`: train, show-config, scale, status, export, and the benchmarks.
 
-The command line: it parses arguments and hands `train` to the driver (`elastic.driver`); `scale` and
-`status` talk to a live run's coordinator.
+The command line only: it parses arguments, hands each command to the module that does it (`train`, `scale`
+and `status` to the driver, elastic/driver.py) and turns the errors a user can fix into exit code 2.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import sys
 
 from datasets import DataSourceError, PlanStateMismatch, SampleBuildError, TokenizerError
 from elastic.config import ConfigError, DEFAULT_PRESET, describe_options, load_config, preset_names, to_yaml
-from elastic.driver import RunAlreadyLive, preflight, train
+from elastic.driver import RunAlreadyLive, preflight, scale, status, train
 from elastic.progress import json_only_stdout
 
 DATA_ERRORS = (DataSourceError, SampleBuildError, TokenizerError, PlanStateMismatch)
@@ -136,51 +136,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 2
-
-
-def _coordinator(run: str, address: str, namespace: str):
-    import ray
-
-    ray.init(address=address, namespace=namespace, log_to_driver=False)
-    try:
-        return ray.get_actor(f"raydistro/{run}/coordinator", namespace=namespace)
-    except ValueError:
-        print(f"error: no running run named '{run}' in namespace '{namespace}' at {address}", file=sys.stderr)
-        return None
-
-
-def scale(run: str, workers: int, address: str, namespace: str) -> int:
-    import ray
-
-    coord = _coordinator(run, address, namespace)
-    if coord is None:
-        return 1
-    target = ray.get(coord.scale.remote(workers))
-    print(f"run {run}: target workers {target}")
-    return 0
-
-
-def status(run: str, address: str, namespace: str, as_json: bool) -> int:
-    """One look at a live run (the dashboard shows the same as metrics); exits 1 if it is not running."""
-    import ray
-
-    # Ray prints cluster notices (a node that died) to this process's stdout while connected: keep them
-    # off the JSON, and disconnect before printing it
-    with json_only_stdout(as_json):
-        coord = _coordinator(run, address, namespace)
-        if coord is None:
-            return 1
-        info = ray.get(coord.progress.remote(), timeout=30)
-        ray.shutdown()
-    if as_json:
-        print(json.dumps(info, indent=1, default=str))
-        return 0
-    accel = ",".join(sorted(set(info.get("accelerators", []))))
-    print(f"run {run}: {info.get('state')} step {info.get('step')}/{info.get('total')} "
-          f"world {info.get('world_size')} ({accel}) generation {info.get('generation')} loss {info.get('loss')}")
-    kinds = info.get("change_kinds") or {}
-    if kinds:
-        print("  membership changes: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
-    for e in info.get("recent_events", []):
-        print(f"  step {e['step']}: {e['what']}")
-    return 0

@@ -25,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from compression.sync import joiners_need_peer_state, sync_state_identical
 from datasets import DataPlan, discover_usable, read_margin, rebalance, windows_for
 from elastic import rendezvous
-from elastic.chaos import ChaosSchedule
+from elastic.chaos import NODE_KINDS, ChaosSchedule, NodeFaults
 from elastic.checkpoint import (CheckpointFailed, CheckpointStore, CheckpointWriter, files_by_rank, first_line,
                                 sync_file_for)
 from elastic.config import (RunConfig, checkpoint_uri, collective_timeout_s, max_workers,
@@ -88,7 +88,8 @@ class Coordinator:
         self._ahead_counts: dict[tuple[int, int, int], int] = {}  # next step's tokens per row (`_balance`)
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
-        self.node_chaos_ack = threading.Event()
+        self.node_faults_asked: NodeFaults | None = None  # held step's request to the driver (`node_faults`)
+        self.node_faults_ack = threading.Event()
         # what a restarted coordinator (or one a new driver starts) needs to adopt the live group
         self.journal = Journal(RayKV(), cfg.cluster.namespace, cfg.run.name)
         self.took_over_by = ""           # "" for a fresh start; else who adopted the live group
@@ -143,7 +144,7 @@ class Coordinator:
             name=name, namespace=self.cfg.cluster.namespace, max_concurrency=1, max_restarts=0,
             lifetime="detached", **{**opts, **extra},  # a free node's type replaces train.accelerators' first
         ).remote(self.cfg, wid, self.shards_ref, self.cfg.run.seed, self.val_shards_ref)
-        actor.set_coordinator.remote(coordinator_name(self.cfg), self.cfg.cluster.namespace)
+        actor.set_coordinator.remote(coordinator_name(self.cfg.run.name), self.cfg.cluster.namespace)
         handle = WorkerHandle(wid, actor)
         handle.info["name"] = name
         handle.info["spawned_at"] = time.time()
@@ -703,7 +704,7 @@ class Coordinator:
             self._next_cluster_poll = time.time() + 1.0
             self._watch_nodes()
         due = self.chaos.due(self.step)
-        node_events = [e for e in due if e.kind in ("remove_node", "add_node")]
+        node_events = [e for e in due if e.kind in NODE_KINDS]
         if node_events:
             self._await_node_chaos(node_events)
         for e in due:
@@ -910,23 +911,30 @@ class Coordinator:
                    if t is not None)
 
     def _await_node_chaos(self, events) -> None:
-        """Node removal/addition is done by the driver that owns the simulated cluster: hold the step
-        until it acknowledges, so the event lands exactly at its step however fast steps are."""
-        self.node_chaos_ack.clear()
+        """Node removal/addition is done by the driver that owns the simulated cluster: ask it (`node_faults`)
+        and hold the step until it acknowledges, so the event lands exactly at its step however fast steps are."""
+        self.node_faults_ack.clear()
         with self.lock:
-            self.progress_info["node_chaos_step"] = self.step
-            self.progress_info["member_nodes"] = [h.info.get("node_id", "") for h in self.members]
-        if not self.node_chaos_ack.wait(timeout=120):
+            self.node_faults_asked = NodeFaults(self.step, tuple(e.kind for e in events),
+                                                tuple(h.info.get("node_id", "") for h in self.members))
+        if not self.node_faults_ack.wait(timeout=120):
             log.warning("node chaos at step %d: the driver did not act within 120 s; going on", self.step)
         with self.lock:
-            self.progress_info.pop("node_chaos_step", None)
-            self.progress_info.pop("member_nodes", None)
+            self.node_faults_asked = None
         for e in events:
             self.chaos.mark_done(e)
             self.summary.event(self.step, f"chaos-{e.kind.replace('_', '-')}")
 
-    def node_chaos_done(self, step: int) -> None:
-        self.node_chaos_ack.set()
+    def node_faults(self) -> NodeFaults | None:
+        """The node faults the driver is to carry out now (the step is held until `node_faults_done`), or None."""
+        with self.lock:
+            return self.node_faults_asked
+
+    def node_faults_done(self, step: int) -> None:
+        """The driver carried out the node faults of `step`; an acknowledgement of another step is ignored."""
+        with self.lock:
+            if self.node_faults_asked is not None and self.node_faults_asked.step == step:
+                self.node_faults_ack.set()
 
     def _watch_nodes(self) -> None:
         now = time.time()
@@ -1264,5 +1272,8 @@ class CoordinatorActor:
     def stop(self) -> None:
         self.c.request_stop()
 
-    def node_chaos_done(self, step: int) -> None:
-        self.c.node_chaos_done(step)
+    def node_faults(self) -> NodeFaults | None:
+        return self.c.node_faults()
+
+    def node_faults_done(self, step: int) -> None:
+        self.c.node_faults_done(step)

@@ -3,7 +3,7 @@ one of a run of the same name), shows progress, and turns SIGTERM/SIGINT (`ray j
 "checkpoint, then exit" so a resubmitted run resumes where it stopped.
 
 Deliberately thin: the run itself lives in the coordinator. `preflight` fails fast on unusable data before
-any Ray process starts.
+any Ray process starts. `scale` and `status` are the commands on a live run: they find its coordinator by name.
 """
 from __future__ import annotations
 
@@ -15,7 +15,10 @@ import signal
 import sys
 import time
 
-from elastic.config import ConfigError, run_dir, to_yaml
+from elastic.chaos import node_chaos_for
+from elastic.config import run_dir, to_yaml
+from elastic.progress import json_only_stdout
+from elastic.runtime import RayRuntime
 
 log = logging.getLogger("raydistro")
 
@@ -32,99 +35,6 @@ def preflight(cfg) -> dict:
     d = cfg.data
     return {key: discover_usable(url, d) for key, url in (("data.source", d.source), ("data.val_source", d.val_source))
             if url}
-
-
-class RayRuntime:
-    """Connects to RAY_ADDRESS / cluster.address, or starts Ray here (optionally simulating nodes)."""
-
-    def __init__(self, cfg, log_to_driver: bool = True):
-        self.cfg = cfg
-        self.log_to_driver = log_to_driver  # off when stdout carries JSON: Ray prints node deaths there
-        self.cluster = None
-        self.sim_nodes: list = []
-        self.started_here = False
-
-    def __enter__(self):
-        import ray
-
-        c = self.cfg.cluster
-        address = c.address or os.environ.get("RAY_ADDRESS", "")
-        self.reused = False
-        if ray.is_initialized():
-            if c.address or c.simulate:
-                raise ConfigError("this process is already connected to Ray: call ray.shutdown() first, or drop "
-                                  "cluster.address/cluster.simulate to train on the connected cluster")
-            self.reused = True  # e.g. a notebook that called ray.init(): train there, leave it connected
-            return self
-        if c.simulate or not address:  # a Ray started here: its nodes get Ray's settings for slow links (a
-            for k, v in c.ray_node_env.items():  # value already in the environment wins)
-                os.environ.setdefault(k, str(v))
-        # the repo root must be importable by workers on every node (ray job submit sets it via working_dir)
-        if c.simulate:
-            from ray.cluster_utils import Cluster
-
-            self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-            for acc in c.simulate:
-                self.add_sim_node(acc)
-            ray.init(address=self.cluster.address, namespace=c.namespace, log_to_driver=self.log_to_driver)
-            self.started_here = True
-        elif address:
-            ray.init(address=address, namespace=c.namespace, log_to_driver=self.log_to_driver)
-        else:
-            ncpu = c.num_cpus if c.num_cpus is not None else max(os.cpu_count() or 2, self.cfg.train.workers)
-            ray.init(num_cpus=ncpu, namespace=c.namespace, include_dashboard=False, log_to_driver=self.log_to_driver)
-            self.started_here = True
-        return self
-
-    def add_sim_node(self, acc: str):
-        node = self.cluster.add_node(num_cpus=self.cfg.cluster.simulate_node_cpus, num_gpus=1,
-                                     resources={f"accelerator_type:{acc}": 1})
-        self.sim_nodes.append(node)
-        return node
-
-    def remove_sim_node(self, index: int = -1):
-        if self.sim_nodes:
-            node = self.sim_nodes.pop(index)
-            self.cluster.remove_node(node, allow_graceful=False)
-
-    def __exit__(self, *exc):
-        import ray
-
-        if self.reused:
-            return
-        ray.shutdown()
-        if self.cluster is not None:
-            self.cluster.shutdown()
-
-
-class NodeChaos:
-    """remove_node_at / add_node_at act on nodes this driver simulates (it owns the Cluster).
-
-    Polled from the driver's main loop: Ray starts node processes with signal handlers, which only
-    the main thread may install."""
-
-    def __init__(self, runtime: RayRuntime, cfg):
-        self.runtime = runtime
-        self.cfg = cfg
-        # at the same step a removal goes first, so "remove then add" rehearses a replaced spot node
-        self.todo = sorted([(s, 0, "remove") for s in cfg.chaos.remove_node_at] +
-                           [(s, 1, "add") for s in cfg.chaos.add_node_at])
-
-    def poll(self, step: int, member_nodes: list | None = None) -> None:
-        while self.todo and step >= self.todo[0][0]:
-            _, _, kind = self.todo.pop(0)
-            if kind == "remove" and self.runtime.sim_nodes:
-                # the newest simulated node that runs a member of the group: losing capacity in use is
-                # the rehearsal; an idle node (e.g. one already drained) would test nothing
-                busy = set(member_nodes or [])
-                index = max((i for i, n in enumerate(self.runtime.sim_nodes) if n.node_id in busy), default=-1)
-                log.warning("chaos: removing a simulated node at step %d", step)
-                self.runtime.remove_sim_node(index)
-            elif kind == "add":
-                sim = self.cfg.cluster.simulate
-                acc = sim[len(self.runtime.sim_nodes) % len(sim)]
-                log.warning("chaos: adding a simulated %s node at step %d", acc, step)
-                self.runtime.add_sim_node(acc)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -170,7 +80,7 @@ def _start_or_attach(cfg, discovered: dict | None = None):
 
     from elastic.coordinator import CoordinatorActor, coordinator_name
 
-    name, ns = coordinator_name(cfg), cfg.cluster.namespace
+    name, ns = coordinator_name(cfg.run.name), cfg.cluster.namespace
     live = _live_coordinator(name, ns)
     if live is not None:
         coord, info = live
@@ -200,7 +110,8 @@ TERMINAL = ("FINISHED", "STOPPED", "ERRORED")
 
 def _follow(cfg, coord, view, node_chaos) -> tuple[dict | None, str]:
     """Show the run's progress until it ends; returns (its summary, "") or (None, why it failed). A coordinator
-    that is restarting does not answer for a while: keep asking, as long as its name lives."""
+    that is restarting does not answer for a while: keep asking, as long as its name lives. `node_chaos`
+    (elastic/chaos.py, None unless the config schedules node faults) carries out the ones the coordinator asks."""
     import ray
 
     from elastic.coordinator import coordinator_name
@@ -209,11 +120,12 @@ def _follow(cfg, coord, view, node_chaos) -> tuple[dict | None, str]:
     while True:
         try:
             progress = ray.get(coord.progress.remote(), timeout=10)
+            faults = ray.get(coord.node_faults.remote(), timeout=10) if node_chaos is not None else None
             silent_since = None
         except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
             silent_since = silent_since or time.time()
             try:
-                ray.get_actor(coordinator_name(cfg), namespace=cfg.cluster.namespace)
+                ray.get_actor(coordinator_name(cfg.run.name), namespace=cfg.cluster.namespace)
             except ValueError:
                 return None, f"the coordinator is gone ({type(e).__name__})"
             if time.time() - silent_since > 600:
@@ -221,9 +133,9 @@ def _follow(cfg, coord, view, node_chaos) -> tuple[dict | None, str]:
             time.sleep(0.5)
             continue
         view.update(progress)
-        if "node_chaos_step" in progress:  # the coordinator holds that step for us
-            node_chaos.poll(progress["node_chaos_step"], progress.get("member_nodes"))
-            coord.node_chaos_done.remote(progress["node_chaos_step"])
+        if faults is not None:  # the coordinator holds that step until we acknowledge
+            node_chaos.apply(faults)
+            coord.node_faults_done.remote(faults.step)
         if progress.get("state") in TERMINAL:
             try:
                 summary = ray.get(coord.result.remote(60), timeout=90)
@@ -276,7 +188,7 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
                 raise KeyboardInterrupt
 
         old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        node_chaos = NodeChaos(runtime, cfg)
+        node_chaos = node_chaos_for(cfg.chaos, runtime)
         view = ProgressView(cfg, progress_stream)
         try:
             with view:
@@ -291,3 +203,57 @@ def train(cfg, progress_stream=None, discovered: dict | None = None) -> dict:
             summary["state"] = "ERRORED"
     view.final(summary, out)
     return summary
+
+
+# ---- commands on a live run -----------------------------------------------------------------------------------
+def _coordinator(run: str, address: str, namespace: str):
+    """The live coordinator of run `run` (connected to Ray at `address`), or None after saying that there is none."""
+    import ray
+
+    from elastic.group import coordinator_name
+
+    ray.init(address=address, namespace=namespace, log_to_driver=False)
+    try:
+        return ray.get_actor(coordinator_name(run), namespace=namespace)
+    except ValueError:
+        print(f"error: no running run named '{run}' in namespace '{namespace}' at {address}", file=sys.stderr)
+        return None
+
+
+def scale(run: str, workers: int, address: str, namespace: str) -> int:
+    """`python -m elastic scale RUN N`: ask a live run for N workers (the coordinator caps it); exits 1 if it is
+    not running."""
+    import ray
+
+    coord = _coordinator(run, address, namespace)
+    if coord is None:
+        return 1
+    target = ray.get(coord.scale.remote(workers))
+    print(f"run {run}: target workers {target}")
+    return 0
+
+
+def status(run: str, address: str, namespace: str, as_json: bool) -> int:
+    """One look at a live run (the dashboard shows the same as metrics); exits 1 if it is not running."""
+    import ray
+
+    # Ray prints cluster notices (a node that died) to this process's stdout while connected: keep them
+    # off the JSON, and disconnect before printing it
+    with json_only_stdout(as_json):
+        coord = _coordinator(run, address, namespace)
+        if coord is None:
+            return 1
+        info = ray.get(coord.progress.remote(), timeout=30)
+        ray.shutdown()
+    if as_json:
+        print(json.dumps(info, indent=1, default=str))
+        return 0
+    accel = ",".join(sorted(set(info.get("accelerators", []))))
+    print(f"run {run}: {info.get('state')} step {info.get('step')}/{info.get('total')} "
+          f"world {info.get('world_size')} ({accel}) generation {info.get('generation')} loss {info.get('loss')}")
+    kinds = info.get("change_kinds") or {}
+    if kinds:
+        print("  membership changes: " + ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())))
+    for e in info.get("recent_events", []):
+        print(f"  step {e['step']}: {e['what']}")
+    return 0

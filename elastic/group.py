@@ -33,8 +33,9 @@ class WorkerHandle:
         return self.worker_id
 
 
-def coordinator_name(cfg) -> str:
-    return f"raydistro/{cfg.run.name}/coordinator"
+def coordinator_name(run_name: str) -> str:
+    """The named actor of run `run_name`'s coordinator (in the run's namespace, cluster.namespace)."""
+    return f"raydistro/{run_name}/coordinator"
 
 
 # ---- placement -----------------------------------------------------------------------------------------------

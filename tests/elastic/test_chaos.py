@@ -51,6 +51,38 @@ def test_the_wire_is_wrapped_for_chaos_only_when_the_run_schedules_wire_events()
         assert wire_injector(wrapped) is wrapped
 
 
+def test_node_faults_reach_the_driver_as_a_typed_request_and_hold_the_step_until_acknowledged(tmp_path):
+    """The coordinator asks for node faults through `node_faults()` (never through progress), holds the step
+    until the driver acknowledges that step, and a driver without node faults in its config gets no injector."""
+    import threading
+
+    from elastic.chaos import NodeFaults, node_chaos_for
+    from elastic.config import load_config
+    from elastic.coordinator import Coordinator
+
+    cfg = load_config("tiny", [f"run.dir={tmp_path}", "run.name=nodefaults", "cluster.simulate=[A100,L4]",
+                               "chaos.remove_node_at=[3]", "chaos.add_node_at=[3]"])
+    assert node_chaos_for(load_config("tiny", ["chaos.kill_at=[3]"]).chaos, runtime=None) is None
+    assert node_chaos_for(cfg.chaos, runtime=None) is not None
+    c = Coordinator(cfg)
+    c.step = 3
+    assert c.node_faults() is None
+    held = threading.Thread(target=c._await_node_chaos, args=(c.chaos.due(3),))
+    held.start()
+    while c.node_faults() is None:
+        held.join(0.01)
+    asked = c.node_faults()
+    assert asked == NodeFaults(3, ("remove_node", "add_node"), ())  # removal first: a replaced spot node
+    assert "node_faults" not in c.progress() and "member_nodes" not in c.progress()
+    c.node_faults_done(2)  # another step's acknowledgement does not release this one
+    held.join(0.3)
+    assert held.is_alive()
+    c.node_faults_done(3)
+    held.join(5)
+    assert not held.is_alive() and c.node_faults() is None and c.chaos.due(3) == []
+    assert [e["what"] for e in c.summary.data["events"][-2:]] == ["chaos-remove-node", "chaos-add-node"]
+
+
 def test_worker_killed_hung_or_corrupt_loses_no_documents(tmp_path, ray_cluster):
     """demo sync, 3 workers: a kill mid-step, a silent (hung) worker, a garbage payload, a collective that
     fails on every rank (nobody leaves: the group is re-formed and the step retried), a token-level window
