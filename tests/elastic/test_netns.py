@@ -65,3 +65,35 @@ def test_tc_shapes_veths_and_refuses_a_delay_without_netem():
             netns.ShapedNamespaces(["a", "b"], rate="100mbit", rtt_ms=50.0, via="tc")
     with pytest.raises(ValueError, match="via='x'"):
         netns.ShapedNamespaces(["a"], via="x")
+
+
+PLACEMENT = """
+import json, ray
+ray.init(log_to_driver=False)
+@ray.remote(num_gpus=1, num_cpus=1)
+def where():
+    import os
+    return [os.environ.get(k) for k in ("CUDA_VISIBLE_DEVICES", "NCCL_SOCKET_IFNAME", "NCCL_P2P_DISABLE")] + [
+        ray.util.get_node_ip_address()]
+nodes = sorted([n["NodeManagerAddress"], n["Resources"].get("GPU", 0)] for n in ray.nodes() if n["Alive"])
+json.dump({"nodes": nodes, "tasks": sorted(ray.get([where.remote() for _ in range(2)]))}, open("{out}", "w"))
+"""
+
+
+@needs_netns
+@pytest.mark.slow  # starts three Ray nodes in namespaces: ~1 min on 2 cores
+def test_ray_nodes_each_own_one_gpu_and_their_tasks_see_the_link_settings(tmp_path):
+    """`python -m elastic.netns --gpus 2 -- CMD` on CPU: Ray counts GPUs as declared, so the plumbing shows
+    without a GPU: the head has none, each node one, and a one-GPU task on each node sees its own device index
+    and the socket-only NCCL settings. Every namespace is gone afterwards."""
+    import json
+    import sys
+
+    out = tmp_path / "placement.json"
+    res = netns.run([0, 1], "100mbit", 50.0, "auto", probe=False,
+                    command=[sys.executable, "-c", PLACEMENT.replace("{out}", str(out))], log=lambda m: None)
+    assert res["returncode"] == 0
+    got = json.loads(out.read_text())
+    assert got["nodes"] == [["10.99.0.1", 0], ["10.99.0.2", 1.0], ["10.99.0.3", 1.0]]
+    assert got["tasks"] == [["0", "eth9", "1", "10.99.0.2"], ["1", "eth9", "1", "10.99.0.3"]]
+    assert not set(res["namespaces"]) & _listed()
