@@ -14,6 +14,7 @@ import bisect
 import heapq
 import math
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Iterable, Mapping, Optional, Sequence
 
 from datasets.plan import DocRange
@@ -46,10 +47,7 @@ def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float]
         return [min(n, r + 1) for r in range(W)]
     mean = sum(shares) / W
     weight = [s / mean for s in shares]
-    slots = _slots(docs)
-    prefix = [0]
-    for x in slots:
-        prefix.append(prefix[-1] + x)
+    prefix = list(accumulate(_slots(docs), initial=0))
 
     def rows(i: int, j: int) -> int:  # packed rows of rows [i, j)
         return packed_rows(prefix[j] - prefix[i], seq_len)
@@ -84,7 +82,7 @@ def balanced_split(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float]
     # feasibility only changes where some cap floor(lam * w_r) steps up, at lam = k / w_r: search those values
     # for the least feasible one. Below the first whose caps add up to the step's packed rows nothing fits;
     # whole documents usually fit within a candidate or two of it, so try those first, then bisect the rest.
-    need = packed_rows(sum(slots), seq_len)
+    need = packed_rows(prefix[-1], seq_len)
     cands = sorted({k / w for w in weight for k in range(1, need + 2)})
     lo, hi = 0, len(cands) - 1
     while lo < hi:  # the first candidate whose caps could hold `need` rows
@@ -235,9 +233,7 @@ def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float],
     position falls). None when the step has fewer rows than ranks (whole documents then)."""
     W = len(shares)
     slots = _slots(docs)
-    starts = [0]
-    for x in slots:
-        starts.append(starts[-1] + x)
+    starts = list(accumulate(slots, initial=0))
     total = starts[-1]
     counts = row_shares(packed_rows(total, seq_len), shares) if total > 0 else None
     if counts is None:

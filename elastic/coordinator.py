@@ -34,7 +34,7 @@ from elastic.group import (WorkerHandle, call_all, coordinator_name, drain_node,
                            worker_resources)
 from elastic.journal import Journal, RayKV
 from elastic.membership import Member, MembershipGeneration, compute_shares, watchdog_timeout
-from elastic.messages import StepCall, StepChaos, StepReport, WorkerStatus
+from elastic.messages import StepCall, StepChaos, StepReport, WorkerStatus, tokens_per_s
 from elastic.policy import (CoordinatorState, Liveness, PeerObservation, ScalingObservation, StepOutcome,
                             capped_scale_target, decide_failure, decide_scaling, fault_time, liveness,
                             resolve_fingerprints, silent_peer_limit, spawn_backoff_s)
@@ -622,10 +622,7 @@ class Coordinator:
         self.state = CoordinatorState.ADOPTING
         ns = self.cfg.cluster.namespace
         for name in head.get("others", []):  # spawned or joining, not members yet: their setup died with us
-            try:
-                kill_quietly(ray.get_actor(name, namespace=ns))
-            except ValueError:
-                pass
+            kill_quietly(name, namespace=ns)
         handles = []
         for m in head["members"]:
             try:
@@ -1105,13 +1102,13 @@ class Coordinator:
         dense = statistics.mean(r.dense_equivalent_bytes for r in ok_reports) if ok_reports else 0
         self.metrics.loss.set(loss)
         self.metrics.step.set(self.step)
-        self.metrics.tokens_per_s.set(tokens / max(1e-9, wall))
+        self.metrics.tokens_per_s.set(tokens_per_s(tokens, wall))
         if sent:
             self.metrics.compression_ratio.set(dense / sent)
         self.metrics.data_lag_s.set(max((r.read_s for r in ok_reports), default=0.0))
         with self.lock:
             self.progress_info.update(
-                step=self.step, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens / max(1e-9, wall),
+                step=self.step, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens_per_s(tokens, wall),
                 bytes_sent=sent, dense_bytes=dense, world_size=len(members),
                 generation=self.generation.generation, state=self.state.value,
                 accelerators=[m.accelerator for m in self.generation.members],

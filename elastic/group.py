@@ -164,9 +164,11 @@ def sigkill(h: WorkerHandle) -> None:
     kill_quietly(h.actor)
 
 
-def kill_quietly(actor) -> None:
-    """ray.kill for an actor that may be gone already."""
+def kill_quietly(actor, namespace: str | None = None) -> None:
+    """ray.kill (no restart) of an actor, given by handle or by name, that may be gone already; never raises."""
     try:
+        if isinstance(actor, str):
+            actor = ray.get_actor(actor, namespace=namespace)
         ray.kill(actor, no_restart=True)
-    except Exception:
-        pass
+    except Exception:  # gone already (a name nobody holds: ValueError), or its node is
+        log.debug("killing actor %s failed", actor, exc_info=True)

@@ -97,6 +97,12 @@ class StepCall(_Compact):
     window: dict | None = None                 # datasets.Window.to_json(): a token-level cut of the step
 
 
+def tokens_per_s(tokens: int, seconds: float) -> float:
+    """Throughput, the one definition for a worker's step and the group's: a step too short to time (0 s) reads
+    as very fast, never as a division error."""
+    return tokens / max(1e-9, seconds)
+
+
 @dataclass
 class StepReport(_Compact):
     worker_id: str
@@ -135,7 +141,8 @@ class StepReport(_Compact):
     left_group: bool = False                   # the collective failed and this rank closed its side
 
     def tokens_per_s(self) -> float:
-        return self.tokens / max(1e-9, self.compute_s)
+        """This worker's compute throughput in the step (read, forward/backward, exchange)."""
+        return tokens_per_s(self.tokens, self.compute_s)
 
     def update_error(self, e: BaseException, error: str | None = None, **flags: Any) -> None:
         """Mark the step failed by `e` (first line of its message unless `error` says better)."""

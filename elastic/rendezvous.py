@@ -67,6 +67,8 @@ def _forget_nccl_stores(run_name: str, generation: int) -> int:
     import ray
     from ray.util.collective.const import get_store_name
 
+    from elastic.group import kill_quietly
+
     try:
         alive = set(ray.util.list_named_actors())  # this namespace: where the run's workers made them
     except Exception:
@@ -74,11 +76,8 @@ def _forget_nccl_stores(run_name: str, generation: int) -> int:
         return 0
     stale = {get_store_name(f"{key}@{group_name(run_name, g)}") for g in range(generation)
              for key in _NCCL_DEVICE_KEYS} & alive
-    for name in stale:
-        try:
-            ray.kill(ray.get_actor(name), no_restart=True)
-        except Exception:  # gone meanwhile
-            log.debug("killing NCCL store actor %s failed", name, exc_info=True)
+    for name in stale:  # one gone meanwhile is fine
+        kill_quietly(name)
     return len(stale)
 
 
@@ -111,9 +110,10 @@ def leave(group: str = "") -> None:
 
 
 def _destroy(name: str) -> None:
-    import ray
     from ray.util.collective import collective as col_impl
     from ray.util.collective.const import get_store_name
+
+    from elastic.group import kill_quietly
 
     with col_impl._group_mgr_lock:
         g = col_impl._group_mgr._name_group_map.get(name)
@@ -126,10 +126,5 @@ def _destroy(name: str) -> None:
         col_impl.destroy_collective_group(name)
     except Exception:  # e.g. rank 0 finding its store already killed by a peer
         log.debug("destroying collective group %s failed", name, exc_info=True)
-    for store in stores:
-        try:
-            ray.kill(ray.get_actor(store), no_restart=True)
-        except ValueError:  # already gone
-            pass
-        except Exception:
-            log.debug("killing the NCCL store actor of %s failed", name, exc_info=True)
+    for store in stores:  # one already gone is fine
+        kill_quietly(store)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from elastic.config import RunConfig, run_dir, to_dict
+from elastic.messages import tokens_per_s
 
 log = logging.getLogger("raydistro.tracking")
 
@@ -174,7 +175,7 @@ class RunTracker:
         gen = coord.generation
         row = {
             "step": step, "t": round(time.time(), 3), "loss": loss, "tokens": tokens,
-            "tokens_per_s": tokens / max(1e-9, wall), "wall_s": round(wall, 5),
+            "tokens_per_s": tokens_per_s(tokens, wall), "wall_s": round(wall, 5),
             "bytes_sent": sent, "bytes_received": received, "dense_equivalent_bytes": dense,
             "compression_ratio": (dense / sent) if sent else None,
             "world_size": len(reports), "generation": gen.generation,
@@ -183,14 +184,7 @@ class RunTracker:
         }
         if d.get("val_loss") is not None and d.get("val_loss") != self._seen_val:
             row["val_loss"] = self._seen_val = d["val_loss"]
-        changes = d.get("membership_changes", [])[self._seen_changes:]
-        events = d.get("events", [])[self._seen_events:]
-        self._seen_changes += len(changes)
-        self._seen_events += len(events)
-        if changes:
-            row["membership"] = changes
-        if events:
-            row["events"] = events
+        self._add_news(row, d)
         self._write(row)
         every = self.t.summary_every
         self._rows += 1
@@ -200,6 +194,17 @@ class RunTracker:
             except Exception as e:
                 log.warning("rewriting summary.json failed: %s", e)
         return row
+
+    def _add_news(self, row: dict, d: dict) -> None:
+        """The membership changes and events of summary data `d` that no earlier row carried, into `row`."""
+        changes = d.get("membership_changes", [])[self._seen_changes:]
+        events = d.get("events", [])[self._seen_events:]
+        self._seen_changes += len(changes)
+        self._seen_events += len(events)
+        if changes:
+            row["membership"] = changes
+        if events:
+            row["events"] = events
 
     def _write(self, row: dict) -> None:
         if self._jsonl is not None:
@@ -243,12 +248,7 @@ class RunTracker:
         row = {"step": max(0, coord.step - 1), "t": round(time.time(), 3), "final": True,
                "state": d.get("state"), "steps": coord.step, "final_loss": d.get("final_loss"),
                "val_loss": d.get("val_loss"), "error": d.get("error")}
-        changes = d.get("membership_changes", [])[self._seen_changes:]
-        events = d.get("events", [])[self._seen_events:]
-        if changes:
-            row["membership"] = changes
-        if events:
-            row["events"] = events
+        self._add_news(row, d)
         if self._jsonl is not None:
             try:
                 self._jsonl.write(json.dumps(row, default=str) + "\n")

@@ -169,10 +169,7 @@ class WorkerReplica:
             on = "cross" if comm.cross is not None else "local"
             wire = wrap_for_chaos(getattr(comm, on), self.cfg.chaos, seed=generation * 131 + rank)
             comm = dataclasses.replace(comm, **{on: wire})
-        if self.sync is None:
-            self.sync = build_sync(self.cfg.sync, self.params, comm)
-        else:
-            self.sync.rebind(comm)
+        self._bind_sync(comm)
         self.comm = wire  # what a step's chaos.corrupt_payload / comm_error arms (`wire_injector`)
         self.group_name = group_name
         self.rank, self.world_size, self.generation = rank, world_size, generation
@@ -185,12 +182,16 @@ class WorkerReplica:
         `bench-gpu`'s one-worker profile) instead of a Ray collective group: the sync is built on (or rebound
         to) `comm`. Steps then run as in `join_group`'s groups."""
         self._settle()
+        self._bind_sync(comm)
+        self.comm, self.rank, self.world_size = comm, rank, world_size
+        self.phase = "idle"
+
+    def _bind_sync(self, comm) -> None:
+        """The sync on `comm`: built at the first group, rebound (its state kept) at every later one."""
         if self.sync is None:
             self.sync = build_sync(self.cfg.sync, self.params, comm)
         else:
             self.sync.rebind(comm)
-        self.comm, self.rank, self.world_size = comm, rank, world_size
-        self.phase = "idle"
 
     # ---- one step ------------------------------------------------------------------------
     def step(self, call: StepCall) -> StepReport:
