@@ -340,9 +340,10 @@ class Addresses:
 
 
 # registers per thread of the 2-D encode kernel: Triton's choice (184 for 64x64 chunks) fits 2 programs of 4
-# warps on an SM; 168 fits 3 without spilling (65536 registers per SM on every CUDA GPU since Kepler):
-# 1.585 -> 1.385 ms for GPT-2-small's 39,792 chunks on an H100. 128 fits 4 but spills: 1.71 ms. Larger
-# chunks keep Triton's choice (a cap would only add spills).
+# warps on an SM; 168 fits 3 without spilling (65536 registers per SM on every CUDA GPU since Kepler), and the
+# third program hides memory latency the two leave exposed. 128 would fit 4 but spills, which costs more than
+# the fourth hides. Larger chunks keep Triton's choice (a cap would only add spills). Timings of each choice:
+# docs/BENCHMARKS.md (compression, encode kernel variants).
 ENCODE_MAXNREG = 168
 
 
@@ -372,7 +373,7 @@ def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], 
     return idx, val, bad
 
 
-DECODE_WARPS = 2   # warps per 2-D chunk program of the decode kernels (2: 0.50 ms, 8: 0.52-0.61 on an H100)
+DECODE_WARPS = 2   # warps per 2-D chunk program of the decode kernels: more are no faster (docs/BENCHMARKS.md)
 
 
 def fused_decode(idx: torch.Tensor, coef: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, out: torch.Tensor,

@@ -52,8 +52,8 @@ def pack(docs: Sequence[Sequence[int]], seq_len: int, eot: int, skip: int = 0, r
     if rows == 0:
         empty = torch.empty((0, seq_len), dtype=torch.long)
         return empty, empty.clone()
-    # one int64 buffer filled document by document (numpy converts each list in C): ~5x faster than
-    # building a Python list of the whole stream and handing it to torch.tensor (5 ms at 80k tokens)
+    # one int64 buffer filled document by document: numpy converts each list in C, where a Python list of the
+    # whole stream handed to torch.tensor is converted token by token (docs/BENCHMARKS.md has both timed)
     end = skip + rows * seq_len
     flat = np.full(max(end, n_targets) + 1, eot, dtype=np.int64)
     pos = 1

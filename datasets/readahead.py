@@ -1,10 +1,10 @@
 """Reading the next step's documents in a child process, off the trainer's GIL.
 
 A trainer that reads ahead in a thread of its own process shares the GIL with the thread that launches
-its GPU kernels: on an H100 at 8k tokens per step the launch is about as long as the GPU's work, so every
-slice the reader takes (parquet decode, tokenizer output into Python lists, packing) delays the step. On
-GPT-2-small that cost 2.6-5.5 ms of a ~39 ms forward/backward (measured, docs/BENCHMARKS.md), more than
-the read it hid. In a child process the read costs the trainer only the unpickling of the result.
+its GPU kernels: at small steps (GPT-2-small at 8k tokens per GPU) the launch is about as long as the GPU's
+work, so every slice the reader takes (parquet decode, tokenizer output into Python lists, packing) delays
+the step, by more than the read it hides (docs/BENCHMARKS.md, session 7). In a child process the read costs
+the trainer only the unpickling of the result.
 
 `wait_read(future, timeout_s, ...)` bounds how long a step waits for its documents (`data.read_timeout_s`): a
 store that stalls (answers nothing, keeps connections open) ends in `ReadTimedOut` naming the source and the

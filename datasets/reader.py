@@ -165,8 +165,8 @@ class ShardReader:
         fs, path = filesystem_for(sh.path, self.storage_options)
 
         def fetch() -> pa.Table:
-            # no readahead cache: pyarrow asks for exact column-chunk ranges; s3fs's default 50 MB readahead
-            # would fetch far more than one row group (measured 2x slower on moto)
+            # no readahead cache: pyarrow asks for exact column-chunk ranges, and s3fs's default 50 MB readahead
+            # would fetch far more than one row group (docs/BENCHMARKS.md times both)
             with fs.open(path, "rb", cache_type="none") as f:
                 pf = pq.ParquetFile(f, metadata=self._metadata.get(s))
                 self._metadata.setdefault(s, pf.metadata)

@@ -144,7 +144,7 @@ class ClusterSection:
     simulate_node_cpus: int = 1
     gloo_socket_ifname: str = ""     # network interface gloo binds to (multi-NIC hosts)
     namespace: str = "raydistro"
-    # Ray's own background traffic crosses the same links as the sync (issue 23, docs/slowlink.md): defaults for
+    # Ray's own background traffic crosses the same links as the sync (docs/slowlink.md): defaults for
     # slow links, each overridable (cluster.ray_worker_env.KEY=VALUE). The workers' processes get these
     # (runtime_env env_vars): task events (the dashboard's task view) every 5 s instead of every second.
     ray_worker_env: dict[str, str] = field(default_factory=lambda: {"RAY_task_events_report_interval_ms": "5000"})

@@ -9,9 +9,8 @@ difference times an odd weight is never 0 mod 2^64). Shapes are hashed too.
 Cost: this runs on every worker after every `train.fingerprint_every`-th committed step (auto: every step on CPU,
 every 10th on CUDA, where a compiled step of 8k tokens is ~20 ms) and at every commit the coordinator waits on
 (before a checkpoint, a membership change, the end). On CUDA with Triton, one kernel reads every
-parameter once (through a per-block table of tensor offsets) and writes one partial sum per block: 0.9 ms
-per fingerprint of GPT-2 small on an H100, host sync and hashing included, against 6.5 ms for the torch
-ops, whose int64 temporaries move ~100 bytes per element. The
+parameter once (through a per-block table of tensor offsets) and writes one partial sum per block, where
+the torch ops' int64 temporaries move ~100 bytes per element (both timed in docs/BENCHMARKS.md). The
 torch path (CPU, or no Triton) works on the parameters concatenated in chunks of up to `CHUNK` elements (a
 handful of kernels per chunk) rather than ~10 kernels per tensor. Both give the same sums (wrapping int64
 addition in any order). Only one int64 per element size leaves the device.

@@ -602,7 +602,7 @@ class Worker:
     def __init__(self, cfg: RunConfig, worker_id: str, shards: list, seed: int, val_shards: list | None = None):
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         # shapes change from step to step (whole documents): let the CUDA allocator grow segments instead of
-        # fragmenting fixed ones (a 64-row micro-batch ran out of memory with 12.6 GiB reserved but free)
+        # fragmenting fixed ones, which can leave a large micro-batch out of memory with gigabytes reserved but free
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         if cfg.cluster.gloo_socket_ifname:
             os.environ["GLOO_SOCKET_IFNAME"] = cfg.cluster.gloo_socket_ifname
@@ -641,7 +641,7 @@ class Worker:
     def status(self) -> WorkerStatus:
         """Where this worker is, answered even while its step thread is blocked in a collective: the
         coordinator's liveness pings, and a restarted coordinator adopting the group. The static `info` comes
-        with the first status of each generation only (issue 23: the pings cross the link)."""
+        with the first status of each generation only: the pings cross the users' links."""
         r = self.r
         first, self._status_generation = self._status_generation != r.generation, r.generation
         return WorkerStatus(r.worker_id, r.phase, r.progress, r.generation, r.rank, r.step_count, r.pending_step,
@@ -671,7 +671,7 @@ class Worker:
         gone_since = None
         while True:
             # each look-up fetches the coordinator's actor record from the GCS over this node's link: every
-            # limit/8, at most every 15 s (issue 23: this is clock-paced traffic on a slow link)
+            # limit/8, at most every 15 s: this is clock-paced traffic on what may be a slow link
             time.sleep(min(15.0, max(0.5, limit / 8)))
             name, ns = self._coordinator
             try:
@@ -778,8 +778,9 @@ class Worker:
 
 # ---- a state on its way to a joiner, in pieces ----------------------------------------------------------------
 # Ray's pull manager asks again for an object that has not arrived in 10 s (RAY_object_manager_pull_timeout_ms),
-# and the sender then sends it again from its first chunk: at 100 Mbit/s a 180 MB state crossed the link as 306 MB
-# in 24 s (issue 23). Pieces of STATE_PIECE_BYTES, fetched one after the other, each arrive in ~2.7 s at 100 Mbit/s.
+# and the sender then sends it again from its first chunk: on a slow link a large state crosses it more than once
+# (docs/slowlink.md). Pieces of STATE_PIECE_BYTES, fetched one after the other, each arrive well within the 10 s
+# (~2.7 s at 100 Mbit/s).
 STATE_PIECE_BYTES = 32 << 20
 
 
