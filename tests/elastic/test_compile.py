@@ -141,7 +141,8 @@ def test_two_compiled_replicas_stay_bit_identical_and_track_eager():
     train the same documents hold the same bits after every step; their losses are eager's."""
     runs = []
     for compile_ in ("true", "true", "false"):
-        rep, shards = solo_replica(f"train.compile={compile_}", "train.apply_ahead=true")
+        # micro-batches of <= 64 rows: the graph the test above built serves them (inductor's cache)
+        rep, shards = solo_replica(f"train.compile={compile_}", "train.apply_ahead=true", "train.micro_batch_tokens=4096")
         assert (rep.compiled is not None) == (compile_ == "true")
         rep.prepare()
         compiles = rep.compiled.watch.compiles if rep.compiled is not None else 0
@@ -197,7 +198,7 @@ def test_a_short_run_with_compiled_workers(tmp_path, ray_cluster):
 
     cfg = small_config(tmp_path, ray_cluster.address, "run.name=compiled", "train.steps=6", "train.compile=true",
                        "model.n_head=4", "model.n_embd=128", "model.block_size=128",
-                       "train.micro_batch_tokens=8192", "sync.name=demo")
+                       "train.micro_batch_tokens=4096", "sync.name=demo")
     summary = train(cfg)
     assert summary["state"] == "FINISHED" and summary["steps"] == 6, summary.get("error")
     assert summary["replica_hashes_agree"] is True and not summary["membership_changes"]
