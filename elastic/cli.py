@@ -68,10 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="directory to write (AutoModelForCausalLM.from_pretrained loads it)")
     ex.add_argument("--step", type=int, default=None, help="the checkpoint of this step (default: the newest)")
     ex.add_argument("--checkpoint", default=None, help="checkpoint URI if not the run's checkpoint.dir")
-    from elastic.bench_gpu import add_parser as add_bench_gpu
+    from elastic.bench.gpu import add_parser as add_bench_gpu
 
     add_bench_gpu(sub)
-    from elastic.converge_gpu import add_parser as add_converge_gpu
+    from elastic.bench.converge_gpu import add_parser as add_converge_gpu
 
     add_converge_gpu(sub)
     return p
@@ -108,22 +108,22 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return status(args.run, args.address, args.namespace, args.json)
         if args.command == "bench-converge":
-            from elastic.bench import bench_converge, dumps
+            from elastic.bench.runs import bench_converge, dumps
 
             with json_only_stdout(True):
                 result = bench_converge(args.config, args.overrides, args.syncs.split(","), record=args.record)
             print(dumps(result))
             return 0
         if args.command == "bench-gpu":
-            from elastic.bench_gpu import main as bench_gpu
+            from elastic.bench.gpu import main as bench_gpu
 
             return bench_gpu(args)
         if args.command == "bench-converge-gpu":
-            from elastic.converge_gpu import main as converge_gpu
+            from elastic.bench.converge_gpu import main as converge_gpu
 
             return converge_gpu(args)
         if args.command == "bench-recovery":
-            from elastic.bench import bench_recovery, dumps
+            from elastic.bench.runs import bench_recovery, dumps
 
             with json_only_stdout(True):
                 result = bench_recovery(args.events, args.overrides, record=args.record)

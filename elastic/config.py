@@ -148,7 +148,7 @@ class ClusterSection:
     # slow links, each overridable (cluster.ray_worker_env.KEY=VALUE). The workers' processes get these
     # (runtime_env env_vars): task events (the dashboard's task view) every 5 s instead of every second.
     ray_worker_env: dict[str, str] = field(default_factory=lambda: {"RAY_task_events_report_interval_ms": "5000"})
-    # the Ray nodes raydistro starts itself (a local Ray, cluster.simulate; elastic.slowlink's nodes) get these;
+    # the Ray nodes raydistro starts itself (a local Ray, cluster.simulate; elastic.bench.slowlink's nodes) get these;
     # set them in the environment of `ray start` elsewhere. Each node's dashboard agent reports its stats (a JSON
     # of every process, ~35 kB) to the GCS every 15 s instead of 5 s; keep it under 2x
     # RAY_metrics_report_interval_ms (20 s), or the node's gauges drop out of Prometheus between reports.

@@ -263,7 +263,7 @@ class Coordinator:
                 self._remove(failed, kill=True)
                 self._set_members(list(self.members))
                 self._join_all()
-            if joiners:  # what the join cost on the wire (elastic.slowlink reads this line)
+            if joiners:  # what the join cost on the wire (elastic.bench.slowlink reads this line)
                 self.summary.event(self.step, f"state-from-peer {source.worker_id} -> "
                                               f"{','.join(h.worker_id for h in joiners)}: "
                                               + state_transfer_text(costs, t1 - t0, load_s))

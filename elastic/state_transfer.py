@@ -162,7 +162,7 @@ def state_transfer_text(costs: list[dict], pack_s: float, load_s: float) -> str:
     """One line for the run's events: '23.2 MB on the wire (53.2 MB as state dicts, zstd); packed 0.19 s,
     fetched+loaded 2.01 s'. `costs`: the `PackedState.meta()` of every state sent (model, sync);
     `pack_s`: until the source had packed them; `load_s`: until every joiner had fetched and loaded them.
-    `elastic.slowlink` parses it (`STATE_TRANSFER_RE`)."""
+    `elastic.bench.slowlink` parses it (`STATE_TRANSFER_RE`)."""
     wire = sum(c["wire_bytes"] for c in costs)
     raw = sum(c["raw_bytes"] for c in costs)
     codec = ",".join(sorted({c["codec"] for c in costs})) or "none"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from datasets import ensure_sample
-from elastic.converge_gpu import StepRows, parse_runs, resolve_best
+from elastic.bench.converge_gpu import StepRows, parse_runs, resolve_best
 
 SMALL = ["model.n_layer=1", "model.n_head=2", "model.n_embd=64", "model.block_size=32", "train.seq_len=32",
          "train.batch_tokens=128", "train.steps=3", "train.warmup_steps=1", "train.device=cpu",

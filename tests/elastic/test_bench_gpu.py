@@ -5,7 +5,7 @@ checked on a synthetic summary (the full stack on Ray is exercised by test_run.p
 
 import pytest
 
-from elastic import bench_gpu
+from elastic.bench import gpu as bench_gpu
 from elastic.cli import build_parser
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 0, "dropout": 0.0,

@@ -1,11 +1,11 @@
-"""GPU nodes in network namespaces (`elastic.netns`): the node settings that keep NCCL and gloo on the shaped
+"""GPU nodes in network namespaces (`elastic.bench.netns`): the node settings that keep NCCL and gloo on the shaped
 link (pure), and on this machine (root) two namespaces shaped to 100 Mbit/s and a 50 ms round trip, measured
 with a real TCP transfer, then removed by name. Skipped, with the reason, where `ip netns` is not permitted."""
 import subprocess
 
 import pytest
 
-from elastic import netns
+from elastic.bench import netns
 
 REASON = netns.available()
 needs_netns = pytest.mark.skipif(REASON is not None, reason=f"network namespaces: {REASON}")
@@ -83,7 +83,7 @@ json.dump({"nodes": nodes, "tasks": sorted(ray.get([where.remote() for _ in rang
 @needs_netns
 @pytest.mark.slow  # starts three Ray nodes in namespaces: ~1 min on 2 cores
 def test_ray_nodes_each_own_one_gpu_and_their_tasks_see_the_link_settings(tmp_path):
-    """`python -m elastic.netns --gpus 2 -- CMD` on CPU: Ray counts GPUs as declared, so the plumbing shows
+    """`python -m elastic.bench.netns --gpus 2 -- CMD` on CPU: Ray counts GPUs as declared, so the plumbing shows
     without a GPU: the head has none, each node one, and a one-GPU task on each node sees its own device index
     and the socket-only NCCL settings. Every namespace is gone afterwards."""
     import json

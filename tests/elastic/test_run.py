@@ -66,7 +66,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, ray_cluster):
 
 
 def test_bench_converge_compares_every_strategy_with_dense_at_equal_tokens(tmp_path, ray_cluster):
-    from elastic.bench import bench_converge
+    from elastic.bench.runs import bench_converge
 
     overrides = small_overrides(tmp_path, ray_cluster.address) + ["train.steps=6", "sync.inner_steps=3"]
     out = bench_converge("tiny", overrides, ["dense", "demo", "diloco"])

@@ -1,6 +1,6 @@
 """Slow links: two network namespaces, a veth pair, tc tbf at 100 Mbit/s, a timed bounded transfer.
 
-A real check of what `python -m elastic.slowlink` relies on (the full benchmark is only the command).
+A real check of what `python -m elastic.bench.slowlink` relies on (the full benchmark is only the command).
 Needs root with `ip` and `tc`; skipped elsewhere. Traffic stays inside the namespaces it creates.
 """
 import os
@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from elastic import slowlink
+from elastic.bench import slowlink
 
 needs_netns = pytest.mark.skipif(slowlink.available() is not None, reason=str(slowlink.available()))
 
@@ -150,7 +150,7 @@ def test_netwire_gives_links_a_round_trip_time_and_a_rate():
 
 
 def test_link_model_serializes_delays_and_drops_at_a_full_queue():
-    from elastic.netwire import LinkModel
+    from elastic.bench.netwire import LinkModel
 
     m = LinkModel(2, rate=1000.0, delay=0.5, queue_s=0.05)
     assert m.arrival(0, 1, 10, now=0.0) == pytest.approx(0.01 + 0.01 + 0.5)  # up, down, then the delay

@@ -30,7 +30,6 @@ Imports no Ray (nor `elastic.worker` / `elastic.coordinator`, which do).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import hashlib
 import json
@@ -395,7 +394,7 @@ def plot(result: dict, path: str) -> str | None:
 
 def record(result: dict, command: str, png: str | None) -> None:
     """One docs/BENCHMARKS.md row per W: every run's val loss, ratio to the best dense and bytes ratio."""
-    from elastic.bench import append_row
+    from elastic.bench.runs import append_row
 
     for W in result["workers"]:
         rs = [r for r in result["runs"] if r["workers"] == W]

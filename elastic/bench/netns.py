@@ -1,8 +1,8 @@
 """GPU nodes behind a slow link: one Ray node per GPU, each in its own network namespace (issue 18).
 
-`python -m elastic.netns --gpus 2 [--rate 100mbit] [--rtt-ms 50] [--probe] [-- python -m elastic train ...]`
+`python -m elastic.bench.netns --gpus 2 [--rate 100mbit] [--rtt-ms 50] [--probe] [-- python -m elastic train ...]`
 
-On one multi-GPU host (root, `ip` and `tc`), this builds what `elastic.slowlink` builds for CPU nodes, with
+On one multi-GPU host (root, `ip` and `tc`), this builds what `elastic.bench.slowlink` builds for CPU nodes, with
 a GPU per node:
 
     ns <p>h   Ray head (--num-cpus=0: GCS, coordinator, driver)           eth9 10.99.0.1
@@ -10,7 +10,7 @@ a GPU per node:
     ns <p>g1  Ray node, --num-gpus=1, CUDA_VISIBLE_DEVICES=1 (worker 2)    eth9 10.99.0.3
 
 The nodes are joined through a shaped link: veths to a bridge with `tc tbf` at the rate and `netem` for the
-delay where the kernel has netem, else the userspace wire `elastic.netwire` (rate and delay; this machine's
+delay where the kernel has netem, else the userspace wire `elastic.bench.netwire` (rate and delay; this machine's
 kernel has no netem). What guarantees that the collectives cross that link and nothing else:
 - every namespace has only `lo` and `eth9`, and the peers' addresses exist only on `eth9`;
 - `gpu_node_env`: NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME = eth9; NCCL_P2P_DISABLE and NCCL_SHM_DISABLE (no
@@ -36,7 +36,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elastic import slowlink
+from elastic.bench import slowlink
 
 IFNAME = slowlink.IFNAME
 
@@ -116,7 +116,7 @@ class ShapedNamespaces:
         if via == "auto":
             via = "tc" if rtt_ms <= 0 or netem_available() else "wire"
         if via == "tc" and rtt_ms > 0 and not netem_available():
-            raise RuntimeError("netns: this kernel has no netem (tc cannot add delay); use via=wire (elastic.netwire)")
+            raise RuntimeError("netns: this kernel has no netem (tc cannot add delay); use via=wire (elastic.bench.netwire)")
         self.net = slowlink.Netns(prefix=prefix or f"rdgn{os.getpid()}")
         self.via, self.rate, self.rtt_ms, self.wire = via, rate, rtt_ms, None
         try:
@@ -255,12 +255,12 @@ def run(gpus: list[int], rate: str, rtt_ms: float, via: str, probe: bool, comman
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elastic.netns", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m elastic.bench.netns", description=__doc__.split("\n\n")[0])
     p.add_argument("--gpus", default="2", help="N (GPUs 0..N-1) or a comma list of CUDA device indices")
     p.add_argument("--rate", default="100mbit", help="per-node link rate (both ways), or unshaped")
     p.add_argument("--rtt-ms", type=float, default=50.0, help="round trip between two nodes (half each way)")
     p.add_argument("--via", default="auto", choices=("auto", "tc", "wire"),
-                   help="tc: veths + tbf + netem; wire: elastic.netwire (no netem needed); auto: tc if netem exists")
+                   help="tc: veths + tbf + netem; wire: elastic.bench.netwire (no netem needed); auto: tc if netem exists")
     p.add_argument("--probe", action="store_true", help="measure the head -> first node link (TCP RTT and rate)")
     p.add_argument("command", nargs=argparse.REMAINDER, help="-- then a command to run in the head's namespace")
     a = p.parse_args(argv)

@@ -1,6 +1,6 @@
 """Slow links, for real: Ray nodes in their own network namespaces behind tc-shaped veth links.
 
-`python -m elastic.slowlink --json [--rates unshaped,1gbit,100mbit] [--syncs dense,demo] [--steps N]`
+`python -m elastic.bench.slowlink --json [--rates unshaped,1gbit,100mbit] [--syncs dense,demo] [--steps N]`
 
 Builds, on this machine (root, `ip` and `tc` needed):
 
@@ -168,7 +168,7 @@ def star_wire(net: Netns, roles: list[str]):
     """One namespace per role, each with eth9 (10.99.0.N): a TUN device of a `netwire.Wire` process, which
     carries every packet between nodes with the bandwidth and delay it is `set` to (for kernels without
     netem). Returns (nodes, wire)."""
-    from elastic.netwire import MTU, Wire
+    from elastic.bench.netwire import MTU, Wire
 
     ips = [f"{SUBNET}.{i + 1}" for i in range(len(roles))]
     names = [f"{net.prefix}t{role}" for role in roles]
@@ -492,7 +492,7 @@ class RayNodes:
                  node_env: dict[str, dict] | None = None, node_args: dict[str, list[str]] | None = None):
         self.net, self.nodes, self.root = net, nodes, root
         self.ray_env = ray_env or {}  # extra environment for the `ray start` processes (Ray's own settings)
-        # per role: more environment / `ray start` arguments (elastic.netns: one GPU per node, NCCL on eth9)
+        # per role: more environment / `ray start` arguments (elastic.bench.netns: one GPU per node, NCCL on eth9)
         self.node_env, self.node_args = node_env or {}, node_args or {}
         self.procs: dict[str, subprocess.Popen] = {}
         self.head_ip = nodes["h"]["ip"]
@@ -756,7 +756,7 @@ def bench(rates: list[str], syncs: list[str], steps: int, skip: int, preset: str
         if left:
             log(f"slowlink: WARNING namespaces left: {left}")
     topology = ("3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) joined by a userspace wire "
-                f"(TUN devices, elastic.netwire): each node's uplink and downlink at the rate, {delay_ms:g} ms one "
+                f"(TUN devices, elastic.bench.netwire): each node's uplink and downlink at the rate, {delay_ms:g} ms one "
                 "way at shaped rates, 50 ms queues" if wire is not None else
                 "3 namespaces (head --num-cpus=0, 2 worker nodes --num-cpus=1) on a bridge; tbf "
                 "on both directions of every node's veth; bandwidth only (no netem: no delay/loss)")
@@ -850,7 +850,7 @@ def _fmt_rate(bits: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elastic.slowlink", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m elastic.bench.slowlink", description=__doc__.split("\n\n")[0])
     p.add_argument("--rates", default="unshaped,1gbit,100mbit", help="comma list: unshaped, 1gbit, 100mbit, ...")
     p.add_argument("--syncs", default="dense,demo", help="comma list of dense, demo, diloco")
     p.add_argument("--steps", type=int, default=30, help="steps per training run")
@@ -858,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny")
     p.add_argument("--timeout", type=float, default=540, help="seconds per training run")
     p.add_argument("--delay-ms", type=float, default=0.0,
-                   help="one-way delay at shaped rates (RTT = 2x); links then go through elastic.netwire "
+                   help="one-way delay at shaped rates (RTT = 2x); links then go through elastic.bench.netwire "
                         "(a userspace wire: works without the kernel's netem)")
     p.add_argument("--capture", action="store_true",
                    help="also tcpdump (headers) each node's link and split its steady-state bytes per step by "
@@ -902,13 +902,13 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_plot and out["results"]:
         out["plot"] = str(plot(out["results"]))
     if not a.no_record and out["results"]:
-        from elastic.bench import append_row
+        from elastic.bench.runs import append_row
 
         loads = [x for r in out["results"] for x in r.get("loadavg_1m", [])]
         out["loadavg_1m_range"] = [min(loads), max(loads)] if loads else None
 
         append_row("Slow links: tokens/s vs per-node bandwidth (network namespaces + tc tbf)",
-                   f"python -m elastic.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
+                   f"python -m elastic.bench.slowlink --syncs {a.syncs} --rates {a.rates} --steps {a.steps} --skip {a.skip}"
                    + (f" --config {a.config}" if a.config != "tiny" else "")
                    + (f" --delay-ms {a.delay_ms:g}" if a.delay_ms else "")
                    + (" --capture" if any(r.get("wire", {}).get("by_kind") for r in out["results"]) else "")
@@ -948,7 +948,7 @@ def record_text(out: dict) -> str:
     load = out.get("loadavg_1m_range")
     return ("; ".join(parts) + f"; {out['preset']}, 2 workers on 2 namespace nodes, steady state steps "
             f"{out['skip']}..{out['steps'] - 1}; "
-            + (f"userspace wire (elastic.netwire), {2 * out['delay_ms']:g} ms RTT at shaped rates" if out.get("delay_ms")
+            + (f"userspace wire (elastic.bench.netwire), {2 * out['delay_ms']:g} ms RTT at shaped rates" if out.get("delay_ms")
                else "bandwidth only (no netem)")
             + (f"; shared machine, load avg {load[0]:.0f}-{load[1]:.0f} during the runs" if load else ""))
 

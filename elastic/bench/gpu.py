@@ -663,7 +663,7 @@ def main(args) -> int:
     with json_only_stdout(args.json):
         res = run(args)
     if args.record:
-        from elastic.bench import append_row
+        from elastic.bench.runs import append_row
 
         append_row(RECORD_SECTION, command_line(args), record_text(res))
     if args.json:

@@ -1,6 +1,6 @@
 """A userspace network wire with delay and bandwidth, for machines whose kernel has no `netem`.
 
-`python -m elastic.slowlink --delay-ms D` needs links with a round-trip time, and `tc qdisc ... netem` is
+`python -m elastic.bench.slowlink --delay-ms D` needs links with a round-trip time, and `tc qdisc ... netem` is
 not in every kernel (not in this one: "Specified qdisc kind is unknown", nor `fq`). This module is the
 wire instead: one process holds a TUN device per node (moved into the node's network namespace and named
 `eth9` there, so every packet a node sends to another crosses it), reads each IPv4 packet, and writes it to
@@ -138,7 +138,7 @@ class Wire:
     def __init__(self, names: list[str], ips: list[str]):
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "elastic.netwire", "--names", ",".join(names), "--ips", ",".join(ips)],
+            [sys.executable, "-m", "elastic.bench.netwire", "--names", ",".join(names), "--ips", ",".join(ips)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": path})
         line = self.proc.stdout.readline().strip()
         if line != "ready":
@@ -161,7 +161,7 @@ class Wire:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elastic.netwire", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m elastic.bench.netwire", description=__doc__.split("\n\n")[0])
     p.add_argument("--names", required=True, help="comma list of TUN devices to create, one per node")
     p.add_argument("--ips", required=True, help="comma list: the IPv4 address of each node, same order")
     a = p.parse_args(argv)

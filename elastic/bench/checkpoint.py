@@ -1,4 +1,4 @@
-"""`python -m elastic.bench_checkpoint`: how much longer the step during which a checkpoint is taken is than
+"""`python -m elastic.bench.checkpoint`: how much longer the step during which a checkpoint is taken is than
 a normal step, on one GPU (or CPU), printed as JSON.
 
 One process, no Ray and no coordinator: a model of the preset (default gpt2-small) and its sync strategy
@@ -39,7 +39,7 @@ def bench(preset: str, overrides: list[str], steps: int, every: int, warmup: int
 
     from compression import build_sync
     from compression.communicator import ThreadCommunicator
-    from elastic.bench_gpu import machine_name
+    from elastic.bench.gpu import machine_name
     from elastic.checkpoint import (BackgroundWrites, CheckpointStore, HostSnapshot, checkpoint_layout,
                                     files_by_rank, state_trees, to_bytes)
     from elastic.config import load_config
@@ -178,7 +178,7 @@ def _r(x):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elastic.bench_checkpoint", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m elastic.bench.checkpoint", description=__doc__.splitlines()[0])
     p.add_argument("--config", default="gpt2-small", help="preset name or YAML path (default: %(default)s)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--every", type=int, default=8, help="steps between checkpoints (each waits for the last write)")
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-ckpt-") as tmp:
         res = bench(args.config, args.overrides, args.steps, args.every, args.warmup, args.dir or tmp)
-    res["command"] = "python -m elastic.bench_checkpoint " + " ".join(argv if argv is not None else sys.argv[1:])
+    res["command"] = "python -m elastic.bench.checkpoint " + " ".join(argv if argv is not None else sys.argv[1:])
     res["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(json.dumps(res, indent=1))
     return 0 if res["read_back_identical"] else 1
