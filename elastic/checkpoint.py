@@ -349,21 +349,30 @@ class CheckpointStore:
             self.fs.makedirs(self._dir(step, version), exist_ok=True)
         return version, self.public_uri(step, version)
 
-    def commit(self, step: int, version: int, meta: dict, records: Mapping[str, dict]) -> str:
+    def commit(self, step: int, version: int, meta: dict, records: Mapping[str, dict], prune: bool = True,
+               abandoned: threading.Event | None = None) -> str:
         """Write meta.json, then the COMMIT manifest of `records` (the writers' reports) and meta.json; then
-        prune. The checkpoint exists from the moment COMMIT does."""
+        prune (unless `prune` is False: the caller prunes on its own time). The checkpoint exists from the
+        moment COMMIT does. `abandoned` set by then (its writer gave up on a store that hung): no COMMIT."""
         d = self._dir(step, version)
         meta_bytes = json.dumps(meta, indent=1, sort_keys=True, default=str).encode()
         all_records = {**records, META: write_file(self.fs, f"{d}/{META}", meta_bytes)}
         manifest = build_manifest(step, version, all_records)
+        if abandoned is not None and abandoned.is_set():
+            raise CheckpointFailed(f"{self.public_uri(step, version)} was abandoned before its COMMIT")
         write_file(self.fs, f"{d}/{COMMIT}", json.dumps(manifest, indent=1).encode())
         self.release(step, version)
-        try:  # committed: a store that fails now only leaves older checkpoints for the next prune
+        if prune:
+            self.prune_quietly(f"after committing {dir_name(step, version)}")
+        return self.public_uri(step, version)
+
+    def prune_quietly(self, when: str) -> None:
+        """`prune`, a failure only logged: the checkpoints it would delete stay until the next one."""
+        try:
             self.prune()
         except Exception as e:
-            log.warning("pruning %s after committing %s failed (%s: %s); older checkpoints stay until the next",
-                        self.uri, dir_name(step, version), type(e).__name__, first_line(e))
-        return self.public_uri(step, version)
+            log.warning("pruning %s %s failed (%s: %s); older checkpoints stay until the next", self.uri, when,
+                        type(e).__name__, first_line(e))
 
     def release(self, step: int, version: int) -> None:
         """Forget a version handed out by `begin` (committed, or abandoned: pruned once older than a commit)."""
@@ -561,7 +570,8 @@ class BackgroundWrites:
     time, oldest first), `result` waits for a checkpoint's records ({name: {sha256, bytes}})."""
 
     def __init__(self, name: str = "checkpoint"):
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{name}-write")
+        self._name = f"{name}-write"
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self._name)
         self.pinned = PinnedPool()  # for this worker's snapshots (`HostSnapshot(..., pool=writes.pinned)`)
         self._futures: dict[str, concurrent.futures.Future] = {}
         self._cv = threading.Condition()
@@ -608,6 +618,10 @@ class BackgroundWrites:
         try:
             records = fut.result(left)
         except concurrent.futures.TimeoutError:
+            with self._cv:  # a store that hangs holds that thread: later writes get a fresh one
+                if fut.running():
+                    self._pool.shutdown(wait=False)
+                    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=self._name)
             raise TimeoutError(f"writing {dir_uri} took longer than {timeout:.0f}s (checkpoint.write_timeout_s)") \
                 from None
         finally:
@@ -644,6 +658,8 @@ class InFlightCheckpoint:
     records: dict[str, dict] = field(default_factory=dict)
     error: str | None = None
     commit: concurrent.futures.Future | None = None
+    commit_started: float = 0.0
+    abandoned: threading.Event = field(default_factory=threading.Event)  # no COMMIT may follow
 
     @property
     def pending(self) -> list:
@@ -669,13 +685,21 @@ class CheckpointWriter:
     """The coordinator's checkpoints in flight: started with `begin`, fed the workers' reports, committed
     (meta.json + COMMIT, then pruning) in a background thread so a slow store never holds the step loop."""
 
-    def __init__(self, store: CheckpointStore):
+    def __init__(self, store: CheckpointStore, timeout_s: float = 600.0):
         self.store = store
+        self.timeout_s = timeout_s  # a commit (meta.json + COMMIT) not done by then fails (checkpoint.write_timeout_s)
         self.in_flight: list[InFlightCheckpoint] = []
         self.last_committed: str | None = None  # this run's newest committed checkpoint
         self.last_error: str | None = None  # why the last checkpoint that failed failed
         self.final_failed = False  # a checkpoint the run ends on could not be written
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
+        self._pool = self._commit_thread()
+        # pruning lists and deletes: on a store that hangs it must not hold a commit, nor pile up
+        self._prune_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-prune")
+        self._pruning: concurrent.futures.Future | None = None
+
+    @staticmethod
+    def _commit_thread() -> concurrent.futures.ThreadPoolExecutor:
+        return concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-commit")
 
     def should_start(self, reason: str) -> bool:
         return should_start(reason, len(self.in_flight))
@@ -703,10 +727,20 @@ class CheckpointWriter:
         finished: committed (`error` None) or failed. Waits up to `wait_s` for commits in progress."""
         for ck in self.in_flight:
             if ck.error is None and not ck.writers and ck.commit is None:
-                ck.commit = self._pool.submit(self.store.commit, ck.step, ck.version, ck.meta, dict(ck.records))
+                ck.commit_started = time.time()
+                ck.commit = self._pool.submit(self.store.commit, ck.step, ck.version, ck.meta, dict(ck.records),
+                                              prune=False, abandoned=ck.abandoned)
         running = [ck.commit for ck in self.in_flight if ck.commit is not None and not ck.commit.done()]
         if running and wait_s > 0:
             concurrent.futures.wait(running, wait_s)
+        for ck in self.in_flight:  # a store that hangs: the commit fails, later ones get a fresh thread
+            if (ck.error is None and ck.commit is not None and not ck.commit.done()
+                    and time.time() - ck.commit_started > self.timeout_s):
+                ck.abandoned.set()
+                ck.error = (f"coordinator: writing {META}/{COMMIT} took longer than {self.timeout_s:.0f}s "
+                            "(checkpoint.write_timeout_s)")
+                self._pool.shutdown(wait=False)
+                self._pool = self._commit_thread()
         done = []
         for ck in list(self.in_flight):
             if ck.error is None and (ck.commit is None or not ck.commit.done()):
@@ -721,6 +755,8 @@ class CheckpointWriter:
                 self.last_committed = ck.uri
             self.in_flight.remove(ck)
             done.append(ck)
+        if any(ck.error is None for ck in done) and (self._pruning is None or self._pruning.done()):
+            self._pruning = self._prune_pool.submit(self.store.prune_quietly, "after a commit")
         return done
 
 

@@ -74,7 +74,7 @@ class Coordinator:
         self.summary = RunSummary(cfg)
         self.progress_info: dict[str, Any] = {}
         self.store = CheckpointStore(checkpoint_uri(cfg), cfg.checkpoint.keep, cfg.checkpoint.storage_options)
-        self.ckpt_writer = CheckpointWriter(self.store)  # checkpoints being written (`checkpoint`)
+        self.ckpt_writer = CheckpointWriter(self.store, self.cfg.checkpoint.write_timeout_s)  # checkpoints being written (`checkpoint`)
         self.backend = "gloo"
         self.draining: set[str] = set()
         self.open_changes: list[dict] = []

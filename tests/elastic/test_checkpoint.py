@@ -1,10 +1,12 @@
 """Checkpoints are atomic and checksummed; a cut-short or corrupt latest falls back to the previous."""
 import logging
+import threading
+import time
 
 import pytest
 import torch
 
-from elastic.checkpoint import CheckpointStore, to_bytes
+from elastic.checkpoint import CheckpointStore, to_bytes, write_file
 
 
 def _write(store, step):
@@ -209,3 +211,38 @@ def test_pinned_buffers_are_reused_up_to_what_one_snapshot_used():
     pool.give_back([a, b, c])
     pool.give_back([torch.zeros(2, 2)])  # an extra buffer from a second snapshot in flight is not kept
     assert pool.pooled_bytes() == (4 + 4 + 4) * 4
+
+
+class _HangingStore(CheckpointStore):
+    """A store whose first commit once `armed` hangs until `thaw` is set (a frozen endpoint)."""
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.armed, self.thaw, self.hung = False, threading.Event(), threading.Event()
+
+    def commit(self, step, version, meta, records, prune=True, abandoned=None):
+        if self.armed and not self.hung.is_set():
+            self.hung.set()
+            self.thaw.wait(60)
+        return super().commit(step, version, meta, records, prune=prune, abandoned=abandoned)
+
+
+def test_a_commit_that_hangs_fails_after_the_timeout_and_the_next_commits_on_a_fresh_thread(tmp_path):
+    store = _HangingStore(str(tmp_path / "ck"), keep=5)
+    _write(store, 4)
+    store.armed = True
+    w = CheckpointWriter(store, timeout_s=0.3)
+    stuck = w.begin(8, "periodic", {"step": 8})
+    stuck.writers["ref"] = ("w0", {"model.pt": "model"})
+    stuck.deliver("ref", {"model.pt": write_file(store.fs, f"{tmp_path}/ck/step-00000008/model.pt", b"x")})
+    assert w.advance() == [] and store.hung.wait(10)
+    time.sleep(0.4)
+    done = w.advance()
+    assert done == [stuck] and "took longer than 0s" in stuck.error and w.in_flight == []
+    nxt = w.begin(9, "membership", {"step": 9})  # the stuck thread still holds the first commit
+    nxt.writers["ref"] = ("w0", {"model.pt": "model"})
+    nxt.deliver("ref", {"model.pt": write_file(store.fs, f"{tmp_path}/ck/step-00000009/model.pt", b"y")})
+    assert w.advance(wait_s=10) == [nxt] and nxt.error is None and store.load_latest().step == 9
+    store.thaw.set()  # the store answers again: the abandoned checkpoint still gets no COMMIT
+    time.sleep(0.5)
+    assert store.steps() == [4, 9]
