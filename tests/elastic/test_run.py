@@ -1,3 +1,4 @@
+import pytest
 """A real elastic run on a local Ray cluster: completes, records, resumes exactly."""
 import json
 
@@ -65,6 +66,7 @@ def test_stop_and_resume_equals_uninterrupted(tmp_path, ray_cluster):
         assert torch.equal(model_a[k], model_b[k]), k
 
 
+@pytest.mark.slow  # a benchmark's harness: three runs; `python -m pytest -m slow tests/elastic/test_run.py`
 def test_bench_converge_compares_every_strategy_with_dense_at_equal_tokens(tmp_path, ray_cluster):
     from elastic.bench.runs import bench_converge
 
