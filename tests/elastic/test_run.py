@@ -1,7 +1,7 @@
-import pytest
 """A real elastic run on a local Ray cluster: completes, records, resumes exactly."""
 import json
 
+import pytest
 import torch
 
 from elastic.checkpoint import CheckpointStore
