@@ -143,15 +143,22 @@ def run_threads(world_size: int, fn: Callable[[ThreadCommunicator], T], timeout:
     An exception on any rank breaks the group (so peers do not hang) and is re-raised here (lowest rank).
     """
     comms = ThreadCommunicator.group(world_size, timeout)
+    return run_rank_threads(world_size, lambda r: fn(comms[r]), lambda r: comms[r].abort())
+
+
+def run_rank_threads(world_size: int, fn: Callable[[int], T], on_error: Callable[[int], None]) -> list[T]:
+    """Run `fn(rank)` on `world_size` threads; results in rank order. A rank that raises calls `on_error(rank)`
+    (which breaks its groups, so peers do not hang); the lowest rank's own error (not a peer's broken barrier,
+    if there is one) is re-raised here."""
     results: list = [None] * world_size
     errors: list[BaseException | None] = [None] * world_size
 
     def body(r: int) -> None:
         try:
-            results[r] = fn(comms[r])
+            results[r] = fn(r)
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             errors[r] = e
-            comms[r].abort()
+            on_error(r)
 
     threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}") for r in range(world_size)]
     for t in threads:

@@ -35,7 +35,6 @@ Torch ops only (any device): the fused Triton kernels of flat demo are not used 
 """
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
@@ -43,7 +42,7 @@ from typing import Callable, Sequence, TypeVar
 import torch
 
 from compression.codec import GroupSpec, PayloadError, WireFormat
-from compression.communicator import Communicator, ThreadCommunicator
+from compression.communicator import Communicator, ThreadCommunicator, run_rank_threads
 from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, dct_basis, sparse_idct2
 from compression.demo import PAIRWISE_MAX_PICKS, encode_chunks, grid_mean, pairwise_mean
@@ -443,25 +442,11 @@ def run_node_threads(node_ids: Sequence[str], fn: Callable[[int, NodeGroups], T]
     """Run `fn(rank, groups)` for every rank as a thread; results in rank order. An exception on any rank breaks
     every group (so peers do not hang) and is re-raised here (the lowest rank's)."""
     groups = thread_node_groups(node_ids, timeout)
-    results: list = [None] * len(groups)
-    errors: list[BaseException | None] = [None] * len(groups)
 
-    def body(r: int) -> None:
-        try:
-            results[r] = fn(r, groups[r])
-        except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
-            errors[r] = e
-            for g in groups:
-                for c in (g.local, g.cross):
-                    if c is not None:
-                        c.abort()
+    def break_all(_rank: int) -> None:
+        for g in groups:
+            for c in (g.local, g.cross):
+                if c is not None:
+                    c.abort()
 
-    threads = [threading.Thread(target=body, args=(r,), name=f"rank{r}") for r in range(len(groups))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    primary = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
-    if primary or any(errors):
-        raise (primary or [e for e in errors if e is not None])[0]
-    return results
+    return run_rank_threads(len(groups), lambda r: fn(r, groups[r]), break_all)
