@@ -112,6 +112,7 @@ class WorkerReplica:
         self.attention = AttentionShapes(self.device, self.micro_rows, cfg.train.attention_warm_rows)
         self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
         self.checkpoint_writes = BackgroundWrites(worker_id)  # this worker's part of checkpoints, written in a thread
+        self.pinned_ahead = False  # checkpoint buffers pinned (once, in `prepare`)
 
     def prepare(self) -> float:
         """One-time work before the first step, in the thread that will run the steps: cuDNN attention
@@ -133,8 +134,9 @@ class WorkerReplica:
     def _pin_checkpoint_buffers(self) -> None:
         """On CUDA (`checkpoint.pin_ahead`): build the sync strategy now (its group comes at `join_group`) and
         pin host buffers for the parameters and its state, so no checkpoint pins memory while steps run."""
-        if self.device.type != "cuda" or not self.cfg.checkpoint.pin_ahead:
+        if self.pinned_ahead or self.device.type != "cuda" or not self.cfg.checkpoint.pin_ahead:
             return
+        self.pinned_ahead = True  # `prepare` runs before every step too (a no-op once done): pin only once
         if self.sync is None:
             self.sync = build_sync(self.cfg.sync, self.params, None)  # bound to its group at join_group
         t0 = time.perf_counter()
