@@ -11,6 +11,7 @@ def _series(port: int) -> str:
     return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
 
 
+@pytest.mark.slow  # ~30 s of waiting for Ray to drop the control gauge: `python -m pytest -m slow tests/elastic/test_metrics_refresh.py`
 @pytest.mark.timeout(240)
 def test_gauges_set_once_stay_exported_while_a_plain_gauge_vanishes():
     import ray
