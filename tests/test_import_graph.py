@@ -22,6 +22,17 @@ def _modules() -> dict[str, Path]:
     return mods
 
 
+def _from_module(node: ast.ImportFrom, here: str) -> str:
+    """The absolute module a `from ... import` names, relative imports resolved against package `here`."""
+    base = node.module or ""
+    if not node.level:
+        return base
+    pkg = here
+    for _ in range(node.level - 1):
+        pkg = pkg.rpartition(".")[0]
+    return f"{pkg}.{base}" if base else pkg
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the first-party modules it imports anywhere in its body. `from pkg import name` points at
     `pkg.name` when that is a module, else at `pkg` (its `__init__`)."""
@@ -40,12 +51,7 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets.update(owner(a.name) for a in node.names)
             elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    pkg = here
-                    for _ in range(node.level - 1):
-                        pkg = pkg.rpartition(".")[0]
-                    base = f"{pkg}.{base}" if base else pkg
+                base = _from_module(node, here)
                 for a in node.names:
                     full = f"{base}.{a.name}"
                     targets.add(full if full in mods else owner(base))
@@ -138,12 +144,7 @@ def private_reach_ins(mod: str, source: str, here: str) -> list[str]:
                     if a.name.split(".")[0] != top and _private(a.name):
                         found.append(f"{mod}: import {a.name}")
         elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                pkg = here
-                for _ in range(node.level - 1):
-                    pkg = pkg.rpartition(".")[0]
-                base = f"{pkg}.{base}" if base else pkg
+            base = _from_module(node, here)
             if base.split(".")[0] not in PACKAGES:
                 continue
             for a in node.names:
