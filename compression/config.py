@@ -29,6 +29,9 @@ class SyncConfig:
     inner_steps: int = 50          # local steps between outer steps (H); the last step and checkpoints sync too
     outer_lr: float = 1.0          # outer SGD on the averaged delta: 1.0 with momentum 0 = the weighted average;
     outer_momentum: float = 0.0    # DiLoCo's Nesterov 0.7/0.9 wants hundreds of outer steps (docs/compression.md#diloco)
+    outer_topk: int = 0            # 0: the outer delta goes dense as int8; k > 0: DCT top-k per sync.chunk chunk with
+                                   # bf16 values and error feedback (SparseLoCo-style, docs/compression.md#sparse-outer)
+    outer_feedback: float = 1.0    # outer_topk: decay of the error-feedback residual before the next delta is added
 
 
 def sync_option_problem(cfg: SyncConfig, strategy: str | None = None) -> str | None:
@@ -51,6 +54,9 @@ def sync_option_problem(cfg: SyncConfig, strategy: str | None = None) -> str | N
          f"sync.inner_steps: {s.inner_steps} must be >= 1 (diloco's local steps per outer step)"),
         ("diloco", s.outer_lr > 0, f"sync.outer_lr: {s.outer_lr} must be > 0"),
         ("diloco", 0 <= s.outer_momentum < 1, f"sync.outer_momentum: {s.outer_momentum} must be in [0, 1)"),
+        ("diloco", s.outer_topk >= 0, f"sync.outer_topk: {s.outer_topk} must be >= 0 (0: dense int8 outer delta)"),
+        ("diloco", s.outer_topk == 0 or s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2"),
+        ("diloco", 0 <= s.outer_feedback <= 1, f"sync.outer_feedback: {s.outer_feedback} must be in [0, 1]"),
         ("demo", s.value_bits in (1, 16), f"sync.value_bits: {s.value_bits} must be 1 or 16"),
         ("demo", s.topk >= 1, f"sync.topk: {s.topk} must be >= 1"),
         ("demo", s.chunk >= 2, f"sync.chunk: {s.chunk} must be >= 2"),

@@ -6,6 +6,10 @@ Every rank keeps the global parameters `theta_g` (identical everywhere) and trai
     delta_r = theta_g - theta_r                            (after this step's inner update)
     int8 per block of 1024, float32 scale = max|block| / 127 -> one payload, one all-gather
     delta   = sum_r w_r dequant(delta_r) / sum_r w_r       (w_r: tokens since the last outer step, rank order)
+  or, with `sync.outer_topk=k` (SparseLoCo-style, Sarfi et al. 2025, arXiv 2508.15706):
+    e_r     = outer_feedback * e_r + delta_r               (error feedback, per rank, in DeMo's chunk layout)
+    the top-k DCT coefficients of every chunk of e_r, bf16 values -> one payload; e_r -= what was picked
+    delta   = sum_r w_r idct(picks_r) / sum_r w_r          (rank order)
     buf     = momentum * buf + delta;  theta_g -= outer_lr * (delta + momentum * buf)   (Nesterov, as torch SGD)
     theta_r = theta_g on every rank
 Between outer steps nothing is sent.
@@ -30,6 +34,8 @@ import torch
 from compression.codec import HEADER_BYTES, Framing, PayloadError, packed_copy
 from compression.communicator import Communicator
 from compression.config import SyncConfig, sync_option_problem
+from compression.dct import ChunkPlan, dct2, dct_basis, sparse_idct2
+from compression.demo import demo_wire_format
 from compression.dense import adamw_layout, adamw_state, adamw_step_on, build_adamw
 from compression.sync import ExchangeStats, Sync
 
@@ -75,6 +81,83 @@ class DeltaWire(Framing):
         at once would be W model-sized float tensors)."""
         return (q.to(torch.float32) * scale[:, None]).view(-1)[:self.numel]
 
+    def mean(self, gathered: torch.Tensor, validate: bool, step: int) -> torch.Tensor:
+        """The weighted mean `[numel]` of the ranks' deltas (rank order: the same float sums everywhere)."""
+        weights, ranks = self.decode(gathered, validate=validate, step=step)
+        mean = torch.zeros(self.numel, device=gathered.device)
+        for r, (q, scale) in enumerate(ranks):
+            mean.add_(self.delta(q, scale), alpha=shares(weights)[r])
+        return mean
+
+
+def shares(weights: torch.Tensor) -> list[float]:
+    """Each rank's share of the outer step, w_r / sum w (one host sync); a total that is not > 0 is an error."""
+    w = weights.double()
+    share = (w / w.sum()).tolist()
+    if not all(math.isfinite(x) for x in share):
+        raise PayloadError(-1, f"total weight {float(w.sum())} of the outer step is not > 0 (no rank trained)")
+    return share
+
+
+class SparseDelta:
+    """The outer delta as DeMo's payload: top-k DCT coefficients per chunk (`sync.chunk`), bf16 values.
+
+    What is not sent stays in the rank's error-feedback residual `e` (chunk layout, one `[N, h, w]` buffer per
+    chunk group), decayed by `outer_feedback` and added to the next delta, so every part of every rank's
+    delta is sent eventually. Bytes per outer step: `nbytes` (12-bit index + 16-bit value per pick)."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], chunk: int, topk: int, device):
+        self.shapes = [tuple(s) for s in shapes]
+        self.sizes = [math.prod(s) for s in self.shapes]
+        self.plan = ChunkPlan(self.shapes, chunk)
+        self.wire = demo_wire_format(self.plan, topk, 16)
+        self.ks = [g.k for g in self.wire.groups]
+        self.bases = [(dct_basis(g.h, device), dct_basis(g.w, device)) for g in self.plan.groups]
+        self.device = device
+
+    @property
+    def nbytes(self) -> int:
+        return self.wire.nbytes
+
+    def zero_feedback(self) -> list[torch.Tensor]:
+        return [torch.zeros(g.n_chunks, g.h, g.w, device=self.device) for g in self.plan.groups]
+
+    def encode(self, delta: torch.Tensor, feedback: list[torch.Tensor], decay: float, rank: int, step: int,
+               weight: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """(payload, the new residual); `feedback` is left as it was (the caller keeps the new one at commit)."""
+        chunks = self.plan.gather([v.view(s) for v, s in zip(delta.split(self.sizes), self.shapes)], self.device)
+        for c, e in zip(chunks, feedback):
+            c.add_(e, alpha=decay)
+        picks = []
+        for c, (ch, cw), k in zip(chunks, self.bases, self.ks):  # c becomes the residual
+            coef = dct2(c, ch, cw).reshape(c.shape[0], -1)
+            idx = coef.abs().topk(k, dim=1, sorted=True).indices
+            val = coef.gather(1, idx).to(torch.bfloat16).float()  # what peers will decode, bit for bit
+            c.sub_(sparse_idct2(idx, val, ch, cw))  # so the residual keeps the bf16 rounding too
+            picks.append((idx, val))
+        payload = self.wire.encode([i for i, _ in picks], [v for _, v in picks], rank, step, weight)
+        return payload, chunks
+
+    def mean(self, gathered: torch.Tensor, validate: bool, step: int) -> torch.Tensor:
+        """The weighted mean `[numel]` of the ranks' decoded picks (rank order: the same float sums everywhere)."""
+        weights, groups = self.wire.decode(gathered, validate=validate, step=step)
+        share = shares(weights)
+        out = []
+        for (idx, vals, _), (ch, cw), g in zip(groups, self.bases, self.plan.groups):
+            x = torch.zeros(g.n_chunks, g.h, g.w, device=gathered.device)
+            for r in range(gathered.shape[0]):
+                x.add_(sparse_idct2(idx[r], vals[r].float(), ch, cw), alpha=share[r])
+            out.append(x)
+        return torch.cat([t.reshape(-1) for t in self.plan.scatter(out)])
+
+    def to_params(self, feedback: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.plan.scatter(feedback)
+
+    def from_params(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if [tuple(t.shape) for t in tensors] != self.shapes:
+            raise ValueError("load_state_dict: the outer error feedback's shapes do not match the parameters")
+        return self.plan.gather([t.to(self.device) for t in tensors], self.device)
+
 
 class DilocoSync(Sync):
     def __init__(self, cfg: SyncConfig, params: list[torch.Tensor], comm: Communicator):
@@ -86,7 +169,11 @@ class DilocoSync(Sync):
         self.cfg, self.params, self.comm = cfg, params, comm
         self.device = params[0].device
         self.numel = sum(p.numel() for p in params)
-        self.wire = DeltaWire(self.numel)
+        # the outer delta's codec: dense int8 blocks, or DCT top-k picks with a per-rank error feedback
+        self.sparse = cfg.outer_topk > 0
+        self.wire = (SparseDelta([tuple(p.shape) for p in params], cfg.chunk, cfg.outer_topk, self.device)
+                     if self.sparse else DeltaWire(self.numel))
+        self.feedback = self.wire.zero_feedback() if self.sparse else []
         self.opt = build_adamw(params, tuple(cfg.betas), cfg.eps)
         with torch.no_grad():
             self.theta_g = self._flat(params)
@@ -128,16 +215,13 @@ class DilocoSync(Sync):
             delta = self.theta_g - theta_r
             w = pending["phase_weight"] if finite else float("nan")
             seq = self.step_count if step is None else int(step)  # every peer's header must carry it
-            payload = self.wire.encode(delta, self.comm.rank, seq, w)
+            if self.sparse:
+                payload, pending["feedback"] = self.wire.encode(delta, self.feedback, self.cfg.outer_feedback,
+                                                                self.comm.rank, seq, w)
+            else:
+                payload = self.wire.encode(delta, self.comm.rank, seq, w)
             gathered, t1, t2 = self._timed(self.comm.allgather, payload)
-            weights, ranks = self.wire.decode(gathered, validate=self.cfg.validate_payloads, step=seq)
-            share = (weights / weights.sum()).tolist()  # host sync (validation already made one)
-            if not all(math.isfinite(x) for x in share):
-                raise PayloadError(-1, f"total weight {float(weights.sum())} of the outer step is not > 0 "
-                                       "(no rank trained)")
-            mean = torch.zeros_like(self.theta_g)
-            for r, (q, scale) in enumerate(ranks):  # rank order: the same float sums on every rank
-                mean.add_(self.wire.delta(q, scale), alpha=share[r])
+            mean = self.wire.mean(gathered, self.cfg.validate_payloads, seq)
             buf = self.outer_buf * self.cfg.outer_momentum + mean
             theta_g = self.theta_g - self.cfg.outer_lr * (mean + self.cfg.outer_momentum * buf)
             pending.update(inner_state=inner_state, theta_g=theta_g, outer_buf=buf)
@@ -183,6 +267,8 @@ class DilocoSync(Sync):
                 torch._foreach_copy_([p.detach() for p in self.params],
                                      [v.view_as(p) for v, p in zip(self.theta_g.split(sizes), self.params)])
             self.phase_weight = 0.0
+            if self.sparse:
+                self.feedback = pending["feedback"]
         else:
             adamw_step_on(self.opt, self.params, pending["grads"], pending["lr"], pending["wd"])
             self.phase_weight = pending["phase_weight"]
@@ -196,11 +282,13 @@ class DilocoSync(Sync):
         copy = (lambda t: t.detach()) if on_device else (lambda t: t.detach().cpu().clone())
         return {"strategy": "diloco", "step_count": self.step_count, "phase_weight": self.phase_weight,
                 "theta_g": copy(self.theta_g), "outer_buf": copy(self.outer_buf),
-                "adamw": adamw_state(self.opt, on_device)}
+                "adamw": adamw_state(self.opt, on_device),
+                **({"outer_feedback": [copy(t) for t in self.wire.to_params(self.feedback)]} if self.sparse else {})}
 
     def state_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [(tuple(self.theta_g.shape), self.theta_g.dtype), (tuple(self.outer_buf.shape), self.outer_buf.dtype),
-                *adamw_layout(self.opt)]
+                *adamw_layout(self.opt),
+                *([(s, torch.float32) for s in self.wire.shapes] if self.sparse else [])]
 
     def load_state_dict(self, sd: dict) -> None:
         if sd.get("strategy") != "diloco":
@@ -213,4 +301,7 @@ class DilocoSync(Sync):
         self.outer_buf = sd["outer_buf"].to(self.device, torch.float32).clone()
         self.phase_weight = float(sd["phase_weight"])
         self.step_count = int(sd["step_count"])
+        if self.sparse:  # a state saved without it (dense int8 outer steps before): nothing unsent yet
+            fb = sd.get("outer_feedback")
+            self.feedback = self.wire.zero_feedback() if fb is None else self.wire.from_params(fb)
         self._pending = None

@@ -236,6 +236,8 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
             losses[r, step] = float(acc) / per
             if r == 0:
                 stats_box.setdefault("first", stats)
+                stats_box["sent"] = stats_box.get("sent", 0) + stats.bytes_sent  # diloco: only at outer steps
+                stats_box["received"] = stats_box.get("received", 0) + stats.bytes_received
                 if not math.isfinite(losses[r, step]):
                     raise Diverged(f"loss is {losses[r, step]} at step {step + 1}")
                 if (eval_every and (step + 1) % eval_every == 0) or step + 1 == steps:
@@ -257,9 +259,11 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
         "sync": cfg.sync.name, "workers": workers, "steps": steps, "tokens": steps * B * T,
         "tokens_per_step": B * T, "val_loss": val_curve[-1][2], "val_tokens": n_val * T,
         "final_train_loss_mean10": float(np.mean(curve[-10:])),
-        "bytes_sent_per_worker_per_step": st.bytes_sent, "bytes_received_per_worker_per_step": st.bytes_received,
+        # averaged over the run's steps: diloco sends only at its outer steps
+        "bytes_sent_per_worker_per_step": stats_box["sent"] / steps,
+        "bytes_received_per_worker_per_step": stats_box["received"] / steps,
         "dense_bf16_bytes_per_step": st.dense_equivalent_bytes,
-        "ratio_vs_dense_bf16": (st.dense_equivalent_bytes / st.bytes_sent) if st.bytes_sent else None,
+        "ratio_vs_dense_bf16": (st.dense_equivalent_bytes * steps / stats_box["sent"]) if stats_box["sent"] else None,
         "replicas_bit_equal": bool(equal), "wall_s": round(wall, 1), "ms_per_step": round(wall / steps * 1e3, 1),
         "epochs": round(train_rows.epochs(steps), 2),
         "loss_curve": [round(float(v), 4) for v in curve], "val_curve": val_curve,
