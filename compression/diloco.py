@@ -283,7 +283,9 @@ class DilocoSync(Sync):
         return {"strategy": "diloco", "step_count": self.step_count, "phase_weight": self.phase_weight,
                 "theta_g": copy(self.theta_g), "outer_buf": copy(self.outer_buf),
                 "adamw": adamw_state(self.opt, on_device),
-                **({"outer_feedback": [copy(t) for t in self.wire.to_params(self.feedback)]} if self.sparse else {})}
+                # the unsent residual is this rank's own: a rank that loads another rank's state starts without it
+                **({"outer_feedback": [copy(t) for t in self.wire.to_params(self.feedback)],
+                    "feedback_rank": self.comm.rank} if self.sparse else {})}
 
     def state_layout(self) -> list[tuple[tuple[int, ...], torch.dtype]]:
         return [(tuple(self.theta_g.shape), self.theta_g.dtype), (tuple(self.outer_buf.shape), self.outer_buf.dtype),
@@ -301,7 +303,11 @@ class DilocoSync(Sync):
         self.outer_buf = sd["outer_buf"].to(self.device, torch.float32).clone()
         self.phase_weight = float(sd["phase_weight"])
         self.step_count = int(sd["step_count"])
-        if self.sparse:  # a state saved without it (dense int8 outer steps before): nothing unsent yet
+        if self.sparse:
+            # another rank's residual (a joiner taking a live peer's state, a resume onto a rank without its
+            # own file) is that rank's debt, not ours: loading it too would send it twice. A state saved
+            # without one (int8 outer steps before) has nothing unsent either
             fb = sd.get("outer_feedback")
-            self.feedback = self.wire.zero_feedback() if fb is None else self.wire.from_params(fb)
+            own = fb is not None and sd.get("feedback_rank") == self.comm.rank
+            self.feedback = self.wire.from_params(fb) if own else self.wire.zero_feedback()
         self._pending = None

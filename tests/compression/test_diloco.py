@@ -297,3 +297,20 @@ def test_sparse_outer_option_checks():
     assert "outer_topk" in sync_option_problem(_cfg(outer_topk=-1), "diloco")
     assert "outer_feedback" in sync_option_problem(_cfg(outer_topk=4, outer_feedback=1.5), "diloco")
     assert sync_option_problem(_cfg(outer_topk=4), "diloco") is None
+
+
+def test_sparse_outer_residual_is_loaded_only_by_the_rank_it_belongs_to():
+    """A joiner takes a live peer's state: the peer's unsent residual must not be sent a second time."""
+    cfg = _cfg(outer_topk=2, chunk=8)
+
+    def body(comm):
+        model, sync, _ = _train(comm, H, cfg)
+        sd = sync.state_dict()
+        own = build_sync(cfg, list(copy.deepcopy(model).parameters()), comm)
+        own.load_state_dict(sd)
+        other = build_sync(cfg, list(copy.deepcopy(model).parameters()), comm)
+        other.load_state_dict({**sd, "feedback_rank": 1 - comm.rank})
+        nonzero = lambda s: any(bool(t.abs().sum() > 0) for t in s.feedback)  # noqa: E731
+        return nonzero(sync), nonzero(own), nonzero(other), torch.equal(other.theta_g, sync.theta_g)
+
+    assert run_threads(2, body) == [(True, True, False, True)] * 2
