@@ -171,12 +171,16 @@ def parse_runs(spec: str) -> list[tuple[str, str, list[str]]]:
     return runs
 
 
-def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int, log=print) -> dict:
-    """Train `cfg` with `workers` thread ranks on one device; returns the run's figures and curves."""
+def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int, log=print, nodes: int = 1) -> dict:
+    """Train `cfg` with `workers` thread ranks on one device; returns the run's figures and curves.
+
+    `nodes`: rank r sits on simulated node r % nodes (what `cross_node_bytes_per_step` counts); a
+    `sync.hierarchy=node` run forms its in-node and cross-node groups from that (`run_node_threads`)."""
     import numpy as np
     import torch
 
     from compression import build_sync, run_threads
+    from compression.hierarchy import run_node_threads
     from elastic.model import build_model
     from elastic.schedule import lr_at
 
@@ -196,6 +200,10 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
     val_curve: list[list[float]] = []
     stats_box: dict = {}
     per = B // workers
+    if workers % nodes:
+        raise SystemExit(f"bench-converge-gpu: {workers} ranks do not split evenly over {nodes} simulated nodes")
+    node_of = [f"node{r % nodes}" for r in range(workers)]
+    sent_by_rank = [0] * workers
 
     def evaluate(model) -> float:
         model.eval()
@@ -208,10 +216,9 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
         model.train()
         return tot / n_val
 
-    def body(comm):
+    def body(comm, r: int):
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        r = comm.rank
         with _INIT_LOCK:  # build_model seeds torch's global generator, which the threads share
             model = build_model(cfg.model, 50257 if cfg.data.tokenizer == "gpt2" else 257, cfg.run.seed).to(device)
         params = list(model.parameters())
@@ -234,6 +241,7 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
             stats = sync.exchange(lr=lr, weight=float(per * T), weight_decay=t.weight_decay)
             sync.commit()
             losses[r, step] = float(acc) / per
+            sent_by_rank[r] += stats.bytes_sent  # hierarchy=node: what this rank sends off its node
             if r == 0:
                 stats_box.setdefault("first", stats)
                 stats_box["sent"] = stats_box.get("sent", 0) + stats.bytes_sent  # diloco: only at outer steps
@@ -249,7 +257,10 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    replicas = run_threads(workers, body, timeout=900.0)
+    if cfg.sync.hierarchy == "node":
+        replicas = run_node_threads(node_of, lambda r, groups: body(groups, r), timeout=900.0)
+    else:
+        replicas = run_threads(workers, lambda comm: body(comm, comm.rank), timeout=900.0)
     wall = time.perf_counter() - t0
     equal = all(torch.equal(a, b) for rep in replicas[1:] for a, b in zip(replicas[0], rep))
     del replicas
@@ -264,6 +275,8 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
         "bytes_received_per_worker_per_step": stats_box["received"] / steps,
         "dense_bf16_bytes_per_step": st.dense_equivalent_bytes,
         "ratio_vs_dense_bf16": (st.dense_equivalent_bytes * steps / stats_box["sent"]) if stats_box["sent"] else None,
+        "nodes": nodes,  # per simulated node, the mean over nodes and steps of what its ranks send off it
+        "cross_node_bytes_per_step": sum(sent_by_rank) / nodes / steps,
         "replicas_bit_equal": bool(equal), "wall_s": round(wall, 1), "ms_per_step": round(wall / steps * 1e3, 1),
         "epochs": round(train_rows.epochs(steps), 2),
         "loss_curve": [round(float(v), 4) for v in curve], "val_curve": val_curve,
@@ -272,7 +285,7 @@ def run_one(cfg, workers: int, train_rows: StepRows, val_tokens, eval_every: int
 
 # ---- the study ----------------------------------------------------------------------------------------------
 def study(preset: str, data: str, runs: str, workers: list[int], overrides: list[str], eval_every: int,
-          out_dir: str | None, budget_s: float, log=print, tag: str = "") -> dict:
+          out_dir: str | None, budget_s: float, log=print, tag: str = "", nodes: int = 1) -> dict:
     from elastic.config import load_config
 
     base = load_config(preset, list(overrides))
@@ -295,7 +308,8 @@ def study(preset: str, data: str, runs: str, workers: list[int], overrides: list
                             cfg.data.seed)
             log(f"run {label} W={W}: {cfg.train.steps} steps x {rows.B * rows.T} tokens")
             try:
-                r = run_one(cfg, W, rows, val_tok, eval_every or max(1, cfg.train.steps // 6), log=log)
+                r = run_one(cfg, W, rows, val_tok, eval_every or max(1, cfg.train.steps // 6), log=log,
+                            nodes=nodes)
             except Diverged as e:  # a diverged run is a result too
                 r = {"sync": name, "workers": W, "error": f"diverged: {e}"}
             r.update(label=label, overrides=extra, lr=cfg.train.lr, sync_config=_sync_dict(cfg.sync))
@@ -428,6 +442,7 @@ def _command(args) -> str:
     parts = ["python -m elastic bench-converge-gpu", f"--config {args.config}", f"--data {args.data}",
              f"--workers {args.workers}", f"--runs '{args.runs}'"]
     parts += [f"--eval-every {args.eval_every}"] if args.eval_every else []
+    parts += [f"--nodes {args.nodes}"] if getattr(args, "nodes", 1) > 1 else []
     return " ".join(parts + list(args.overrides))
 
 
@@ -440,6 +455,8 @@ def add_parser(sub) -> None:
     p.add_argument("--runs", default="dense;demo",
                    help="';'-separated runs, each SYNC[:key=value,...], e.g. 'dense;demo:sync.decay=0.99'")
     p.add_argument("--workers", default="1,2,4", help="comma list of simulated rank counts")
+    p.add_argument("--nodes", type=int, default=1, help="simulated nodes (rank r on node r %% N): "
+                   "cross-node bytes per node, and the groups of sync.hierarchy=node runs")
     p.add_argument("--eval-every", type=int, default=0, help="val loss every N steps (0: steps/6)")
     p.add_argument("--out", default="", help="directory for the JSON (written after every run) and the PNG")
     p.add_argument("--plot", default="", help="PNG path (default: OUT/converge-<preset>-<data>.png)")
@@ -462,7 +479,7 @@ def main(args) -> int:
         args.runs = resolve_best(args.runs, args.best_from)
         result = study(args.config, args.data, args.runs, workers, args.overrides, args.eval_every,
                        args.out or None, args.budget_s, log=lambda m: print(m, file=sys.stderr, flush=True),
-                       tag=args.tag)
+                       tag=args.tag, nodes=args.nodes)
         command = result["command"] = _command(args)
         if args.out:
             write_json(result, args.out)
