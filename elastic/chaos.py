@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +104,55 @@ class NodeChaos:
                 acc = sim[len(self.runtime.sim_nodes) % len(sim)]
                 log.warning("chaos: adding a simulated %s node at step %d", acc, faults.step)
                 self.runtime.add_sim_node(acc)
+
+
+STEP_FAULTS = ("hang_at", "corrupt_payload_at", "comm_error_at", "commit_error_at", "diverge_at")
+
+
+def step_faults_for(chaos_cfg, worker_id: str) -> StepFaults | None:
+    """The injector a worker's steps call, or None when the run's `chaos` section schedules no fault that acts
+    inside a worker's step (then the step has no chaos code on its path at all)."""
+    return StepFaults(worker_id) if any(getattr(chaos_cfg, k) for k in STEP_FAULTS) else None
+
+
+class StepFaults:
+    """Injects the faults a step's `StepChaos` flags name into this worker, where a real one would strike.
+
+    - `at_commit`: applying the previous step runs out of memory (`commit_error`), or the replica drifts from
+      its peers right after applying it (`diverge`: bad memory, a nondeterministic kernel);
+    - `before_exchange`: the step gets stuck on its way into the collective (`hang`: a deadlocked kernel or
+      collective; the process still answers liveness pings, unlike the frozen VM that `bench-recovery`
+      makes with SIGSTOP), or this rank's payload is garbage on the wire (`corrupt_payload`), or the
+      collective fails on every rank (`comm_error`)."""
+
+    def __init__(self, worker_id: str):
+        self.worker_id = worker_id
+
+    def before_commit(self, flags, step: int) -> None:
+        if flags.commit_error:
+            raise torch.OutOfMemoryError("chaos.commit_error_at: applying the step ran out of memory")
+
+    def after_commit(self, flags, step: int, params: list[torch.Tensor]) -> bool:
+        """Whether the replica was made to drift (its fingerprint must be taken again)."""
+        if not flags.diverge:
+            return False
+        log.warning("%s: chaos diverge after step %d", self.worker_id, step)
+        with torch.no_grad():
+            params[0].view(-1)[0] += 1e-3
+        return True
+
+    def before_exchange(self, flags, step: int, comm, on_hang) -> None:
+        if flags.hang:
+            on_hang()
+            log.warning("%s: chaos hang at step %d (stops answering until killed)", self.worker_id, step)
+            while True:
+                time.sleep(3600)
+        if flags.corrupt_payload:
+            log.warning("%s: chaos corrupt payload at step %d", self.worker_id, step)
+            wire_injector(comm).armed = True
+        if flags.comm_error:
+            log.warning("%s: chaos collective error at step %d", self.worker_id, step)
+            wire_injector(comm).fail_next = True
 
 
 def wrap_for_chaos(comm, chaos_cfg, seed: int):

@@ -114,9 +114,6 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
     def warmup_attention(self) -> nn.Module:
         """The layer `elastic.attention.AttentionShapes` runs to build cuDNN graphs before training."""
         return self.blocks[0].attn
@@ -230,9 +227,6 @@ class HFCausalLM(nn.Module):
 
     def warmup_attention(self) -> None:
         return None
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 def build_hf_model(model_cfg, tokenizer_vocab: int, seed: int) -> HFCausalLM:

@@ -21,7 +21,7 @@ import torch
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
 from datasets import DataSourceError, DocRange, StepLoader, Window, WindowMismatch, get_tokenizer
 from elastic import rendezvous
-from elastic.chaos import wire_injector, wrap_for_chaos
+from elastic.chaos import step_faults_for, wrap_for_chaos
 from elastic.checkpoint import (BackgroundWrites, HostSnapshot, checkpoint_layout, load_file, load_tensors,
                                 state_trees)
 from elastic.config import RunConfig, collective_timeout_s, sync_boundary
@@ -111,6 +111,7 @@ class WorkerReplica:
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
         self.attention = AttentionShapes(self.device, self.micro_rows, cfg.train.attention_warm_rows)
         self.profiler = StepProfiler(cfg.train.profile_at, cfg.train.profile_steps, self.device.type == "cuda")
+        self.faults = step_faults_for(cfg.chaos, worker_id)  # None unless the chaos section schedules step faults
         self.checkpoint_writes = BackgroundWrites(worker_id)  # this worker's part of checkpoints, written in a thread
         self.pinned_ahead = False  # checkpoint buffers pinned (once, in `prepare`)
 
@@ -216,14 +217,11 @@ class WorkerReplica:
         if call.commit_first is not None:
             report.committed_step = call.commit_first
             try:
-                if chaos.commit_error:
-                    raise torch.OutOfMemoryError("chaos.commit_error_at: applying the step ran out of memory")
+                if self.faults:
+                    self.faults.before_commit(chaos, call.commit_first)
                 with self.profiler.phase("commit"):
                     self.commit(call.commit_first, wait=False)  # the fingerprint is read after the fwd/bwd
-                if chaos.diverge:  # a replica that drifts (bad memory, a nondeterministic kernel)
-                    log.warning("%s: chaos diverge after step %d", self.worker_id, call.commit_first)
-                    with torch.no_grad():
-                        self.params[0].view(-1)[0] += 1e-3
+                if self.faults and self.faults.after_commit(chaos, call.commit_first, self.params):
                     self._start_fingerprint(call.commit_first + 1)
             except Exception as e:
                 # the parameters may be half-updated: this replica must not train on, nor be anyone's source.
@@ -258,17 +256,8 @@ class WorkerReplica:
         report.compute_s = time.time() - t0
         if call.commit_first is not None:
             report.fingerprint = self.fingerprint_result()  # long done: the loss read synced the device
-        if chaos.hang:
-            self.phase = "hung"
-            log.warning("%s: chaos hang at step %d (stops answering until killed)", self.worker_id, step)
-            while True:
-                time.sleep(3600)
-        if chaos.corrupt_payload:
-            log.warning("%s: chaos corrupt payload at step %d", self.worker_id, step)
-            wire_injector(self.comm).armed = True
-        if chaos.comm_error:
-            log.warning("%s: chaos collective error at step %d", self.worker_id, step)
-            wire_injector(self.comm).fail_next = True
+        if self.faults:
+            self.faults.before_exchange(chaos, step, self.comm, on_hang=lambda: setattr(self, "phase", "hung"))
         self._bump("exchange")
         report.tokens, report.docs, report.loss = tokens, n_docs, loss_sum / max(1, tokens)
         report.read_s, report.fwd_bwd_s, report.dropped = read_s, fwd_bwd_s, dropped
