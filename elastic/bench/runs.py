@@ -18,7 +18,7 @@ from pathlib import Path
 
 from elastic.config import load_config
 
-BENCHMARKS_MD = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+BENCHMARKS_MD = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"  # elastic/bench/ -> the repo
 
 
 def machine() -> str:

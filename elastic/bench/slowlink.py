@@ -37,7 +37,7 @@ from pathlib import Path
 
 from elastic.summary import STEP_TIMING_COLS
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]  # elastic/bench/<this file> -> the repository
 IFNAME = "eth9"
 SUBNET = "10.99.0"
 GCS_PORT = 6379

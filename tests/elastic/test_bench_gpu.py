@@ -119,3 +119,16 @@ def test_recorded_row_names_the_command_and_every_run():
     assert "dense w4: error OutOfMemoryError: CUDA out of memory;" in text and "more" not in text
     assert "dense w1 300,000 tokens/s = **0.950x DDP** = **0.700x compiled DDP** = **0.660x compiled loop**" in text
     assert "demo scaling efficiency 2 GPUs 1.0, 4 GPUs 0.987 (torch 2.11, 2026-11-26 13:34 UTC)" in text
+
+
+def test_benchmarks_write_into_the_repository_docs_and_run_children_from_its_root():
+    """elastic/bench/ sits two levels under the repository: rows go to its docs/BENCHMARKS.md, and the link
+    emulators start children with the repository (where `elastic`, `compression`, `datasets` live) on the path."""
+    from pathlib import Path
+
+    from elastic.bench import netwire, runs, slowlink
+
+    repo = Path(__file__).resolve().parents[2]
+    assert runs.BENCHMARKS_MD == repo / "docs" / "BENCHMARKS.md" and runs.BENCHMARKS_MD.exists()
+    assert netwire.REPO == slowlink.REPO == repo and (repo / "elastic" / "__init__.py").exists()
+    assert slowlink.DOCS == repo / "docs"
