@@ -174,7 +174,8 @@ def bench(device: str, model: str, steps: int, workers: int, topk: int, value_bi
     return res
 
 
-def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, value_bits: int) -> dict:
+def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, value_bits: int,
+                 kernels: str = "auto") -> dict:
     """sync.hierarchy=node's codec on one rank: encode + decode of shard 0 of `shards` (1/shards of every chunk
     group, `compression.hierarchy.ShardCodec`) against the same code on the whole chunk set (shards=1), on the
     same gradients; one node (the decode sees its own payload). Medians over `steps` after one warm-up round, the
@@ -182,14 +183,14 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
     from compression.hierarchy import ShardCodec
 
     dev = torch.device(device)
-    cfg = SyncConfig(name="demo", topk=topk, value_bits=value_bits, kernels="torch")
+    cfg = SyncConfig(name="demo", topk=topk, value_bits=value_bits, kernels=kernels)  # torch ops + Triton sections
     shapes = param_shapes(model)
     plan = ChunkPlan(shapes, cfg.chunk)
     g = torch.Generator(device=dev).manual_seed(1)
     chunks = plan.gather([torch.randn(s, device=dev, generator=g) * 1e-3 for s in shapes], dev)
     weight = torch.ones((), dtype=torch.float64, device=dev)
     res = {"model": model, "device": device, "machine": _machine(dev), "torch": torch.__version__, "shards": shards,
-           "topk": topk, "value_bits": value_bits, "steps": steps, "kernels": "torch"}
+           "topk": topk, "value_bits": value_bits, "steps": steps, "kernels": kernels}
     steppers = {}
     for name, count in (("whole", 1), ("shard", shards)):
         codec = ShardCodec(cfg, plan, 0, count, dev)
@@ -203,6 +204,7 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
 
         steppers[name] = step
         res[f"{name}_payload_bytes"] = codec.wire.nbytes
+        res["sections"] = type(codec.sections).__name__  # TritonSections: the payload packed by kernels
     # whole and shard in turn, so both see the same machine load (a shared CPU's load swings by 2x in a minute)
     times = {name: [] for name in steppers}
     for i in range(steps + 1):
@@ -271,7 +273,7 @@ def main(argv=None) -> int:
     if a.shards:
         if a.shards < 1:
             ap.error(f"--shards {a.shards}: must be >= 1 (the local ranks per node)")
-        res = bench_shards(a.device, a.model, a.steps, a.shards, a.topk, a.value_bits)
+        res = bench_shards(a.device, a.model, a.steps, a.shards, a.topk, a.value_bits, a.kernels)
         print(json.dumps(res) if a.json else json.dumps(res, indent=2))
         return 0
     res = bench(a.device, a.model, a.steps, a.workers, a.topk, a.value_bits, a.batch, not a.no_full_step, a.kernels)

@@ -41,7 +41,8 @@ from typing import Callable, Sequence, TypeVar
 
 import torch
 
-from compression.codec import GroupSpec, PayloadError, WireFormat
+import compression.kernels as kernels
+from compression.codec import TORCH_SECTIONS, GroupSpec, PayloadError, Sections, WireFormat
 from compression.communicator import Communicator, ThreadCommunicator, run_rank_threads
 from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, dct_basis, sparse_idct2
@@ -117,8 +118,13 @@ class ShardCodec:
     """Demo's encode and decode (compression.demo's math, torch ops) on one shard of the chunk set; holds that
     shard's momentum. `python -m compression bench --shards G` times it against the whole set (shards=1)."""
 
-    def __init__(self, cfg: SyncConfig, plan: ChunkPlan, shard: int, shards: int, device):
+    def __init__(self, cfg: SyncConfig, plan: ChunkPlan, shard: int, shards: int, device, sections: Sections | None = None):
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
+        # the payload's sign sections: packed and unpacked (with their checks) by one Triton kernel per group on
+        # CUDA, as flat demo does with its kernels on; the ~55 torch ops per group they replace cost as much
+        # host time for one shard as for the whole set. Same bytes either way (tests/compression/test_kernels.py)
+        self.sections = sections or (kernels.TritonSections() if cfg.kernels != "torch" and self.device.type == "cuda"
+                                     and kernels.available(self.device) else TORCH_SECTIONS)
         self.shard, self.shards = shard, shards
         self.ranges = shard_ranges(plan, shard, shards)
         self.live = [gi for gi, (a, b) in enumerate(self.ranges) if b > a]
@@ -147,12 +153,13 @@ class ShardCodec:
         ok = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool, device=self.device)
         ok = ok & torch.isfinite(weight)
         w = weight.to(torch.float64).masked_fill(~ok, float("nan"))
-        return self.wire.encode(idx, val, rank, step, w), new_m, ok
+        return self.wire.encode(idx, val, rank, step, w, self.sections), new_m, ok
 
     def decode(self, gathered: torch.Tensor, step: int, out: list[torch.Tensor]) -> None:
         """Validate the `[N, nbytes]` payloads of this shard (raises `PayloadError(cross rank, reason)`) and
         write sign (or unit-RMS) of the consensus of every live group into `out[gi]` (`[b - a, h, w]`)."""
-        weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads, step=step)
+        weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads, step=step,
+                                           sections=self.sections)
         for li, (idx, vals, mask) in enumerate(groups):
             gi = self.live[li]
             (ch, cw), numel = self.bases[gi], self.plan.groups[gi].numel

@@ -246,3 +246,30 @@ def test_undo_of_a_commit_restores_everything_and_the_step_can_be_committed_agai
     assert [o[:3] for o in out] == [(True, True, True)] * 4
     plain = run_node_threads(["a", "b", "a", "b"], lambda r, g: body(r, g, undo=False))
     assert {o[3] for o in out} == {plain[0][3]}
+
+
+def test_shard_codec_through_the_triton_sections_sends_and_decodes_the_same_bytes():
+    """On CUDA the shard's payload sections go through `kernels.TritonSections` (here: Triton's interpreter):
+    the same payload, the same decoded update, the same new momentum as the torch ops."""
+    import compression.kernels as kernels
+    from compression.codec import TORCH_SECTIONS
+    from compression.hierarchy import ShardCodec
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("Triton's interpreter is not on (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)")
+    shapes = [(128, 64), (64,), (96, 32)]
+    plan = ChunkPlan(shapes, 32)
+    g = torch.Generator().manual_seed(0)
+    chunks = plan.gather([torch.randn(s, generator=g) for s in shapes], "cpu")
+    weight = torch.ones((), dtype=torch.float64)
+    out = {}
+    for name, sections in (("torch", TORCH_SECTIONS), ("triton", kernels.TritonSections())):
+        codec = ShardCodec(NODE, plan, 1, 2, "cpu", sections=sections)
+        payload, new_m, ok = codec.encode(chunks, 1e-2, weight, rank=0, step=4)
+        update = [torch.zeros(b - a, grp.h, grp.w, dtype=torch.int8) for grp, (a, b) in zip(plan.groups, codec.ranges)]
+        codec.decode(payload.unsqueeze(0), 4, update)
+        out[name] = (payload, new_m, update, bool(ok))
+    (p1, m1, u1, ok1), (p2, m2, u2, ok2) = out["torch"], out["triton"]
+    assert ok1 and ok2 and torch.equal(p1, p2)
+    assert all(torch.equal(a, b) for a, b in zip(m1, m2)) and all(torch.equal(a, b) for a, b in zip(u1, u2))
+    assert any(bool(u.abs().sum() > 0) for u in u1)
