@@ -361,13 +361,6 @@ class DemoSync(Sync):
         with torch.no_grad():
             torch._foreach_copy_([p.detach() for p in self.params], self._undo_params)
 
-    def forget_undo(self) -> None:
-        self._undo = None
-
-    @property
-    def can_undo(self) -> bool:
-        return self._undo is not None
-
     # ---- state --------------------------------------------------------------------------------------
     def state_dict(self, on_device: bool = False) -> dict:
         # scatter builds new parameter-shaped tensors: on the device they are already a copy

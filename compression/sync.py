@@ -52,6 +52,7 @@ class Sync:
 
     step_count: int = 0
     supports_undo: bool = False
+    _undo = None  # a strategy that supports undo keeps here what `undo()` restores (None: nothing to undo)
 
     def exchange(self, lr: float, weight: float, weight_decay: float = 0.0, boundary: bool = False,
                  step: int | None = None) -> ExchangeStats:
@@ -70,11 +71,11 @@ class Sync:
         raise NotImplementedError(f"{type(self).__name__} cannot undo a commit")
 
     def forget_undo(self) -> None:
-        pass
+        self._undo = None
 
     @property
     def can_undo(self) -> bool:
-        return False
+        return self._undo is not None
 
     def state_dict(self, on_device: bool = False) -> dict:
         """The strategy's state: what a checkpoint or a joining peer needs. Tensors are copied to the CPU,
