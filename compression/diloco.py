@@ -84,9 +84,10 @@ class DeltaWire(Framing):
     def mean(self, gathered: torch.Tensor, validate: bool, step: int) -> torch.Tensor:
         """The weighted mean `[numel]` of the ranks' deltas (rank order: the same float sums everywhere)."""
         weights, ranks = self.decode(gathered, validate=validate, step=step)
+        share = shares(weights)
         mean = torch.zeros(self.numel, device=gathered.device)
         for r, (q, scale) in enumerate(ranks):
-            mean.add_(self.delta(q, scale), alpha=shares(weights)[r])
+            mean.add_(self.delta(q, scale), alpha=share[r])
         return mean
 
 
