@@ -89,3 +89,22 @@ def roundtrip_continues_identically(sync, params, set_grads, rebuild):
     fresh.exchange(lr=1e-3, weight=1.0)
     fresh.commit()
     return first == digest(params), fresh
+
+
+def commit_undo_commit(sync, params, seed: int, undo: bool = True) -> tuple:
+    """One exchanged step committed with `keep_undo`, undone, committed again (`undo=False`: one plain
+    commit). Returns the (params digest, state digest, step count) snapshots (before the commit, after it,
+    after the undo, at the end), for tests of `Sync.undo` (train.apply_ahead)."""
+    snap = lambda: (digest(params), state_digest(sync.state_dict()), sync.step_count)  # noqa: E731
+    set_random_grads(params, torch.Generator().manual_seed(seed))
+    sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
+    before = snap()
+    sync.commit(keep_undo=undo)
+    applied = snap()
+    if undo:
+        sync.undo()
+    undone = snap()
+    if undo:
+        sync.commit(keep_undo=True)  # the same step again, now kept
+        sync.forget_undo()
+    return before, applied, undone, snap()

@@ -7,8 +7,8 @@ from compression import PayloadError, SyncConfig, build_sync, run_threads
 from compression.bench import param_shapes, wire_bytes
 from compression.dct import dct2
 
-from compression_testkit import (TamperingCommunicator, digest, roundtrip_continues_identically, set_random_grads,
-                                small_model, state_digest)
+from compression_testkit import (TamperingCommunicator, commit_undo_commit, digest, roundtrip_continues_identically,
+                                set_random_grads, small_model, state_digest)
 
 BASE = small_model(0)
 
@@ -59,19 +59,7 @@ def test_undo_of_a_commit_restores_everything_and_the_step_can_be_committed_agai
     def body(comm, undo=True):
         model, sync = _train(comm, 3, cfg)
         params = list(model.parameters())
-        snap = lambda: (digest(params), state_digest(sync.state_dict()), sync.step_count)  # noqa: E731
-        set_random_grads(params, torch.Generator().manual_seed(7 + comm.rank))
-        sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
-        before = snap()
-        sync.commit(keep_undo=undo)
-        applied = snap()
-        if undo:
-            sync.undo()
-        undone = snap()
-        if undo:
-            sync.commit(keep_undo=True)  # the same step again, now kept
-            sync.forget_undo()
-        again = snap()
+        before, applied, undone, again = commit_undo_commit(sync, params, 7 + comm.rank, undo)
         set_random_grads(params, torch.Generator().manual_seed(8 + comm.rank))
         sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
         sync.commit()

@@ -9,7 +9,7 @@ from compression import PayloadError, SyncConfig, build_sync, run_threads
 from compression.dct import ChunkPlan
 from compression.hierarchy import node_topology, run_node_threads, shard_ranges
 
-from compression_testkit import digest, set_random_grads, small_model, state_digest
+from compression_testkit import commit_undo_commit, digest, set_random_grads, small_model, state_digest
 
 BASE = small_model(0)
 DEMO = SyncConfig(name="demo")
@@ -228,19 +228,8 @@ def test_undo_of_a_commit_restores_everything_and_the_step_can_be_committed_agai
     def body(r, g, undo=True):
         model, sync, _ = _train(g, r, 2, NODE)
         params = list(model.parameters())
-        snap = lambda: (digest(params), state_digest(sync.state_dict()), sync.step_count)  # noqa: E731
-        set_random_grads(params, torch.Generator().manual_seed(7 + r))
-        sync.exchange(lr=1e-3, weight=1.0, weight_decay=0.1)
-        before = snap()
-        sync.commit(keep_undo=undo)
-        applied = snap()
-        if undo:
-            sync.undo()
-        undone = snap()
-        if undo:
-            sync.commit(keep_undo=True)
-            sync.forget_undo()
-        return before == undone, applied == snap(), applied != before, digest(params)
+        before, applied, undone, again = commit_undo_commit(sync, params, 7 + r, undo)
+        return before == undone, applied == again, applied != before, digest(params)
 
     out = run_node_threads(["a", "b", "a", "b"], body)
     assert [o[:3] for o in out] == [(True, True, True)] * 4
