@@ -174,6 +174,7 @@ class TrackingSection:
     """Where a run's per-step metrics go while it trains (elastic/tracking.py)."""
     jsonl: bool = True               # runs/<name>/metrics.jsonl, one row per committed step
     tensorboard: bool = True         # runs/<name>/tensorboard/ event files
+    flush_s: float = 1.0             # TensorBoard's events reach the disk (an fsync) at most this often; 0 = every step
     summary_every: int = 10          # rewrite summary.json every N committed steps (0 = only at the end)
     wandb: WandbSection = field(default_factory=WandbSection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
@@ -378,6 +379,7 @@ def validate(cfg: RunConfig) -> None:
     _check(cfg.data.read_timeout_s > 0, f"data.read_timeout_s: {cfg.data.read_timeout_s} must be > 0 (seconds a "
                                         "step may wait for its documents, e.g. 120)")
     _check(cfg.data.retry_backoff_s >= 0, f"data.retry_backoff_s: {cfg.data.retry_backoff_s} must be >= 0 seconds")
+    _check(cfg.tracking.flush_s >= 0, f"tracking.flush_s: {cfg.tracking.flush_s} must be >= 0 (0 = every step)")
     _check(cfg.tracking.summary_every >= 0,
            f"tracking.summary_every: {cfg.tracking.summary_every} must be >= 0 (0 = summary.json only at the end)")
     _check(cfg.tracking.wandb.mode in ("", "online", "offline", "disabled"),

@@ -17,6 +17,7 @@ import threading
 import time
 from collections import Counter
 from dataclasses import asdict
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -97,6 +98,9 @@ class Coordinator:
         self.spawn_failures, self.last_spawn_failure_at = 0, 0.0
         self.commit_failed: list[WorkerHandle] = []  # their commit raised outside a step: they must leave
         self._joining: list[WorkerHandle] = []  # ready, being added by a membership change
+        # what people watch (tracking sinks, metrics gauges, progress) for the last committed step: done after
+        # the next step's calls leave, while the workers compute, not between their reports and that dispatch
+        self._observe: list[Callable[[], None]] = []
         from elastic.metrics import RunMetrics
 
         self.metrics = RunMetrics(cfg.run.name)
@@ -356,6 +360,7 @@ class Coordinator:
         (when the coordinator noticed) says how much of that was detection. For joins, `capacity_at` (node
         appeared / worker requested) gives seconds_from_capacity as well."""
         self.state = CoordinatorState.RESIZING
+        self._observe_now()
         self._flush_commit()
         leaving = list(leaving) + [h for h in self.commit_failed if h not in leaving]
         self.commit_failed = []
@@ -547,6 +552,7 @@ class Coordinator:
                 if self.cfg.train.stop_at and self.step >= self.cfg.train.stop_at:
                     self.summary.event(self.step, "stop_at reached")
                     self.stop_requested = True
+            self._observe_now()
             self.state = CoordinatorState.STOPPING
             self._checkpoint_now(reason="stop" if self.stop_requested else "end")  # waits; raises if not written
             if not self.stop_requested or self.step >= self.cfg.train.steps:
@@ -674,6 +680,7 @@ class Coordinator:
         return True
 
     def _finish(self, t_start: float) -> dict:
+        self._observe_now()
         accounting = self.plan.accounting() if hasattr(self, "plan") else {}  # no plan: bad data before it
         self.summary.finish(self.step, accounting, time.time() - t_start, self.state.value)
         path = self.summary.write(run_dir(self.cfg))
@@ -785,6 +792,7 @@ class Coordinator:
         refs = {h.actor.step.remote(StepCall(step, assignment.get(r, []), lr, chaos[r], commit_first, hint.get(r),
                                              margin.get(r), windows.get(r))): h
                 for r, h in enumerate(members)}
+        self._observe_now()  # the last commit's metrics and progress, while the workers compute this step
         killed_at = None
         if kill_victim is not None:
             time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
@@ -1096,24 +1104,8 @@ class Coordinator:
                                            now - c["capacity_at"] if c.get("capacity_at") else None,
                                            detection_s=c["detected_at"] - c["fault_at"])
         self.open_changes = []
-        tracking.on_commit(self, step, loss, tokens, ok_reports, wall)  # metrics.jsonl, TensorBoard, W&B, MLflow
         self._journal()  # durable before the decision leaves with the next call (or a flush)
-        sent = self.summary.sent_per_step_mean()  # over the run: diloco sends only at outer steps
-        dense = statistics.mean(r.dense_equivalent_bytes for r in ok_reports) if ok_reports else 0
-        self.metrics.loss.set(loss)
-        self.metrics.step.set(self.step)
-        self.metrics.tokens_per_s.set(tokens_per_s(tokens, wall))
-        if sent:
-            self.metrics.compression_ratio.set(dense / sent)
-        self.metrics.data_lag_s.set(max((r.read_s for r in ok_reports), default=0.0))
-        with self.lock:
-            self.progress_info.update(
-                step=self.step, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens_per_s(tokens, wall),
-                bytes_sent=sent, dense_bytes=dense, world_size=len(members),
-                generation=self.generation.generation, state=self.state.value,
-                accelerators=[m.accelerator for m in self.generation.members],
-                changes=len(self.summary.data["membership_changes"]),
-            )
+        self._observe.append(lambda: self._observe_commit(step, members, loss, tokens, ok_reports, wall))
         every = self.cfg.train.eval_every
         if every and self.step % every == 0 and self.step < self.cfg.train.steps:  # the last: _final_eval
             self._flush_commit()  # score the committed parameters
@@ -1124,6 +1116,32 @@ class Coordinator:
         self._poll_checkpoints()  # the writes of earlier checkpoints: commit those done, never wait
         if periodic_checkpoint_due(self.cfg, self.step):
             self.checkpoint(reason="periodic")
+
+    def _observe_commit(self, step, members, loss, tokens, ok_reports, wall) -> None:
+        """Committed step `step` for the people watching: metrics.jsonl, TensorBoard, W&B, MLflow, the
+        Prometheus gauges, the driver's progress line."""
+        tracking.on_commit(self, step, loss, tokens, ok_reports, wall)
+        sent = self.summary.sent_per_step_mean()  # over the run: diloco sends only at outer steps
+        dense = statistics.mean(r.dense_equivalent_bytes for r in ok_reports) if ok_reports else 0
+        self.metrics.loss.set(loss)
+        self.metrics.step.set(step + 1)
+        self.metrics.tokens_per_s.set(tokens_per_s(tokens, wall))
+        if sent:
+            self.metrics.compression_ratio.set(dense / sent)
+        self.metrics.data_lag_s.set(max((r.read_s for r in ok_reports), default=0.0))
+        with self.lock:
+            self.progress_info.update(
+                step=step + 1, total=self.cfg.train.steps, loss=loss, tokens_per_s=tokens_per_s(tokens, wall),
+                bytes_sent=sent, dense_bytes=dense, world_size=len(members),
+                generation=self.generation.generation, state=self.state.value,
+                accelerators=[m.accelerator for m in self.generation.members],
+                changes=len(self.summary.data["membership_changes"]),
+            )
+
+    def _observe_now(self) -> None:
+        """Do the watching work of committed steps still owed (`_observe`), oldest first."""
+        while self._observe:
+            self._observe.pop(0)()
 
     # ---- control from outside ---------------------------------------------------------------
     def progress(self) -> dict:

@@ -105,6 +105,7 @@ class RunTracker:
         self._seen_events = 0
         self._seen_val = None
         self._rows = 0
+        self._tb_flushed_at = 0.0  # the first row reaches the disk at once, later ones every tracking.flush_s
         self._jsonl = open(self.dir / "metrics.jsonl", "a", buffering=1) if self.t.jsonl else None
         self._tb = self._open("tensorboard", self._open_tensorboard) if self.t.tensorboard else None
         self._wandb = self._open("wandb", self._open_wandb) if self.t.wandb.project else None
@@ -226,7 +227,10 @@ class RunTracker:
                 w.add_scalar(k, v, step)
             for c in row.get("membership", []):
                 w.add_text("membership", json.dumps(c), step)
-            w.flush()
+            now = time.time()
+            if now - self._tb_flushed_at >= self.t.flush_s or "membership" in row:
+                w.flush()  # an fsync: not on every step of a fast run (the run's end closes the file)
+                self._tb_flushed_at = now
 
         self._each("tb", tb)
         self._each("wandb", lambda run: run.log(scalars, step=step))

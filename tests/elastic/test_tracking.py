@@ -57,7 +57,8 @@ def _tb_scalars(directory) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_rows_tensorboard_and_summary_during_the_run(tmp_path):
-    cfg = load_config("tiny", [f"run.dir={tmp_path}", "run.name=trk", "tracking.summary_every=2"])
+    cfg = load_config("tiny", [f"run.dir={tmp_path}", "run.name=trk", "tracking.summary_every=2",
+                               "tracking.flush_s=0"])
     coord = _coordinator(cfg)
     _train(coord, 3)
     rd = run_dir(cfg)
@@ -72,7 +73,7 @@ def test_rows_tensorboard_and_summary_during_the_run(tmp_path):
     # summary.json is rewritten every 2 steps while the run goes
     assert json.loads((rd / "summary.json").read_text())["steps"] == 2
     assert json.loads((rd / "summary.json").read_text())["state"] == "RUNNING"
-    # TensorBoard files are flushed every step
+    # TensorBoard files are flushed every step with tracking.flush_s=0
     scalars = _tb_scalars(rd / "tensorboard")
     assert [s for s, _ in scalars["train/loss"]] == [0, 1, 2]
     assert scalars["cluster/world_size"][-1] == (2, 2.0) and scalars["cluster/generation"][-1] == (2, 3.0)
@@ -81,6 +82,25 @@ def test_rows_tensorboard_and_summary_during_the_run(tmp_path):
     last = json.loads((rd / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["final"] and last["state"] == "FINISHED" and last["val_loss"] == 4.5
     assert _tb_scalars(rd / "tensorboard")["val/loss"] == [(2, 4.5)]
+
+
+def test_tensorboard_reaches_the_disk_at_most_every_flush_s(tmp_path):
+    """A fast run does not fsync its event file on every step: the first row at once, then every
+    tracking.flush_s (and at every membership change); the run's end leaves every event on disk."""
+    cfg = load_config("tiny", [f"run.dir={tmp_path}", "run.name=trk", "tracking.flush_s=3600"])
+    coord = _coordinator(cfg)
+    _train(coord, 2)
+    rd = run_dir(cfg)
+    assert [s for s, _ in _tb_scalars(rd / "tensorboard")["train/loss"]] == [0]
+    assert [json.loads(x)["step"] for x in (rd / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    coord.summary.data.update(state="FINISHED")
+    tracking.on_finish(coord)
+    assert [s for s, _ in _tb_scalars(rd / "tensorboard")["train/loss"]] == [0, 1]
+
+
+def test_a_bad_flush_interval_is_refused():
+    with pytest.raises(Exception, match="tracking.flush_s"):
+        load_config("tiny", ["tracking.flush_s=-1"])
 
 
 def test_a_resumed_run_appends_rows(tmp_path):
