@@ -49,7 +49,7 @@ def sync_option_problem(cfg: SyncConfig, strategy: str | None = None) -> str | N
         ("hierarchy", s.hierarchy == "flat" or not s.delayed_apply,
          "sync.hierarchy=node: sync.delayed_apply is not supported there; set sync.delayed_apply=false"),
         ("hierarchy", s.hierarchy == "flat" or s.kernels != "triton",
-         "sync.hierarchy=node runs demo's torch ops (no fused kernels yet); set sync.kernels=auto or torch"),
+         "sync.hierarchy=node picks its kernels itself (auto: flat demo's fused kernels on CUDA, torch ops elsewhere); set sync.kernels=auto or torch"),
         ("diloco", s.inner_steps >= 1,
          f"sync.inner_steps: {s.inner_steps} must be >= 1 (diloco's local steps per outer step)"),
         ("diloco", s.outer_lr > 0, f"sync.outer_lr: {s.outer_lr} must be > 0"),

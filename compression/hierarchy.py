@@ -115,16 +115,23 @@ def shard_ranges(plan: ChunkPlan, shard: int, shards: int) -> list[tuple[int, in
 
 # ---- one shard's codec ---------------------------------------------------------------------------------------
 class ShardCodec:
-    """Demo's encode and decode (compression.demo's math, torch ops) on one shard of the chunk set; holds that
-    shard's momentum. `python -m compression bench --shards G` times it against the whole set (shards=1)."""
+    """Demo's encode and decode (compression.demo's math) on one shard of the chunk set; holds that shard's
+    momentum. `python -m compression bench --shards G` times it against the whole set (shards=1).
 
-    def __init__(self, cfg: SyncConfig, plan: ChunkPlan, shard: int, shards: int, device, sections: Sections | None = None):
+    On CUDA (`sync.kernels=auto`) it runs flat demo's fused kernels: the encode (momentum, DCT, top-k, error
+    feedback in one pass, reading the shard's chunks of the gathered gradient through
+    `TileTable.chunk_layout`), the decode, and the payload sections; elsewhere, or with `sync.kernels=torch`,
+    torch ops. `fused` forces the choice (tests run the kernels under Triton's interpreter)."""
+
+    def __init__(self, cfg: SyncConfig, plan: ChunkPlan, shard: int, shards: int, device, sections: Sections | None = None,
+                 fused: bool | None = None):
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
-        # the payload's sign sections: packed and unpacked (with their checks) by one Triton kernel per group on
-        # CUDA, as flat demo does with its kernels on; the ~55 torch ops per group they replace cost as much
-        # host time for one shard as for the whole set. Same bytes either way (tests/compression/test_kernels.py)
-        self.sections = sections or (kernels.TritonSections() if cfg.kernels != "torch" and self.device.type == "cuda"
-                                     and kernels.available(self.device) else TORCH_SECTIONS)
+        if fused is None:
+            fused = cfg.kernels != "torch" and self.device.type == "cuda" and kernels.available(self.device)
+        # the payload's sign sections: packed and unpacked (with their checks) by one Triton kernel per group,
+        # as flat demo does with its kernels on; the ~55 torch ops per group they replace cost as much host time
+        # for one shard as for the whole set. Same bytes either way (tests/compression/test_kernels.py)
+        self.sections = sections or (kernels.TritonSections() if fused else TORCH_SECTIONS)
         self.shard, self.shards = shard, shards
         self.ranges = shard_ranges(plan, shard, shards)
         self.live = [gi for gi, (a, b) in enumerate(self.ranges) if b > a]
@@ -134,6 +141,12 @@ class ShardCodec:
         self.bases = {gi: (dct_basis(plan.groups[gi].h, self.device), dct_basis(plan.groups[gi].w, self.device))
                       for gi in self.live}
         self.momentum = [torch.zeros(b - a, g.h, g.w, device=self.device) for g, (a, b) in zip(plan.groups, self.ranges)]
+        # the live groups the fused kernels take (chunk sides powers of two in [16, 128])
+        self.tables = {gi: kernels.TileTable.chunk_layout(b - a, plan.groups[gi].h, plan.groups[gi].w, self.device)
+                       for gi, (a, b) in ((gi, self.ranges[gi]) for gi in self.live)
+                       if fused and kernels.supports(plan.groups[gi].h, plan.groups[gi].w,
+                                                     self.wire.groups[self.live.index(gi)].k)}
+        self._no_delta = torch.zeros(1, dtype=torch.int64, device=self.device)  # one source tensor: offset 0
 
     def encode(self, chunks: list[torch.Tensor], lr: float, weight: torch.Tensor, rank: int, step: int):
         """`chunks`: the whole model's gradient in chunk layout (one `[N, h, w]` per group). Returns (payload,
@@ -141,6 +154,17 @@ class ShardCodec:
         The committed momentum is untouched. A non-finite momentum or weight poisons the payload's weight."""
         new_m, idx, val, finite = [], [], [], []
         for gi, (g, m, (a, b)) in enumerate(zip(chunks, self.momentum, self.ranges)):
+            if gi in self.tables:
+                nm = torch.empty_like(m)
+                src = g[a:b].to(torch.float32).contiguous()
+                k = self.wire.groups[self.live.index(gi)].k
+                i, v, bad = kernels.fused_encode(m, nm, [src], self._no_delta, self.tables[gi], *self.bases[gi],
+                                                 k, self.cfg.decay, lr)
+                new_m.append(nm)
+                idx.append(i)
+                val.append(v)
+                finite.append((bad == 0).all())
+                continue
             nm = m * self.cfg.decay
             nm.add_(g[a:b], alpha=lr)
             new_m.append(nm)
@@ -166,6 +190,10 @@ class ShardCodec:
             W, n, k = idx.shape
             wv, wm = vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1)
             coef = pairwise_mean(idx, wv, wm) if W * k <= PAIRWISE_MAX_PICKS else grid_mean(idx, wv, wm, numel)
+            if gi in self.tables:
+                kernels.fused_decode(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw, out[gi],
+                                     rms=self.cfg.update == "rms")
+                continue
             x = sparse_idct2(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw)
             if self.cfg.update == "rms":
                 rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()

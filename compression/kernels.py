@@ -313,6 +313,17 @@ class TileTable:
         self.c_off = torch.cat(offs).to(device)
         self.c_stride = torch.cat(strides).to(device)
 
+    @classmethod
+    def chunk_layout(cls, n_chunks: int, h: int, w: int, device) -> "TileTable":
+        """The table of chunks already laid out back to back (`[N, h, w]`, one tensor): chunk n at offset
+        n * h * w, rows of w. What `compression.hierarchy` hands the kernels: its shard of a gathered gradient."""
+        t = cls.__new__(cls)
+        t.n_chunks = n_chunks
+        t.c_param = torch.zeros(n_chunks, dtype=torch.int32, device=device)
+        t.c_off = torch.arange(n_chunks, dtype=torch.int64, device=device) * (h * w)
+        t.c_stride = torch.full((n_chunks,), w, dtype=torch.int64, device=device)
+        return t
+
 
 class Addresses:
     """Each tensor's address relative to the first one's (the kernels' base pointer), in elements, on the

@@ -237,6 +237,43 @@ def test_undo_of_a_commit_restores_everything_and_the_step_can_be_committed_agai
     assert {o[3] for o in out} == {plain[0][3]}
 
 
+def test_shard_codec_through_the_fused_kernels_matches_the_torch_ops():
+    """On CUDA the shard's encode and decode run flat demo's fused kernels on the shard's chunks of the gathered
+    gradient (here: Triton's interpreter): the same picks and payload, the same decoded update, the same new
+    momentum (to float rounding: the kernel's DCT sums in another order) as the torch ops; the committed
+    momentum is untouched and a non-finite gradient poisons the payload's weight."""
+    import compression.kernels as kernels
+    from compression.hierarchy import ShardCodec
+
+    if not kernels.available(torch.device("cpu")):
+        pytest.skip("Triton's interpreter is not on (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)")
+    shapes = [(128, 64), (64,), (96, 32), (50,)]   # 32x32 tiles, 1x32 runs, and a ragged vector group
+    plan = ChunkPlan(shapes, 32)
+    g = torch.Generator().manual_seed(1)
+    weight = torch.ones((), dtype=torch.float64)
+    out = {}
+    for fused in (False, True):
+        codec = ShardCodec(NODE, plan, 1, 2, "cpu", fused=fused)
+        assert bool(codec.tables) == fused
+        for step in range(3):   # momentum carries over: later steps encode decay * m + lr * grad
+            chunks = plan.gather([torch.randn(s, generator=torch.Generator().manual_seed(10 + step)) for s in shapes], "cpu")
+            before = [m.clone() for m in codec.momentum]
+            payload, new_m, ok = codec.encode(chunks, 1e-2, weight, rank=0, step=step)
+            assert all(torch.equal(a, b) for a, b in zip(before, codec.momentum)), "the committed momentum changed"
+            codec.momentum = new_m
+        update = [torch.zeros(b - a, grp.h, grp.w, dtype=torch.int8) for grp, (a, b) in zip(plan.groups, codec.ranges)]
+        codec.decode(payload.unsqueeze(0), 2, update)
+        out[fused] = (payload, new_m, update, bool(ok))
+        bad = [c.clone() for c in chunks]
+        bad[0][-1, 0, 0] = float("nan")   # a chunk of shard 1 of the first group
+        _, _, ok_bad = codec.encode(bad, 1e-2, weight, rank=0, step=3)
+        assert not bool(ok_bad)
+    (p1, m1, u1, ok1), (p2, m2, u2, ok2) = out[False], out[True]
+    assert ok1 and ok2 and torch.equal(p1, p2)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(m1, m2))
+    assert all(torch.equal(a, b) for a, b in zip(u1, u2)) and any(bool(u.abs().sum() > 0) for u in u1)
+
+
 def test_shard_codec_through_the_triton_sections_sends_and_decodes_the_same_bytes():
     """On CUDA the shard's payload sections go through `kernels.TritonSections` (here: Triton's interpreter):
     the same payload, the same decoded update, the same new momentum as the torch ops."""
