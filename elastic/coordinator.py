@@ -792,13 +792,13 @@ class Coordinator:
         refs = {h.actor.step.remote(StepCall(step, assignment.get(r, []), lr, chaos[r], commit_first, hint.get(r),
                                              margin.get(r), windows.get(r))): h
                 for r, h in enumerate(members)}
-        self._observe_now()  # the last commit's metrics and progress, while the workers compute this step
         killed_at = None
-        if kill_victim is not None:
+        if kill_victim is not None:  # mid-step, before anything else delays it
             time.sleep(min(0.2, 0.3 * (statistics.median(self.recent_step_s) if self.recent_step_s else 0.1)))
             self.summary.event(step, f"chaos-kill {kill_victim.worker_id}")
             killed_at = time.time()
             kill_quietly(kill_victim.actor)
+        self._observe_now()  # the last commit's metrics and progress, while the workers compute this step
         reports, dead, lv, observed = self._collect(refs, t0)
         detected = lv.noticed_at or time.time()
         outcome = StepOutcome(step, [h.worker_id for h in members], reports, [h.worker_id for h in dead],
