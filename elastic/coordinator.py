@@ -1139,9 +1139,13 @@ class Coordinator:
             )
 
     def _observe_now(self) -> None:
-        """Do the watching work of committed steps still owed (`_observe`), oldest first."""
+        """Do the watching work of committed steps still owed (`_observe`), oldest first. It runs while the
+        workers compute a step: a failure is logged, never raised into the step."""
         while self._observe:
-            self._observe.pop(0)()
+            try:
+                self._observe.pop(0)()
+            except Exception:
+                log.exception("recording a committed step for tracking, metrics or progress failed")
 
     # ---- control from outside ---------------------------------------------------------------
     def progress(self) -> dict:
