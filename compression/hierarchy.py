@@ -141,11 +141,11 @@ class ShardCodec:
         self.bases = {gi: (dct_basis(plan.groups[gi].h, self.device), dct_basis(plan.groups[gi].w, self.device))
                       for gi in self.live}
         self.momentum = [torch.zeros(b - a, g.h, g.w, device=self.device) for g, (a, b) in zip(plan.groups, self.ranges)]
+        self.ks = {gi: spec.k for gi, spec in zip(self.live, self.wire.groups)}
         # the live groups the fused kernels take (chunk sides powers of two in [16, 128])
         self.tables = {gi: kernels.TileTable.chunk_layout(b - a, plan.groups[gi].h, plan.groups[gi].w, self.device)
                        for gi, (a, b) in ((gi, self.ranges[gi]) for gi in self.live)
-                       if fused and kernels.supports(plan.groups[gi].h, plan.groups[gi].w,
-                                                     self.wire.groups[self.live.index(gi)].k)}
+                       if fused and kernels.supports(plan.groups[gi].h, plan.groups[gi].w, self.ks[gi])}
         self._no_delta = torch.zeros(1, dtype=torch.int64, device=self.device)  # one source tensor: offset 0
 
     def encode(self, chunks: list[torch.Tensor], lr: float, weight: torch.Tensor, rank: int, step: int):
@@ -157,9 +157,8 @@ class ShardCodec:
             if gi in self.tables:
                 nm = torch.empty_like(m)
                 src = g[a:b].to(torch.float32).contiguous()
-                k = self.wire.groups[self.live.index(gi)].k
                 i, v, bad = kernels.fused_encode(m, nm, [src], self._no_delta, self.tables[gi], *self.bases[gi],
-                                                 k, self.cfg.decay, lr)
+                                                 self.ks[gi], self.cfg.decay, lr)
                 new_m.append(nm)
                 idx.append(i)
                 val.append(v)
@@ -170,7 +169,7 @@ class ShardCodec:
             new_m.append(nm)
             if gi in self.bases:
                 ch, cw = self.bases[gi]
-                i, v = encode_chunks(nm, ch, cw, self.wire.groups[self.live.index(gi)].k)
+                i, v = encode_chunks(nm, ch, cw, self.ks[gi])
                 idx.append(i)
                 val.append(v)
                 finite.append(torch.isfinite(v).all())

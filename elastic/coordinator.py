@@ -16,8 +16,8 @@ import statistics
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 import ray

@@ -249,7 +249,6 @@ def test_shard_codec_through_the_fused_kernels_matches_the_torch_ops():
         pytest.skip("Triton's interpreter is not on (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)")
     shapes = [(128, 64), (64,), (96, 32), (50,)]   # 32x32 tiles, 1x32 runs, and a ragged vector group
     plan = ChunkPlan(shapes, 32)
-    g = torch.Generator().manual_seed(1)
     weight = torch.ones((), dtype=torch.float64)
     out = {}
     for fused in (False, True):
