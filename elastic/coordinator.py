@@ -98,8 +98,9 @@ class Coordinator:
         self.spawn_failures, self.last_spawn_failure_at = 0, 0.0
         self.commit_failed: list[WorkerHandle] = []  # their commit raised outside a step: they must leave
         self._joining: list[WorkerHandle] = []  # ready, being added by a membership change
-        # what people watch (tracking sinks, metrics gauges, progress) for the last committed step: done after
-        # the next step's calls leave, while the workers compute, not between their reports and that dispatch
+        # what people watch (tracking sinks, metrics gauges, progress) for the last committed step: with GPU
+        # workers done after the next step's calls leave, while they compute, not between their reports and
+        # that dispatch (the host's cores are free then); with CPU workers at once
         self._observe: list[Callable[[], None]] = []
         from elastic.metrics import RunMetrics
 
@@ -1106,6 +1107,10 @@ class Coordinator:
         self.open_changes = []
         self._journal()  # durable before the decision leaves with the next call (or a flush)
         self._observe.append(lambda: self._observe_commit(step, members, loss, tokens, ok_reports, wall))
+        if all(m.accelerator == "CPU" for m in self.generation.members):
+            # CPU workers compute on the cores this work would take from them: do it now, while they wait
+            # (measured: docs/BENCHMARKS.md, the coordinator's turn on CPU)
+            self._observe_now()
         every = self.cfg.train.eval_every
         if every and self.step % every == 0 and self.step < self.cfg.train.steps:  # the last: _final_eval
             self._flush_commit()  # score the committed parameters
