@@ -29,4 +29,5 @@ def cluster_env(tmp_path, monkeypatch):
         finally:
             state = local.load_state()
             if state is not None:
-                local.down(state)
+                # a test's cluster holds no state worth a graceful exit: 5 s before SIGTERM/SIGKILL, not 15
+                local.down(state, grace_s=5.0)
