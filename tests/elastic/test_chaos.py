@@ -183,6 +183,8 @@ def test_below_min_workers_pauses_checkpointed_and_resumes_when_capacity_returns
     assert [h["world_size"] for h in summary["world_size_history"]][-1] == 2
 
 
+# slow: CI's autoscaler test drives `elastic scale` (down); this one grows a running group with it
+@pytest.mark.slow
 def test_scale_command_grows_a_running_group(tmp_path, ray_cluster):
     args = [f"run.dir={tmp_path}", f"cluster.address={ray_cluster.address}", "run.name=scaled",
             "train.steps=250", "train.workers=2", "train.max_workers=3", "data.tokenizer=bytes", "data.max_doc_tokens=192",

@@ -208,6 +208,8 @@ def test_storage_error_mid_run_keeps_the_previous_checkpoint_and_training_goes_o
     assert summary["data"]["duplicated"] == 0 and summary["data"]["skipped"] == 0
 
 
+# slow: the frozen store mid-run (the test above) runs in CI; this one freezes it for the stop checkpoint
+@pytest.mark.slow
 def test_a_final_checkpoint_that_cannot_be_written_ends_the_run_with_a_clear_error(tmp_path, ray_cluster,
                                                                                    moto_process):
     proc, s3, opts = moto_process

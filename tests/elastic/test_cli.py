@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 PROG = """
 import json, os, subprocess, sys
 from elastic.progress import json_only_stdout
@@ -30,6 +32,9 @@ def test_status_of_a_run_that_is_not_live_names_it_and_exits_1(ray_cluster):
     assert "no running run named 'nosuch'" in out.stderr
 
 
+# slow: tests/elastic/test_field_faults.py::test_driver_killed_rerun_follows_the_live_run runs in CI (a second
+# driver follows a live run); this one adds either driver stopping it
+@pytest.mark.slow
 def test_a_second_driver_for_a_live_run_name_follows_it_and_can_stop_it(tmp_path, ray_cluster):
     """Running the command again for a live run (a driver that died and came back, a job submitted twice)
     follows that run instead of starting a second one on the same checkpoints; either driver's SIGTERM
