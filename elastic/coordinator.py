@@ -1144,8 +1144,9 @@ class Coordinator:
             )
 
     def _observe_now(self) -> None:
-        """Do the watching work of committed steps still owed (`_observe`), oldest first. It runs while the
-        workers compute a step: a failure is logged, never raised into the step."""
+        """Do the watching work of committed steps still owed (`_observe`), oldest first: at the commit (CPU
+        workers), after the next dispatch (GPU workers), before a membership change and at the end. A failure
+        is logged, never raised into a step."""
         while self._observe:
             try:
                 self._observe.pop(0)()
