@@ -178,7 +178,7 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
                  kernels: str = "auto") -> dict:
     """sync.hierarchy=node's codec on one rank: encode + decode of shard 0 of `shards` (1/shards of every chunk
     group, `compression.hierarchy.ShardCodec`) against the same code on the whole chunk set (shards=1), on the
-    same gradients; one node (the decode sees its own payload). Medians over `steps` after one warm-up round, the
+    same gradients; one node (the decode sees its own payload). Medians over `steps` after two warm-up rounds, the
     two timed in turn."""
     from compression.hierarchy import ShardCodec
 
@@ -194,23 +194,22 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
     steppers = {}
     for name, count in (("whole", 1), ("shard", shards)):
         codec = ShardCodec(cfg, plan, 0, count, dev)
-        out = [torch.empty(b - a, grp.h, grp.w, device=dev, dtype=torch.int8)
-               for grp, (a, b) in zip(plan.groups, codec.ranges)]
 
-        def step(codec=codec, out=out):
+        def step(codec=codec):
             payload, new_m, _ = codec.encode(chunks, 1e-3, weight, 0, 0)
-            codec.decode(payload.unsqueeze(0), 0, out)
+            codec.decode(payload.unsqueeze(0), 0)
             codec.momentum = new_m
 
         steppers[name] = step
         res[f"{name}_payload_bytes"] = codec.wire.nbytes
         res["sections"] = type(codec.sections).__name__  # TritonSections: the payload packed by kernels
+        res["cuda_graphs"] = codec.graphed  # encode and decode replayed as CUDA graphs
     # whole and shard in turn, so both see the same machine load (a shared CPU's load swings by 2x in a minute)
     times = {name: [] for name in steppers}
-    for i in range(steps + 1):
+    for i in range(steps + 2):
         for name, step in steppers.items():
             ms = _timed(step, dev, 1, warmup=0)[0]
-            if i:  # the first round warms up
+            if i >= 2:  # the first two rounds warm up (compile; with CUDA graphs: run eagerly, then capture)
                 times[name].append(ms)
     for name, ms in times.items():
         res[f"{name}_codec_ms"] = round(statistics.median(ms), 3)

@@ -184,10 +184,18 @@ class Framing:
         buf[28:32] = _u32_to_bytes(self.checksum(buf.unsqueeze(0)))
         return buf
 
-    def header(self, rank: int, step: int, weight: float | torch.Tensor, device) -> torch.Tensor:
-        """The header bytes (checksum 0 until `seal`); `weight` may be a 0-d float64 device tensor."""
-        head = to_device(torch.frombuffer(bytearray(_HEADER.pack(self.magic, rank, step, 0.0, self.nbytes, 0)),
-                                          dtype=torch.uint8), device)
+    def header(self, rank: int, step: int | torch.Tensor, weight: float | torch.Tensor, device) -> torch.Tensor:
+        """The header bytes (checksum 0 until `seal`); `weight` may be a 0-d float64 device tensor, `step` a 0-d
+        int64 one: then no host bytes are copied (the fixed fields come from a cached device template), so a
+        CUDA graph can capture the encode and replay it with the step and weight it reads at replay."""
+        if isinstance(step, torch.Tensor):
+            template = _const(f"head{self.magic!r}/{rank}/{self.nbytes}", device, lambda: torch.frombuffer(
+                bytearray(_HEADER.pack(self.magic, rank, 0, 0.0, self.nbytes, 0)), dtype=torch.uint8))
+            head = template.clone()
+            head[8:16] = step.to(device=device, dtype=torch.int64).reshape(1).view(torch.uint8)
+        else:
+            head = to_device(torch.frombuffer(bytearray(_HEADER.pack(self.magic, rank, step, 0.0, self.nbytes, 0)),
+                                              dtype=torch.uint8), device)
         w = torch.as_tensor(weight, dtype=torch.float64, device=device).reshape(1)
         head[16:24] = w.view(torch.uint8)
         return head
@@ -299,12 +307,12 @@ class WireFormat(Framing):
         super().__init__(HEADER_BYTES + sum(g.nbytes for g in groups))
 
     # ---- encode ----------------------------------------------------------------------------------
-    def encode(self, indices: list[torch.Tensor], values: list[torch.Tensor], rank: int, step: int,
+    def encode(self, indices: list[torch.Tensor], values: list[torch.Tensor], rank: int, step: int | torch.Tensor,
                weight: float | torch.Tensor, sections: Sections = TORCH_SECTIONS) -> torch.Tensor:
         """Per-group picks (`[N, k]` indices, `[N, k]` values sorted by |value| descending) -> uint8 payload.
 
-        `weight` may be a 0-d float64 device tensor (e.g. NaN to poison a payload without a host sync).
-        `sections` packs the groups it takes (the others go through torch ops): the bytes are the same.
+        `weight` may be a 0-d float64 device tensor (e.g. NaN to poison a payload without a host sync), `step` a
+        0-d int64 device tensor (`header`). `sections` packs the groups it takes (the others go through torch ops): the bytes are the same.
         """
         device = indices[0].device if indices else torch.device("cpu")
         buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)

@@ -31,7 +31,8 @@ Promises (the `Sync` contract, plus):
   refusal names the sending owner's global rank;
 - `state_dict` is flat demo's (`strategy: demo`, param-shaped momentum, zeros outside this rank's shard),
   so checkpoints load into either hierarchy.
-Torch ops only (any device): the fused Triton kernels of flat demo are not used here yet.
+On a GPU the shard's codec runs flat demo's fused Triton kernels, its encode and decode each replayed as a CUDA
+graph (`ShardCodec`); elsewhere torch ops.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from compression.communicator import Communicator, ThreadCommunicator, run_rank_
 from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, dct_basis, sparse_idct2
 from compression.demo import PAIRWISE_MAX_PICKS, encode_chunks, grid_mean, pairwise_mean
-from compression.sync import ExchangeStats, Sync
+from compression.sync import CAPTURE_LOCK, ExchangeStats, Sync
 
 T = TypeVar("T")
 
@@ -116,15 +117,25 @@ def shard_ranges(plan: ChunkPlan, shard: int, shards: int) -> list[tuple[int, in
 # ---- one shard's codec ---------------------------------------------------------------------------------------
 class ShardCodec:
     """Demo's encode and decode (compression.demo's math) on one shard of the chunk set; holds that shard's
-    momentum. `python -m compression bench --shards G` times it against the whole set (shards=1).
+    momentum and the decoded update's buffer (`out_flat`, per group `out`). `python -m compression bench
+    --shards G` times it against the whole set (shards=1).
 
     On CUDA (`sync.kernels=auto`) it runs flat demo's fused kernels: the encode (momentum, DCT, top-k, error
     feedback in one pass, reading the shard's chunks of the gathered gradient through
     `TileTable.chunk_layout`), the decode, and the payload sections; elsewhere, or with `sync.kernels=torch`,
-    torch ops. `fused` forces the choice (tests run the kernels under Triton's interpreter)."""
+    torch ops. `fused` forces the choice (tests run the kernels under Triton's interpreter).
+
+    With the fused kernels on a GPU, the encode and the decode (validation and consensus included) each run as
+    a CUDA graph replay, as flat demo's decode does: one shard is ~1/G of the GPU work, but the ~100 kernels
+    of a step cost the same host time whatever their size, so without graphs a shard costs almost what the
+    whole set costs. What a replay reads is copied into fixed buffers first (the shard's gradient scaled by
+    lr, the weight, the step, the gathered payloads); the momentum alternates between two fixed sets (the
+    encode reads one and writes the other; `commit` makes the new one current). Keys: the encode per (cross
+    rank, momentum set), the decode per world size. The first use of a key runs eagerly (compiles, builds
+    the constants), the second captures. `graphs` forces the choice (False: every step eager)."""
 
     def __init__(self, cfg: SyncConfig, plan: ChunkPlan, shard: int, shards: int, device, sections: Sections | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, out_dtype: torch.dtype = torch.int8, graphs: bool | None = None):
         self.cfg, self.plan, self.device = cfg, plan, torch.device(device)
         if fused is None:
             fused = cfg.kernels != "torch" and self.device.type == "cuda" and kernels.available(self.device)
@@ -140,33 +151,93 @@ class ShardCodec:
         self.wire = WireFormat(specs)
         self.bases = {gi: (dct_basis(plan.groups[gi].h, self.device), dct_basis(plan.groups[gi].w, self.device))
                       for gi in self.live}
-        self.momentum = [torch.zeros(b - a, g.h, g.w, device=self.device) for g, (a, b) in zip(plan.groups, self.ranges)]
+        self.momentum = self._buffers(torch.float32)
         self.ks = {gi: spec.k for gi, spec in zip(self.live, self.wire.groups)}
         # the live groups the fused kernels take (chunk sides powers of two in [16, 128])
         self.tables = {gi: kernels.TileTable.chunk_layout(b - a, plan.groups[gi].h, plan.groups[gi].w, self.device)
                        for gi, (a, b) in ((gi, self.ranges[gi]) for gi in self.live)
                        if fused and kernels.supports(plan.groups[gi].h, plan.groups[gi].w, self.ks[gi])}
         self._no_delta = torch.zeros(1, dtype=torch.int64, device=self.device)  # one source tensor: offset 0
+        # the decoded update of this shard: one flat buffer (what the hierarchy all-gathers in the node), per group
+        # a `[b - a, h, w]` view; every decode overwrites it
+        sizes = [(b - a) * g.numel for g, (a, b) in zip(plan.groups, self.ranges)]
+        self.out_flat = torch.zeros(sum(sizes), dtype=out_dtype, device=self.device)
+        self.out = [v.view(b - a, g.h, g.w) for v, g, (a, b) in zip(self.out_flat.split(sizes), plan.groups, self.ranges)]
+        if graphs is None:
+            graphs = bool(self.tables) and self.device.type == "cuda"
+        self.graphed = bool(graphs)
+        self._graphs: dict | None = {} if graphs else None
+        if graphs:
+            self._m_sets = (self.momentum, self._buffers(torch.float32))
+            self._src = self._buffers(torch.float32)     # lr * the shard's gradient chunks
+            self._weight = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._step = torch.zeros((), dtype=torch.int64, device=self.device)  # the step the headers carry
+
+    def _buffers(self, dtype) -> list[torch.Tensor]:
+        return [torch.zeros(b - a, g.h, g.w, device=self.device, dtype=dtype) for g, (a, b) in zip(self.plan.groups, self.ranges)]
+
+    def _replay(self, key, fn: Callable[[], T]) -> T:
+        """`fn()` as a CUDA graph under `key`: eager on the key's first use, captured on its second, replayed
+        from then on (its outputs are the graph's fixed tensors, overwritten by the next replay). Off CUDA (tests
+        of the buffer handling) every call is eager."""
+        if self.device.type != "cuda":
+            return fn()
+        entry = self._graphs.get(key)
+        if entry is None:
+            self._graphs[key] = "warm"
+            return fn()
+        if entry == "warm":
+            graph = torch.cuda.CUDAGraph()
+            # one capture at a time in this process, each on its own stream (ranks run as threads in tests and
+            # benchmarks; torch's default capture stream is shared by all threads)
+            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device),
+                                                 capture_error_mode="thread_local"):
+                out = fn()
+            entry = self._graphs[key] = (graph, out)
+        graph, out = entry
+        graph.replay()
+        return out
 
     def encode(self, chunks: list[torch.Tensor], lr: float, weight: torch.Tensor, rank: int, step: int):
         """`chunks`: the whole model's gradient in chunk layout (one `[N, h, w]` per group). Returns (payload,
         the new momentum of this shard: the residual after error feedback, finite flag as a 0-d bool tensor).
-        The committed momentum is untouched. A non-finite momentum or weight poisons the payload's weight."""
-        new_m, idx, val, finite = [], [], [], []
-        for gi, (g, m, (a, b)) in enumerate(zip(chunks, self.momentum, self.ranges)):
+        The committed momentum is untouched. A non-finite momentum or weight poisons the payload's weight.
+        With graphs on, the payload and the new momentum are fixed buffers: the payload is overwritten by the
+        next encode, the new momentum by the encode after the next commit."""
+        if self._graphs is None:
+            src = [g[a:b] for g, (a, b) in zip(chunks, self.ranges)]
+            new_m = [torch.empty_like(m) for m in self.momentum]
+            return self._encode_into(self.momentum, new_m, src, lr, weight, rank, step)
+        for dst, g, (a, b) in zip(self._src, chunks, self.ranges):
+            if b > a:
+                torch.mul(g[a:b], lr, out=dst)
+        if isinstance(weight, torch.Tensor):
+            self._weight.copy_(weight)
+        else:
+            self._weight.fill_(float(weight))
+        self._step.fill_(step)
+        m_in = self.momentum
+        if m_in is not self._m_sets[0] and m_in is not self._m_sets[1]:  # set from outside: adopt its values
+            torch._foreach_copy_(self._m_sets[0], m_in)
+            m_in = self.momentum = self._m_sets[0]
+        which = 0 if m_in is self._m_sets[0] else 1
+        m_out = self._m_sets[1 - which]
+        return self._replay(("encode", rank, which), lambda: self._encode_into(
+            m_in, m_out, self._src, 1.0, self._weight, rank, self._step))
+
+    def _encode_into(self, m_in, m_out, src, lr, weight, rank, step):
+        """m_out <- the residual of decay * m_in + lr * src after the picks; (payload, m_out, ok)."""
+        idx, val, finite = [], [], []
+        for gi, (g, m, nm) in enumerate(zip(src, m_in, m_out)):
             if gi in self.tables:
-                nm = torch.empty_like(m)
-                src = g[a:b].to(torch.float32).contiguous()
-                i, v, bad = kernels.fused_encode(m, nm, [src], self._no_delta, self.tables[gi], *self.bases[gi],
-                                                 self.ks[gi], self.cfg.decay, lr)
-                new_m.append(nm)
+                i, v, bad = kernels.fused_encode(m, nm, [g.to(torch.float32).contiguous()], self._no_delta,
+                                                 self.tables[gi], *self.bases[gi], self.ks[gi], self.cfg.decay, lr)
                 idx.append(i)
                 val.append(v)
                 finite.append((bad == 0).all())
                 continue
-            nm = m * self.cfg.decay
-            nm.add_(g[a:b], alpha=lr)
-            new_m.append(nm)
+            torch.mul(m, self.cfg.decay, out=nm)
+            nm.add_(g, alpha=lr)
             if gi in self.bases:
                 ch, cw = self.bases[gi]
                 i, v = encode_chunks(nm, ch, cw, self.ks[gi])
@@ -176,29 +247,55 @@ class ShardCodec:
         ok = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool, device=self.device)
         ok = ok & torch.isfinite(weight)
         w = weight.to(torch.float64).masked_fill(~ok, float("nan"))
-        return self.wire.encode(idx, val, rank, step, w, self.sections), new_m, ok
+        return self.wire.encode(idx, val, rank, step, w, self.sections), m_out, ok
 
-    def decode(self, gathered: torch.Tensor, step: int, out: list[torch.Tensor]) -> None:
+    def decode(self, gathered: torch.Tensor, step: int) -> list[torch.Tensor]:
         """Validate the `[N, nbytes]` payloads of this shard (raises `PayloadError(cross rank, reason)`) and
-        write sign (or unit-RMS) of the consensus of every live group into `out[gi]` (`[b - a, h, w]`)."""
-        weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads, step=step,
-                                           sections=self.sections)
+        write sign (or unit-RMS) of the consensus of every live group into `out` (`[b - a, h, w]` per group),
+        which it returns. With graphs on, the consensus is computed on clamped indices before the checks are
+        read: after a refusal `out` holds garbage (the hierarchy sends a refusal, not `out`)."""
+        if self._graphs is None:
+            weights, groups = self.wire.decode(gathered, validate=self.cfg.validate_payloads, step=step,
+                                               sections=self.sections)
+            self._consensus(weights, groups)
+            return self.out
+        W = gathered.shape[0]
+        if ("decode", W) not in self._graphs:  # a new world size: the old one's graph goes (it holds memory)
+            self._graphs = {k: v for k, v in self._graphs.items() if k[0] != "decode"}
+        self._step.fill_(step)
+        entry = self._graphs.get(("decode", W))
+        if isinstance(entry, tuple):  # captured: the graph reads its own copy of the payloads
+            entry[1][2].copy_(gathered)
+        static_in = gathered.clone() if entry == "warm" else gathered  # the capture keeps its input buffer
+
+        def run():
+            weights, groups, checks = self.wire.decode(static_in, validate=self.cfg.validate_payloads, defer=True,
+                                                       step=self._step, sections=self.sections)
+            self._consensus(weights, groups)
+            return (torch.stack([c for _, c in checks], 1) if checks else None), [r for r, _ in checks], static_in
+
+        flags, reasons, _ = self._replay(("decode", W), run)
+        if flags is not None:
+            self.wire.raise_flags(flags, reasons)
+        return self.out
+
+    def _consensus(self, weights: torch.Tensor, groups: list) -> None:
         for li, (idx, vals, mask) in enumerate(groups):
             gi = self.live[li]
-            (ch, cw), numel = self.bases[gi], self.plan.groups[gi].numel
+            (ch, cw), numel, out = self.bases[gi], self.plan.groups[gi].numel, self.out[gi]
             W, n, k = idx.shape
             wv, wm = vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1)
             coef = pairwise_mean(idx, wv, wm) if W * k <= PAIRWISE_MAX_PICKS else grid_mean(idx, wv, wm, numel)
             if gi in self.tables:
-                kernels.fused_decode(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw, out[gi],
+                kernels.fused_decode(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw, out,
                                      rms=self.cfg.update == "rms")
                 continue
             x = sparse_idct2(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw)
             if self.cfg.update == "rms":
                 rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()
-                out[gi].copy_(torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x)))
+                out.copy_(torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x)))
             else:
-                out[gi].copy_(x.sign_())
+                out.copy_(x.sign_())
 
 
 # ---- the strategy --------------------------------------------------------------------------------------------
@@ -275,7 +372,8 @@ class HierarchicalDemoSync(Sync):
         # the decoded-shard all-gather: one block per local rank, sized for the largest shard
         self.shard_elems = [sum((b - a) * g.numel for g, (a, b) in zip(self.plan.groups, r)) for r in self.ranges]
         self.block_bytes = STATUS_BYTES + max(self.shard_elems) * self.wire_dtype.itemsize
-        self.codec = ShardCodec(self.cfg, self.plan, groups.shard, self.S, self.device) if groups.shard >= 0 else None
+        self.codec = (ShardCodec(self.cfg, self.plan, groups.shard, self.S, self.device, out_dtype=self.wire_dtype)
+                      if groups.shard >= 0 else None)
         if self.codec is not None and old is not None:
             for m, full, (a, b) in zip(self.codec.momentum, old, self.codec.ranges):
                 m.copy_(full[a:b])
@@ -340,15 +438,9 @@ class HierarchicalDemoSync(Sync):
             else:
                 gathered = payload.unsqueeze(0)
             cross_bytes, cross_recv = payload.numel(), (cross.world_size - 1) * payload.numel()
-            s = self.groups.shard
-            out_flat = torch.zeros(self.shard_elems[s], dtype=self.wire_dtype, device=self.device)
-            out, off = [], 0
-            for g, (a, b) in zip(self.plan.groups, self.ranges[s]):
-                n = (b - a) * g.numel
-                out.append(out_flat[off:off + n].view(b - a, g.h, g.w))
-                off += n
             try:
-                self.codec.decode(gathered, seq, out)
+                self.codec.decode(gathered, seq)
+                out_flat = self.codec.out_flat
                 block[:out_flat.numel() * out_flat.element_size()] = out_flat.view(torch.uint8)
             except PayloadError as e:
                 # a NaN weight is a node that abstained: its own abstainer reports itself, nobody is named

@@ -260,8 +260,7 @@ def test_shard_codec_through_the_fused_kernels_matches_the_torch_ops():
             payload, new_m, ok = codec.encode(chunks, 1e-2, weight, rank=0, step=step)
             assert all(torch.equal(a, b) for a, b in zip(before, codec.momentum)), "the committed momentum changed"
             codec.momentum = new_m
-        update = [torch.zeros(b - a, grp.h, grp.w, dtype=torch.int8) for grp, (a, b) in zip(plan.groups, codec.ranges)]
-        codec.decode(payload.unsqueeze(0), 2, update)
+        update = [u.clone() for u in codec.decode(payload.unsqueeze(0), 2)]
         out[fused] = (payload, new_m, update, bool(ok))
         bad = [c.clone() for c in chunks]
         bad[0][-1, 0, 0] = float("nan")   # a chunk of shard 1 of the first group
@@ -291,10 +290,55 @@ def test_shard_codec_through_the_triton_sections_sends_and_decodes_the_same_byte
     for name, sections in (("torch", TORCH_SECTIONS), ("triton", kernels.TritonSections())):
         codec = ShardCodec(NODE, plan, 1, 2, "cpu", sections=sections)
         payload, new_m, ok = codec.encode(chunks, 1e-2, weight, rank=0, step=4)
-        update = [torch.zeros(b - a, grp.h, grp.w, dtype=torch.int8) for grp, (a, b) in zip(plan.groups, codec.ranges)]
-        codec.decode(payload.unsqueeze(0), 4, update)
+        update = codec.decode(payload.unsqueeze(0), 4)
         out[name] = (payload, new_m, update, bool(ok))
     (p1, m1, u1, ok1), (p2, m2, u2, ok2) = out["torch"], out["triton"]
     assert ok1 and ok2 and torch.equal(p1, p2)
     assert all(torch.equal(a, b) for a, b in zip(m1, m2)) and all(torch.equal(a, b) for a, b in zip(u1, u2))
     assert any(bool(u.abs().sum() > 0) for u in u1)
+
+
+def test_shard_codec_in_graph_mode_sends_the_same_bytes_and_refuses_the_same_payloads():
+    """With CUDA graphs on, the encode reads fixed buffers (lr * the shard's gradient, the weight, the step as a
+    device tensor in the header) and alternates two momentum sets; the decode reads a copy of the payloads and
+    checks after the consensus. Off CUDA the same code runs eagerly: the same payloads, updates and momentum as
+    the plain path step after step (lr 1: the pre-scaled gradient is exact), a momentum set from outside is
+    adopted, and a bad payload is refused with the same error."""
+    from compression.codec import PayloadError
+    from compression.hierarchy import ShardCodec
+
+    shapes = [(128, 64), (64,), (96, 32), (50,)]
+    plan = ChunkPlan(shapes, 32)
+    weight = torch.full((), 3.0, dtype=torch.float64)
+    codecs = {g: ShardCodec(NODE, plan, 1, 2, "cpu", graphs=g) for g in (False, True)}
+    assert codecs[True].graphed and not codecs[False].graphed
+    for step in range(4):
+        chunks = plan.gather([torch.randn(s, generator=torch.Generator().manual_seed(step)) for s in shapes], "cpu")
+        got = {}
+        for g, codec in codecs.items():
+            payload, new_m, ok = codec.encode(chunks, 1.0, weight, rank=0, step=step)
+            got[g] = (payload.clone(), [m.clone() for m in new_m], bool(ok),
+                      [u.clone() for u in codec.decode(payload.unsqueeze(0), step)])
+            codec.momentum = new_m
+        (p0, m0, ok0, u0), (p1, m1, ok1, u1) = got[False], got[True]
+        assert ok0 and ok1 and torch.equal(p0, p1), f"step {step}: the payloads differ"
+        assert all(torch.equal(a, b) for a, b in zip(m0, m1)) and all(torch.equal(a, b) for a, b in zip(u0, u1))
+    assert codecs[True].momentum is codecs[True]._m_sets[0]   # four steps: back on the first set
+    # a momentum given from outside (a checkpoint, an undo of another codec) is copied in and used
+    outside = [torch.full_like(m, 0.5) for m in codecs[True].momentum]
+    for codec in codecs.values():
+        codec.momentum = [m.clone() for m in outside]
+    got = [codec.encode(chunks, 1.0, weight, rank=1, step=9)[0] for codec in codecs.values()]
+    assert torch.equal(got[0], got[1])
+    assert codecs[True].momentum is codecs[True]._m_sets[0]
+    # the header with the step as a device tensor is the header with the step as an int
+    wire = codecs[True].wire
+    assert torch.equal(wire.header(1, torch.tensor(7), weight, "cpu"), wire.header(1, 7, weight, "cpu"))
+    # a payload of the wrong step is refused the same way
+    payload = codecs[True].encode(chunks, 1.0, weight, rank=0, step=5)[0].clone()
+    errors = []
+    for codec in codecs.values():
+        with pytest.raises(PayloadError) as e:
+            codec.decode(payload.unsqueeze(0), 6)
+        errors.append((e.value.sender_rank, e.value.reason))
+    assert errors[0] == errors[1] and "step" in errors[0][1]
