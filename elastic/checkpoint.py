@@ -738,7 +738,8 @@ class CheckpointWriter:
                     and time.time() - ck.commit_started > self.timeout_s):
                 ck.abandoned.set()
                 ck.error = (f"coordinator: writing {META}/{COMMIT} took longer than {self.timeout_s:.0f}s "
-                            "(checkpoint.write_timeout_s)")
+                            "(checkpoint.write_timeout_s; a COMMIT the store already received may still land: that "
+                            "checkpoint is then complete, since every file was written before it)")
                 self._pool.shutdown(wait=False)
                 self._pool = self._commit_thread()
         done = []
