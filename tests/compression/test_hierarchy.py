@@ -298,10 +298,13 @@ def test_shard_codec_through_the_triton_sections_sends_and_decodes_the_same_byte
     assert any(bool(u.abs().sum() > 0) for u in u1)
 
 
-def test_shard_codec_in_graph_mode_sends_the_same_bytes_and_refuses_the_same_payloads():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="CUDA graphs are captured only on a GPU (run on the device machine)"))])
+def test_shard_codec_in_graph_mode_sends_the_same_bytes_and_refuses_the_same_payloads(device):
     """With CUDA graphs on, the encode reads fixed buffers (lr * the shard's gradient, the weight, the step as a
     device tensor in the header) and alternates two momentum sets; the decode reads a copy of the payloads and
-    checks after the consensus. Off CUDA the same code runs eagerly: the same payloads, updates and momentum as
+    checks after the consensus. On a GPU each key runs eagerly once, is captured the second time and replayed
+    from then on; off CUDA the same code runs eagerly. Either way: the same payloads, updates and momentum as
     the plain path step after step (lr 1: the pre-scaled gradient is exact), a momentum set from outside is
     adopted, and a bad payload is refused with the same error."""
     from compression.codec import PayloadError
@@ -309,11 +312,12 @@ def test_shard_codec_in_graph_mode_sends_the_same_bytes_and_refuses_the_same_pay
 
     shapes = [(128, 64), (64,), (96, 32), (50,)]
     plan = ChunkPlan(shapes, 32)
-    weight = torch.full((), 3.0, dtype=torch.float64)
-    codecs = {g: ShardCodec(NODE, plan, 1, 2, "cpu", graphs=g) for g in (False, True)}
+    weight = torch.full((), 3.0, dtype=torch.float64, device=device)
+    codecs = {g: ShardCodec(NODE, plan, 1, 2, device, graphs=g) for g in (False, True)}
     assert codecs[True].graphed and not codecs[False].graphed
     for step in range(4):
-        chunks = plan.gather([torch.randn(s, generator=torch.Generator().manual_seed(step)) for s in shapes], "cpu")
+        chunks = plan.gather([torch.randn(s, generator=torch.Generator().manual_seed(step)).to(device)
+                              for s in shapes], device)
         got = {}
         for g, codec in codecs.items():
             payload, new_m, ok = codec.encode(chunks, 1.0, weight, rank=0, step=step)
@@ -333,7 +337,7 @@ def test_shard_codec_in_graph_mode_sends_the_same_bytes_and_refuses_the_same_pay
     assert codecs[True].momentum is codecs[True]._m_sets[0]
     # the header with the step as a device tensor is the header with the step as an int
     wire = codecs[True].wire
-    assert torch.equal(wire.header(1, torch.tensor(7), weight, "cpu"), wire.header(1, 7, weight, "cpu"))
+    assert torch.equal(wire.header(1, torch.tensor(7, device=device), weight, device), wire.header(1, 7, weight, device))
     # a payload of the wrong step is refused the same way
     payload = codecs[True].encode(chunks, 1.0, weight, rank=0, step=5)[0].clone()
     errors = []
