@@ -284,7 +284,8 @@ class Coordinator:
             # the run's own name per generation (elastic.rendezvous): concurrent runs on one cluster never meet
             group = rendezvous.group_name(self.cfg.run.name, g)
             # a rank 0 that died during a previous rendezvous can leave its address behind: this run's only
-            rendezvous.forget_rendezvous(self.cfg.run.name, g)
+            rendezvous.forget_rendezvous(self.cfg.run.name, g, subgroups=max_workers(self.cfg)
+                                         if self.cfg.sync.hierarchy == "node" else 0)
             alive = []
             for h in self.members:
                 try:

@@ -28,6 +28,16 @@ def group_name(run_name: str, generation: int) -> str:
     return f"raydistro-{run_name}-g{generation}"
 
 
+def node_group_name(group: str, node: int) -> str:
+    """`sync.hierarchy=node`: the collective group of node `node`'s ranks in the flat group `group`."""
+    return f"{group}-node{node}"
+
+
+def shard_group_name(group: str, shard: int) -> str:
+    """`sync.hierarchy=node`: the cross-node group of the owners of shard `shard` in the flat group `group`."""
+    return f"{group}-shard{shard}"
+
+
 def rendezvous_key(group: str) -> str:
     """The internal-KV key under which Ray's gloo backend publishes rank 0's address for `group`."""
     return KEY_PREFIX + group
@@ -37,14 +47,22 @@ def rendezvous_key(group: str) -> str:
 _NCCL_DEVICE_KEYS = tuple(str(d) for d in range(16))
 
 
-def forget_rendezvous(run_name: str, generation: int | None = None) -> int:
+SUBGROUP_GENERATIONS = 8  # how many earlier generations' node/shard groups `forget_rendezvous` looks for
+
+
+def forget_rendezvous(run_name: str, generation: int | None = None, subgroups: int = 0) -> int:
     """Delete every rendezvous key this run left in the cluster's KV (a rank 0 that died during a rendezvous
     leaves its address behind) and, given the generation being formed, the NCCL store actors of this run's
     earlier generations that are still alive (one whose rank 0 died before destroying its group); other
-    runs' keys and actors are untouched. Returns how many keys and actors were deleted."""
+    runs' keys and actors are untouched. Returns how many keys and actors were deleted.
+
+    `subgroups` (the most nodes or shards a generation can have: the run's largest world size) also looks
+    for the stores of `sync.hierarchy=node`'s node and shard groups (nccl: one named group each) of the last
+    `SUBGROUP_GENERATIONS` generations: every generation's call removes what the ones before it left, so a
+    wider window only matters after calls that failed (each name is a sha256 to compute)."""
     from ray.experimental import internal_kv
 
-    deleted = _forget_nccl_stores(run_name, generation) if generation else 0
+    deleted = _forget_nccl_stores(run_name, generation, subgroups) if generation else 0
 
     prefix = rendezvous_key(group_name(run_name, 0))[:-1]  # "...raydistro-<run>-g"
     try:
@@ -63,7 +81,7 @@ def forget_rendezvous(run_name: str, generation: int | None = None) -> int:
     return deleted
 
 
-def _forget_nccl_stores(run_name: str, generation: int) -> int:
+def _forget_nccl_stores(run_name: str, generation: int, subgroups: int = 0) -> int:
     import ray
     from ray.util.collective.const import get_store_name
 
@@ -74,8 +92,10 @@ def _forget_nccl_stores(run_name: str, generation: int) -> int:
     except Exception:
         log.debug("listing named actors failed", exc_info=True)
         return 0
-    stale = {get_store_name(f"{key}@{group_name(run_name, g)}") for g in range(generation)
-             for key in _NCCL_DEVICE_KEYS} & alive
+    groups = [group_name(run_name, g) for g in range(generation)]
+    groups += [name(group_name(run_name, g), i) for g in range(max(0, generation - SUBGROUP_GENERATIONS), generation)
+               for i in range(subgroups) for name in (node_group_name, shard_group_name)]
+    stale = {get_store_name(f"{key}@{group}") for group in groups for key in _NCCL_DEVICE_KEYS} & alive
     for name in stale:  # one gone meanwhile is fine
         kill_quietly(name)
     return len(stale)

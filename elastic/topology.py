@@ -19,6 +19,7 @@ import datetime
 
 from compression.communicator import RayCollectiveCommunicator
 from compression.hierarchy import NodeGroups, node_topology
+from elastic.rendezvous import node_group_name, shard_group_name
 
 
 def hierarchy_layout(group: str, node_ids: list[str]) -> list[dict]:
@@ -27,8 +28,8 @@ def hierarchy_layout(group: str, node_ids: list[str]) -> list[dict]:
     topo = node_topology(node_ids)
     local = [list(g) for g in topo.local_groups]
     cross = [list(g) for g in topo.cross_groups]
-    names = {"local_names": [f"{group}-node{n}" for n in range(topo.nodes)],
-             "cross_names": [f"{group}-shard{s}" for s in range(topo.shards)]}
+    names = {"local_names": [node_group_name(group, n) for n in range(topo.nodes)],
+             "cross_names": [shard_group_name(group, s) for s in range(topo.shards)]}
     return [{"node": p.node, "shard": p.shard, "shards": topo.shards, "local_groups": local, "cross_groups": cross,
              **names} for p in topo.placements]
 

@@ -93,9 +93,13 @@ def test_regroups_with_other_world_sizes_keep_only_the_current_group(connected):
 
     ours = get_store_name(f"0@{rendezvous.group_name('leak', 1)}")
     theirs = get_store_name(f"0@{rendezvous.group_name('other', 1)}")
-    stores = [Member.options(name=n, lifetime="detached").remote() for n in (ours, theirs)]
+    # sync.hierarchy=node over nccl: a named group per node and per shard, each with its store
+    node_store = get_store_name(f"0@{rendezvous.node_group_name(rendezvous.group_name('leak', 2), 1)}")
+    shard_store = get_store_name(f"0@{rendezvous.shard_group_name(rendezvous.group_name('leak', 1), 0)}")
+    stores = [Member.options(name=n, lifetime="detached").remote() for n in (ours, theirs, node_store, shard_store)]
     ray.get([m.held.remote() for m in stores])
-    assert rendezvous.forget_rendezvous("leak", generation=3) == 1
+    assert rendezvous.forget_rendezvous("leak", generation=3) == 1  # a flat run does not look for subgroups
+    assert rendezvous.forget_rendezvous("leak", generation=3, subgroups=2) == 2
     assert _named_actors() == before | {("raydistro", theirs)}
     ray.kill(stores[1])
     for m in members:
