@@ -35,7 +35,7 @@ from compression.codec import TORCH_SECTIONS, GroupSpec, WireFormat
 from compression.communicator import Communicator
 from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, ViewCache, dct2, dct_basis, sparse_idct2
-from compression.sync import CAPTURE_LOCK, ExchangeStats, Sync
+from compression.sync import ExchangeStats, Sync, capture_graph
 
 
 def encode_chunks(m: torch.Tensor, ch: torch.Tensor, cw: torch.Tensor, k: int):
@@ -268,13 +268,12 @@ class DemoSync(Sync):
             return sparse
         if entry == "warm":
             static_in = gathered.clone()
-            graph = torch.cuda.CUDAGraph()
-            # one capture at a time in this process, each on its own stream (ranks run as threads in tests
-            # and benchmarks; torch's default capture stream is shared by all threads)
-            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device),
-                                                 capture_error_mode="thread_local"):
+
+            def decode():
                 checks, sparse = self._decode_into(static_in, update)  # the graph's own output tensors
-                flags = torch.stack([c for _, c in checks], 1) if checks else None
+                return checks, sparse, torch.stack([c for _, c in checks], 1) if checks else None
+
+            graph, (checks, sparse, flags) = capture_graph(self.device, decode)
             entry = self._graphs[key] = (graph, static_in, flags, [r for r, _ in checks], sparse)
         graph, static_in, flags, reasons, sparse = entry
         static_in.copy_(gathered)

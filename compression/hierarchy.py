@@ -48,7 +48,7 @@ from compression.communicator import Communicator, ThreadCommunicator, run_rank_
 from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, dct_basis, sparse_idct2
 from compression.demo import PAIRWISE_MAX_PICKS, encode_chunks, grid_mean, pairwise_mean
-from compression.sync import CAPTURE_LOCK, ExchangeStats, Sync
+from compression.sync import ExchangeStats, Sync, capture_graph
 
 T = TypeVar("T")
 
@@ -171,7 +171,7 @@ class ShardCodec:
             self._m_sets = (self.momentum, self._buffers(torch.float32))
             self._src = self._buffers(torch.float32)     # lr * the shard's gradient chunks
             self._weight = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._step = torch.zeros((), dtype=torch.int64, device=self.device)  # the step the headers carry
+            self._step = torch.zeros((), dtype=torch.int64, device=self.device)  # the step the headers carry
 
     def _buffers(self, dtype) -> list[torch.Tensor]:
         return [torch.zeros(b - a, g.h, g.w, device=self.device, dtype=dtype) for g, (a, b) in zip(self.plan.groups, self.ranges)]
@@ -187,13 +187,7 @@ class ShardCodec:
             self._graphs[key] = "warm"
             return fn()
         if entry == "warm":
-            graph = torch.cuda.CUDAGraph()
-            # one capture at a time in this process, each on its own stream (ranks run as threads in tests and
-            # benchmarks; torch's default capture stream is shared by all threads)
-            with CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(self.device),
-                                                 capture_error_mode="thread_local"):
-                out = fn()
-            entry = self._graphs[key] = (graph, out)
+            entry = self._graphs[key] = capture_graph(self.device, fn)
         graph, out = entry
         graph.replay()
         return out

@@ -24,14 +24,27 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 
 from compression.communicator import Communicator
 
 
+T = TypeVar("T")
+
 # held while a CUDA graph is captured (compression.demo) and around device-wide syncs, which would break it
 CAPTURE_LOCK = threading.Lock()
+
+
+def capture_graph(device, fn: Callable[[], T]) -> tuple[torch.cuda.CUDAGraph, T]:
+    """`fn()` captured into a new CUDA graph: (the graph, fn's outputs, the graph's own tensors). One capture at a
+    time in this process, each on its own stream (ranks run as threads in tests and benchmarks; torch's default
+    capture stream is shared by all threads). Captured work has not run yet: replay the graph."""
+    graph = torch.cuda.CUDAGraph()
+    with CAPTURE_LOCK, torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
+        out = fn()
+    return graph, out
 
 
 @dataclass
