@@ -214,6 +214,10 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
     for name, ms in times.items():
         res[f"{name}_codec_ms"] = round(statistics.median(ms), 3)
     res["shard_vs_whole"] = round(res["shard_codec_ms"] / res["whole_codec_ms"], 3)
+    # where the time goes, one step each: the ops dispatched from the host and, on CUDA, the kernels and their
+    # GPU time (what does not halve with the shard shows as kernels of equal count and size in both)
+    for name, step in steppers.items():
+        res[f"{name}_profile"] = profile_step(step, dev.type == "cuda")
     return res
 
 
