@@ -131,8 +131,9 @@ class ShardCodec:
     whole set costs. What a replay reads is copied into fixed buffers first (the shard's gradient scaled by
     lr, the weight, the step, the gathered payloads); the momentum alternates between two fixed sets (the
     encode reads one and writes the other; `commit` makes the new one current). Keys: the encode per (cross
-    rank, momentum set), the decode per world size. The first use of a key runs eagerly (compiles, builds
-    the constants), the second captures. `graphs` forces the choice (False: every step eager)."""
+    rank, momentum set), the decode per shape of the gathered payloads (the world size). The first use of a
+    key runs eagerly (compiles, builds the constants), the second captures. `graphs` forces the choice (False:
+    every step eager)."""
 
     def __init__(self, cfg: SyncConfig, plan: ChunkPlan, shard: int, shards: int, device, sections: Sections | None = None,
                  fused: bool | None = None, out_dtype: torch.dtype = torch.int8, graphs: bool | None = None):
@@ -172,6 +173,7 @@ class ShardCodec:
             self._src = self._buffers(torch.float32)     # lr * the shard's gradient chunks
             self._weight = torch.zeros((), dtype=torch.float64, device=self.device)
             self._step = torch.zeros((), dtype=torch.int64, device=self.device)  # the step the headers carry
+            self._gathered: torch.Tensor | None = None  # the payloads the decode graph reads
 
     def _buffers(self, dtype) -> list[torch.Tensor]:
         return [torch.zeros(b - a, g.h, g.w, device=self.device, dtype=dtype) for g, (a, b) in zip(self.plan.groups, self.ranges)]
@@ -253,22 +255,19 @@ class ShardCodec:
                                                sections=self.sections)
             self._consensus(weights, groups)
             return self.out
-        W = gathered.shape[0]
-        if ("decode", W) not in self._graphs:  # a new world size: the old one's graph goes (it holds memory)
+        if self._gathered is None or self._gathered.shape != gathered.shape:  # a new world size: the old graph goes
             self._graphs = {k: v for k, v in self._graphs.items() if k[0] != "decode"}
+            self._gathered = torch.empty_like(gathered)  # what the decode graph reads (a bad shape: decode refuses)
+        self._gathered.copy_(gathered)
         self._step.fill_(step)
-        entry = self._graphs.get(("decode", W))
-        if isinstance(entry, tuple):  # captured: the graph reads its own copy of the payloads
-            entry[1][2].copy_(gathered)
-        static_in = gathered.clone() if entry == "warm" else gathered  # the capture keeps its input buffer
 
         def run():
-            weights, groups, checks = self.wire.decode(static_in, validate=self.cfg.validate_payloads, defer=True,
-                                                       step=self._step, sections=self.sections)
+            weights, groups, checks = self.wire.decode(self._gathered, validate=self.cfg.validate_payloads,
+                                                       defer=True, step=self._step, sections=self.sections)
             self._consensus(weights, groups)
-            return (torch.stack([c for _, c in checks], 1) if checks else None), [r for r, _ in checks], static_in
+            return (torch.stack([c for _, c in checks], 1) if checks else None), [r for r, _ in checks]
 
-        flags, reasons, _ = self._replay(("decode", W), run)
+        flags, reasons = self._replay(("decode", tuple(gathered.shape)), run)
         if flags is not None:
             self.wire.raise_flags(flags, reasons)
         return self.out
