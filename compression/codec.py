@@ -200,37 +200,33 @@ class Framing:
         head[16:24] = w.view(torch.uint8)
         return head
 
-    def check_header(self, gathered: torch.Tensor, validate: bool,
-                     step: int | torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+    def header_reasons(self, has_step: bool) -> list[str]:
+        """What each header check says when it fails, in the order of `Sections.header_flags`' columns."""
+        return [f"bad magic (not a {self.magic.decode()} payload)",
+                "sender rank field does not match its position in the all-gather",
+                f"length field differs from the expected {self.nbytes} bytes",
+                "checksum mismatch",
+                "abstained (NaN weight: the sender failed before the exchange)",
+                "weight is infinite",
+                "weight is not > 0 (a payload's weight is the tokens its sender trained on)",
+                f"weight above {MAX_WEIGHT:.0f} (2^40 tokens: more than any step holds)",
+                ] + (["header step differs from this step (a stale or replayed payload)"] if has_step else [])
+
+    def check_header(self, gathered: torch.Tensor, validate: bool, step: int | torch.Tensor | None = None,
+                     sections: "Sections | None" = None) -> tuple[torch.Tensor, list]:
         """Shape check (raises), then (weights [W] float64, [(reason, ok [W] bool)] when `validate`).
 
         `step` (an int or a 0-d int64 tensor on the payloads' device, which a CUDA graph can read at replay):
-        the step every header must carry; None skips that check."""
+        the step every header must carry; None skips that check. `sections` computes the flags (torch ops by
+        default; `kernels.TritonSections`: two kernels for all of them)."""
         if gathered.dim() != 2 or gathered.shape[1] != self.nbytes:
             raise PayloadError(-1, f"gathered payloads have shape {tuple(gathered.shape)}, "
                                    f"expected [world_size, {self.nbytes}]")
-        W, dev = gathered.shape[0], gathered.device
-        weights64 = packed_copy(gathered[:, 16:24]).view(torch.float64).reshape(W)
         if not validate:
-            return weights64, []
-        magic = _const(f"magic{self.magic!r}", dev, lambda: torch.frombuffer(bytearray(self.magic), dtype=torch.uint8))
-        nan = torch.isnan(weights64)
-        checks = [
-            (f"bad magic (not a {self.magic.decode()} payload)", (gathered[:, :4] == magic).all(1)),
-            ("sender rank field does not match its position in the all-gather",
-             _u32_from_bytes(gathered[:, 4:8]) == _shifts(W, dev, torch.int64)),
-            (f"length field differs from the expected {self.nbytes} bytes",
-             _u32_from_bytes(gathered[:, 24:28]) == self.nbytes),
-            ("checksum mismatch", _u32_from_bytes(gathered[:, 28:32]) == self.checksum(gathered)),
-            ("abstained (NaN weight: the sender failed before the exchange)", ~nan),
-            ("weight is infinite", torch.isfinite(weights64) | nan),
-            ("weight is not > 0 (a payload's weight is the tokens its sender trained on)", (weights64 > 0) | nan),
-            (f"weight above {MAX_WEIGHT:.0f} (2^40 tokens: more than any step holds)", ~(weights64 > MAX_WEIGHT)),
-        ]
-        if step is not None:
-            steps = packed_copy(gathered[:, 8:16]).view(torch.int64).reshape(W)
-            checks.append(("header step differs from this step (a stale or replayed payload)", steps == step))
-        return weights64, checks
+            W = gathered.shape[0]
+            return packed_copy(gathered[:, 16:24]).view(torch.float64).reshape(W), []
+        weights64, ok = (sections or TORCH_SECTIONS).header_flags(self, gathered, step)
+        return weights64, [(reason, ok[:, c]) for c, reason in enumerate(self.header_reasons(step is not None))]
 
     @staticmethod
     def raise_first_failure(checks: list) -> None:
@@ -249,12 +245,47 @@ class Framing:
 
 
 class Sections:
-    """How one chunk group's section of a payload is packed and unpacked, with torch ops (any device).
+    """How a payload's parts are written and read on device, with torch ops (any device): each chunk group's
+    section (`pack`, `unpack`), and the header with its checksum (`seal`, `header_flags`).
 
     `compression.kernels.TritonSections` does the same for sign payloads in one kernel per group and
-    direction on CUDA; `takes(spec)` says which groups an implementation handles (the rest come here).
-    Both give the same bytes, and the same indices, values, masks and check flags from them.
+    direction on CUDA, and the header in two kernels each way; `takes(spec)` says which groups an
+    implementation handles (the rest come here). Both give the same bytes, and the same indices, values,
+    masks and check flags from them.
     """
+
+    def seal(self, framing: "Framing", buf: torch.Tensor, rank: int, step: int | torch.Tensor,
+             weight: float | torch.Tensor, bad: torch.Tensor | None = None) -> torch.Tensor:
+        """Write the header and the checksum into `buf` (`[nbytes]` uint8, the sections already in place).
+        `bad` (int counts of non-finite values, any shape): where one is nonzero the weight is written as NaN
+        (the payload abstains; every receiver refuses it, nobody waits). Returns ok (0-d bool: nothing bad)."""
+        ok = (bad == 0).all() if bad is not None else torch.ones((), dtype=torch.bool, device=buf.device)
+        if bad is not None:
+            weight = torch.as_tensor(weight, dtype=torch.float64, device=buf.device).masked_fill(~ok, float("nan"))
+        buf[:HEADER_BYTES] = framing.header(rank, step, weight, buf.device)
+        framing.seal(buf)
+        return ok
+
+    def header_flags(self, framing: "Framing", gathered: torch.Tensor, step: int | torch.Tensor | None):
+        """`[W, nbytes]` payloads -> (weights [W] float64, ok [W, C] bool), one column per
+        `framing.header_reasons(step is not None)`."""
+        W, dev = gathered.shape[0], gathered.device
+        weights64 = packed_copy(gathered[:, 16:24]).view(torch.float64).reshape(W)
+        magic = _const(f"magic{framing.magic!r}", dev,
+                       lambda: torch.frombuffer(bytearray(framing.magic), dtype=torch.uint8))
+        nan = torch.isnan(weights64)
+        cols = [(gathered[:, :4] == magic).all(1),
+                _u32_from_bytes(gathered[:, 4:8]) == _shifts(W, dev, torch.int64),
+                _u32_from_bytes(gathered[:, 24:28]) == framing.nbytes,
+                _u32_from_bytes(gathered[:, 28:32]) == framing.checksum(gathered),
+                ~nan,
+                torch.isfinite(weights64) | nan,
+                (weights64 > 0) | nan,
+                ~(weights64 > MAX_WEIGHT)]
+        if step is not None:
+            steps = packed_copy(gathered[:, 8:16]).view(torch.int64).reshape(W)
+            cols.append(steps == step)
+        return weights64, torch.stack(cols, 1)
 
     def takes(self, spec: GroupSpec) -> bool:
         return True
@@ -314,14 +345,20 @@ class WireFormat(Framing):
         `weight` may be a 0-d float64 device tensor (e.g. NaN to poison a payload without a host sync), `step` a
         0-d int64 device tensor (`header`). `sections` packs the groups it takes (the others go through torch ops): the bytes are the same.
         """
+        return self.encode_checked(indices, values, rank, step, weight, sections)[0]
+
+    def encode_checked(self, indices: list[torch.Tensor], values: list[torch.Tensor], rank: int,
+                       step: int | torch.Tensor, weight: float | torch.Tensor, sections: Sections = TORCH_SECTIONS,
+                       bad: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`, and where `bad` (int counts of non-finite values) has a nonzero, the weight written as NaN:
+        (payload, ok as a 0-d bool tensor). No host sync."""
         device = indices[0].device if indices else torch.device("cpu")
         buf = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
-        buf[:HEADER_BYTES] = self.header(rank, step, weight, device)
         off = HEADER_BYTES
         for spec, idx, val in zip(self.groups, indices, values):
             (sections if sections.takes(spec) else TORCH_SECTIONS).pack(idx, val, spec, buf[off:off + spec.nbytes])
             off += spec.nbytes
-        return self.seal(buf)
+        return buf, sections.seal(self, buf, rank, step, weight, bad)
 
     # ---- decode + validate -----------------------------------------------------------------------
     def decode(self, gathered: torch.Tensor, validate: bool = True, defer: bool = False,
@@ -335,7 +372,7 @@ class WireFormat(Framing):
         `sections` unpacks the groups it takes (same results as the torch ops). `step`: the step every
         header must carry (`Framing.check_header`).
         """
-        weights64, checks = self.check_header(gathered, validate, step)
+        weights64, checks = self.check_header(gathered, validate, step, sections)
         out, off = [], HEADER_BYTES
         for gi, spec in enumerate(self.groups):
             impl = sections if sections.takes(spec) else TORCH_SECTIONS

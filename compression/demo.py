@@ -204,24 +204,25 @@ class DemoSync(Sync):
         if not all(self.fused):
             torch._foreach_add_(self._in_views[id(new_m)](new_m), self._grad_tiles(grads), alpha=lr)
         grad_deltas = self._grad_addrs.deltas(grads) if self._tables else None
-        picks_i, picks_v, finite = [], [], []
-        for gi, (g, (ch, cw), k) in enumerate(zip(new_m, self.bases, self.ks)):
+        picks_i, picks_v = [], []
+        # the non-finite counts, one buffer for the seal: per chunk of a fused group, one slot per torch group
+        slots = [g.n_chunks if f else 1 for g, f in zip(self.plan.groups, self.fused)]
+        bad = torch.empty(sum(slots), dtype=torch.int32, device=self.device)  # every group writes its slots
+        for gi, (g, (ch, cw), k, b) in enumerate(zip(new_m, self.bases, self.ks, bad.split(slots))):
             if self.fused[gi]:
-                idx, val, bad = kernels.fused_encode(self.momentum[gi], g, grads, grad_deltas, self._tables[gi],
-                                                     ch, cw, k, self.cfg.decay, lr)
-                finite.append((bad == 0).all())
+                idx, val, _ = kernels.fused_encode(self.momentum[gi], g, grads, grad_deltas, self._tables[gi],
+                                                   ch, cw, k, self.cfg.decay, lr, bad=b)
             else:
                 idx, val = encode_chunks(g, ch, cw, k)
-                finite.append(torch.isfinite(val).all())
+                b.copy_((~torch.isfinite(val)).sum())
             picks_i.append(idx)
             picks_v.append(val)
         # a non-finite momentum poisons our payload's weight (NaN) instead of raising here: every rank,
         # us included, then rejects it in validation, so nobody is left waiting in the collective
-        finite = torch.stack(finite).all()
-        w = torch.full((), float(weight), dtype=torch.float64, device=self.device).masked_fill_(~finite, float("nan"))
         seq = self.step_count if step is None else int(step)  # every peer's header must carry it
         self._expect_step.fill_(seq)
-        payload = self.wire.encode(picks_i, picks_v, self.comm.rank, seq, w, self._sections)
+        payload, _ = self.wire.encode_checked(picks_i, picks_v, self.comm.rank, self._expect_step, float(weight),
+                                              self._sections, bad)
         gathered, t1, t2 = self._timed(self.comm.allgather, payload)
         update = self._updates[1] if self.held is self._updates[0] else self._updates[0]
         if self._graphs is None:
@@ -289,11 +290,14 @@ class DemoSync(Sync):
         (flat indices [N, W*k], weighted means [N, W*k]); the others return None."""
         g, (ch, cw) = self.plan.groups[gi], self.bases[gi]
         W, N, k = idx.shape
-        if W * k <= PAIRWISE_MAX_PICKS:
-            coef = pairwise_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1))
+        if self.fused[gi] and W * k <= PAIRWISE_MAX_PICKS:  # the consensus in one kernel, same layout
+            flat_idx, coef = kernels.fused_consensus(idx, vals, mask, weights)
         else:
-            coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
-        flat_idx = idx.permute(1, 0, 2).reshape(N, W * k)
+            if W * k <= PAIRWISE_MAX_PICKS:
+                coef = pairwise_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1))
+            else:
+                coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
+            flat_idx = idx.permute(1, 0, 2).reshape(N, W * k)
         if self._decode_at_commit[gi]:
             return flat_idx, coef
         if self.fused[gi]:

@@ -223,14 +223,19 @@ class ShardCodec:
 
     def _encode_into(self, m_in, m_out, src, lr, weight, rank, step):
         """m_out <- the residual of decay * m_in + lr * src after the picks; (payload, m_out, ok)."""
-        idx, val, finite = [], [], []
+        idx, val = [], []
+        # one buffer of non-finite counts (per chunk of the fused groups, one per torch group) that the seal
+        # reads: any nonzero makes the payload's weight NaN
+        slots = [src[gi].shape[0] if gi in self.tables else 1 for gi in self.live]
+        bad = torch.empty(sum(slots), dtype=torch.int32, device=self.device)  # every live group writes its slots
+        bads = dict(zip(self.live, bad.split(slots)))
         for gi, (g, m, nm) in enumerate(zip(src, m_in, m_out)):
             if gi in self.tables:
-                i, v, bad = kernels.fused_encode(m, nm, [g.to(torch.float32).contiguous()], self._no_delta,
-                                                 self.tables[gi], *self.bases[gi], self.ks[gi], self.cfg.decay, lr)
+                i, v, _ = kernels.fused_encode(m, nm, [g.to(torch.float32).contiguous()], self._no_delta,
+                                               self.tables[gi], *self.bases[gi], self.ks[gi], self.cfg.decay, lr,
+                                               bad=bads[gi])
                 idx.append(i)
                 val.append(v)
-                finite.append((bad == 0).all())
                 continue
             torch.mul(m, self.cfg.decay, out=nm)
             nm.add_(g, alpha=lr)
@@ -239,11 +244,9 @@ class ShardCodec:
                 i, v = encode_chunks(nm, ch, cw, self.ks[gi])
                 idx.append(i)
                 val.append(v)
-                finite.append(torch.isfinite(v).all())
-        ok = torch.stack(finite).all() if finite else torch.ones((), dtype=torch.bool, device=self.device)
-        ok = ok & torch.isfinite(weight)
-        w = weight.to(torch.float64).masked_fill(~ok, float("nan"))
-        return self.wire.encode(idx, val, rank, step, w, self.sections), m_out, ok
+                bads[gi].copy_((~torch.isfinite(v)).sum())
+        payload, ok = self.wire.encode_checked(idx, val, rank, step, weight, self.sections, bad)
+        return payload, m_out, ok
 
     def decode(self, gathered: torch.Tensor, step: int) -> list[torch.Tensor]:
         """Validate the `[N, nbytes]` payloads of this shard (raises `PayloadError(cross rank, reason)`) and
@@ -277,13 +280,16 @@ class ShardCodec:
             gi = self.live[li]
             (ch, cw), numel, out = self.bases[gi], self.plan.groups[gi].numel, self.out[gi]
             W, n, k = idx.shape
-            wv, wm = vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1)
-            coef = pairwise_mean(idx, wv, wm) if W * k <= PAIRWISE_MAX_PICKS else grid_mean(idx, wv, wm, numel)
+            if gi in self.tables and W * k <= PAIRWISE_MAX_PICKS:  # the consensus in one kernel
+                flat, coef = kernels.fused_consensus(idx, vals, mask, weights)
+            else:
+                wv, wm = vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1)
+                coef = pairwise_mean(idx, wv, wm) if W * k <= PAIRWISE_MAX_PICKS else grid_mean(idx, wv, wm, numel)
+                flat = idx.permute(1, 0, 2).reshape(n, W * k)
             if gi in self.tables:
-                kernels.fused_decode(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw, out,
-                                     rms=self.cfg.update == "rms")
+                kernels.fused_decode(flat, coef, ch, cw, out, rms=self.cfg.update == "rms")
                 continue
-            x = sparse_idct2(idx.permute(1, 0, 2).reshape(n, W * k), coef, ch, cw)
+            x = sparse_idct2(flat, coef, ch, cw)
             if self.cfg.update == "rms":
                 rms = x.square().mean(dim=(1, 2), keepdim=True).sqrt_()
                 out.copy_(torch.where(rms > 0, x / rms.clamp_min(1e-30), torch.zeros_like(x)))

@@ -28,7 +28,7 @@ import threading
 
 import torch
 
-from compression.codec import GroupSpec, Sections, to_device
+from compression.codec import HEADER_BYTES, MAX_WEIGHT, GroupSpec, Sections, to_device
 
 try:  # Triton ships with CUDA builds of torch; CPU-only installs run the torch path
     import triton
@@ -293,6 +293,115 @@ if triton is not None:
         tl.atomic_max(flag_ptr + r * 3 + 1, bad_rng)
         tl.atomic_max(flag_ptr + r * 3 + 2, bad_dup)
 
+    @triton.jit
+    def _byte_sums_kernel(buf_ptr, row_stride, part_ptr, start, nbytes, S, BLOCK: tl.constexpr):
+        """The checksum's partial sums: part[r, s] = sum of (byte_i + 1) * (i mod 65521 + 1) over the bytes i
+        of row r in [start + s * BLOCK, start + (s + 1) * BLOCK) (integer math: the same on every device)."""
+        s = tl.program_id(0).to(tl.int64)
+        r = tl.program_id(1).to(tl.int64)
+        i = start + s * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        live = i < nbytes
+        b = tl.load(buf_ptr + r * row_stride + i, mask=live, other=0).to(tl.int64)
+        tl.store(part_ptr + r * S + s, tl.sum(tl.where(live, (b + 1) * (i % 65521 + 1), 0), 0))
+
+    @triton.jit
+    def _sum_parts(part_ptr, S, SB: tl.constexpr):
+        acc = tl.zeros((SB,), dtype=tl.int64)
+        for j in range(0, S, SB):
+            q = j + tl.arange(0, SB)
+            acc += tl.load(part_ptr + q, mask=q < S, other=0)
+        return tl.sum(acc, 0)
+
+    @triton.jit
+    def _field(b, pos, OFF: tl.constexpr, N: tl.constexpr):
+        """The little-endian integer in header bytes [OFF, OFF + N) of `b` (the 32 bytes as int64)."""
+        inside = (pos >= OFF) & (pos < OFF + N)
+        return tl.sum(tl.where(inside, b << ((8 * (pos - OFF)) & 63), 0), 0)
+
+    @triton.jit
+    def _header_sum(b, pos):
+        """The checksum's part over the header's first 28 bytes (the checksum field itself weighs 0)."""
+        return tl.sum(tl.where(pos < 28, (b + 1) * (pos + 1), 0), 0)
+
+    @triton.jit
+    def _header_check_kernel(buf_ptr, row_stride, part_ptr, S, step_ptr, w64_ptr, ok_ptr, nbytes, magic,
+                             max_weight, HAS_STEP: tl.constexpr, C: tl.constexpr, SB: tl.constexpr):
+        """`codec.Sections.header_flags` for row r: the weight (float64) and C ok flags (int8 0/1), in the
+        order of `Framing.header_reasons`."""
+        r = tl.program_id(0).to(tl.int64)
+        pos = tl.arange(0, 32).to(tl.int64)
+        b = tl.load(buf_ptr + r * row_stride + pos).to(tl.int64)
+        bad_magic = tl.sum(((pos < 4) & (b != ((magic >> ((8 * pos) & 63)) & 255))).to(tl.int32), 0)
+        total = (_sum_parts(part_ptr + r * S, S, SB) + _header_sum(b, pos)) & 0xFFFFFFFF
+        w = _field(b, pos, 16, 8).to(tl.float64, bitcast=True)
+        nan = w != w
+        out = ok_ptr + r * C
+        tl.store(out, (bad_magic == 0).to(tl.int8))
+        tl.store(out + 1, (_field(b, pos, 4, 4) == r).to(tl.int8))
+        tl.store(out + 2, (_field(b, pos, 24, 4) == nbytes).to(tl.int8))
+        tl.store(out + 3, (_field(b, pos, 28, 4) == total).to(tl.int8))
+        tl.store(out + 4, (~nan).to(tl.int8))
+        tl.store(out + 5, ((tl.abs(w) != float("inf")) | nan).to(tl.int8))
+        tl.store(out + 6, ((w > 0) | nan).to(tl.int8))
+        tl.store(out + 7, (~(w > max_weight)).to(tl.int8))
+        if HAS_STEP:
+            tl.store(out + 8, (_field(b, pos, 8, 8) == tl.load(step_ptr)).to(tl.int8))
+        tl.store(w64_ptr + r, w)
+
+    @triton.jit
+    def _seal_kernel(buf_ptr, part_ptr, S, bad_ptr, n_bad, step_ptr, w_ptr, ok_ptr, rank, nbytes, magic,
+                     SB: tl.constexpr, BB: tl.constexpr):
+        """`codec.Sections.seal`: the header (the weight NaN where a `bad` count is nonzero) and the checksum
+        (the sections' part from `_byte_sums_kernel`), one program."""
+        nb = tl.zeros((BB,), dtype=tl.int32)
+        for j in range(0, n_bad, BB):
+            q = j + tl.arange(0, BB)
+            nb += (tl.load(bad_ptr + q, mask=q < n_bad, other=0) != 0).to(tl.int32)
+        ok = tl.sum(nb, 0) == 0
+        wbits = tl.where(ok, tl.load(w_ptr).to(tl.int64, bitcast=True), 0x7FF8000000000000)  # torch's NaN
+        step = tl.load(step_ptr)
+        pos = tl.arange(0, 32).to(tl.int64)
+        sh = 8 * pos
+        b = tl.where(pos < 4, magic >> (sh & 63),
+                     tl.where(pos < 8, rank >> ((sh - 32) & 63),
+                              tl.where(pos < 16, step >> ((sh - 64) & 63),
+                                       tl.where(pos < 24, wbits >> ((sh - 128) & 63),
+                                                tl.where(pos < 28, nbytes >> ((sh - 192) & 63), 0))))) & 255
+        total = (_sum_parts(part_ptr, S, SB) + _header_sum(b, pos)) & 0xFFFFFFFF
+        b = tl.where(pos < 28, b, (total >> ((sh - 224) & 63)) & 255)
+        tl.store(buf_ptr + pos, b.to(tl.uint8))
+        tl.store(ok_ptr, ok.to(tl.int8))
+
+    @triton.jit
+    def _consensus_kernel(idx_ptr, val_ptr, mask_ptr, w_ptr, fidx_ptr, coef_ptr, N,
+                          K: tl.constexpr, E: tl.constexpr, EP: tl.constexpr, BLOCK: tl.constexpr):
+        """`demo.pairwise_mean` and the `[N, W*k]` flat indices for BLOCK chunks: per pick e (rank e // K, slot
+        e % K), the weighted mean of the picks of its chunk with its index, at its first occurrence; 0 at
+        repeats and where no weight. The sums run over the picks in a fixed order."""
+        n = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        e = tl.arange(0, EP)
+        live_n = n < N
+        live = live_n[:, None] & (e < E)[None, :]
+        src = (e // K).to(tl.int64)[None, :] * (N * K) + n[:, None] * K + (e % K)[None, :]
+        i = tl.load(idx_ptr + src, mask=live, other=-1)
+        num = tl.zeros((BLOCK, EP), dtype=tl.float32)
+        den = tl.zeros((BLOCK, EP), dtype=tl.float32)
+        first = live
+        for e2 in tl.static_range(E):
+            at = (e2 // K) * (N * K) + n * K + (e2 % K)
+            w2 = tl.load(w_ptr + e2 // K)
+            i2 = tl.load(idx_ptr + at, mask=live_n, other=-2)
+            v2 = tl.load(val_ptr + at, mask=live_n, other=0.0) * w2
+            m2 = tl.load(mask_ptr + at, mask=live_n, other=0.0) * w2
+            same = i == i2[:, None]
+            num += tl.where(same, v2[:, None], 0.0)
+            den += tl.where(same, m2[:, None], 0.0)
+            first = first & ~(same & (e > e2)[None, :])
+        coef = tl.where(first & (den > 0), tl.math.div_rn(num, tl.maximum(den, 1.1754943508222875e-38)), 0.0)
+        out = n[:, None] * E + e[None, :]
+        tl.store(fidx_ptr + out, i, mask=live)
+        tl.store(coef_ptr + out, coef, mask=live)
+
 class TileTable:
     """Where every chunk of a group lives inside parameter-shaped tensors (gradients, parameters), as offsets.
 
@@ -360,17 +469,18 @@ ENCODE_MAXNREG = 168
 
 def fused_encode(m: torch.Tensor, out: torch.Tensor, grads: list[torch.Tensor], deltas: torch.Tensor,
                  table: TileTable, ch: torch.Tensor, cw: torch.Tensor, k: int, decay: float, lr: float,
-                 precision: str = "tf32x3"):
+                 precision: str = "tf32x3", bad: torch.Tensor | None = None):
     """out = residual of (decay * m + lr * grad) after its top-k DCT picks; m ([N, h, w]) is not modified.
     `deltas` = `Addresses.deltas(grads)`.
 
     Returns (indices [N, k] int64, values [N, k] float32 sorted by |value| descending, bad [N] int32 = the
-    count of non-finite coefficients per chunk).
+    count of non-finite coefficients per chunk; written into `bad` when given, e.g. a slice of one buffer of
+    every group's counts that `Sections.seal` reads).
     """
     N, h, w = m.shape
     idx = torch.empty(N, k, dtype=torch.int64, device=m.device)
     val = torch.empty(N, k, dtype=torch.float32, device=m.device)
-    bad = torch.empty(N, dtype=torch.int32, device=m.device)
+    bad = torch.empty(N, dtype=torch.int32, device=m.device) if bad is None else bad
     with _launch:
         if h == 1:
             _encode_rows_kernel[(triton.cdiv(N, ROWS),)](
@@ -438,7 +548,10 @@ class TritonSections(Sections):
     """`codec.Sections` for sign payloads (value_bits 1) in one kernel per group and direction: the ~25
     torch ops of bit packing, and the ~30 of unpacking and checking, per group per step, become one launch
     each. Same bytes, indices, values, masks and flags as the torch ops (tested); the indices are always
-    clamped. Groups with bf16 values, more than 32 picks or fields wider than 24 bits stay on torch."""
+    clamped. Groups with bf16 values, more than 32 picks or fields wider than 24 bits stay on torch.
+    The header, its checksum and its checks (~20 torch ops to seal, ~35 to check, whatever the payload's size)
+    take two kernels each way: the checksum's partial sums over blocks of the payload, then one program per
+    payload for the header fields."""
 
     def takes(self, spec: GroupSpec) -> bool:
         return spec.value_bits == 1 and spec.k <= 32 and spec.index_bits <= 24 and spec.count_bits <= 24
@@ -467,3 +580,71 @@ class TritonSections(Sections):
                 sec, sec.stride(0), idx, vals, mask, flags, N, spec.index_bytes, spec.count_bytes, spec.nbytes,
                 spec.numel, K=k, KP=kp, IBITS=spec.index_bits, CBITS=spec.count_bits, BLOCK=block, num_warps=4)
         return idx, vals, mask, (flags == 0) if validate else None
+
+    def seal(self, framing, buf, rank, step, weight, bad=None):
+        dev = buf.device
+        step = step if isinstance(step, torch.Tensor) else torch.full((), int(step), dtype=torch.int64, device=dev)
+        weight = weight if isinstance(weight, torch.Tensor) else torch.full((), float(weight), dtype=torch.float64,
+                                                                           device=dev)
+        bad = self._no_bad(dev) if bad is None else bad.reshape(-1)
+        S = triton.cdiv(framing.nbytes - HEADER_BYTES, SUM_BLOCK)
+        part = torch.empty(max(S, 1), dtype=torch.int64, device=dev)
+        ok = torch.empty((), dtype=torch.int8, device=dev)
+        with _launch:
+            if S:
+                _byte_sums_kernel[(S, 1)](buf, buf.numel(), part, HEADER_BYTES, framing.nbytes, S, BLOCK=SUM_BLOCK,
+                                          num_warps=4)
+            _seal_kernel[(1,)](buf, part, S, bad, bad.numel(), step.to(torch.int64), weight.to(torch.float64), ok,
+                               int(rank), framing.nbytes, _magic(framing), SB=256, BB=1024, num_warps=4)
+        return ok.view(torch.bool)
+
+    def header_flags(self, framing, gathered, step):
+        W, dev = gathered.shape[0], gathered.device
+        if gathered.stride(1) != 1:
+            gathered = gathered.contiguous()
+        has_step = step is not None
+        if has_step and not isinstance(step, torch.Tensor):
+            step = torch.full((), int(step), dtype=torch.int64, device=dev)
+        C = len(framing.header_reasons(has_step))
+        S = triton.cdiv(framing.nbytes - HEADER_BYTES, SUM_BLOCK)
+        part = torch.empty(W, max(S, 1), dtype=torch.int64, device=dev)
+        w64 = torch.empty(W, dtype=torch.float64, device=dev)
+        ok = torch.empty(W, C, dtype=torch.int8, device=dev)
+        with _launch:
+            if S:
+                _byte_sums_kernel[(S, W)](gathered, gathered.stride(0), part, HEADER_BYTES, framing.nbytes, S,
+                                          BLOCK=SUM_BLOCK, num_warps=4)
+            _header_check_kernel[(W,)](gathered, gathered.stride(0), part, S, step if has_step else w64, w64, ok,
+                                       framing.nbytes, _magic(framing), float(MAX_WEIGHT), HAS_STEP=has_step, C=C,
+                                       SB=256, num_warps=4)
+        return w64, ok.view(torch.bool)
+
+    @staticmethod
+    def _no_bad(dev) -> torch.Tensor:
+        return _NO_BAD.setdefault(str(dev), torch.zeros(1, dtype=torch.int32, device=dev))
+
+
+SUM_BLOCK = 4096   # payload bytes per program of the checksum's partial sums
+_NO_BAD: dict[str, torch.Tensor] = {}
+
+
+def _magic(framing) -> int:
+    return int.from_bytes(framing.magic, "little")
+
+
+def fused_consensus(idx: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor,
+                    weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[W, N, k]` picks of every rank (indices, values, weight masks), `[W]` float32 weights -> (flat indices
+    `[N, W*k]`, the weighted mean of each pick, `demo.pairwise_mean`'s layout) in one kernel. For W*k up to
+    `demo.PAIRWISE_MAX_PICKS`."""
+    W, N, k = idx.shape
+    E = W * k
+    EP = max(2, triton.next_power_of_2(E))
+    block = max(1, min(64, 1024 // EP))
+    fidx = torch.empty(N, E, dtype=idx.dtype, device=idx.device)
+    coef = torch.empty(N, E, dtype=torch.float32, device=idx.device)
+    with _launch:
+        _consensus_kernel[(triton.cdiv(N, block),)](idx.contiguous(), vals.contiguous(), mask.contiguous(),
+                                                    weights.to(torch.float32).contiguous(), fidx, coef, N,
+                                                    K=k, E=E, EP=EP, BLOCK=block, num_warps=4)
+    return fidx, coef

@@ -264,3 +264,80 @@ def test_triton_sections_pack_and_unpack_exactly_as_the_torch_ops(n_chunks, nume
     assert bool(flags[1, 0]) == (2 ** spec.count_bits - 1 <= k)    # a count field of all ones
     assert bool(flags[2, 1]) == (numel == 2 ** spec.index_bits)     # an index of all ones
     assert not flags[3, 2]                                          # duplicates
+
+
+def _signed_payloads(n_chunks=9, numel=4096, k=4, W=3, seed=0):
+    from compression.codec import GroupSpec, WireFormat
+
+    g = torch.Generator().manual_seed(seed)
+    wire = WireFormat([GroupSpec(n_chunks, numel, k, 1), GroupSpec(2 * n_chunks, 64, k, 1)])
+    rows = []
+    for r in range(W):
+        idx = [torch.stack([torch.randperm(s.numel, generator=g)[:k] for _ in range(s.n_chunks)]).to(DEV)
+               for s in wire.groups]
+        val = [torch.randn(s.n_chunks, k, generator=g).to(DEV) for s in wire.groups]
+        val = [v.gather(1, v.abs().argsort(1, descending=True)) for v in val]
+        rows.append(wire.encode(idx, val, rank=r, step=7, weight=float(r + 1)))
+    return wire, torch.stack(rows)
+
+
+def test_triton_header_seal_and_checks_give_the_torch_ops_bytes_and_flags():
+    """`TritonSections.seal` and `.header_flags` (two kernels each way, whatever the payload's size) against the
+    torch ops: the same header and checksum bytes, a nonzero non-finite count writing the weight as NaN, and
+    for every header fault (magic, rank, length, checksum, each bad weight, a stale step) the same flags."""
+    import struct
+
+    from compression.codec import TORCH_SECTIONS
+
+    fast = kernels.TritonSections()
+    wire, gathered = _signed_payloads()
+    for bad in (None, torch.zeros(5, dtype=torch.int32, device=DEV),
+                torch.tensor([0, 0, 3, 0], dtype=torch.int32, device=DEV)):
+        for step in (7, torch.tensor(-2, device=DEV)):
+            a, b = gathered[1].clone(), gathered[1].clone()
+            ok_a = TORCH_SECTIONS.seal(wire, a, 1, step, 2.5, bad)
+            ok_b = fast.seal(wire, b, 1, step, torch.tensor(2.5, dtype=torch.float64, device=DEV), bad)
+            assert torch.equal(a, b) and bool(ok_a) == bool(ok_b) == (bad is None or not bool(bad.any()))
+
+    def weight(v):
+        return torch.frombuffer(bytearray(struct.pack("<d", v)), dtype=torch.uint8).to(DEV)
+
+    faults = [lambda p: p.__setitem__(slice(0, 1), 0x41),                 # magic
+              lambda p: p.__setitem__(slice(4, 5), 9),                    # sender rank
+              lambda p: p.__setitem__(slice(24, 25), 3),                  # length
+              lambda p: p.__setitem__(slice(40, 41), p[40] ^ 0x10)]       # a section byte: checksum
+    faults += [lambda p, v=v: p.__setitem__(slice(16, 24), weight(v))     # each bad weight (resealed)
+               for v in (float("nan"), float("inf"), -float("inf"), -1.0, 0.0, 2.0 ** 41)]
+    faults += [lambda p: p.__setitem__(slice(8, 16), torch.tensor([8, 0, 0, 0, 0, 0, 0, 0], dtype=torch.uint8))]
+    for i, fault in enumerate(faults):
+        rows = gathered.clone()
+        fault(rows[1])
+        if i >= 4:  # the weight and step faults are resealed: only their own check fails
+            wire.seal(rows[1])
+        for step in (None, 7, torch.tensor(7, device=DEV)):
+            wa, fa = TORCH_SECTIONS.header_flags(wire, rows, step)
+            wb, fb = fast.header_flags(wire, rows, step)
+            assert fa.dtype == fb.dtype == torch.bool and torch.equal(fa, fb), (i, step, fa, fb)
+            assert torch.equal(wa.view(torch.int64), wb.view(torch.int64))
+            stale_only = i == len(faults) - 1 and step is None
+            assert fa[0].all() and fa[2].all() and fa[1].all() == stale_only
+
+
+@pytest.mark.parametrize("W,k", [(1, 4), (3, 4), (2, 7), (8, 8)])
+def test_fused_consensus_matches_the_pairwise_mean(W, k):
+    """`fused_consensus` against `demo.pairwise_mean`: the same flat indices and, at each pick, the weighted
+    mean at its first occurrence and 0 at repeats and masked picks (picks collide often: 40 coefficients)."""
+    from compression.demo import pairwise_mean
+
+    g = torch.Generator().manual_seed(W * 10 + k)
+    N, numel = 37, 40
+    idx = torch.stack([torch.stack([torch.randperm(numel, generator=g)[:k] for _ in range(N)]) for _ in range(W)])
+    vals = torch.randn(W, N, k, generator=g).sign()
+    mask = (torch.rand(W, N, k, generator=g) > 0.2).float()
+    vals *= mask
+    weights = torch.rand(W, generator=g) * 100 + 1
+    ref = pairwise_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1))
+    flat, coef = kernels.fused_consensus(idx.to(DEV), vals.to(DEV), mask.to(DEV), weights.to(DEV))
+    assert torch.equal(flat.cpu(), idx.permute(1, 0, 2).reshape(N, W * k))
+    assert torch.equal(coef.cpu() == 0, ref == 0)
+    torch.testing.assert_close(coef.cpu(), ref, rtol=1e-6, atol=0)
