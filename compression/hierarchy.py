@@ -420,7 +420,9 @@ class HierarchicalDemoSync(Sync):
             _, t1, t2 = self._timed(local.allreduce_, bucket)
             comm_s += t2 - t1
         total = bucket[-1].to(torch.float64)
-        node_ok = bool(torch.isfinite(bucket).all()) and float(total) > 0
+        # whether the node's sum is usable, kept on device (a host read here would wait for the all-reduce):
+        # a bad node sends weight NaN (abstains) and learns its verdict with the shards' statuses below
+        node_ok_t = torch.isfinite(bucket).all() & (total > 0)
         mean = bucket[:-1] / bucket[-1]
         # 2. the shard this rank owns, across nodes
         status = _status(True)
@@ -429,7 +431,7 @@ class HierarchicalDemoSync(Sync):
         if self.codec is not None:
             sizes = [p.numel() for p in self.params]
             chunks = self.plan.gather([m.view_as(p) for m, p in zip(mean.split(sizes), self.params)], self.device)
-            weight_t = total if node_ok else torch.full((), float("nan"), dtype=torch.float64, device=self.device)
+            weight_t = torch.where(node_ok_t, total, torch.full_like(total, float("nan")))
             payload, new_m, _ = self.codec.encode(chunks, lr, weight_t, cross.rank, seq)
             if cross.world_size > 1:
                 gathered, t1, t2 = self._timed(cross.allgather, payload)
@@ -453,11 +455,14 @@ class HierarchicalDemoSync(Sync):
             comm_s += t2 - t1
         else:
             blocks = mine.unsqueeze(0)
-        if not node_ok:
+        # one device->host copy: this node's verdict and every shard's status
+        heads = torch.cat([node_ok_t.to(torch.uint8).reshape(1).to(blocks.device),
+                           blocks[:self.S, :STATUS_BYTES].reshape(-1)]).cpu()
+        if not bool(heads[0]):
             raise PayloadError(-1, "this node's all-reduced gradients are not finite or its total weight is not > 0 "
                                    "(a rank of the node abstained or sent non-finite gradients)")
-        for s in range(self.S):
-            ok, sender, reason = _read_status(blocks[s].cpu())
+        for s, block in enumerate(heads[1:].view(self.S, STATUS_BYTES)):
+            ok, sender, reason = _read_status(block)
             if not ok:
                 raise PayloadError(sender, f"shard {s}/{self.S}: {reason}")
         update = []
