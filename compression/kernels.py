@@ -621,7 +621,9 @@ class TritonSections(Sections):
 
     @staticmethod
     def _no_bad(dev) -> torch.Tensor:
-        return _NO_BAD.setdefault(str(dev), torch.zeros(1, dtype=torch.int32, device=dev))
+        if str(dev) not in _NO_BAD:
+            _NO_BAD[str(dev)] = torch.zeros(1, dtype=torch.int32, device=dev)
+        return _NO_BAD[str(dev)]
 
 
 SUM_BLOCK = 4096   # payload bytes per program of the checksum's partial sums
