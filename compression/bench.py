@@ -195,9 +195,10 @@ def bench_shards(device: str, model: str, steps: int, shards: int, topk: int, va
     for name, count in (("whole", 1), ("shard", shards)):
         codec = ShardCodec(cfg, plan, 0, count, dev)
 
-        def step(codec=codec):
-            payload, new_m, _ = codec.encode(chunks, 1e-3, weight, 0, 0)
-            codec.decode(payload.unsqueeze(0), 0)
+        def step(codec=codec, count=iter(range(1 << 62))):
+            n = next(count)  # a new step number every time, as in a run (the headers carry it)
+            payload, new_m, _ = codec.encode(chunks, 1e-3, weight, 0, n)
+            codec.decode(payload.unsqueeze(0), n)
             codec.momentum = new_m
 
         steppers[name] = step

@@ -173,10 +173,16 @@ class ShardCodec:
             self._src = self._buffers(torch.float32)     # lr * the shard's gradient chunks
             self._weight = torch.zeros((), dtype=torch.float64, device=self.device)
             self._step = torch.zeros((), dtype=torch.int64, device=self.device)  # the step the headers carry
+            self._step_value = 0  # what `_step` holds (the encode and decode of a step fill it once)
             self._gathered: torch.Tensor | None = None  # the payloads the decode graph reads
 
     def _buffers(self, dtype) -> list[torch.Tensor]:
         return [torch.zeros(b - a, g.h, g.w, device=self.device, dtype=dtype) for g, (a, b) in zip(self.plan.groups, self.ranges)]
+
+    def _set_step(self, step: int) -> None:
+        if step != self._step_value:
+            self._step.fill_(step)
+            self._step_value = step
 
     def _replay(self, key, fn: Callable[[], T]) -> T:
         """`fn()` as a CUDA graph under `key`: eager on the key's first use, captured on its second, replayed
@@ -211,7 +217,7 @@ class ShardCodec:
             self._weight.copy_(weight)
         else:
             self._weight.fill_(float(weight))
-        self._step.fill_(step)
+        self._set_step(step)
         m_in = self.momentum
         if m_in is not self._m_sets[0] and m_in is not self._m_sets[1]:  # set from outside: adopt its values
             torch._foreach_copy_(self._m_sets[0], m_in)
@@ -262,7 +268,7 @@ class ShardCodec:
             self._graphs = {k: v for k, v in self._graphs.items() if k[0] != "decode"}
             self._gathered = torch.empty_like(gathered)  # what the decode graph reads (a bad shape: decode refuses)
         self._gathered.copy_(gathered)
-        self._step.fill_(step)
+        self._set_step(step)
 
         def run():
             weights, groups, checks = self.wire.decode(self._gathered, validate=self.cfg.validate_payloads,
