@@ -98,6 +98,19 @@ def grid_mean(idx: torch.Tensor, wval: torch.Tensor, wmask: torch.Tensor, numel:
     return torch.stack(coef, 1).view(N, W * k)
 
 
+def consensus_picks(idx: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor, numel: int,
+                    fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[W, N, k]` picks of every rank and `[W]` weights -> (flat indices `[N, W*k]`, the weighted mean at each
+    pick): `kernels.fused_consensus` for a fused group with up to `PAIRWISE_MAX_PICKS` picks per chunk,
+    otherwise `pairwise_mean` or, for more picks, `grid_mean`."""
+    W, N, k = idx.shape
+    if fused and W * k <= PAIRWISE_MAX_PICKS:  # one kernel, same layout
+        return kernels.fused_consensus(idx, vals, mask, weights)
+    wv, wm = vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1)
+    coef = pairwise_mean(idx, wv, wm) if W * k <= PAIRWISE_MAX_PICKS else grid_mean(idx, wv, wm, numel)
+    return idx.permute(1, 0, 2).reshape(N, W * k), coef
+
+
 def demo_wire_format(plan: ChunkPlan, topk: int, value_bits: int) -> WireFormat:
     """The payload layout for a chunk plan (k is capped at the chunk size for tiny chunks)."""
     return WireFormat([GroupSpec(g.n_chunks, g.numel, min(topk, g.numel), value_bits) for g in plan.groups])
@@ -289,15 +302,7 @@ class DemoSync(Sync):
         Groups decoded at commit (`_decode_at_commit`) write nothing here and return their picks,
         (flat indices [N, W*k], weighted means [N, W*k]); the others return None."""
         g, (ch, cw) = self.plan.groups[gi], self.bases[gi]
-        W, N, k = idx.shape
-        if self.fused[gi] and W * k <= PAIRWISE_MAX_PICKS:  # the consensus in one kernel, same layout
-            flat_idx, coef = kernels.fused_consensus(idx, vals, mask, weights)
-        else:
-            if W * k <= PAIRWISE_MAX_PICKS:
-                coef = pairwise_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1))
-            else:
-                coef = grid_mean(idx, vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1), g.numel)
-            flat_idx = idx.permute(1, 0, 2).reshape(N, W * k)
+        flat_idx, coef = consensus_picks(idx, vals, mask, weights, g.numel, self.fused[gi])
         if self._decode_at_commit[gi]:
             return flat_idx, coef
         if self.fused[gi]:

@@ -47,7 +47,7 @@ from compression.codec import TORCH_SECTIONS, GroupSpec, PayloadError, Sections,
 from compression.communicator import Communicator, ThreadCommunicator, run_rank_threads
 from compression.config import SyncConfig, sync_option_problem
 from compression.dct import ChunkPlan, dct_basis, sparse_idct2
-from compression.demo import PAIRWISE_MAX_PICKS, encode_chunks, grid_mean, pairwise_mean
+from compression.demo import consensus_picks, encode_chunks
 from compression.sync import ExchangeStats, Sync, capture_graph
 
 T = TypeVar("T")
@@ -285,13 +285,7 @@ class ShardCodec:
         for li, (idx, vals, mask) in enumerate(groups):
             gi = self.live[li]
             (ch, cw), numel, out = self.bases[gi], self.plan.groups[gi].numel, self.out[gi]
-            W, n, k = idx.shape
-            if gi in self.tables and W * k <= PAIRWISE_MAX_PICKS:  # the consensus in one kernel
-                flat, coef = kernels.fused_consensus(idx, vals, mask, weights)
-            else:
-                wv, wm = vals * weights.view(W, 1, 1), mask * weights.view(W, 1, 1)
-                coef = pairwise_mean(idx, wv, wm) if W * k <= PAIRWISE_MAX_PICKS else grid_mean(idx, wv, wm, numel)
-                flat = idx.permute(1, 0, 2).reshape(n, W * k)
+            flat, coef = consensus_picks(idx, vals, mask, weights, numel, gi in self.tables)
             if gi in self.tables:
                 kernels.fused_decode(flat, coef, ch, cw, out, rms=self.cfg.update == "rms")
                 continue
