@@ -297,6 +297,7 @@ class CompileHeartbeat:
         self.beat, self.every_s = beat, every_s
         self.compiles = 0
         self._stop: threading.Event | None = None
+        self._thread: threading.Thread | None = None
         try:
             from torch._dynamo.callback import callback_handler
         except ImportError:  # an older torch: no heartbeat, the count stays 0
@@ -308,16 +309,21 @@ class CompileHeartbeat:
         self.compiles += 1
         if self.beat is not None and self._stop is None:
             self._stop = threading.Event()
-            threading.Thread(target=self._tick, args=(self._stop,), name="compile-heartbeat", daemon=True).start()
+            self._thread = threading.Thread(target=self._tick, args=(self._stop,), name="compile-heartbeat", daemon=True)
+            self._thread.start()
 
     def _tick(self, stop: threading.Event) -> None:
         while not stop.wait(self.every_s):
             self.beat()
 
     def _end(self, _args) -> None:
-        stop, self._stop = self._stop, None
+        """Stops the ticker and waits for it: a tick whose wait timed out just before the stop may be inside
+        `beat`, and no beat may land after the compilation has ended."""
+        stop, thread, self._stop, self._thread = self._stop, self._thread, None, None
         if stop is not None:
             stop.set()
+        if thread is not None:
+            thread.join(timeout=max(1.0, 2 * self.every_s))
 
 
 class CompiledLoss:
