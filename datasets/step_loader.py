@@ -102,6 +102,12 @@ class StepLoader:
         self._read_ahead(prefetch, margin)  # overlaps the step's compute
         return StepBatch(inputs, targets, int((targets >= 0).sum()), len(batch.docs), batch.dropped_json(), read_s)
 
+    def read_ahead(self, prefetch: Sequence[DocRange], margin: Optional[Sequence[DocRange]] = None) -> None:
+        """Start reading `prefetch` (and `margin`) for the next `load`, as `load(..., prefetch, margin)` would
+        have: for a trainer that loaded this step's rows before it knew the next step's (it computes a step
+        ahead of its call). Replaces any read-ahead not yet taken."""
+        self._read_ahead(prefetch, margin)
+
     def ahead_tokens(self, timeout: float = AHEAD_WAIT_S) -> list[list[int]] | None:
         """Token counts of the documents the last `load` reads ahead, per row ([shard, row_group, row, tokens];
         0 for a row that yields no document), margin rows included: what the coordinator balances the next

@@ -10,8 +10,8 @@ that long on each row count it has not seen yet: 7 times in 40 steps of the 2-GP
 
 `AttentionShapes` builds the graphs for every micro-batch row count from 1 to `train.attention_warm_rows`
 (and the full micro-batch) up front, by running one attention layer forward and backward on random
-input. It must run in the thread that later runs the steps (the actor's default concurrency group: see
-`Worker.prepare`). A micro-batch of a row count outside that set runs with cuDNN excluded, on the flash
+input. It must run in the thread that later runs the steps: the worker's compute thread, where every forward and
+backward runs (`WorkerReplica.on_compute_thread`: the steps, those computed ahead of their call, evaluation). A micro-batch of a row count outside that set runs with cuDNN excluded, on the flash
 or memory-efficient kernels, which need no graph: ~4% slower per row for that step, never a stall.
 `train.attention_warm_rows=0` turns this off (cuDNN builds each shape on first sight). CPU workers do
 nothing here.

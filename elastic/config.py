@@ -82,6 +82,9 @@ class TrainSection:
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
     split_docs: bool = True          # with balance_rows: cut each step between ranks at token level (whole rows)
     apply_ahead: bool = True         # apply an exchanged step while the coordinator decides (undone on abort)
+    compute_ahead: bool = True       # with apply_ahead: start the next step's fwd/bwd on its read-ahead rows before
+                                     # its call arrives, where the coordinator fixes those rows (one rank, or no
+                                     # balance_rows); a call that brings other rows or parameters discards it
     attention_warm_rows: int = 32    # CUDA: build attention graphs for micro-batches of 1..N rows before training
     profile_at: int = -1             # >= 0: torch.profiler on every worker from this step (summary.json: profiles)
     profile_steps: int = 3           # how many steps profile_at covers

@@ -86,6 +86,8 @@ class Coordinator:
         self.scaled_explicitly = False
         self.scale_leaving: set[str] = set()
         self.pending_commit: int | None = None  # decided, applied by workers at their next call
+        # train.compute_ahead: ((step, generation, world size), shares) the last call fixed that step's rows with
+        self._fixed: tuple | None = None
         self._ahead_counts: dict[tuple[int, int, int], int] = {}  # next step's tokens per row (`_balance`)
         self.node_first_seen: dict[str, float] = {}
         self.started_at = time.time()
@@ -779,6 +781,9 @@ class Coordinator:
         shares = compute_shares(gen.members, self.cfg.train.batch_tokens, self.cfg.train.balance,
                                 self.cfg.train.batch_tokens_by_accelerator, self.cfg.train.seq_len)
         by_rank = {r: s for r, s in enumerate(shares)}
+        fixed, self._fixed = self._fixed, None
+        if fixed is not None and fixed[0] == (step, gen.generation, len(members)):
+            by_rank = fixed[1]  # the previous call fixed this step's rows with these shares: keep them
         assignment, windows = self._balance(step, self.plan.assign(step, by_rank), by_rank)
         lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
                    self.cfg.train.min_lr_ratio)
@@ -791,8 +796,11 @@ class Coordinator:
         hint = (self.plan.peek(by_rank)
                 if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
         margin = read_margin(hint, READ_MARGIN_ROWS) if hint and self.cfg.train.balance_rows else {}
+        next_fixed = bool(hint) and self._can_fix_next(len(members))
+        if next_fixed:  # if this step commits and the group stays, the next one trains exactly `hint`
+            self._fixed = ((step + 1, gen.generation, len(members)), by_rank)
         refs = {h.actor.step.remote(StepCall(step, assignment.get(r, []), lr, chaos[r], commit_first, hint.get(r),
-                                             margin.get(r), windows.get(r))): h
+                                             margin.get(r), windows.get(r), next_fixed)): h
                 for r, h in enumerate(members)}
         killed_at = None
         if kill_victim is not None:  # mid-step, before anything else delays it
@@ -848,6 +856,14 @@ class Coordinator:
             self.membership_change("regroup", [], [], detected)
         elif decision.action == "retry":
             self.summary.rejected_step(step, {w: r.error for w, r in reports.items() if not r.ok})
+
+    def _can_fix_next(self, world_size: int) -> bool:
+        """Whether the next step's rows can be fixed now, at this step's call (`train.compute_ahead`): the
+        next step then trains exactly this call's read-ahead hint, drawn with this step's shares, if this step
+        commits and the group stays, so the workers start it before its call. Not with `train.balance_rows`
+        at more than one rank: that split waits for the token counts this step's read-ahead reports."""
+        t = self.cfg.train
+        return t.compute_ahead and t.apply_ahead and t.prefetch and (world_size == 1 or not t.balance_rows)
 
     def _chaos_for(self, step: int, members: list[WorkerHandle], windows: dict,
                    commit_first: int | None) -> tuple[dict[int, StepChaos], WorkerHandle | None]:
@@ -1093,6 +1109,8 @@ class Coordinator:
             if rep and rep.ok:
                 h.tokens_per_s = rep.tokens_per_s()
         ok_reports = [r for r in reports.values() if r.ok]
+        if ok_reports and all(r.ahead_s > 0 for r in ok_reports):
+            self.summary.data["computed_ahead_steps"] += 1
         for r in ok_reports:  # train.profile_at: each worker's profiler summary, once
             if r.profile:
                 self.summary.data["profiles"][r.worker_id] = {"last_step": step, **r.profile}

@@ -95,6 +95,8 @@ class StepCall(_Compact):
     prefetch: list | None = None               # the next step's likely rows, read ahead meanwhile
     prefetch_margin: list | None = None        # neighbours' rows next to them (a re-split may move them here)
     window: dict | None = None                 # datasets.Window.to_json(): a token-level cut of the step
+    next_fixed: bool = False                   # if this step commits and the group stays, the next call brings
+                                               # exactly `prefetch`, whole documents (train.compute_ahead)
 
 
 def tokens_per_s(tokens: int, seconds: float) -> float:
@@ -118,6 +120,7 @@ class StepReport(_Compact):
     commit_s: float = 0.0
     fwd_bwd_s: float = 0.0
     step_s: float = 0.0
+    ahead_s: float = 0.0                       # of compute_s, done before this call arrived (train.compute_ahead)
     dropped: list = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0

@@ -38,6 +38,10 @@ class StepProfiler:
         self._t0 = time.perf_counter()
         self._began = step
 
+    def active_at(self, step: int) -> bool:
+        """Whether `step` is (or may be) profiled: a step computed ahead of its call would escape the profile."""
+        return not self._done and (self._prof is not None or step >= self.first)
+
     def phase(self, name: str):
         if self._prof is None:
             return contextlib.nullcontext()

@@ -62,6 +62,7 @@ class RunSummary:
             "rejected_steps": [],
             "rebalanced_steps": 0,       # steps the coordinator re-split by token counts (train.balance_rows)
             "split_steps": 0,            # of those, steps cut between ranks at token level (train.split_docs)
+            "computed_ahead_steps": 0,   # steps every rank started before its call (train.compute_ahead)
             "profiles": {},              # per worker: where its step time went (train.profile_at)
             "events": [],
             "loss_history": [],

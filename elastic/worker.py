@@ -7,6 +7,7 @@ in their own concurrency group so they answer even while the compute thread is s
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -55,6 +56,27 @@ def detect_accelerator(device: str) -> str:
                 return short
         return name.replace(" ", "_")
     return "CPU"
+
+
+class _Cancelled(Exception):
+    """A step computed ahead was told to stop between micro-batches: its call brought other rows."""
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """The next step's forward/backward, started on its read-ahead rows as soon as this step's update was
+    applied ahead (`train.compute_ahead`), before the coordinator's call for it arrives. Its gradients are the
+    step's only if the call brings exactly these rows (no window) and the parameters are still the ones it ran
+    on (`version`): a call that commits otherwise, a re-sync, a restore or a fault discards it."""
+    step: int
+    ranges: tuple
+    version: int                       # WorkerReplica._params_version it computed on
+    started: float                     # time.time() at its start: the step's compute starts here
+    future: concurrent.futures.Future | None = None  # on the compute thread
+    loaded: threading.Event = dataclasses.field(default_factory=threading.Event)  # its rows are read: the
+    cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # loader is free again
+    result: tuple | None = None        # what `_forward_backward` returned
+    error: BaseException | None = None
 
 
 class WorkerReplica:
@@ -106,6 +128,15 @@ class WorkerReplica:
         self._apply_thread: threading.Thread | None = None
         self._apply_error: BaseException | None = None
         self._apply_ahead_on = cfg.train.apply_ahead
+        # train.compute_ahead: the next step's fwd/bwd started before its call; `_params_version` changes with
+        # anything that changes the parameters or the gradients other than the applied-ahead step's commit
+        self._ahead: _Ahead | None = None
+        self._params_version = 0
+        # every forward/backward runs on this one thread: cuDNN caches its attention graphs per thread
+        # (`elastic.attention`), so the warm-up in `prepare`, the steps and the steps computed ahead share them
+        self._compute = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix=f"{worker_id}-compute",
+            initializer=(lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None)
         self.tokens_per_s = 0.0
         self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
@@ -121,7 +152,16 @@ class WorkerReplica:
         for it, e.g. Hugging Face models), then with `train.compile` the compiled forward+loss, on a dummy batch
         whose gradients are dropped (`CompiledLoss.warm_up`: parameters, sync state and RNG untouched, so
         replicas stay bit-identical), before the worker counts as ready: no step waits for the compiler.
-        Returns the seconds it took."""
+        Returns the seconds it took. Runs on the compute thread (`on_compute_thread`)."""
+        return self.on_compute_thread(self._prepare)
+
+    def on_compute_thread(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` on the thread every forward/backward runs on, waiting for it."""
+        if threading.current_thread().name.startswith(f"{self.worker_id}-compute_"):
+            return fn(*args, **kwargs)
+        return self._compute.submit(fn, *args, **kwargs).result()
+
+    def _prepare(self) -> float:
         self._pin_checkpoint_buffers()
         attn = self.model.warmup_attention()
         took = 0.0
@@ -204,11 +244,16 @@ class WorkerReplica:
         computes; `call.prefetch_margin`: neighbours' rows next to them, read too, which a re-split may move to
         this rank. `call.window` (`datasets.Window.to_json`): this step is cut between the ranks at token
         level; train on that window of the stream of its rows (`call.ranges` are its owned rows).
+        `call.next_fixed` (`train.compute_ahead`): the next call will bring exactly `call.prefetch` if this
+        step commits, so its forward/backward starts as soon as this step is applied ahead (`_compute_ahead`),
+        and that call finds its gradients computed.
 
         Whatever fails here, the worker still takes part in the step's collective (abstaining with a NaN
         weight), so its peers reject the step at once instead of blocking on it."""
-        t0 = time.time()
+        t_call = time.time()
         step, chaos = call.step, call.chaos
+        ahead = self._take_ahead(call)  # joined: nothing else computes on the parameters from here
+        t0 = time.time()
         self.profiler.start(step)
         report = StepReport(self.worker_id, self.rank, step, ok=False)
         self._settle(keep_step=call.commit_first)  # what was applied ahead stays only if this call commits it
@@ -222,6 +267,7 @@ class WorkerReplica:
                 with self.profiler.phase("commit"):
                     self.commit(call.commit_first, wait=False)  # the fingerprint is read after the fwd/bwd
                 if self.faults and self.faults.after_commit(chaos, call.commit_first, self.params):
+                    self._params_version += 1
                     self._start_fingerprint(call.commit_first + 1)
             except Exception as e:
                 # the parameters may be half-updated: this replica must not train on, nor be anyone's source.
@@ -236,10 +282,19 @@ class WorkerReplica:
         report.commit_s = time.time() - t0
         self.pending_step = step
         self._bump("compute")
+        if ahead is not None and ahead.version != self._params_version:
+            log.info("%s: step %d was computed ahead on parameters since changed; computing it again",
+                     self.worker_id, step)
+            ahead = None
+        started = ahead.started if ahead is not None else t_call  # the step's compute began here
         try:
-            tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self._forward_backward(
-                call.ranges, call.prefetch, call.prefetch_margin,
-                Window.from_json(call.window) if call.window else None)
+            if ahead is not None:
+                tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = ahead.result
+                report.ahead_s = t_call - ahead.started
+            else:
+                tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self.on_compute_thread(
+                    self._forward_backward, call.ranges, call.prefetch, call.prefetch_margin,
+                    Window.from_json(call.window) if call.window else None)
         except Exception as e:
             self._abstain(call.lr, boundary)
             self._bump("failed")
@@ -253,7 +308,7 @@ class WorkerReplica:
                                 data_error=isinstance(e, DATA_ERRORS))
             report.traceback = traceback.format_exc()
             return report
-        report.compute_s = time.time() - t0
+        report.compute_s = time.time() - started
         if call.commit_first is not None:
             report.fingerprint = self.fingerprint_result()  # long done: the loss read synced the device
         if self.faults:
@@ -281,7 +336,10 @@ class WorkerReplica:
         report.profile = self.profiler.finish(step)
         if self._apply_ahead_on and self.sync.supports_undo:
             self._apply_ahead(step)
-        report.step_s = time.time() - t0
+            if call.next_fixed and call.prefetch and self.cfg.train.compute_ahead \
+                    and not self.profiler.active_at(step + 1):
+                self._compute_ahead(step + 1, call.prefetch)
+        report.step_s = time.time() - started
         report.bytes_sent, report.bytes_received = stats.bytes_sent, stats.bytes_received
         report.local_bytes_sent = stats.local_bytes_sent  # sync.hierarchy=node: the in-node traffic
         report.dense_equivalent_bytes, report.codec_ms, report.comm_ms = (
@@ -294,21 +352,27 @@ class WorkerReplica:
         self.progress += 1
 
     def _forward_backward(self, ranges: list[DocRange], prefetch: list[DocRange] | None = None,
-                          margin: list[DocRange] | None = None, window: Window | None = None
+                          margin: list[DocRange] | None = None, window: Window | None = None,
+                          loaded: threading.Event | None = None, cancel: threading.Event | None = None
                           ) -> tuple[int, float, int, list, float, float]:
         """The step's batch from `datasets` (one call: read, packed, counted; the next step's documents read
         ahead while this one computes), then its gradients. Returns (tokens, summed loss, documents, dropped
-        rows, read seconds, fwd/bwd seconds)."""
+        rows, read seconds, fwd/bwd seconds). `loaded` is set once the rows are read (the loader is free);
+        `cancel`, checked before each micro-batch, stops it (`_Cancelled`)."""
         self._bump("read")  # bounded by data.read_timeout_s, not by the liveness limit
         with self.profiler.phase("read"):
-            batch = self.data.load(ranges, window, prefetch, margin)
+            try:
+                batch = self.data.load(ranges, window, prefetch, margin)
+            finally:
+                if loaded is not None:
+                    loaded.set()
             t0 = time.time()
             inputs, targets = self._pinned(batch.inputs, batch.targets)
             read_s = batch.read_s + time.time() - t0  # the pinned copy is part of having the rows
         self._bump("compute")
         t1 = time.time()
         with self.profiler.phase("fwd_bwd"):
-            loss_acc = self._fwd_bwd(inputs, targets, batch.tokens)
+            loss_acc = self._fwd_bwd(inputs, targets, batch.tokens, cancel)
         loss_sum = float(loss_acc)  # the one host sync of the step
         return batch.tokens, loss_sum, batch.docs, batch.dropped, read_s, time.time() - t1
 
@@ -323,7 +387,8 @@ class WorkerReplica:
     def _eager_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.model(x, y)[1]  # not the logits: they would stay alive through the next forward
 
-    def _fwd_bwd(self, inputs: torch.Tensor, targets: torch.Tensor, tokens: int) -> torch.Tensor:
+    def _fwd_bwd(self, inputs: torch.Tensor, targets: torch.Tensor, tokens: int,
+                 cancel: threading.Event | None = None) -> torch.Tensor:
         """Gradients of the mean loss over `tokens` target tokens, in micro-batches; returns the summed loss
         on the device (read once by the caller: the step's one host sync)."""
         micro = self.micro_rows
@@ -337,6 +402,8 @@ class WorkerReplica:
         xs = inputs.to(self.device, non_blocking=True)
         ys = targets.to(self.device, non_blocking=True)
         for i in range(0, inputs.size(0), micro):
+            if cancel is not None and cancel.is_set():
+                raise _Cancelled()
             n = int((targets[i:i + micro] >= 0).sum())  # on the host copy: no device sync per micro-batch
             if n == 0:
                 continue
@@ -361,6 +428,7 @@ class WorkerReplica:
         rendezvous.leave(self.group_name)
 
     def _abstain(self, lr: float, boundary: bool) -> None:
+        self._params_version += 1  # the gradients are zeroed
         if self.sync is None:
             return
         for p in self.params:
@@ -387,6 +455,7 @@ class WorkerReplica:
                 self._start_fingerprint(step + 1, force=True)
         else:
             self.sync.commit()
+            self._params_version += 1
             self._start_fingerprint(step + 1, force=wait)
         self.pending_step = None
         self.step_count = step + 1
@@ -410,10 +479,57 @@ class WorkerReplica:
         self._apply_thread = threading.Thread(target=run, name=f"{self.worker_id}-apply-ahead", daemon=True)
         self._apply_thread.start()
 
+    def _compute_ahead(self, step: int, ranges: list[DocRange]) -> None:
+        """Start step `step`'s read and forward/backward on `ranges` (the hint of the call just answered, which
+        the coordinator fixed as that step's rows: `StepCall.next_fixed`) in a thread, on the parameters with
+        step `step - 1` applied ahead. The call for `step` takes it (`_take_ahead`) where it still holds; a
+        report's compute time then starts here. Nothing is lost if it does not: the call computes again."""
+        apply_thread = self._apply_thread
+        ahead = _Ahead(step, tuple(ranges), self._params_version, time.time())
+
+        def run():
+            try:
+                if apply_thread is not None:
+                    apply_thread.join()
+                if self._apply_error is not None or self._applied_ahead != step - 1:
+                    return  # the previous step is not applied: its call settles that, then computes
+                ahead.result = self._forward_backward(list(ranges), loaded=ahead.loaded, cancel=ahead.cancel)
+            except BaseException as e:  # the call computes again and meets the error itself
+                ahead.error = e
+            finally:
+                ahead.loaded.set()
+
+        self._ahead = ahead
+        ahead.future = self._compute.submit(run)
+
+    def _take_ahead(self, call: StepCall) -> _Ahead | None:
+        """The step computed ahead, if `call` is the one it was computed for: the same step and rows, whole
+        documents. It is joined either way (stopped at its next micro-batch if it
+        does not fit). Where it fits, the read-ahead of `call.prefetch` starts as soon as its rows are read.
+        The parameters are checked after the commit (`_params_version`)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None or ahead.future is None:
+            return None
+        fits = ahead.step == call.step and ahead.ranges == tuple(call.ranges) and not call.window
+        if fits:
+            ahead.loaded.wait()
+            if call.prefetch:
+                self.data.read_ahead(call.prefetch, call.prefetch_margin)
+        else:
+            ahead.cancel.set()
+        concurrent.futures.wait([ahead.future])
+        if ahead.error is not None and not isinstance(ahead.error, _Cancelled):
+            log.info("%s: computing step %d ahead failed (%s); computing it in its call", self.worker_id,
+                     ahead.step, str(ahead.error).splitlines()[0] if str(ahead.error) else type(ahead.error).__name__)
+        return ahead if fits and ahead.result is not None else None
+
     def _settle(self, keep_step: int | None = None) -> None:
-        """Wait for an apply-ahead; unless it applied `keep_step`, undo it (its step is not committed:
-        parameters, state and the pending update are back as the exchange left them). Everything that reads
-        or changes the parameters or the sync state calls this first."""
+        """Wait for a step computed ahead and for an apply-ahead; unless the apply-ahead applied `keep_step`,
+        undo it (its step is not committed: parameters, state and the pending update are back as the
+        exchange left them). Everything that reads or changes the parameters or the sync state calls this
+        first."""
+        if self._ahead is not None and self._ahead.future is not None:
+            concurrent.futures.wait([self._ahead.future])  # kept: the next call may still use it (`_params_version` decides)
         thread, self._apply_thread = self._apply_thread, None
         if thread is not None:
             thread.join()
@@ -426,12 +542,14 @@ class WorkerReplica:
             self._apply_ahead_on = False
             if self.sync.can_undo:
                 self.sync.undo()
+            self._params_version += 1
             self._applied_ahead = None
             self._pending_fingerprint = None
         if self._applied_ahead is not None and self._applied_ahead != keep_step:
             self._applied_ahead = None
             self._pending_fingerprint = None
             self.sync.undo()
+            self._params_version += 1
 
     def _fingerprint_due(self, committed: int) -> bool:
         return committed % self.fingerprint_every == 0
@@ -456,6 +574,7 @@ class WorkerReplica:
 
     def abort(self, step: int) -> str:
         self._settle()
+        self._params_version += 1
         if self.pending_step is not None and self.sync is not None:
             try:
                 self.sync.abort()
@@ -487,10 +606,12 @@ class WorkerReplica:
 
     def load_model_state(self, state: dict) -> None:
         self._settle()
+        self._params_version += 1
         self.model.load_state_dict(state)
 
     def load_sync_state(self, state: dict) -> None:
         self._settle()
+        self._params_version += 1
         if state:
             self.sync.load_state_dict(state)
 
@@ -535,6 +656,9 @@ class WorkerReplica:
         if not self.val_shards:
             raise RuntimeError("evaluate: this worker was given no held-out shards (data.val_source)")
         self._settle()
+        return self.on_compute_thread(self._evaluate, ranges)
+
+    def _evaluate(self, ranges: list[DocRange]) -> dict:
         if self._val_data is None:
             self._val_data = StepLoader(self.val_shards, self.cfg.data, self.cfg.train.seq_len,
                                         tokenizer=self.tokenizer, name=f"{self.worker_id}-val")
@@ -679,7 +803,7 @@ class Worker:
 
     def prepare(self) -> dict:
         """What the coordinator waits for before a new worker counts as ready: one-time work that must run
-        in the thread the steps run in (the default concurrency group's, not __init__'s), then `info`.
+        on the thread the steps' forward/backward runs on (`WorkerReplica.on_compute_thread`), then `info`.
         The group keeps training meanwhile."""
         if self.r.worker_id in self.r.cfg.chaos.prepare_error:
             raise RuntimeError(f"chaos.prepare_error: {self.r.worker_id}'s setup fails")
