@@ -17,8 +17,8 @@ from elastic.config import RunConfig
 # summary.json `step_timing`, one row per committed step: the step, unix time of the commit, the coordinator's
 # wall s (dispatch -> all reports), then the slowest worker's read s, compute s (commit+read+fwd/bwd), codec ms,
 # comm ms, step s (all of the worker's step), commit s (apply the previous step), fwd/bwd s (launch to the
-# loss read)
-WORKER_TIMING = ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s", "fwd_bwd_s")
+# loss read), ahead s (of the step, what ran before its call arrived: train.compute_ahead)
+WORKER_TIMING = ("read_s", "compute_s", "codec_ms", "comm_ms", "step_s", "commit_s", "fwd_bwd_s", "ahead_s")
 STEP_TIMING_COLS = ("step", "t", "wall_s") + WORKER_TIMING
 # per-step lists: journaled a row at a time, not rewritten whole every step
 JOURNAL_ROW_KEYS = ("loss_history", "step_timing")

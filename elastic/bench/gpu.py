@@ -125,8 +125,12 @@ def steady_state(summary: dict, warmup: int) -> dict:
             "codec": _median(r["codec_ms"] for r in steady),
             "comm_incl_wait_for_peers": _median(r["comm_ms"] for r in steady),
             "worker_step": _median(r["step_s"] * 1e3 for r in steady),
-            # coordinator's wall (dispatch -> all reports back) minus the slowest worker's step: Ray RPC cost
-            "step_rpc_overhead": _median((r["wall_s"] - r["step_s"]) * 1e3 for r in steady),
+            # of the worker's step, what ran before its call arrived (train.compute_ahead): hidden behind the
+            # previous step's report, the coordinator's turn and this call
+            "computed_ahead": _median(r.get("ahead_s", 0.0) * 1e3 for r in steady),
+            # coordinator's wall (dispatch -> all reports back) minus the slowest worker's step from the call's
+            # arrival on: Ray RPC cost
+            "step_rpc_overhead": _median((r["wall_s"] - r["step_s"] + r.get("ahead_s", 0.0)) * 1e3 for r in steady),
             # the rest of the time between commits: the commit RPC (apply update + parameter fingerprint
             # on every worker) and the coordinator's bookkeeping/control before the next dispatch
             "commit_fingerprint_and_control": _median((b["t"] - a["t"] - b["wall_s"]) * 1e3

@@ -57,6 +57,12 @@ def test_steady_state_excludes_warmup_and_counts_time_between_commits():
     assert out["tokens_per_worker_step_mean"] == 500
     assert out["phases_ms_median"]["step_rpc_overhead"] == pytest.approx(5.0)
     assert out["phases_ms_median"]["commit_fingerprint_and_control"] == pytest.approx(10.0)
+    # train.compute_ahead: 40 ms of a 105 ms worker step ran before its call; the call's RPC cost is still 5 ms
+    # step, t, wall_s, read_s, compute_s, codec_ms, comm_ms, step_s, commit_s, fwd_bwd_s, ahead_s
+    ahead = [[s, 100.0 + s * 0.1, 0.07, 0.005, 0.09, 2.0, 1.0, 0.105, 0.0, 0.08, 0.04] for s in range(6)]
+    out = bench_gpu.steady_state({"step_timing": ahead, "loss_history": hist, "_workers": 1}, warmup=2)
+    assert out["phases_ms_median"]["computed_ahead"] == pytest.approx(40.0)
+    assert out["phases_ms_median"]["step_rpc_overhead"] == pytest.approx(5.0)
 
 
 def test_mfu_and_param_counts():
