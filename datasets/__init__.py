@@ -21,14 +21,14 @@ from datasets.reader import DocBatch, ReadStats, ShardReader
 from datasets.sample import SampleBuildError, ensure_sample
 from datasets.sources import (DataSchemaError, DataSourceError, DataSourceUnavailable, discover,
                               discover_usable, resolve_source)
-from datasets.split import Window, read_margin, rebalance, split_windows, windows_for
+from datasets.split import Carry, Window, read_margin, rebalance, split_windows, windows_for
 from datasets.step_loader import StepBatch, StepLoader
 from datasets.tokenizer import Tokenizer, TokenizerError, get_tokenizer
 
 __all__ = [
     "DataConfig", "DataPlan", "DocRange", "ShardInfo", "ShardReader", "DocBatch", "ReadStats",
     "discover", "discover_usable", "resolve_source", "pack", "IGNORE_INDEX",
-    "StepLoader", "StepBatch", "Window", "WindowMismatch", "split_windows", "windows_for", "rebalance", "read_margin",
+    "StepLoader", "StepBatch", "Carry", "Window", "WindowMismatch", "split_windows", "windows_for", "rebalance", "read_margin",
     "get_tokenizer", "Tokenizer", "ensure_sample",
     "PlanError", "PlanStateMismatch", "DataSourceError", "DataSourceUnavailable", "DataSchemaError",
     "SampleBuildError", "TokenizerError", "ReadTimedOut",

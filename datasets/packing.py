@@ -2,9 +2,9 @@
 
 Promise: every token of every document handed to `pack` is a target exactly once. The stream is
 `EOT doc0 EOT doc1 EOT ... docN EOT`; the leading EOT means a document's first token is predicted too, and
-the last row is padded (inputs EOT, targets -1) instead of carrying its tail into a later step, because a
-later step may run on a different world (the data plan must be able to call these documents delivered
-when this step commits).
+the last row is padded (inputs EOT, targets -1). (`StepLoader.load(cut=True)` may instead stop a step after its
+last full row and start the next step's stream with the rest of the last document, `datasets.Carry`: the
+document is still delivered with the first step, and the data plan keeps the carry in its state.)
 
 Within one step, ranks may cut that stream between them at any token (`pack(..., skip=, rows=)` with a window
 from `datasets.split.split_windows`): a document at a cut is read by both neighbours and each trains on its own

@@ -217,6 +217,9 @@ class DataPlan:
         self._start_epoch(int(epoch))
         self._returned: collections.deque[_Drawn] = collections.deque()
         self._pending: dict[int, dict[int, list[_Drawn]]] = {}
+        # the last committed step's carried tail ([shard, row_group, row, skip]: datasets.Carry.to_list()),
+        # which the next step trains first; None when that step ended on a whole document
+        self.carry: list[int] | None = None
         self._records: dict[int, _EpochRecord] = {self.epoch: _EpochRecord(self._layout)}
         self._finished: dict[int, dict] = {}
 
@@ -349,18 +352,26 @@ class DataPlan:
         self._pending[step] = new
         return True
 
-    def commit(self, step: int, dropped: Iterable = ()) -> None:
+    def commit(self, step: int, dropped: Iterable = (), carry: Sequence[int] | None = None) -> None:
         """Step `step` trained and synced everywhere: its documents are delivered.
 
         `dropped`: the readers' report of rows of this step that were consumed but not trained on, as
         (DocRange, reason) pairs (or [shard, row_group, start, stop, reason] lists from JSON), reason
         "filtered" (data filters) or "unusable" (null/empty/corrupt). They are never served again and are
-        counted as filtered/unusable, not delivered, in the epoch they were drawn in."""
+        counted as filtered/unusable, not delivered, in the epoch they were drawn in.
+        `carry` ([shard, row_group, row, skip], `datasets.Carry.to_list()`): the tail of this step's last
+        document, which the next step trains first; it replaces the previous one (this step trained that)."""
         drawn = self._pending.get(step)
         if drawn is None:
             self._pop(step, "commit")
         drops = [_as_drop(d) for d in dropped]
         spans = [(e, r) for got in drawn.values() for e, r in got]
+        if carry is not None:
+            if not (isinstance(carry, (list, tuple)) and len(carry) == 4 and all(isinstance(x, int) for x in carry)
+                    and carry[3] > 0 and any(d.shard == carry[0] and d.row_group == carry[1]
+                                             and d.start <= carry[2] < d.stop for _, d in spans)):
+                raise PlanError(f"commit(step={step}): carry {carry!r} is not [shard, row_group, row, skip > 0] "
+                                "of a row of this step")
         attributed = []
         for r, reason in drops:
             home = next((e for e, d in spans if d.shard == r.shard and d.row_group == r.row_group
@@ -374,6 +385,7 @@ class DataPlan:
         for epoch, r, reason in attributed:
             rec = self._records[epoch]
             setattr(rec, reason, getattr(rec, reason) + len(r))
+        self.carry = [int(x) for x in carry] if carry is not None else None
         self._finish_epochs()
 
     def abort(self, step: int) -> list[DocRange]:
@@ -456,6 +468,7 @@ class DataPlan:
             "returned": [[e] + r.to_list() for e, r in returned],
             "records": {str(e): rec.to_json() for e, rec in sorted(self._records.items())},
             "finished_epochs": {str(e): acc for e, acc in sorted(self._finished.items())},
+            "carry": self.carry,
         }
 
     def load_state_dict(self, sd: Mapping) -> None:
@@ -476,6 +489,7 @@ class DataPlan:
         self._records = {int(e): _EpochRecord.from_json(d, self._layout) for e, d in sd["records"].items()}
         self._records.setdefault(self.epoch, _EpochRecord(self._layout))
         self._finished = {int(e): dict(acc) for e, acc in sd["finished_epochs"].items()}
+        self.carry = [int(x) for x in sd["carry"]] if sd.get("carry") else None  # states before carries: none
 
 
 def _as_drop(d) -> tuple[DocRange, str]:

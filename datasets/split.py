@@ -206,6 +206,25 @@ class Window:
                    skip=int(d["skip"]), rows=int(d["rows"]), slots=int(d["slots"]))
 
 
+@dataclass(frozen=True)
+class Carry:
+    """The tail of a step's last document, trained at the start of the next step (`StepLoader.load(cut=True)`):
+    a step that would end in a padded row stops after its last full row instead, where that cut falls inside
+    its last document. The document is the earlier step's (counted, committed and delivered with it); the
+    next step reads it again and trains its target slots from `skip` on (`skip` of them were trained).
+    `DataPlan.commit(step, carry=...)` keeps it as part of the plan's state (journal, checkpoints)."""
+    doc: DocRange  # one row: the document
+    skip: int
+
+    def to_list(self) -> list[int]:
+        return [self.doc.shard, self.doc.row_group, self.doc.start, self.skip]
+
+    @classmethod
+    def from_list(cls, v: Sequence[int]) -> "Carry":
+        shard, row_group, row, skip = (int(x) for x in v)
+        return cls(DocRange(shard, row_group, row, row + 1), skip)
+
+
 def row_shares(n_rows: int, shares: Sequence[float]) -> list[int] | None:
     """`n_rows` training rows over ranks in proportion to `shares`: at least one each, the largest rows / share
     as small as whole rows allow (ties to the lower rank). None if there are fewer rows than ranks."""

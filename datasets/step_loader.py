@@ -39,7 +39,7 @@ from datasets.packing import WindowMismatch, pack, stream_slots
 from datasets.plan import DocRange, ShardInfo
 from datasets.readahead import ReadAheadProcess, read_and_pack, read_timed_out, wait_read
 from datasets.reader import DocBatch, ShardReader, assemble
-from datasets.split import Window, ranges_rows, row_runs
+from datasets.split import Carry, Window, ranges_rows, row_runs
 from datasets.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,9 @@ class StepBatch:
     docs: int              # documents this rank answers for (a window's borrowed document is its owner's)
     dropped: list[list]    # rows consumed but not trained on: [shard, row_group, start, stop, reason] (DataPlan.commit)
     read_s: float          # seconds the call took to have the rows (waiting for the read-ahead included)
+    doc_slots: int = 0     # target slots of the documents it answers for (tokens + 1 each): over a run, the
+                           # tokens trained by all ranks, carried tails included, add up to this
+    carry_out: Optional[Carry] = None  # load(cut=True): the tail of its last document, for the next step
 
 
 class _ReadAhead:
@@ -83,24 +86,38 @@ class StepLoader:
         self._process = ReadAheadProcess(shards, cfg.storage_options, cfg.tokenizer, cfg, seq_len)
         self._broken = 0  # child processes lost in a row (3: read ahead in a thread from then on)
         self._ahead: _ReadAhead | None = None
+        self._last_doc: tuple[DocRange, list[int]] | None = None  # the last load's last document (a carry's)
 
     def load(self, ranges: Sequence[DocRange], window: Optional[Window] = None,
-             prefetch: Optional[Sequence[DocRange]] = None, margin: Optional[Sequence[DocRange]] = None) -> StepBatch:
+             prefetch: Optional[Sequence[DocRange]] = None, margin: Optional[Sequence[DocRange]] = None,
+             carry: Optional[Carry] = None, cut: bool = False) -> StepBatch:
         """This step's batch: the documents of `ranges` packed into rows, or with `window` that window of the
-        step's stream (`window.reads()` are read; `ranges` are then its owned rows). Then starts reading
-        `prefetch` and `margin` ahead for the next call. Raises the reader's error (`DataSourceError`,
-        `ReadTimedOut`) or `WindowMismatch`."""
+        step's stream (`window.reads()` are read; `ranges` are then its owned rows). `carry`: the stream starts
+        with the tail of the previous step's last document (`Carry`). `cut`: where the stream would end in a
+        padded row and that row holds only the tail of the last document, stop after the last full row and
+        return that tail as `carry_out` (the next step's `carry`). Then starts reading `prefetch` and `margin`
+        ahead for the next call. Raises the reader's error (`DataSourceError`, `ReadTimedOut`) or
+        `WindowMismatch`."""
+        if window is not None and (carry is not None or cut):
+            raise ValueError("StepLoader.load: a token-level window does not take a carried tail or a cut "
+                             "(the coordinator sends one or the other)")
         t0 = time.time()
-        batch, packed = self._read(window.reads() if window is not None else list(ranges))
-        if window is not None:
-            batch, inputs, targets = self._window(batch, packed, window)
-        elif packed is not None:
-            inputs, targets = packed
+        carry_out = None
+        if carry is not None or cut:
+            batch, inputs, targets, carry_out = self._carried(list(ranges), carry, cut)
         else:
-            inputs, targets = pack(batch.docs, self.seq_len, self.reader.eot)
+            batch, packed = self._read(window.reads() if window is not None else list(ranges))
+            if window is not None:
+                batch, inputs, targets = self._window(batch, packed, window)
+            elif packed is not None:
+                inputs, targets = packed
+            else:
+                inputs, targets = pack(batch.docs, self.seq_len, self.reader.eot)
+        self._last_doc = (batch.origins[-1], batch.docs[-1]) if batch.docs else None
         read_s = time.time() - t0
         self._read_ahead(prefetch, margin)  # overlaps the step's compute
-        return StepBatch(inputs, targets, int((targets >= 0).sum()), len(batch.docs), batch.dropped_json(), read_s)
+        return StepBatch(inputs, targets, int((targets >= 0).sum()), len(batch.docs), batch.dropped_json(), read_s,
+                         stream_slots(batch.docs), carry_out)
 
     def read_ahead(self, prefetch: Sequence[DocRange], margin: Optional[Sequence[DocRange]] = None) -> None:
         """Start reading `prefetch` (and `margin`) for the next `load`, as `load(..., prefetch, margin)` would
@@ -169,6 +186,38 @@ class StepLoader:
         return wait_read(self._thread.submit(self.reader.read_batch, ranges), deadline - time.monotonic(),
                          source=self.cfg.source, storage_options=self.cfg.storage_options,
                          limit_s=self.cfg.read_timeout_s)
+
+    def _carried(self, ranges: list[DocRange], carry: Optional[Carry], cut: bool
+                 ) -> tuple[DocBatch, torch.Tensor, torch.Tensor, Optional[Carry]]:
+        """(batch of `ranges`, inputs, targets, carry_out) for `load` with a carried tail and/or a cut. The
+        carried document comes from the last load where it was its last document, else it is read again."""
+        batch, _ = self._read(ranges)
+        docs, skip = list(batch.docs), 0
+        if carry is not None:
+            tail = self._carried_doc(carry)
+            if not 0 < carry.skip < len(tail) + 1:
+                raise WindowMismatch(f"the carried tail of {carry.doc} starts {carry.skip} slots in, but that "
+                                     f"document has {len(tail) + 1}")
+            docs, skip = [tail] + docs, carry.skip
+        slots = stream_slots(docs) - skip
+        rows = -(-slots // self.seq_len)
+        carry_out = None
+        if cut and batch.docs:
+            full, left = divmod(slots, self.seq_len)
+            last = len(batch.docs[-1]) + 1
+            if full >= 1 and 0 < left < last:  # the padded row would hold only the last document's tail
+                rows, carry_out = full, Carry(batch.origins[-1], last - left)
+        inputs, targets = pack(docs, self.seq_len, self.reader.eot, skip=skip, rows=rows) if slots > 0 else \
+            pack([], self.seq_len, self.reader.eot)
+        return batch, inputs, targets, carry_out
+
+    def _carried_doc(self, carry: Carry) -> list[int]:
+        if self._last_doc is not None and self._last_doc[0] == carry.doc:
+            return self._last_doc[1]
+        got = self._read_now([carry.doc], time.monotonic() + self.cfg.read_timeout_s)
+        if not got.docs:
+            raise WindowMismatch(f"the carried document {carry.doc} yields no document here")
+        return got.docs[0]
 
     def _window(self, batch: DocBatch, packed, window: Window) -> tuple[DocBatch, torch.Tensor, torch.Tensor]:
         """This rank's rows of a step cut at token level: the window of the stream of the borrowed document

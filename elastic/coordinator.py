@@ -789,7 +789,9 @@ class Coordinator:
                    self.cfg.train.min_lr_ratio)
         # the decision to commit the previous step rides on this step's call: one RPC per step
         commit_first, self.pending_commit = self.pending_commit, None
-        chaos, kill_victim = self._chaos_for(step, members, windows, commit_first)
+        # train.carry_tail: rank 0 starts with the last step's carried tail; one rank may leave its own
+        carry, cut = self.plan.carry, self._cut_tail(step, len(members))
+        chaos, kill_victim, sent_carry = self._chaos_for(step, members, windows, commit_first, carry)
         t0 = time.time()
         # what the next step will likely bring, read by the workers while this one computes (a hint: the
         # plan is unchanged; an abort or a new share split only makes the workers read again)
@@ -800,7 +802,8 @@ class Coordinator:
         if next_fixed:  # if this step commits and the group stays, the next one trains exactly `hint`
             self._fixed = ((step + 1, gen.generation, len(members)), by_rank)
         refs = {h.actor.step.remote(StepCall(step, assignment.get(r, []), lr, chaos[r], commit_first, hint.get(r),
-                                             margin.get(r), windows.get(r), next_fixed)): h
+                                             margin.get(r), windows.get(r), next_fixed, sent_carry if r == 0 else None,
+                                             cut, self._cut_tail(step + 1, len(members)))): h
                 for r, h in enumerate(members)}
         killed_at = None
         if kill_victim is not None:  # mid-step, before anything else delays it
@@ -821,7 +824,7 @@ class Coordinator:
             verdict = resolve_fingerprints(prints, outcome.members, self.strikes)
         decision = decide_failure(outcome)
         if decision.commits and (verdict is None or verdict.agree):
-            self._finish_commit(step, members, reports, time.time() - t0)
+            self._finish_commit(step, members, reports, time.time() - t0, cut)
             return
         # ---- the step failed: nobody applies it; survivors drop it; its rows go back to the plan ---------
         by_id = {h.worker_id: h for h in members}
@@ -856,6 +859,18 @@ class Coordinator:
             self.membership_change("regroup", [], [], detected)
         elif decision.action == "retry":
             self.summary.rejected_step(step, {w: r.error for w, r in reports.items() if not r.ok})
+        if decision.kind == "window_mismatch" and carry is not None:
+            # the carried tail does not fit its document as read now (no window is cut with a carry): drop it
+            # rather than fail the step forever; less than a row of one document goes untrained, and says so
+            self.plan.carry = None
+            self.summary.event(step, f"carry-dropped {carry}")
+            log.warning("step %d: the carried tail %s does not fit its document; dropped (not trained)", step, carry)
+
+    def _cut_tail(self, step: int, world_size: int) -> bool:
+        """Whether step `step` may end after its last full row and leave its last document's tail to the next
+        step (`train.carry_tail`): with one rank (a group's ranks cut at token level already: only the step's
+        last row is padded), never at the run's last step."""
+        return self.cfg.train.carry_tail and world_size == 1 and step + 1 < self.cfg.train.steps
 
     def _can_fix_next(self, world_size: int) -> bool:
         """Whether the next step's rows can be fixed now, at this step's call (`train.compute_ahead`): the
@@ -865,9 +880,10 @@ class Coordinator:
         t = self.cfg.train
         return t.compute_ahead and t.apply_ahead and t.prefetch and (world_size == 1 or not t.balance_rows)
 
-    def _chaos_for(self, step: int, members: list[WorkerHandle], windows: dict,
-                   commit_first: int | None) -> tuple[dict[int, StepChaos], WorkerHandle | None]:
-        """This step's injected faults (`chaos` config), per rank, and a worker to kill mid-step."""
+    def _chaos_for(self, step: int, members: list[WorkerHandle], windows: dict, commit_first: int | None,
+                   carry: list | None) -> tuple[dict[int, StepChaos], WorkerHandle | None, list | None]:
+        """This step's injected faults (`chaos` config), per rank, a worker to kill mid-step, and the carried
+        tail to send (`window_mismatch` on a step that carries one: a skip past its document's end)."""
         chaos = {r: StepChaos() for r in range(len(members))}
         kill_victim = None
         for e in self.chaos.due(step):
@@ -885,10 +901,13 @@ class Coordinator:
                 victim = self.chaos.pick_victim(len(members))
                 windows[victim] = {**windows[victim], "slots": windows[victim]["slots"] + 1}
                 self.chaos.mark_done(e)
+            elif e.kind == "window_mismatch" and carry is not None:  # ... or one that starts with a carried tail
+                carry = [*carry[:3], 1 << 30]
+                self.chaos.mark_done(e)
             elif e.kind == "kill" and len(members) > 1:
                 kill_victim = members[self.chaos.pick_victim(len(members))]
                 self.chaos.mark_done(e)
-        return chaos, kill_victim
+        return chaos, kill_victim, carry
 
     def _resync(self, targets: list[WorkerHandle], source: WorkerHandle) -> None:
         """Replicas whose fingerprint disagreed with the majority get the majority's parameters (and replicated
@@ -912,6 +931,8 @@ class Coordinator:
         ahead that failed) the plan's split stands. Returns (rank -> ranges, rank -> window JSON or nothing)."""
         counts, self._ahead_counts = self._ahead_counts, {}
         if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or not counts:
+            return assignment, {}
+        if self.plan.carry is not None:  # rank 0 starts with a carried tail (the group was one rank): no cut
             return assignment, {}
         wins = windows_for(assignment, counts, shares, self.cfg.train.seq_len) if self.cfg.train.split_docs else None
         owned = {k: list(w.owned) for k, w in wins.items()} if wins is not None else None
@@ -1094,10 +1115,12 @@ class Coordinator:
                 self.commit_failed += [by_id[w] for w in verdict.evict]
                 self._resync([by_id[w] for w in verdict.resync], by_id[verdict.source])
 
-    def _finish_commit(self, step, members, reports, wall) -> None:
-        """Every rank exchanged step `step`: it is committed (workers apply it at their next call)."""
+    def _finish_commit(self, step, members, reports, wall, cut: bool = False) -> None:
+        """Every rank exchanged step `step`: it is committed (workers apply it at their next call). `cut`: the
+        step could leave its last document's tail to the next one (one rank; the carry is in its report)."""
         agree = True  # fingerprints arrive with the next call; a disagreement is recorded then
-        self.plan.commit(step, dropped=[d for r in reports.values() for d in r.dropped])
+        carry = reports[members[0].worker_id].carry_out if cut else None
+        self.plan.commit(step, dropped=[d for r in reports.values() for d in r.dropped], carry=carry)
         # what the workers read ahead for the next step, per row: `_balance` splits that step with it
         self._ahead_counts = {(s, g, x): t for r in reports.values() for s, g, x, t in r.ahead_tokens or []}
         self.pending_commit = step

@@ -97,6 +97,10 @@ class StepCall(_Compact):
     window: dict | None = None                 # datasets.Window.to_json(): a token-level cut of the step
     next_fixed: bool = False                   # if this step commits and the group stays, the next call brings
                                                # exactly `prefetch`, whole documents (train.compute_ahead)
+    carry: list | None = None                  # datasets.Carry.to_list(): the stream starts with this tail of
+                                               # the previous step's last document (rank 0; train.carry_tail)
+    cut_tail: bool = False                     # stop after the last full row, leaving the last document's tail
+    next_cut_tail: bool = False                # what the next call's cut_tail will be (train.compute_ahead)
 
 
 def tokens_per_s(tokens: int, seconds: float) -> float:
@@ -121,6 +125,9 @@ class StepReport(_Compact):
     fwd_bwd_s: float = 0.0
     step_s: float = 0.0
     ahead_s: float = 0.0                       # of compute_s, done before this call arrived (train.compute_ahead)
+    rows: int = 0                              # packed rows trained (tokens / (rows x seq_len): the packing)
+    doc_slots: int = 0                         # target slots of the documents it answers for (tokens + 1 each)
+    carry_out: list | None = None              # cut_tail: the tail left for the next step (datasets.Carry)
     dropped: list = field(default_factory=list)
     bytes_sent: int = 0
     bytes_received: int = 0

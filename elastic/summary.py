@@ -63,6 +63,10 @@ class RunSummary:
             "rebalanced_steps": 0,       # steps the coordinator re-split by token counts (train.balance_rows)
             "split_steps": 0,            # of those, steps cut between ranks at token level (train.split_docs)
             "computed_ahead_steps": 0,   # steps every rank started before its call (train.compute_ahead)
+            # target slots of the committed steps' documents (tokens + 1 each): `tokens` (the slots trained)
+            # equals it once no carried tail is pending (train.carry_tail), e.g. at the end of a run
+            "document_slots": 0,
+            "rows": 0,                   # packed rows trained: tokens / (rows x seq_len) is the packing
             "profiles": {},              # per worker: where its step time went (train.profile_at)
             "events": [],
             "loss_history": [],
@@ -93,6 +97,8 @@ class RunSummary:
         d["final_loss"] = loss
         d["steps"] = step + 1
         d["tokens"] += tokens
+        d["document_slots"] += sum(r.doc_slots for r in reports)
+        d["rows"] += sum(r.rows for r in reports)
         d["loss_history"].append([step, round(loss, 5), d["tokens"]])
         d.setdefault("step_timing", []).append(  # STEP_TIMING_COLS
             [step, round(time.time(), 4), round(wall, 5)]

@@ -15,12 +15,13 @@ import os
 import socket
 import time
 import traceback
+import typing
 
 import ray
 import torch
 
 from compression import PayloadError, RayCollectiveCommunicator, build_sync
-from datasets import DataSourceError, DocRange, StepLoader, Window, WindowMismatch, get_tokenizer
+from datasets import Carry, DataSourceError, DocRange, StepLoader, Window, WindowMismatch, get_tokenizer
 from elastic import rendezvous
 from elastic.chaos import step_faults_for, wrap_for_chaos
 from elastic.checkpoint import (BackgroundWrites, HostSnapshot, checkpoint_layout, load_file, load_tensors,
@@ -58,6 +59,19 @@ def detect_accelerator(device: str) -> str:
     return "CPU"
 
 
+class _Computed(typing.NamedTuple):
+    """A step's forward/backward and what its batch answers for."""
+    tokens: int
+    loss_sum: float
+    docs: int
+    dropped: list
+    read_s: float
+    fwd_bwd_s: float
+    doc_slots: int
+    rows: int
+    carry_out: list | None  # datasets.Carry.to_list() of the tail left for the next step (train.carry_tail)
+
+
 class _Cancelled(Exception):
     """A step computed ahead was told to stop between micro-batches: its call brought other rows."""
 
@@ -70,12 +84,14 @@ class _Ahead:
     on (`version`): a call that commits otherwise, a re-sync, a restore or a fault discards it."""
     step: int
     ranges: tuple
+    carry: list | None                 # the carried tail it starts with (its previous step's carry_out)
+    cut: bool                          # whether it may leave its own tail to the step after it
     version: int                       # WorkerReplica._params_version it computed on
     started: float                     # time.time() at its start: the step's compute starts here
     future: concurrent.futures.Future | None = None  # on the compute thread
     loaded: threading.Event = dataclasses.field(default_factory=threading.Event)  # its rows are read: the
     cancel: threading.Event = dataclasses.field(default_factory=threading.Event)  # loader is free again
-    result: tuple | None = None        # what `_forward_backward` returned
+    result: _Computed | None = None
     error: BaseException | None = None
 
 
@@ -157,9 +173,12 @@ class WorkerReplica:
 
     def on_compute_thread(self, fn, *args, **kwargs):
         """`fn(*args, **kwargs)` on the thread every forward/backward runs on, waiting for it."""
-        if threading.current_thread().name.startswith(f"{self.worker_id}-compute_"):
+        if self._on_compute_thread():
             return fn(*args, **kwargs)
         return self._compute.submit(fn, *args, **kwargs).result()
+
+    def _on_compute_thread(self) -> bool:
+        return threading.current_thread().name.startswith(f"{self.worker_id}-compute_")
 
     def _prepare(self) -> float:
         self._pin_checkpoint_buffers()
@@ -251,8 +270,13 @@ class WorkerReplica:
         Whatever fails here, the worker still takes part in the step's collective (abstaining with a NaN
         weight), so its peers reject the step at once instead of blocking on it."""
         t_call = time.time()
-        step, chaos = call.step, call.chaos
         ahead = self._take_ahead(call)  # joined: nothing else computes on the parameters from here
+        # the rest on the compute thread, where the forward/backward runs: a profiled step (train.profile_at)
+        # sees its phases in one thread
+        return self.on_compute_thread(self._step, call, ahead, t_call)
+
+    def _step(self, call: StepCall, ahead: "_Ahead | None", t_call: float) -> StepReport:
+        step, chaos = call.step, call.chaos
         t0 = time.time()
         self.profiler.start(step)
         report = StepReport(self.worker_id, self.rank, step, ok=False)
@@ -289,12 +313,12 @@ class WorkerReplica:
         started = ahead.started if ahead is not None else t_call  # the step's compute began here
         try:
             if ahead is not None:
-                tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = ahead.result
+                done = ahead.result
                 report.ahead_s = t_call - ahead.started
             else:
-                tokens, loss_sum, n_docs, dropped, read_s, fwd_bwd_s = self.on_compute_thread(
+                done = self.on_compute_thread(
                     self._forward_backward, call.ranges, call.prefetch, call.prefetch_margin,
-                    Window.from_json(call.window) if call.window else None)
+                    Window.from_json(call.window) if call.window else None, carry=call.carry, cut=call.cut_tail)
         except Exception as e:
             self._abstain(call.lr, boundary)
             self._bump("failed")
@@ -314,11 +338,12 @@ class WorkerReplica:
         if self.faults:
             self.faults.before_exchange(chaos, step, self.comm, on_hang=lambda: setattr(self, "phase", "hung"))
         self._bump("exchange")
-        report.tokens, report.docs, report.loss = tokens, n_docs, loss_sum / max(1, tokens)
-        report.read_s, report.fwd_bwd_s, report.dropped = read_s, fwd_bwd_s, dropped
+        report.tokens, report.docs, report.loss = done.tokens, done.docs, done.loss_sum / max(1, done.tokens)
+        report.read_s, report.fwd_bwd_s, report.dropped = done.read_s, done.fwd_bwd_s, done.dropped
+        report.doc_slots, report.rows, report.carry_out = done.doc_slots, done.rows, done.carry_out
         try:
             with self.profiler.phase("exchange"):
-                stats = self.sync.exchange(lr=call.lr, weight=float(tokens), weight_decay=self.cfg.train.weight_decay,
+                stats = self.sync.exchange(lr=call.lr, weight=float(done.tokens), weight_decay=self.cfg.train.weight_decay,
                                            boundary=boundary, step=step)  # the header's step: replays are refused
         except PayloadError as e:
             self._bump("failed")
@@ -338,7 +363,7 @@ class WorkerReplica:
             self._apply_ahead(step)
             if call.next_fixed and call.prefetch and self.cfg.train.compute_ahead \
                     and not self.profiler.active_at(step + 1):
-                self._compute_ahead(step + 1, call.prefetch)
+                self._compute_ahead(step + 1, call.prefetch, done.carry_out, call.next_cut_tail)
         report.step_s = time.time() - started
         report.bytes_sent, report.bytes_received = stats.bytes_sent, stats.bytes_received
         report.local_bytes_sent = stats.local_bytes_sent  # sync.hierarchy=node: the in-node traffic
@@ -353,16 +378,18 @@ class WorkerReplica:
 
     def _forward_backward(self, ranges: list[DocRange], prefetch: list[DocRange] | None = None,
                           margin: list[DocRange] | None = None, window: Window | None = None,
-                          loaded: threading.Event | None = None, cancel: threading.Event | None = None
-                          ) -> tuple[int, float, int, list, float, float]:
+                          loaded: threading.Event | None = None, cancel: threading.Event | None = None,
+                          carry: list | None = None, cut: bool = False) -> _Computed:
         """The step's batch from `datasets` (one call: read, packed, counted; the next step's documents read
-        ahead while this one computes), then its gradients. Returns (tokens, summed loss, documents, dropped
-        rows, read seconds, fwd/bwd seconds). `loaded` is set once the rows are read (the loader is free);
-        `cancel`, checked before each micro-batch, stops it (`_Cancelled`)."""
+        ahead while this one computes), then its gradients. `carry`/`cut`: the tail carried in from the
+        previous step, and whether this step may leave its own to the next (`train.carry_tail`). `loaded` is
+        set once the rows are read (the loader is free); `cancel`, checked before each micro-batch, stops it
+        (`_Cancelled`)."""
         self._bump("read")  # bounded by data.read_timeout_s, not by the liveness limit
         with self.profiler.phase("read"):
             try:
-                batch = self.data.load(ranges, window, prefetch, margin)
+                batch = self.data.load(ranges, window, prefetch, margin,
+                                       carry=Carry.from_list(carry) if carry else None, cut=cut)
             finally:
                 if loaded is not None:
                     loaded.set()
@@ -374,7 +401,8 @@ class WorkerReplica:
         with self.profiler.phase("fwd_bwd"):
             loss_acc = self._fwd_bwd(inputs, targets, batch.tokens, cancel)
         loss_sum = float(loss_acc)  # the one host sync of the step
-        return batch.tokens, loss_sum, batch.docs, batch.dropped, read_s, time.time() - t1
+        return _Computed(batch.tokens, loss_sum, batch.docs, batch.dropped, read_s, time.time() - t1, batch.doc_slots,
+                         int(inputs.size(0)), batch.carry_out.to_list() if batch.carry_out else None)
 
     def _pinned(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda":
@@ -479,13 +507,13 @@ class WorkerReplica:
         self._apply_thread = threading.Thread(target=run, name=f"{self.worker_id}-apply-ahead", daemon=True)
         self._apply_thread.start()
 
-    def _compute_ahead(self, step: int, ranges: list[DocRange]) -> None:
+    def _compute_ahead(self, step: int, ranges: list[DocRange], carry: list | None, cut: bool) -> None:
         """Start step `step`'s read and forward/backward on `ranges` (the hint of the call just answered, which
         the coordinator fixed as that step's rows: `StepCall.next_fixed`) in a thread, on the parameters with
         step `step - 1` applied ahead. The call for `step` takes it (`_take_ahead`) where it still holds; a
         report's compute time then starts here. Nothing is lost if it does not: the call computes again."""
         apply_thread = self._apply_thread
-        ahead = _Ahead(step, tuple(ranges), self._params_version, time.time())
+        ahead = _Ahead(step, tuple(ranges), carry, cut, self._params_version, time.time())
 
         def run():
             try:
@@ -493,7 +521,8 @@ class WorkerReplica:
                     apply_thread.join()
                 if self._apply_error is not None or self._applied_ahead != step - 1:
                     return  # the previous step is not applied: its call settles that, then computes
-                ahead.result = self._forward_backward(list(ranges), loaded=ahead.loaded, cancel=ahead.cancel)
+                ahead.result = self._forward_backward(list(ranges), loaded=ahead.loaded, cancel=ahead.cancel,
+                                                      carry=carry, cut=cut)
             except BaseException as e:  # the call computes again and meets the error itself
                 ahead.error = e
             finally:
@@ -503,14 +532,15 @@ class WorkerReplica:
         ahead.future = self._compute.submit(run)
 
     def _take_ahead(self, call: StepCall) -> _Ahead | None:
-        """The step computed ahead, if `call` is the one it was computed for: the same step and rows, whole
-        documents. It is joined either way (stopped at its next micro-batch if it
+        """The step computed ahead, if `call` is the one it was computed for: the same step, rows and carried
+        tail, whole documents. It is joined either way (stopped at its next micro-batch if it
         does not fit). Where it fits, the read-ahead of `call.prefetch` starts as soon as its rows are read.
         The parameters are checked after the commit (`_params_version`)."""
         ahead, self._ahead = self._ahead, None
         if ahead is None or ahead.future is None:
             return None
-        fits = ahead.step == call.step and ahead.ranges == tuple(call.ranges) and not call.window
+        fits = (ahead.step == call.step and ahead.ranges == tuple(call.ranges) and not call.window
+                and ahead.carry == (list(call.carry) if call.carry else None) and ahead.cut == call.cut_tail)
         if fits:
             ahead.loaded.wait()
             if call.prefetch:
@@ -528,7 +558,7 @@ class WorkerReplica:
         undo it (its step is not committed: parameters, state and the pending update are back as the
         exchange left them). Everything that reads or changes the parameters or the sync state calls this
         first."""
-        if self._ahead is not None and self._ahead.future is not None:
+        if self._ahead is not None and self._ahead.future is not None and not self._on_compute_thread():
             concurrent.futures.wait([self._ahead.future])  # kept: the next call may still use it (`_params_version` decides)
         thread, self._apply_thread = self._apply_thread, None
         if thread is not None:
