@@ -30,6 +30,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -145,7 +146,7 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
     from elastic.driver import train
     from elastic.config import load_config
 
-    name = f"bench-gpu-{label or sync}-w{workers}-{int(time.time())}"
+    name = f"bench-gpu-{re.sub(r'[^A-Za-z0-9_.-]+', '-', label or sync)}-w{workers}-{int(time.time())}"
     ov = [f"sync.name={sync}", f"train.workers={workers}", f"train.steps={steps}",
           f"train.batch_tokens={per_gpu_tokens * workers}", "checkpoint.every=0", "train.eval_tokens=4096",
           f"run.name={name}", f"run.dir={run_root}"] + list(overrides) + list(extra)
@@ -177,6 +178,10 @@ def stack_bench(preset: str, sync: str, workers: int, steps: int, warmup: int, p
                initial_loss=summary.get("initial_loss"), final_loss=summary.get("final_loss"),
                val_loss=summary.get("val_loss"), replica_hashes_agree=summary.get("replica_hashes_agree"),
                rebalanced_steps=summary.get("rebalanced_steps"), profiles=summary.get("profiles") or None,
+               # target tokens per packed slot over the run (1.0: no padding; train.carry_tail with one worker)
+               packing=_round(summary["tokens"] / (summary["rows"] * cfg.train.seq_len), 4)
+               if summary.get("rows") else None,
+               computed_ahead_steps=summary.get("computed_ahead_steps"),
                loss_history=summary.get("loss_history"), membership_changes=summary.get("membership_changes"),
                world_size_history=summary.get("world_size_history"), error=summary.get("error"),
                summary_path=os.path.join(run_root, name, "summary.json"))
@@ -517,15 +522,16 @@ def run(args) -> dict:
     all_stack = []
     for workers in counts_w:
         stack_runs = []
-        for sync in ("dense", "demo"):
-            if sync in configs:
-                try:
-                    r = stack_bench(args.preset, sync, workers, args.steps, args.warmup, args.per_gpu_tokens,
-                                    overrides, run_root)
-                except Exception as e:  # keep going: the other configs still say something
-                    r = {"config": sync, "workers": workers, "error": f"{type(e).__name__}: {e}"}
-                stack_runs.append(r)
-                add(r)
+        # a stack config is dense or demo, optionally with its own overrides: demo:train.compute_ahead=false
+        for spec in [c for c in configs if c.split(":")[0] in ("dense", "demo")]:
+            sync, *extra = spec.split(":")
+            try:
+                r = stack_bench(args.preset, sync, workers, args.steps, args.warmup, args.per_gpu_tokens,
+                                overrides, run_root, extra=extra, label=spec)
+            except Exception as e:  # keep going: the other configs still say something
+                r = {"config": spec, "workers": workers, "error": f"{type(e).__name__}: {e}"}
+            stack_runs.append(r)
+            add(r)
         matched = {}  # baseline config -> its row at the stack's tokens per worker
         seq = base.train.seq_len
         means = [r["tokens_per_worker_step_mean"] for r in stack_runs if r.get("tokens_per_worker_step_mean")]
@@ -648,7 +654,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     b.add_argument("--ddp-rows", default="match",
                    help="rows per GPU for DDP: 'match' (the stack runs' mean tokens per worker) or N, comma list")
     b.add_argument("--configs", default="dense,demo,ddp,ddp-compiled,loop-compiled",
-                   help="any of dense,demo,ddp,ddp-compiled,loop-compiled (--workers 1 only),profile,chaos")
+                   help="any of dense,demo,ddp,ddp-compiled,loop-compiled (--workers 1 only),profile,chaos; a stack "
+                        "config may carry its own overrides after colons (demo:train.compute_ahead=false), so "
+                        "variants are measured in one call against the same baselines")
     b.add_argument("--chaos-sync", default="demo")
     b.add_argument("--chaos-steps", type=int, default=40)
     b.add_argument("--chaos-kill-at", type=int, default=20)

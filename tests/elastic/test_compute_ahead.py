@@ -1,6 +1,8 @@
 """Starting a step's forward/backward before its call arrives (`train.compute_ahead`): the gradients, reports and
 parameters are those of computing it in the call, and anything that changes what the step would compute (other
 rows, an abort, a re-sync, a fault at the commit) makes the call compute it again."""
+import pytest
+
 from datasets import DataPlan
 
 from .conftest import solo_replica
@@ -106,6 +108,7 @@ def test_a_group_computing_ahead_survives_faults_and_delivers_each_document_once
     assert summary["computed_ahead_steps"] >= 15, summary["computed_ahead_steps"]
 
 
+@pytest.mark.slow  # two runs (~15 s); the replica-level equality above runs in CI
 def test_one_worker_trains_the_same_with_and_without_computing_ahead(tmp_path, ray_cluster):
     """Through the whole stack (coordinator, Ray calls, read-ahead, checkpoint): one worker computing every step
     ahead of its call reaches the same losses, tokens and held-out loss bit for bit as one that does not."""
