@@ -2,6 +2,7 @@
 of the last document starts the next step; every slot of every delivered document is trained once (summary
 `tokens` == `document_slots` at the end) through retries, a group that grows and shrinks around the single
 worker, and a stop and resume, which equals the uninterrupted run bit for bit."""
+import pytest
 import torch
 
 from elastic.checkpoint import CheckpointStore
@@ -44,6 +45,7 @@ def test_a_carry_is_trained_once_when_the_group_grows(tmp_path, ray_cluster):
     assert s["tokens"] == s["document_slots"], (s["tokens"], s["document_slots"])
 
 
+@pytest.mark.slow  # three runs (~23 s); the plan-state round trip of a carry runs in CI (tests/datasets/test_carry.py)
 def test_stop_and_resume_with_a_pending_tail_equals_uninterrupted(tmp_path, ray_cluster):
     whole = small_config(tmp_path, ray_cluster.address, "run.name=c-whole", "train.steps=8", *ONE)
     a = train(whole)
