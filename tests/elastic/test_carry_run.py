@@ -1,7 +1,7 @@
 """Carried tails through the whole stack (`train.carry_tail`): one worker's steps end on whole rows and the rest
 of the last document starts the next step; every slot of every delivered document is trained once (summary
-`tokens` == `document_slots` at the end) through retries, a group that grows and shrinks around the single
-worker, and a stop and resume, which equals the uninterrupted run bit for bit."""
+`tokens` == `document_slots` at the end) through a retry, a carry that does not fit (dropped, named), a group
+that grows from the single worker, and (slow) a stop and resume, which equals the uninterrupted run bit for bit."""
 import pytest
 import torch
 
