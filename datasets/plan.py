@@ -217,7 +217,7 @@ class DataPlan:
         self._start_epoch(int(epoch))
         self._returned: collections.deque[_Drawn] = collections.deque()
         self._pending: dict[int, dict[int, list[_Drawn]]] = {}
-        # the last committed step's carried tail ([shard, row_group, row, skip]: datasets.Carry.to_list()),
+        # the last committed step's carried tail ([shard, row_group, row, skip, slots]: datasets.Carry.to_list()),
         # which the next step trains first; None when that step ended on a whole document
         self.carry: list[int] | None = None
         self._records: dict[int, _EpochRecord] = {self.epoch: _EpochRecord(self._layout)}
@@ -359,7 +359,7 @@ class DataPlan:
         (DocRange, reason) pairs (or [shard, row_group, start, stop, reason] lists from JSON), reason
         "filtered" (data filters) or "unusable" (null/empty/corrupt). They are never served again and are
         counted as filtered/unusable, not delivered, in the epoch they were drawn in.
-        `carry` ([shard, row_group, row, skip], `datasets.Carry.to_list()`): the tail of this step's last
+        `carry` ([shard, row_group, row, skip, slots], `datasets.Carry.to_list()`): the tail of this step's last
         document, which the next step trains first; it replaces the previous one (this step trained that)."""
         drawn = self._pending.get(step)
         if drawn is None:
@@ -367,11 +367,13 @@ class DataPlan:
         drops = [_as_drop(d) for d in dropped]
         spans = [(e, r) for got in drawn.values() for e, r in got]
         if carry is not None:
-            if not (isinstance(carry, (list, tuple)) and len(carry) == 4 and all(isinstance(x, int) for x in carry)
-                    and carry[3] > 0 and any(d.shard == carry[0] and d.row_group == carry[1]
-                                             and d.start <= carry[2] < d.stop for _, d in spans)):
-                raise PlanError(f"commit(step={step}): carry {carry!r} is not [shard, row_group, row, skip > 0] "
-                                "of a row of this step")
+            if not (isinstance(carry, (list, tuple)) and len(carry) in (4, 5)
+                    and all(isinstance(x, int) for x in carry) and carry[3] > 0
+                    and (len(carry) == 4 or carry[4] == 0 or carry[3] < carry[4])
+                    and any(d.shard == carry[0] and d.row_group == carry[1] and d.start <= carry[2] < d.stop
+                            for _, d in spans)):
+                raise PlanError(f"commit(step={step}): carry {carry!r} is not [shard, row_group, row, skip > 0, "
+                                "slots > skip] of a row of this step")
         attributed = []
         for r, reason in drops:
             home = next((e for e, d in spans if d.shard == r.shard and d.row_group == r.row_group

@@ -211,18 +211,21 @@ class Carry:
     """The tail of a step's last document, trained at the start of the next step (`StepLoader.load(cut=True)`):
     a step that would end in a padded row stops after its last full row instead, where that cut falls inside
     its last document. The document is the earlier step's (counted, committed and delivered with it); the
-    next step reads it again and trains its target slots from `skip` on (`skip` of them were trained).
+    next step reads it again and trains its target slots from `skip` on (`skip` of them were trained) to
+    `slots` (its tokens + 1; 0 where unknown: a carry recorded before the count was kept). A group's steps are
+    cut the same way by `cut_step`, which starts rank 0's window with the carried tail.
     `DataPlan.commit(step, carry=...)` keeps it as part of the plan's state (journal, checkpoints)."""
     doc: DocRange  # one row: the document
     skip: int
+    slots: int = 0
 
     def to_list(self) -> list[int]:
-        return [self.doc.shard, self.doc.row_group, self.doc.start, self.skip]
+        return [self.doc.shard, self.doc.row_group, self.doc.start, self.skip, self.slots]
 
     @classmethod
     def from_list(cls, v: Sequence[int]) -> "Carry":
-        shard, row_group, row, skip = (int(x) for x in v)
-        return cls(DocRange(shard, row_group, row, row + 1), skip)
+        shard, row_group, row, skip, *slots = (int(x) for x in v)
+        return cls(DocRange(shard, row_group, row, row + 1), skip, slots[0] if slots else 0)
 
 
 def row_shares(n_rows: int, shares: Sequence[float]) -> list[int] | None:
@@ -250,20 +253,43 @@ def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float],
     documents. Every target slot of the stream falls in exactly one window; every row is owned by exactly one
     rank (the one whose window holds the slot predicting its first token; a row with no document: where its
     position falls). None when the step has fewer rows than ranks (whole documents then)."""
+    got = cut_step(docs, shares, seq_len)
+    return got[0] if got is not None else None
+
+
+def cut_step(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_len: int,
+             carry: Optional[Carry] = None, cut: bool = False) -> tuple[list[Window], Optional[Carry]] | None:
+    """`split_windows`, with the stream starting with the carried tail of the previous step's last document
+    (`carry`, whose `slots` must be known: rank 0's window borrows it) and, with `cut`, ending after the last
+    full row where the padded row would hold only the tail of the step's last document: that tail is
+    returned as the carry for the next step. Returns (windows, carry or None); None as `split_windows`."""
     W = len(shares)
-    slots = _slots(docs)
+    if carry is not None and not 0 < carry.skip < carry.slots:
+        raise ValueError(f"cut_step: carry {carry} needs 0 < skip < slots")
+    entries = ([(carry.doc, carry.slots - 1)] if carry is not None else []) + list(docs)
+    base = 1 if carry is not None else 0  # entries[0] is the carried document: nobody here owns it
+    slots = _slots(entries)
     starts = list(accumulate(slots, initial=0))
-    total = starts[-1]
-    counts = row_shares(packed_rows(total, seq_len), shares) if total > 0 else None
+    begin = carry.skip if carry is not None else 0
+    total = starts[-1] - begin
+    n_rows, carry_out = packed_rows(total, seq_len), None
+    last = max((i for i in range(base, len(entries)) if slots[i]), default=None)
+    if cut and last is not None:
+        full, left = divmod(total, seq_len)
+        if full >= W and 0 < left < slots[last]:  # the padded row would hold only the last document's tail
+            n_rows, carry_out = full, Carry(entries[last][0], slots[last] - left, slots[last])
+    counts = row_shares(n_rows, shares) if total > 0 else None
     if counts is None:
         return None
-    bounds = [0]
+    end = begin + n_rows * seq_len if carry_out is not None else starts[-1]
+    bounds = [begin]
     for c in counts:
-        bounds.append(min(total, bounds[-1] + c * seq_len))
+        bounds.append(min(end, bounds[-1] + c * seq_len))
     # rank r owns the rows starting in [bounds[r], bounds[r+1]) (the last rank also those at the very end):
     # contiguous runs, since starts never decrease
-    first = [bisect.bisect_left(starts, bounds[r], 0, len(docs)) for r in range(W)] + [len(docs)]
-    out, last_doc = [], None  # last_doc: the latest row so far that yields a document
+    first = [bisect.bisect_left(starts, bounds[r], base, len(entries)) for r in range(W)] + [len(entries)]
+    # last_doc: the latest row so far that yields a document (the carried one first: rank 0 borrows it)
+    out, last_doc, docs = [], 0 if carry is not None else None, entries
     for r in range(W):
         lo, hi = first[r], first[r + 1]
         # the document whose span holds this window's first slot, if it started in an earlier window
@@ -274,14 +300,16 @@ def split_windows(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float],
                           skip=bounds[r] - starts[borrow] if borrow is not None else 0, rows=counts[r],
                           slots=sum(slots[i] for i in own) + (slots[borrow] if borrow is not None else 0)))
         last_doc = own[-1] if own else last_doc
-    return out
+    return out, carry_out
 
 
 def windows_for(assignment: Mapping[int, Sequence[DocRange]], tokens: Mapping[tuple[int, int, int], int],
-                shares: Mapping[int, float], seq_len: int) -> dict[int, Window] | None:
-    """`split_windows` of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's token
-    count, per rank; None for a single rank, a row whose count is unknown, or fewer packed rows than ranks."""
+                shares: Mapping[int, float], seq_len: int, carry: Optional[Carry] = None, cut: bool = False
+                ) -> tuple[dict[int, Window], Optional[Carry]] | None:
+    """`cut_step` of one step's `assignment` (rank -> ranges, drawn in rank order) given every row's token count:
+    (rank -> window, the carry it leaves); None for a single rank, a row whose count is unknown, or fewer
+    packed rows than ranks."""
     order = sorted(assignment)
     docs = _counted_rows(assignment, tokens) if len(order) > 1 else None
-    wins = split_windows(docs, [shares[k] for k in order], seq_len) if docs is not None else None
-    return dict(zip(order, wins)) if wins is not None else None
+    got = cut_step(docs, [shares[k] for k in order], seq_len, carry, cut) if docs is not None else None
+    return (dict(zip(order, got[0])), got[1]) if got is not None else None

@@ -195,9 +195,10 @@ class StepLoader:
         docs, skip = list(batch.docs), 0
         if carry is not None:
             tail = self._carried_doc(carry)
-            if not 0 < carry.skip < len(tail) + 1:
-                raise WindowMismatch(f"the carried tail of {carry.doc} starts {carry.skip} slots in, but that "
-                                     f"document has {len(tail) + 1}")
+            if not 0 < carry.skip < len(tail) + 1 or carry.slots not in (0, len(tail) + 1):
+                raise WindowMismatch(f"the carried tail of {carry.doc} starts {carry.skip} slots in"
+                                     f"{f' of {carry.slots}' if carry.slots else ''}, but that document has "
+                                     f"{len(tail) + 1}")
             docs, skip = [tail] + docs, carry.skip
         slots = stream_slots(docs) - skip
         rows = -(-slots // self.seq_len)
@@ -206,7 +207,7 @@ class StepLoader:
             full, left = divmod(slots, self.seq_len)
             last = len(batch.docs[-1]) + 1
             if full >= 1 and 0 < left < last:  # the padded row would hold only the last document's tail
-                rows, carry_out = full, Carry(batch.origins[-1], last - left)
+                rows, carry_out = full, Carry(batch.origins[-1], last - left, last)
         inputs, targets = pack(docs, self.seq_len, self.reader.eot, skip=skip, rows=rows) if slots > 0 else \
             pack([], self.seq_len, self.reader.eot)
         return batch, inputs, targets, carry_out

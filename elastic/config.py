@@ -82,8 +82,8 @@ class TrainSection:
     balance_rows: bool = True        # with prefetch: split each step's documents by their real token counts
     split_docs: bool = True          # with balance_rows: cut each step between ranks at token level (whole rows)
     apply_ahead: bool = True         # apply an exchanged step while the coordinator decides (undone on abort)
-    carry_tail: bool = True          # one worker: a step ends after its last full row, the rest of its last document
-                                     # starts the next step (no padded row; docs/DESIGN.md, "Carried tails")
+    carry_tail: bool = True          # a step ends after its last full row, the rest of its last document starts
+                                     # the next step (no padded row; docs/DESIGN.md, "Carried tails")
     compute_ahead: bool = True       # with apply_ahead: start the next step's fwd/bwd on its read-ahead rows before
                                      # its call arrives, where the coordinator fixes those rows (one rank, or no
                                      # balance_rows); a call that brings other rows or parameters discards it

@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from compression.sync import joiners_need_peer_state, sync_state_identical
-from datasets import DataPlan, discover_usable, read_margin, rebalance, windows_for
+from datasets import Carry, DataPlan, discover_usable, read_margin, rebalance, windows_for
 from elastic import rendezvous
 from elastic.chaos import NODE_KINDS, ChaosSchedule, NodeFaults
 from elastic.checkpoint import (CheckpointFailed, CheckpointStore, CheckpointWriter, files_by_rank, first_line,
@@ -784,26 +784,33 @@ class Coordinator:
         fixed, self._fixed = self._fixed, None
         if fixed is not None and fixed[0] == (step, gen.generation, len(members)):
             by_rank = fixed[1]  # the previous call fixed this step's rows with these shares: keep them
-        assignment, windows = self._balance(step, self.plan.assign(step, by_rank), by_rank)
+        # train.carry_tail: the step starts with the last step's carried tail (rank 0's), and may leave its own:
+        # one rank cuts its own stream (`cut_tail`); a group's windows are cut here (`_balance`)
+        carry = self.plan.carry
+        assignment, windows, cut_carry = self._balance(step, self.plan.assign(step, by_rank), by_rank,
+                                                       self._may_cut(step))
         lr = lr_at(step, self.cfg.train.lr, self.cfg.train.warmup_steps, self.cfg.train.steps,
                    self.cfg.train.min_lr_ratio)
         # the decision to commit the previous step rides on this step's call: one RPC per step
         commit_first, self.pending_commit = self.pending_commit, None
-        # train.carry_tail: rank 0 starts with the last step's carried tail; one rank may leave its own
-        carry, cut = self.plan.carry, self._cut_tail(step, len(members))
-        chaos, kill_victim, sent_carry = self._chaos_for(step, members, windows, commit_first, carry)
+        cut = self._may_cut(step) and len(members) == 1
+        chaos, kill_victim, sent_carry = self._chaos_for(step, members, windows, commit_first,
+                                                         carry if not windows else None)
         t0 = time.time()
         # what the next step will likely bring, read by the workers while this one computes (a hint: the
         # plan is unchanged; an abort or a new share split only makes the workers read again)
         hint = (self.plan.peek(by_rank)
                 if self.cfg.train.prefetch and step + 1 < self.cfg.train.steps else {})
         margin = read_margin(hint, READ_MARGIN_ROWS) if hint and self.cfg.train.balance_rows else {}
+        if cut_carry is not None and hint and len(members) > 1:  # rank 0's next window borrows it: read it ahead
+            margin[0] = [*margin.get(0, []), cut_carry.doc]
         next_fixed = bool(hint) and self._can_fix_next(len(members))
         if next_fixed:  # if this step commits and the group stays, the next one trains exactly `hint`
             self._fixed = ((step + 1, gen.generation, len(members)), by_rank)
         refs = {h.actor.step.remote(StepCall(step, assignment.get(r, []), lr, chaos[r], commit_first, hint.get(r),
-                                             margin.get(r), windows.get(r), next_fixed, sent_carry if r == 0 else None,
-                                             cut, self._cut_tail(step + 1, len(members)))): h
+                                             margin.get(r), windows.get(r), next_fixed,
+                                             sent_carry if r == 0 and not windows else None, cut,
+                                             self._may_cut(step + 1) and len(members) == 1)): h
                 for r, h in enumerate(members)}
         killed_at = None
         if kill_victim is not None:  # mid-step, before anything else delays it
@@ -824,7 +831,10 @@ class Coordinator:
             verdict = resolve_fingerprints(prints, outcome.members, self.strikes)
         decision = decide_failure(outcome)
         if decision.commits and (verdict is None or verdict.agree):
-            self._finish_commit(step, members, reports, time.time() - t0, cut)
+            # the tail this step leaves: its windows' (a group), or what its one rank reports having left
+            carry_out = (cut_carry.to_list() if cut_carry is not None
+                         else reports[members[0].worker_id].carry_out if cut else None)
+            self._finish_commit(step, members, reports, time.time() - t0, carry_out)
             return
         # ---- the step failed: nobody applies it; survivors drop it; its rows go back to the plan ---------
         by_id = {h.worker_id: h for h in members}
@@ -859,18 +869,19 @@ class Coordinator:
             self.membership_change("regroup", [], [], detected)
         elif decision.action == "retry":
             self.summary.rejected_step(step, {w: r.error for w, r in reports.items() if not r.ok})
-        if decision.kind == "window_mismatch" and carry is not None:
-            # the carried tail does not fit its document as read now (no window is cut with a carry): drop it
-            # rather than fail the step forever; less than a row of one document goes untrained, and says so
+        if decision.kind == "window_mismatch" and carry is not None and not windows:
+            # the carried tail does not fit its document as read now: drop it rather than fail the step forever;
+            # less than a row of one document goes untrained, and says so. (A window that did not fit retries
+            # in whole documents first, where rank 0 reads the carry itself.)
             self.plan.carry = None
             self.summary.event(step, f"carry-dropped {carry}")
             log.warning("step %d: the carried tail %s does not fit its document; dropped (not trained)", step, carry)
 
-    def _cut_tail(self, step: int, world_size: int) -> bool:
+    def _may_cut(self, step: int) -> bool:
         """Whether step `step` may end after its last full row and leave its last document's tail to the next
-        step (`train.carry_tail`): with one rank (a group's ranks cut at token level already: only the step's
-        last row is padded), never at the run's last step."""
-        return self.cfg.train.carry_tail and world_size == 1 and step + 1 < self.cfg.train.steps
+        step (`train.carry_tail`; never the run's last step). One rank cuts its own stream (`StepCall.cut_tail`);
+        a group's step is cut with its windows (`_balance`), so a step in whole documents does not cut."""
+        return self.cfg.train.carry_tail and step + 1 < self.cfg.train.steps
 
     def _can_fix_next(self, world_size: int) -> bool:
         """Whether the next step's rows can be fixed now, at this step's call (`train.compute_ahead`): the
@@ -921,30 +932,37 @@ class Coordinator:
         self.commit_failed += failed  # could not be repaired: they leave at the next membership check
         self.summary.event(self.step, f"resync {[h.worker_id for h in targets]} from {source.worker_id}")
 
-    def _balance(self, step: int, assignment: dict, shares: dict[int, int]) -> tuple[dict, dict]:
+    def _balance(self, step: int, assignment: dict, shares: dict[int, int], cut: bool = False
+                 ) -> tuple[dict, dict, Carry | None]:
         """Re-split `step`'s documents over the ranks by their real token counts (read ahead by the workers
         during the previous step), so nobody waits for a peer that drew longer documents. With
         `train.split_docs` the step's stream is cut at token level (`split_windows`: every rank trains
         whole rows in proportion to its share; a document at a cut is trained in part by each neighbour);
         otherwise whole documents move at the cuts between neighbouring ranks. The step's documents stay the
         same. Without counts for every row (the first step, after a failure or a membership change, a read
-        ahead that failed) the plan's split stands. Returns (rank -> ranges, rank -> window JSON or nothing)."""
+        ahead that failed) the plan's split stands. The windows start with the plan's carried tail (rank 0
+        borrows it) and with `cut` may leave the step's own (`datasets.cut_step`). Returns (rank -> ranges,
+        rank -> window JSON or nothing, the carry the windows leave or None)."""
         counts, self._ahead_counts = self._ahead_counts, {}
         if not (self.cfg.train.prefetch and self.cfg.train.balance_rows) or not counts:
-            return assignment, {}
-        if self.plan.carry is not None:  # rank 0 starts with a carried tail (the group was one rank): no cut
-            return assignment, {}
-        wins = windows_for(assignment, counts, shares, self.cfg.train.seq_len) if self.cfg.train.split_docs else None
-        owned = {k: list(w.owned) for k, w in wins.items()} if wins is not None else None
+            return assignment, {}, None
+        carry = Carry.from_list(self.plan.carry) if self.plan.carry else None
+        if carry is not None and not carry.slots:  # recorded without its length: rank 0 reads it, whole documents
+            return assignment, {}, None
+        got = (windows_for(assignment, counts, shares, self.cfg.train.seq_len, carry=carry, cut=cut)
+               if self.cfg.train.split_docs else None)
+        owned = {k: list(w.owned) for k, w in got[0].items()} if got is not None else None
         if owned is not None and self.plan.resplit(step, owned):
             self.summary.data["rebalanced_steps"] += 1
             self.summary.data["split_steps"] += 1
-            return owned, {k: w.to_json() for k, w in wins.items()}
+            return owned, {k: w.to_json() for k, w in got[0].items()}, got[1]
+        if carry is not None:  # rank 0 starts with the carried tail: whole documents as drawn
+            return assignment, {}, None
         new = rebalance(assignment, counts, shares, self.cfg.train.seq_len)
         if new is None or not self.plan.resplit(step, new):
-            return assignment, {}
+            return assignment, {}, None
         self.summary.data["rebalanced_steps"] += 1
-        return new, {}
+        return new, {}, None
 
     def _join_time(self, h: WorkerHandle) -> float:
         """When the capacity a joiner uses appeared: its node's first sighting, else its spawn."""
@@ -1115,11 +1133,10 @@ class Coordinator:
                 self.commit_failed += [by_id[w] for w in verdict.evict]
                 self._resync([by_id[w] for w in verdict.resync], by_id[verdict.source])
 
-    def _finish_commit(self, step, members, reports, wall, cut: bool = False) -> None:
-        """Every rank exchanged step `step`: it is committed (workers apply it at their next call). `cut`: the
-        step could leave its last document's tail to the next one (one rank; the carry is in its report)."""
+    def _finish_commit(self, step, members, reports, wall, carry: list | None = None) -> None:
+        """Every rank exchanged step `step`: it is committed (workers apply it at their next call). `carry`: the
+        tail of its last document it leaves to the next step (`train.carry_tail`)."""
         agree = True  # fingerprints arrive with the next call; a disagreement is recorded then
-        carry = reports[members[0].worker_id].carry_out if cut else None
         self.plan.commit(step, dropped=[d for r in reports.values() for d in r.dropped], carry=carry)
         # what the workers read ahead for the next step, per row: `_balance` splits that step with it
         self._ahead_counts = {(s, g, x): t for r in reports.values() for s, g, x, t in r.ahead_tokens or []}

@@ -2,6 +2,8 @@
 slowest rank gains, and token-level windows that train every target of the step exactly once."""
 import random
 
+import pytest
+
 from datasets.plan import DocRange
 
 
@@ -99,9 +101,69 @@ def test_windows_for_cuts_a_step_assignment_only_with_every_count_known():
 
     a = {0: [DocRange(0, 0, 0, 3)], 1: [DocRange(0, 0, 3, 5)]}
     tokens = {(0, 0, 0): 600, (0, 0, 1): 600, (0, 0, 2): 600, (0, 0, 3): 100, (0, 0, 4): 100}
-    got = windows_for(a, tokens, {0: 1.0, 1: 1.0}, 64)
+    got, carry = windows_for(a, tokens, {0: 1.0, 1: 1.0}, 64)
     want = split_windows([(DocRange(0, 0, x, x + 1), tokens[(0, 0, x)]) for x in range(5)], [1.0, 1.0], 64)
     assert got == {0: want[0], 1: want[1]} and got[0].rows == got[1].rows == 16  # 2,005 slots: 32 rows
-    assert got[1].borrow == DocRange(0, 0, 1, 2)  # the cut falls inside the second document
+    assert got[1].borrow == DocRange(0, 0, 1, 2) and carry is None  # the cut falls inside the second document
+    # cut: 2,005 slots = 31 rows + 21 slots, all inside the last document (101 slots): 31 rows, 80 trained
+    got, carry = windows_for(a, tokens, {0: 1.0, 1: 1.0}, 64, cut=True)
+    assert got[0].rows + got[1].rows == 31 and (carry.doc, carry.skip, carry.slots) == (DocRange(0, 0, 4, 5), 80, 101)
     assert windows_for(a, {k: v for k, v in tokens.items() if k != (0, 0, 4)}, {0: 1, 1: 1}, 64) is None
     assert windows_for({0: a[0]}, tokens, {0: 1}, 64) is None
+
+
+def test_cut_step_with_a_carried_tail_and_a_cut_trains_the_stream_once_and_leaves_the_rest_as_the_next_carry():
+    """`cut_step` over random steps, chained: each step's windows start with the tail the previous one left
+    (rank 0 borrows it) and, cut, stop after their last full row where that row would hold only the last
+    document's tail. Over the chain, the windows' targets are exactly the stream of every document once, in
+    order; each window is whole rows; only the steps that could not cut pad."""
+    from datasets.packing import pack
+    from datasets.split import Carry, cut_step
+
+    rng = random.Random(11)
+    seq, carries, trained, want = 16, 0, [], []
+    carry, text_of = None, {}
+    for step in range(300):
+        n, W = rng.randint(1, 8), rng.randint(1, 4)
+        lens = [rng.choice([0, 1, 3, 15, 16, 17, 40, 90]) for _ in range(n)]
+        rows = [DocRange(step, 0, i, i + 1) for i in range(n)]
+        for i, t in enumerate(lens):
+            text_of[rows[i]] = [100000 * step + 1000 * i + j + 1 for j in range(t)]
+        shares = [rng.choice([1.0, 2.0]) for _ in range(W)]
+        cut = rng.random() < 0.8
+        got = cut_step(list(zip(rows, lens)), shares, seq, carry=carry, cut=cut)
+        if got is None:  # fewer rows than ranks: the step goes in whole documents (not modelled here)
+            continue
+        wins, out = got
+        padded = 0
+        for w in wins:
+            one = [DocRange(r.shard, r.row_group, x, x + 1) for r in w.reads() for x in range(r.start, r.stop)]
+            docs = [text_of[r] for r in one if text_of[r]]
+            x, y = pack(docs, seq, 0, skip=w.skip, rows=w.rows, expect_slots=w.slots)
+            assert x.shape == (w.rows, seq)
+            trained += y[y >= 0].tolist()
+            padded += int((y < 0).sum())
+        owned = [x for w in wins for r in w.owned for x in range(r.start, r.stop)]
+        assert sorted(owned) == list(range(n))
+        assert carry is None or wins[0].borrow == carry.doc
+        # what the chain must have trained so far: every earlier document whole, this step's up to its cut
+        for r, t in zip(rows, lens):
+            if t:
+                want += text_of[r] + [0]
+        if out is not None:
+            carries += 1
+            assert out.doc in rows and 0 < out.skip < out.slots == len(text_of[out.doc]) + 1
+            assert trained == want[:len(want) - (out.slots - out.skip)]
+            assert padded == 0  # a step that leaves a tail trains whole rows only
+            assert Carry.from_list(out.to_list()) == out
+        else:
+            assert trained == want
+        carry = out
+    assert carries > 100
+
+
+def test_cut_step_refuses_a_carry_without_its_slot_count():
+    from datasets.split import Carry, cut_step
+
+    with pytest.raises(ValueError, match="carry"):
+        cut_step([(DocRange(0, 0, 1, 2), 20)], [1.0], 16, carry=Carry(DocRange(0, 0, 0, 1), 5))

@@ -45,6 +45,19 @@ def test_a_carry_is_trained_once_when_the_group_grows(tmp_path, ray_cluster):
     assert s["tokens"] == s["document_slots"], (s["tokens"], s["document_slots"])
 
 
+def test_a_group_cuts_its_steps_windows_with_carried_tails(tmp_path, ray_cluster):
+    """Two workers: each step's token-level windows start with the tail the last step left (rank 0 borrows it)
+    and end on whole rows, leaving the rest of the last document to the next step. Only steps in whole
+    documents (the first, before any token counts) pad; every slot is trained once."""
+    cfg = small_config(tmp_path, ray_cluster.address, "run.name=carry-group", "train.steps=12", "train.workers=2",
+                       "sync.name=demo", "train.batch_tokens=2048")
+    s = train(cfg)
+    _assert_healthy(s, 12)
+    assert s["split_steps"] >= 10, s["split_steps"]
+    assert s["tokens"] == s["document_slots"], (s["tokens"], s["document_slots"])
+    assert s["rows"] * 64 - s["tokens"] < 4 * 64, (s["rows"], s["tokens"])  # whole documents: ~2 x 32 per step
+
+
 @pytest.mark.slow  # three runs (~23 s); the plan-state round trip of a carry runs in CI (tests/datasets/test_carry.py)
 def test_stop_and_resume_with_a_pending_tail_equals_uninterrupted(tmp_path, ray_cluster):
     whole = small_config(tmp_path, ray_cluster.address, "run.name=c-whole", "train.steps=8", *ONE)
