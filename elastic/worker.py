@@ -150,9 +150,9 @@ class WorkerReplica:
         self._params_version = 0
         # every forward/backward runs on this one thread: cuDNN caches its attention graphs per thread
         # (`elastic.attention`), so the warm-up in `prepare`, the steps and the steps computed ahead share them
-        self._compute = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix=f"{worker_id}-compute",
-            initializer=(lambda: torch.cuda.set_device(self.device)) if self.device.type == "cuda" else None)
+        self._compute_ident: int | None = None
+        self._compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{worker_id}-compute",
+                                                              initializer=self._compute_thread_start)
         self.tokens_per_s = 0.0
         self.micro_rows = max(1, cfg.train.micro_batch_tokens // cfg.train.seq_len)
         self.use_bf16 = cfg.train.dtype == "bfloat16" and self.device.type == "cuda"
@@ -177,8 +177,13 @@ class WorkerReplica:
             return fn(*args, **kwargs)
         return self._compute.submit(fn, *args, **kwargs).result()
 
+    def _compute_thread_start(self) -> None:
+        self._compute_ident = threading.get_ident()
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
     def _on_compute_thread(self) -> bool:
-        return threading.current_thread().name.startswith(f"{self.worker_id}-compute_")
+        return threading.get_ident() == self._compute_ident
 
     def _prepare(self) -> float:
         self._pin_checkpoint_buffers()
