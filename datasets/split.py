@@ -228,6 +228,17 @@ class Carry:
         return cls(DocRange(shard, row_group, row, row + 1), skip, slots[0] if slots else 0)
 
 
+def tail_cut(slots: int, last_slots: int, seq_len: int, min_rows: int = 1) -> tuple[int, int] | None:
+    """Where a stream of `slots` target slots, ending with a document of `last_slots`, can stop on a full row
+    and leave that document's tail to the next step (`Carry`): (rows, slots of the last document trained), or
+    None where the stream ends on a full row, the padded row would hold more than the last document's tail,
+    or fewer than `min_rows` full rows remain."""
+    full, left = divmod(slots, seq_len)
+    if full >= min_rows and 0 < left < last_slots:
+        return full, last_slots - left
+    return None
+
+
 def row_shares(n_rows: int, shares: Sequence[float]) -> list[int] | None:
     """`n_rows` training rows over ranks in proportion to `shares`: at least one each, the largest rows / share
     as small as whole rows allow (ties to the lower rank). None if there are fewer rows than ranks."""
@@ -274,10 +285,9 @@ def cut_step(docs: Sequence[tuple[DocRange, int]], shares: Sequence[float], seq_
     total = starts[-1] - begin
     n_rows, carry_out = packed_rows(total, seq_len), None
     last = max((i for i in range(base, len(entries)) if slots[i]), default=None)
-    if cut and last is not None:
-        full, left = divmod(total, seq_len)
-        if full >= W and 0 < left < slots[last]:  # the padded row would hold only the last document's tail
-            n_rows, carry_out = full, Carry(entries[last][0], slots[last] - left, slots[last])
+    at = tail_cut(total, slots[last], seq_len, min_rows=W) if cut and last is not None else None
+    if at is not None:
+        n_rows, carry_out = at[0], Carry(entries[last][0], at[1], slots[last])
     counts = row_shares(n_rows, shares) if total > 0 else None
     if counts is None:
         return None

@@ -39,7 +39,7 @@ from datasets.packing import WindowMismatch, pack, stream_slots
 from datasets.plan import DocRange, ShardInfo
 from datasets.readahead import ReadAheadProcess, read_and_pack, read_timed_out, wait_read
 from datasets.reader import DocBatch, ShardReader, assemble
-from datasets.split import Carry, Window, ranges_rows, row_runs
+from datasets.split import Carry, Window, ranges_rows, row_runs, tail_cut
 from datasets.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -203,11 +203,10 @@ class StepLoader:
         slots = stream_slots(docs) - skip
         rows = -(-slots // self.seq_len)
         carry_out = None
-        if cut and batch.docs:
-            full, left = divmod(slots, self.seq_len)
-            last = len(batch.docs[-1]) + 1
-            if full >= 1 and 0 < left < last:  # the padded row would hold only the last document's tail
-                rows, carry_out = full, Carry(batch.origins[-1], last - left, last)
+        last = len(batch.docs[-1]) + 1 if batch.docs else 0
+        at = tail_cut(slots, last, self.seq_len) if cut and last else None
+        if at is not None:
+            rows, carry_out = at[0], Carry(batch.origins[-1], at[1], last)
         inputs, targets = pack(docs, self.seq_len, self.reader.eot, skip=skip, rows=rows) if slots > 0 else \
             pack([], self.seq_len, self.reader.eot)
         return batch, inputs, targets, carry_out
